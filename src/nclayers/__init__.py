@@ -1,0 +1,24 @@
+"""nclayers: per-layer neural collapse of classifiers.
+
+>>> import nclayers
+>>> table = nclayers.analyze(model, loader, num_classes=10)   # every block, one pass
+>>> nclayers.metrics.nc1(features, labels)                    # in-memory arrays
+"""
+
+from nclayers.analyze import analyze
+from nclayers.metrics import ClassStats, nc1, nc2
+from nclayers.models import build_model, find_blocks, list_models
+from nclayers.report.table import Table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassStats",
+    "Table",
+    "analyze",
+    "build_model",
+    "find_blocks",
+    "list_models",
+    "nc1",
+    "nc2",
+]

@@ -1,0 +1,163 @@
+"""`nclayers <verb>`: parse the command line and call the library; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = "Settings are key=value overrides of the YAML config, e.g. train.epochs=15 data.dir=DIR."
+
+
+def _config(args, default_out: str):
+    from nclayers.config import load_config
+
+    overrides = list(args.overrides)
+    path = getattr(args, "config", None)
+    if path and "=" in path and not Path(path).is_file():  # no file given: an override
+        overrides.insert(0, path)
+        path = None
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = load_config(path, overrides)
+    if not args.out and "out=" not in " ".join(args.overrides) and cfg.out == "runs/run":
+        cfg.out = default_out
+    return cfg
+
+
+def cmd_demo(args) -> None:
+    from nclayers.demo import run_demo
+
+    run_demo(args.out or "runs/demo", args.overrides, progress=not args.quiet)
+
+
+def cmd_train(args) -> None:
+    from nclayers.train import train
+
+    cfg = _config(args, "runs/train")
+    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    final = summary["final"] or {}
+    print(f"test accuracy {final.get('test_acc', float('nan')):.4f}; run folder {cfg.out}")
+
+
+def cmd_analyze(args) -> None:
+    from nclayers.analyze import analyze_run
+
+    cfg = _config(args, "runs/analyze")
+    table = analyze_run(cfg, progress=not args.quiet)
+    cols = ["split", "view", "layer", "block", "dim", "nc1", "nc2", "ncc_acc"]
+    print(table.format(cols))
+    print(f"wrote {Path(cfg.out) / 'layers.csv'} and summary.json")
+
+
+def cmd_blocks(args) -> None:
+    import torch
+
+    from nclayers.models import find_blocks, get_entry
+    from nclayers.taps import probe_shapes
+    from nclayers.train import make_model
+
+    cfg = _config(args, "runs/blocks")
+    cfg.model.name = args.model
+    model = make_model(cfg, args.num_classes).eval()
+    size = args.input_size or (get_entry(args.model).input_size if ":" not in args.model else 32)
+    blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
+    shapes = probe_shapes(model, blocks, torch.zeros(1, 3, size, size))
+    print(f"{args.model}: {len(blocks)} blocks on a 1x3x{size}x{size} input")
+    print(f"{'index':>5}  {'module':<32} {'output shape':<22} {'pool':<7} {'dim':>5}")
+    for i, (b, (shape, dim)) in enumerate(zip(blocks, shapes, strict=True), start=1):
+        print(f"{i:>5}  {b.name:<32} {str(list(shape)):<22} {b.pool:<7} {dim:>5}")
+
+
+def cmd_plot(args) -> None:
+    from nclayers.report.figures import plot_layers, plot_metric
+    from nclayers.report.table import Table
+
+    table = Table.from_csv(args.csv)
+    out = Path(args.out or Path(args.csv).parent)
+    if args.split:
+        table = table.where(split=args.split)
+    if args.metric:
+        paths = [plot_metric(table, m, out / f"{m}.png") for m in args.metric]
+    else:
+        paths = plot_layers(table, out)
+    for p in paths:
+        if p:
+            print(p)
+
+
+def cmd_memorization(args) -> None:
+    from nclayers.memorization import memorization_layers, memorization_ratio
+    from nclayers.report.figures import plot_metric
+    from nclayers.report.table import Table
+
+    ratios = memorization_ratio(
+        Table.from_csv(args.csv), split=args.split, clean=args.clean, noisy=args.noisy,
+        key=args.key,
+    )  # fmt: skip
+    out = Path(args.out or Path(args.csv).parent)
+    ratios.to_csv(out / "memorization.csv")
+    plot_metric(ratios, "ratio", out / "memorization.png", group=("run",))
+    print(ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]))
+    print(f"memorization layers (ratio > 1): {memorization_layers(ratios)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nclayers",
+        description="Per-layer neural collapse of classifiers: which layers compress and "
+        "separate the classes, and which memorize noise.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, fn, help_text: str, config: bool = True):
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        if config:
+            p.add_argument("config", nargs="?", help="YAML config file (optional)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.add_argument("--out", help="run folder for results")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(fn=fn)
+        return p
+
+    verb("demo", cmd_demo, "Train and measure a small ResNet on the embedded digits, offline.",
+         config=False)  # fmt: skip
+    p = verb("train", cmd_train, "Train a model with a paper recipe.")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    verb("analyze", cmd_analyze, "Measure NC1, NC2 and NCC accuracy of every block.")
+    p = sub.add_parser("blocks", help="List a model's blocks and their pooled dimensions.")
+    p.add_argument("model", help="registry name or package.module:function")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_blocks)
+    p = sub.add_parser("plot", help="Per-layer figures from a layers.csv.")
+    p.add_argument("csv", help="a layers.csv written by analyze/demo")
+    p.add_argument("--metric", action="append", help="nc1, nc2, ncc_acc, ... (repeatable)")
+    p.add_argument("--split", help="only rows of this split")
+    p.add_argument("--out", help="folder for the PNG files (default: beside the CSV)")
+    p.set_defaults(fn=cmd_plot)
+    p = sub.add_parser("memorization", help="Memorization ratio per layer from a layers.csv.")
+    p.add_argument("csv", help="layers.csv with clean and noisy rows")
+    p.add_argument("--split", default="train")
+    p.add_argument("--key", default="view", help="column telling clean from noisy: view or run")
+    p.add_argument("--clean", default="clean")
+    p.add_argument("--noisy", default="noisy")
+    p.add_argument("--out", help="folder for memorization.csv/png (default: beside the CSV)")
+    p.set_defaults(fn=cmd_memorization)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"nclayers {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""In-memory image data sets: uint8 images, one or more labels views."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ArrayDataset:
+    """uint8 images N x C x H x W with named labels views (e.g. "clean", "noisy").
+
+    `mean` and `std` are the per-channel normalisation constants in [0, 1] units.
+    """
+
+    images: torch.Tensor
+    labels: dict[str, torch.Tensor]
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = ""
+    split: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images: expected uint8 N x C x H x W, got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        for view, y in self.labels.items():
+            if y.shape != (len(self.images),):
+                raise ValueError(f"labels view {view!r}: shape {tuple(y.shape)} != ({len(self)},)")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def views(self) -> list[str]:
+        return list(self.labels)
+
+    def subset(self, index: torch.Tensor) -> ArrayDataset:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ArrayDataset(
+            self.images[index],
+            {k: v[index] for k, v in self.labels.items()},
+            self.classes,
+            self.mean,
+            self.std,
+            self.name,
+            self.split,
+            dict(self.meta),
+        )
+
+    def with_views(self, views: dict[str, torch.Tensor]) -> ArrayDataset:
+        return ArrayDataset(
+            self.images, dict(views), self.classes, self.mean, self.std, self.name, self.split,
+            dict(self.meta),
+        )
+
+
+def balanced_subset(labels: torch.Tensor, size: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Indices of a class-balanced random subset of `size` samples (sorted, reproducible)."""
+    if size >= len(labels):
+        return torch.arange(len(labels))
+    gen = torch.Generator().manual_seed(seed)
+    per_class = size // num_classes
+    extra = size - per_class * num_classes
+    picks = []
+    for k in range(num_classes):
+        idx = (labels == k).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        take = per_class + (1 if k < extra else 0)
+        if take > len(idx):
+            raise ValueError(
+                f"subset={size}: class {k} has only {len(idx)} samples; ask for at most "
+                f"{len(idx) * num_classes}"
+            )
+        picks.append(idx[:take])
+    return torch.cat(picks).sort().values

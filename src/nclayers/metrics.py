@@ -1,0 +1,435 @@
+"""Exact per-class feature statistics and the neural-collapse metrics built on them.
+
+`ClassStats` keeps, per class, the sample count, the mean and the sum of squared
+deviations from that mean (a scalar: the trace of the class scatter), all in float64.
+Batches update it with Chan et al.'s pairwise combination, so batches, devices and
+processes merge exactly in any order; the one-pass `E[h^2] - E[h]^2` shortcut is never
+used because it cancels catastrophically for collapsed features far from the origin.
+
+Conventions follow DESIGN.md / paper Eqs. 4-5:
+    var_k = (1/n_k) sum_i ||h_ki - mu_k||^2
+    nc1   = sum_{k != k'} (var_k + var_k') / (2 ||mu_k - mu_k'||^2)   (ordered pairs)
+    nc2   = || G/||G||_F - (I - 11^T/K)/sqrt(K-1) ||_F,  G = M^T M,  M = [mu_k - mu_G]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ClassStats",
+    "NCCAccuracy",
+    "cdnv_mean",
+    "nc1",
+    "nc1_classic",
+    "nc2",
+    "ncc_accuracy",
+]
+
+# Pairwise mean differences are formed in chunks of at most this many float64 elements.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _as_tensor(x, name: str, dtype=None) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(np.asarray(x))
+        except Exception as err:  # pragma: no cover - exotic inputs
+            raise ValueError(f"{name}: expected an array or tensor, got {type(x).__name__}") from err
+    return x if dtype is None else x.to(dtype)
+
+
+class ClassStats:
+    """Per-class count, mean and scalar sum of squared deviations, in float64.
+
+    `update(features, labels)` takes an N x D float tensor (float32, float64 or bfloat16,
+    any device) and N integer labels in [0, num_classes). `merge(other)` combines two
+    states exactly; `reduce()` sums the states of all torch.distributed processes.
+    With `scatter=True` it also keeps the D x D within-class scatter needed by the classic
+    `trace(Sigma_W Sigma_B^+)/K` metric (off by default: it costs D^2 memory per layer).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        device: torch.device | str | None = None,
+        scatter: bool = False,
+    ) -> None:
+        if int(num_classes) < 2:
+            raise ValueError(
+                f"num_classes={num_classes}: neural-collapse metrics need at least two classes"
+            )
+        if int(dim) < 1:
+            raise ValueError(f"dim={dim}: the feature dimension must be a positive integer")
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(self.num_classes, **f64)
+        self.means = torch.zeros(self.num_classes, self.dim, **f64)
+        self.m2 = torch.zeros(self.num_classes, **f64)
+        self.scatter = torch.zeros(self.dim, self.dim, **f64) if scatter else None
+        # Invalid input seen on an accelerator is counted here and reported at compute
+        # time, so that updates never force a host-device synchronisation.
+        self._invalid = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    # ------------------------------------------------------------------ updates
+    def _check_batch(self, features: torch.Tensor, labels: torch.Tensor):
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(
+                f"features: expected shape (N, {self.dim}), got {tuple(features.shape)}; "
+                "pool block outputs to one vector per sample and build ClassStats with "
+                "that dimension"
+            )
+        if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"labels: expected shape ({features.shape[0]},) to match features, "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels: expected integer class indices, got dtype {labels.dtype}")
+        if not features.dtype.is_floating_point:
+            features = features.float()
+        features = features.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True).long()
+        bad_label = (labels < 0) | (labels >= self.num_classes)
+        if self.device.type == "cpu":
+            if not torch.isfinite(features).all():
+                raise ValueError(
+                    "features contain NaN or inf; check the model for overflow (try float32 "
+                    "instead of float16) or the input normalisation"
+                )
+            if bad_label.any():
+                bad = labels[bad_label][0].item()
+                raise ValueError(
+                    f"labels: value {bad} is outside [0, {self.num_classes}); pass "
+                    "num_classes large enough or fix the labels"
+                )
+        else:
+            bad_row = ~torch.isfinite(features).all(dim=1)
+            self._invalid += (bad_row | bad_label).sum()
+            labels = labels.clamp(0, self.num_classes - 1)
+        return features, labels
+
+    def update(self, features, labels) -> ClassStats:
+        """Add a batch. Exact: the batch's own per-class moments, then Chan's combination."""
+        features = _as_tensor(features, "features")
+        labels = _as_tensor(labels, "labels")
+        features, labels = self._check_batch(features, labels)
+        if features.shape[0] == 0:
+            return self
+        x = features.to(torch.float64)
+        k, d = self.num_classes, self.dim
+        n_b = torch.zeros(k, dtype=torch.float64, device=self.device)
+        n_b.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        sum_b = torch.zeros(k, d, dtype=torch.float64, device=self.device)
+        sum_b.index_add_(0, labels, x)
+        mean_b = sum_b / n_b.clamp_min(1.0).unsqueeze(1)
+        centred = x - mean_b[labels]
+        m2_b = torch.zeros(k, dtype=torch.float64, device=self.device)
+        m2_b.index_add_(0, labels, centred.square().sum(dim=1))
+        scatter_b = centred.T @ centred if self.scatter is not None else None
+        self._combine(n_b, mean_b, m2_b, scatter_b)
+        return self
+
+    def _combine(self, n_b, mean_b, m2_b, scatter_b) -> None:
+        n_a = self.counts
+        n = n_a + n_b
+        delta = mean_b - self.means
+        w_b = torch.where(n > 0, n_b / n.clamp_min(1.0), torch.zeros_like(n))
+        # Chan et al.: M2 = M2_a + M2_b + ||delta||^2 n_a n_b / n
+        cross = n_a * w_b  # n_a n_b / n
+        self.m2 += m2_b + delta.square().sum(dim=1) * cross
+        if self.scatter is not None:
+            self.scatter += scatter_b + (delta * cross.unsqueeze(1)).T @ delta
+        self.means += delta * w_b.unsqueeze(1)
+        self.counts = n
+
+    def merge(self, other: ClassStats) -> ClassStats:
+        """Fold another state into this one (exact, order-independent up to rounding)."""
+        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
+            raise ValueError(
+                f"merge: states differ in shape, (num_classes, dim) = "
+                f"{(self.num_classes, self.dim)} vs {(other.num_classes, other.dim)}"
+            )
+        if (self.scatter is None) != (other.scatter is None):
+            raise ValueError("merge: one state keeps the within-class scatter and the other not")
+        dev = self.device
+        self._invalid += other._invalid.to(dev)
+        self._combine(
+            other.counts.to(dev),
+            other.means.to(dev),
+            other.m2.to(dev),
+            other.scatter.to(dev) if other.scatter is not None else None,
+        )
+        return self
+
+    def reduce(self, group=None) -> ClassStats:
+        """Combine the states of all processes in place (torch.distributed, any backend).
+
+        Every rank ends with the same, exact result: sums (count, count*mean) and the
+        scatter about the global per-class means are all-reduced, which is Chan's formula
+        applied to all ranks at once.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        counts = self.counts.clone()
+        sums = self.means * self.counts.unsqueeze(1)
+        dist.all_reduce(counts, group=group)
+        dist.all_reduce(sums, group=group)
+        means = sums / counts.clamp_min(1.0).unsqueeze(1)
+        delta = self.means - means
+        m2 = self.m2 + self.counts * delta.square().sum(dim=1)
+        dist.all_reduce(m2, group=group)
+        if self.scatter is not None:
+            scatter = self.scatter + (delta * self.counts.unsqueeze(1)).T @ delta
+            dist.all_reduce(scatter, group=group)
+            self.scatter = scatter
+        dist.all_reduce(self._invalid, group=group)
+        self.counts, self.means, self.m2 = counts, means, m2
+        return self
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"counts": self.counts, "means": self.means, "m2": self.m2}
+        if self.scatter is not None:
+            state["scatter"] = self.scatter
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device=None) -> ClassStats:
+        k, d = state["means"].shape
+        out = cls(k, d, device=device, scatter="scatter" in state)
+        out.counts = state["counts"].to(out.device, torch.float64)
+        out.means = state["means"].to(out.device, torch.float64)
+        out.m2 = state["m2"].to(out.device, torch.float64)
+        if out.scatter is not None:
+            out.scatter = state["scatter"].to(out.device, torch.float64)
+        return out
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def variances(self) -> torch.Tensor:
+        """var_k = (1/n_k) sum_i ||h_ki - mu_k||^2 (a variance, not its square)."""
+        return self.m2 / self.counts.clamp_min(1.0)
+
+    @property
+    def global_mean(self) -> torch.Tensor:
+        """Mean over all samples (class means weighted by their counts)."""
+        return (self.counts.unsqueeze(1) * self.means).sum(0) / self.counts.sum()
+
+    def check(self) -> None:
+        """Raise ValueError if the accumulated state cannot yield the metrics."""
+        invalid = int(self._invalid.item())
+        if invalid:
+            raise ValueError(
+                f"{invalid} samples had NaN/inf features or labels outside "
+                f"[0, {self.num_classes}); fix the model's numerics or the labels"
+            )
+        empty = (self.counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"class(es) {empty[:10]}{'...' if len(empty) > 10 else ''} have no sample; "
+                "every class needs at least one sample: use a larger or class-balanced "
+                "subset, or set num_classes to the classes present"
+            )
+
+    def nc1(self) -> float:
+        """Paper Eq. 4: sum of the CDNV over ordered pairs of distinct classes."""
+        self.check()
+        return _nc1_from(self.means, self.variances)
+
+    def cdnv_mean(self) -> float:
+        """Average CDNV over ordered pairs, nc1 / (K (K - 1))."""
+        k = self.num_classes
+        return self.nc1() / (k * (k - 1))
+
+    def nc2(self) -> float:
+        """Paper Eq. 5: Frobenius distance of the normalised Gram of centred means to an ETF."""
+        self.check()
+        return _nc2_from(self.means, self.global_mean)
+
+    def nc1_classic(self) -> float:
+        """trace(Sigma_W Sigma_B^+) / K (Papyan et al.); needs `scatter=True`."""
+        if self.scatter is None:
+            raise ValueError(
+                "nc1_classic needs the within-class scatter: build ClassStats(..., scatter=True)"
+            )
+        self.check()
+        sigma_w = self.scatter / self.counts.sum()
+        centred = self.means - self.global_mean
+        sigma_b = centred.T @ centred / self.num_classes
+        return float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True))) / (
+            self.num_classes
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, "
+            f"samples={int(self.counts.sum().item())}, device={self.device})"
+        )
+
+
+def _pairwise_sq_dists(means: torch.Tensor) -> torch.Tensor:
+    """Exact ||mu_k - mu_k'||^2 from explicit differences (no Gram-trick cancellation)."""
+    k, d = means.shape
+    rows = max(1, _CHUNK_ELEMENTS // max(1, k * d))
+    out = torch.empty(k, k, dtype=means.dtype, device=means.device)
+    for start in range(0, k, rows):
+        chunk = means[start : start + rows]
+        out[start : start + rows] = (chunk.unsqueeze(1) - means.unsqueeze(0)).square().sum(-1)
+    return out
+
+
+def _nc1_from(means: torch.Tensor, variances: torch.Tensor) -> float:
+    k = means.shape[0]
+    dists = _pairwise_sq_dists(means)
+    off = ~torch.eye(k, dtype=torch.bool, device=means.device)
+    if (dists[off] == 0).any():
+        i, j = (dists == 0).logical_and(off).nonzero()[0].tolist()
+        raise ValueError(
+            f"classes {i} and {j} have identical feature means, so their CDNV is infinite; "
+            "check that the features depend on the input"
+        )
+    num = variances.unsqueeze(0) + variances.unsqueeze(1)
+    return float((num[off] / (2.0 * dists[off])).sum())
+
+
+def _nc2_from(means: torch.Tensor, global_mean: torch.Tensor) -> float:
+    k = means.shape[0]
+    centred = means - global_mean  # K x D, rows are M's columns
+    gram = centred @ centred.T
+    norm = torch.linalg.matrix_norm(gram)
+    if norm == 0:
+        raise ValueError("all class means coincide: nc2 is undefined")
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    etf = (eye - 1.0 / k) / math.sqrt(k - 1)
+    return float(torch.linalg.matrix_norm(gram / norm - etf))
+
+
+# ---------------------------------------------------------------------- functional
+def _stats_from_arrays(features, labels, num_classes: int | None, scatter: bool = False):
+    feats = _as_tensor(features, "features")
+    labs = _as_tensor(labels, "labels")
+    if feats.ndim != 2:
+        raise ValueError(
+            f"features: expected a 2-D array (N samples x D dims), got shape {tuple(feats.shape)}"
+        )
+    if labs.ndim != 1 or labs.shape[0] != feats.shape[0]:
+        raise ValueError(
+            f"labels: expected shape ({feats.shape[0]},) to match features, got {tuple(labs.shape)}"
+        )
+    if labs.numel() and (labs.dtype.is_floating_point or labs.dtype == torch.bool):
+        raise ValueError(f"labels: expected integer class indices, got dtype {labs.dtype}")
+    if num_classes is None:
+        if labs.numel() == 0:
+            raise ValueError("labels: empty; pass at least one sample per class")
+        num_classes = int(labs.max().item()) + 1
+    stats = ClassStats(num_classes, feats.shape[1], device="cpu", scatter=scatter)
+    stats.update(feats.cpu(), labs.cpu())
+    return stats
+
+
+def nc1(features, labels, num_classes: int | None = None) -> float:
+    """NC1 (paper Eq. 4, ordered pairs) of in-memory features (N x D) and labels (N)."""
+    return _stats_from_arrays(features, labels, num_classes).nc1()
+
+
+def cdnv_mean(features, labels, num_classes: int | None = None) -> float:
+    """Average CDNV over ordered class pairs, nc1 / (K (K - 1))."""
+    return _stats_from_arrays(features, labels, num_classes).cdnv_mean()
+
+
+def nc2(features, labels, num_classes: int | None = None) -> float:
+    """NC2 (paper Eq. 5) of in-memory features (N x D) and labels (N)."""
+    return _stats_from_arrays(features, labels, num_classes).nc2()
+
+
+def nc1_classic(features, labels, num_classes: int | None = None) -> float:
+    """Classic NC1, trace(Sigma_W Sigma_B^+)/K, of in-memory features and labels."""
+    return _stats_from_arrays(features, labels, num_classes, scatter=True).nc1_classic()
+
+
+# ---------------------------------------------------------------------- NCC accuracy
+class NCCAccuracy:
+    """Nearest-class-centre accuracy over a stream of batches, means from a `ClassStats`.
+
+    Distances are taken after subtracting the reference's global mean, in float64, so
+    features far from the origin do not lose the small differences that decide the class.
+    """
+
+    def __init__(self, reference: ClassStats, device=None) -> None:
+        reference.check()
+        self.device = torch.device(device) if device is not None else reference.device
+        self.centre = reference.global_mean.to(self.device)
+        self.means = (reference.means.to(self.device) - self.centre).contiguous()
+        self.half_sq_norms = 0.5 * self.means.square().sum(1)
+        self.num_classes = reference.num_classes
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.total = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.to(self.device, torch.float64) - self.centre
+        # argmin ||x - mu||^2 = argmax (x . mu - ||mu||^2 / 2)
+        return (x @ self.means.T - self.half_sq_norms).argmax(dim=1)
+
+    def update(self, features, labels) -> NCCAccuracy:
+        features = _as_tensor(features, "features")
+        labels = _as_tensor(labels, "labels").to(self.device)
+        self.correct += (self.predict(features) == labels).sum()
+        self.total += labels.numel()
+        return self
+
+    def merge(self, other: NCCAccuracy) -> NCCAccuracy:
+        self.correct += other.correct.to(self.device)
+        self.total += other.total.to(self.device)
+        return self
+
+    def reduce(self, group=None) -> NCCAccuracy:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.correct, group=group)
+            dist.all_reduce(self.total, group=group)
+        return self
+
+    def compute(self) -> float:
+        total = int(self.total.item())
+        return float("nan") if total == 0 else int(self.correct.item()) / total
+
+
+def ncc_accuracy(
+    features,
+    labels,
+    reference_features=None,
+    reference_labels=None,
+    num_classes: int | None = None,
+) -> float:
+    """NCC accuracy of (features, labels); class means from the reference arrays if given."""
+    feats = _as_tensor(features, "features")
+    labs = _as_tensor(labels, "labels")
+    if reference_features is None:
+        reference_features, reference_labels = feats, labs
+    ref = _stats_from_arrays(reference_features, reference_labels, num_classes)
+    return NCCAccuracy(ref).update(feats.cpu(), labs.cpu()).compute()
+
+
+def merge_all(states: Iterable[ClassStats]) -> ClassStats:
+    """Merge an iterable of states into a new one (the inputs are left unchanged)."""
+    states = list(states)
+    if not states:
+        raise ValueError("merge_all: no states given")
+    first = states[0]
+    out = ClassStats(first.num_classes, first.dim, first.device, scatter=first.scatter is not None)
+    for s in states:
+        out.merge(s)
+    return out

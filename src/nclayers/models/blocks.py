@@ -1,0 +1,134 @@
+"""Which modules are a model's "blocks": the units whose outputs nclayers measures.
+
+`find_blocks(model, "auto")` returns, in forward order, the repeated residual or
+transformer blocks of torchvision and timm models (known block classes first, then a
+generic rule: the outermost modules of the most frequent class that is repeated inside
+Sequential/ModuleList containers). A list of module names or glob patterns picks modules
+explicitly, e.g. `["layer*.*"]` or `["features.2", "features.5"]`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from collections.abc import Sequence
+
+from torch import nn
+
+from nclayers.taps import Block
+
+# Block classes by name, with the layout of their outputs.
+_KNOWN_BLOCKS: dict[str, str] = {
+    # torchvision
+    "BasicBlock": "nchw",
+    "Bottleneck": "nchw",
+    "InvertedResidual": "nchw",
+    "CNBlock": "nchw",
+    "EncoderBlock": "tokens",  # torchvision ViT
+    "SwinTransformerBlock": "nhwc",  # timm and torchvision Swin (both N x H x W x C)
+    "SwinTransformerBlockV2": "nhwc",
+    # timm
+    "Block": "tokens",  # timm ViT/DeiT
+    "ResidualBlock": "nchw",
+    "ConvNeXtBlock": "nchw",
+    "VggUnit": "nchw",  # nclayers' VGG conv-BN-ReLU unit
+}
+
+_LEAF_TYPES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Linear,
+    nn.BatchNorm2d,
+    nn.LayerNorm,
+    nn.ReLU,
+    nn.GELU,
+    nn.Dropout,
+    nn.Identity,
+)
+
+
+def _pool_for(model: nn.Module, module: nn.Module) -> tuple[str, int]:
+    pool = _KNOWN_BLOCKS.get(type(module).__name__, "nchw")
+    prefix = 0
+    if pool == "tokens":
+        prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        if prefix == 0 and hasattr(model, "class_token"):  # torchvision ViT
+            prefix = 1
+        if getattr(model, "nclayers_token_pool", "mean") == "cls":
+            pool = "cls"
+    return pool, prefix
+
+
+def _outermost(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        if not any(name.startswith(parent + ".") for parent in out):
+            out.append(name)
+    return out
+
+
+def _auto_names(model: nn.Module) -> list[str]:
+    known = [n for n, m in model.named_modules() if n and type(m).__name__ in _KNOWN_BLOCKS]
+    known = _outermost(known)
+    if len(known) >= 2:
+        return known
+    # Generic rule: classes of non-leaf modules held at least twice by containers.
+    counts: Counter[type] = Counter()
+    for _, container in model.named_modules():
+        if isinstance(container, (nn.Sequential, nn.ModuleList)):
+            for child in container.children():
+                if not isinstance(child, _LEAF_TYPES) and any(True for _ in child.children()):
+                    counts[type(child)] += 1
+    repeated = [cls for cls, c in counts.most_common() if c >= 2]
+    if not repeated:
+        return []
+    names = [n for n, m in model.named_modules() if n and type(m) is repeated[0]]
+    return _outermost(names)
+
+
+def find_blocks(
+    model: nn.Module,
+    spec: str | Sequence[str] = "auto",
+    pool: str | None = None,
+) -> list[Block]:
+    """Return the model's blocks in forward order.
+
+    spec: "auto", or module names / glob patterns (a comma-separated string or a list).
+    pool: force one pooling for every block ("nchw", "nhwc", "tokens", "cls", "flat");
+    by default each block's class decides, and "cls" on a ViT takes the class token.
+    """
+    modules = dict(model.named_modules())
+    # A registry model may carry its own block list (e.g. VGG's conv units).
+    if spec == "auto" and hasattr(model, "nclayers_blocks"):
+        spec = list(model.nclayers_blocks)
+    if spec == "auto":
+        names = _auto_names(model)
+        if not names:
+            raise ValueError(
+                f"blocks='auto' found no repeated blocks in {type(model).__name__}; name the "
+                "modules to tap, e.g. blocks='layer1.*,layer2.*' (see `nclayers blocks`)"
+            )
+    else:
+        patterns = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
+        names = []
+        for pattern in patterns:
+            hits = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                sample = ", ".join(list(n for n in modules if n)[:8])
+                raise ValueError(
+                    f"blocks: {pattern!r} matches no module of {type(model).__name__}; "
+                    f"module names look like: {sample}, ..."
+                )
+            names += [n for n in hits if n not in names]
+        if any(any(ch in p for ch in "*?[") for p in patterns):
+            names = _outermost(names)  # a glob like 'layer*.*' should not tap sub-modules too
+        order = {n: i for i, n in enumerate(modules)}
+        names.sort(key=order.__getitem__)
+    blocks = []
+    for name in names:
+        module = modules[name]
+        block_pool, prefix = _pool_for(model, module)
+        if pool is not None:
+            block_pool = pool
+        blocks.append(Block(name, module, block_pool, prefix))
+    return blocks

@@ -1,0 +1,78 @@
+"""The name -> constructor table behind `build_model`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    fn: Callable[..., nn.Module]
+    input_size: int  # side of the square input the model is built for
+    family: str
+    blocks: int | None = None  # expected block count, shown by `nclayers blocks` and README
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, *, input_size: int = 32, family: str = "", blocks: int | None = None):
+    """Decorator: register `fn(num_classes, **options) -> nn.Module` under `name`."""
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelEntry(name, fn, input_size, family, blocks)
+        return fn
+
+    return wrap
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    import fnmatch
+
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"model={name!r} is not registered.{hint} Known: {', '.join(list_models())}; "
+            "or pass an entry point 'package.module:function'"
+        )
+    return _REGISTRY[name]
+
+
+def load_entry_point(spec: str, **kwargs) -> nn.Module:
+    """Build a model from 'package.module:function' (the function returns an nn.Module)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"entry point {spec!r}: expected 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"entry point {spec!r} cannot be loaded: {err}") from err
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"entry point {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:
+    """Build a registered model, or an entry point 'package.module:function'."""
+    if ":" in name:
+        return load_entry_point(name, **({"num_classes": num_classes} | options))
+    entry = get_entry(name)
+    try:
+        return entry.fn(num_classes=num_classes, **options)
+    except TypeError as err:
+        raise ValueError(f"model {name!r}: bad option ({err})") from err
