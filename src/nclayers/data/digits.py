@@ -37,8 +37,8 @@ def load_digits_split(split: str, size: int = 32) -> ArrayDataset:
         images=images,
         labels={"clean": torch.from_numpy(labels[idx])},
         classes=[str(d) for d in range(10)],
-        mean=(0.1947,) * 3,
-        std=(0.3088,) * 3,
+        mean=(0.3052,) * 3,
+        std=(0.3236,) * 3,
         name="digits",
         split=split,
     )

@@ -1,0 +1,265 @@
+"""Metrics against an independent float64 two-pass reference, and their properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nclayers import metrics
+from nclayers.metrics import ClassStats, NCCAccuracy, merge_all
+
+
+# --------------------------------------------------------------- independent reference
+def two_pass(features: np.ndarray, labels: np.ndarray, k: int) -> dict[str, float]:
+    """Textbook two-pass float64 NC1/NC2, written from the paper's equations directly."""
+    h = features.astype(np.float64)
+    means = np.stack([h[labels == c].mean(axis=0) for c in range(k)])
+    var = np.array([((h[labels == c] - means[c]) ** 2).sum(axis=1).mean() for c in range(k)])
+    nc1 = 0.0
+    for a in range(k):
+        for b in range(k):
+            if a != b:
+                nc1 += (var[a] + var[b]) / (2 * np.sum((means[a] - means[b]) ** 2))
+    mu_g = h.mean(axis=0)
+    m = (means - mu_g).T  # D x K
+    g = m.T @ m
+    etf = (np.eye(k) - np.ones((k, k)) / k) / math.sqrt(k - 1)
+    nc2 = np.linalg.norm(g / np.linalg.norm(g) - etf)
+    sw = sum((h[labels == c] - means[c]).T @ (h[labels == c] - means[c]) for c in range(k))
+    sw = sw / len(h)
+    sb = (means - mu_g).T @ (means - mu_g) / k
+    classic = np.trace(sw @ np.linalg.pinv(sb)) / k
+    return {"nc1": nc1, "nc2": nc2, "var": var, "means": means, "classic": classic}
+
+
+def make_data(n=300, d=12, k=5, seed=0, spread=1.0, offset=0.0, balanced=False):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 3 + offset
+    labels = np.tile(np.arange(k), n // k) if balanced else rng.integers(0, k, size=n)
+    labels[:k] = np.arange(k)  # every class present
+    feats = centres[labels] + rng.normal(size=(n, d)) * spread
+    return feats, labels
+
+
+# --------------------------------------------------------------- golden values
+def test_golden_by_hand():
+    # Two classes in 1-D: {0, 2} (mean 1, var 1) and {10} (mean 10, var 0).
+    feats = np.array([[0.0], [2.0], [10.0]])
+    labels = np.array([0, 0, 1])
+    # Ordered pairs: 2 x (1 + 0) / (2 * 81)
+    assert metrics.nc1(feats, labels) == pytest.approx(2 * 1 / 162, rel=1e-15)
+    assert metrics.cdnv_mean(feats, labels) == pytest.approx(1 / 162, rel=1e-15)
+    # Global mean over samples is 4, so M = [-3, 6] and G = [[9, -18], [-18, 36]]:
+    # G/||G||_F - [[1, -1], [-1, 1]]/2 = [[-0.3, 0.1], [0.1, 0.3]], norm sqrt(0.2).
+    assert metrics.nc2(feats, labels) == pytest.approx(math.sqrt(0.2), rel=1e-14)
+    # Balanced two classes: centred means are antipodal, the K=2 simplex ETF exactly.
+    balanced = np.array([[0.0], [2.0], [9.0], [11.0]])
+    assert metrics.nc2(balanced, np.array([0, 0, 1, 1])) == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_two_pass_reference(seed):
+    feats, labels = make_data(seed=seed)
+    ref = two_pass(feats, labels, 5)
+    stats = ClassStats(5, feats.shape[1], scatter=True)
+    for chunk in np.array_split(np.arange(len(feats)), 7):
+        stats.update(torch.from_numpy(feats[chunk]), torch.from_numpy(labels[chunk]))
+    np.testing.assert_allclose(stats.variances.numpy(), ref["var"], rtol=1e-12)
+    np.testing.assert_allclose(stats.means.numpy(), ref["means"], rtol=1e-12, atol=1e-13)
+    assert stats.nc1() == pytest.approx(ref["nc1"], rel=1e-12)
+    assert stats.nc2() == pytest.approx(ref["nc2"], rel=1e-12)
+    assert stats.nc1_classic() == pytest.approx(ref["classic"], rel=1e-9)
+    assert metrics.nc1(feats, labels) == pytest.approx(ref["nc1"], rel=1e-12)
+    assert metrics.nc2(torch.from_numpy(feats), torch.from_numpy(labels)) == pytest.approx(
+        ref["nc2"], rel=1e-12
+    )
+    assert metrics.nc1_classic(feats, labels) == pytest.approx(ref["classic"], rel=1e-9)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_collapsed_far_from_origin(offset):
+    """Class means near 1e3-1e4, spread 1e-2: float32 input, exact float64 statistics."""
+    rng = np.random.default_rng(3)
+    k, d, n = 4, 16, 2000
+    centres = offset + rng.normal(size=(k, d)) * 0.5
+    labels = rng.integers(0, k, size=n)
+    feats32 = (centres[labels] + rng.normal(size=(n, d)) * 1e-2).astype(np.float32)
+    ref = two_pass(feats32.astype(np.float64), labels, k)
+    stats = ClassStats(k, d)
+    for chunk in np.array_split(np.arange(n), 13):
+        stats.update(torch.from_numpy(feats32[chunk]), torch.from_numpy(labels[chunk]))
+    assert stats.nc1() == pytest.approx(ref["nc1"], rel=1e-6)
+    assert stats.nc2() == pytest.approx(ref["nc2"], rel=1e-6)
+    # The shortcut E[h^2] - E[h]^2 in float32 is far off here: the reason for Chan's update.
+    x = torch.from_numpy(feats32[labels == 0])
+    naive = ((x * x).mean(0) - x.mean(0) ** 2).sum().item()
+    assert abs(naive - ref["var"][0]) / ref["var"][0] > 1e-2
+
+
+def test_bfloat16_features():
+    feats, labels = make_data(seed=5)
+    x = torch.from_numpy(feats).to(torch.bfloat16)
+    ref = two_pass(x.double().numpy(), labels, 5)
+    stats = ClassStats(5, feats.shape[1]).update(x, torch.from_numpy(labels))
+    assert stats.nc1() == pytest.approx(ref["nc1"], rel=1e-12)
+
+
+# --------------------------------------------------------------- properties
+def test_sample_order_invariance():
+    feats, labels = make_data(seed=7)
+    perm = np.random.default_rng(0).permutation(len(labels))
+    assert metrics.nc1(feats[perm], labels[perm]) == pytest.approx(metrics.nc1(feats, labels), rel=1e-12)
+    assert metrics.nc2(feats[perm], labels[perm]) == pytest.approx(metrics.nc2(feats, labels), rel=1e-12)
+
+
+def test_class_relabelling_invariance():
+    feats, labels = make_data(seed=8)
+    relabel = np.array([3, 0, 4, 1, 2])
+    assert metrics.nc1(feats, relabel[labels]) == pytest.approx(metrics.nc1(feats, labels), rel=1e-12)
+    assert metrics.nc2(feats, relabel[labels]) == pytest.approx(metrics.nc2(feats, labels), rel=1e-12)
+
+
+def test_rotation_scale_translation_invariance():
+    feats, labels = make_data(seed=9)
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(12, 12)))
+    moved = 3.7 * feats @ q + 42.0
+    assert metrics.nc1(moved, labels) == pytest.approx(metrics.nc1(feats, labels), rel=1e-10)
+    assert metrics.nc2(moved, labels) == pytest.approx(metrics.nc2(feats, labels), rel=1e-10)
+
+
+def test_simplex_etf_gives_zero_nc2():
+    k, d = 6, 10
+    etf = np.eye(k) - 1.0 / k  # centred simplex vertices, rows of norm sqrt((k-1)/k)
+    q, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(d, d)))
+    means = np.pad(etf, ((0, 0), (0, d - k))) @ q * 5.0 + 7.0
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(k), 30)
+    noise = rng.normal(size=(len(labels), d))
+    noise -= np.stack([noise[labels == c].mean(0) for c in range(k)])[labels]  # keep means exact
+    feats = means[labels] + 0.1 * noise
+    assert metrics.nc2(feats, labels) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.nc2(means[labels] + 0.0 * noise, labels) == pytest.approx(0.0, abs=1e-12)
+    # Not an ETF: one class moved off the simplex.
+    skew = means.copy()
+    skew[0] += 3.0
+    assert metrics.nc2(skew[labels], labels) > 0.05
+
+
+def test_zero_spread_gives_zero_nc1():
+    feats, labels = make_data(seed=10, spread=0.0)
+    assert metrics.nc1(feats, labels) == pytest.approx(0.0, abs=1e-20)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merge_of_random_splits_equals_one_pass(seed):
+    feats, labels = make_data(n=400, seed=seed)
+    rng = np.random.default_rng(seed)
+    one = ClassStats(5, 12, scatter=True).update(torch.from_numpy(feats), torch.from_numpy(labels))
+    parts = []
+    cuts = np.sort(rng.choice(np.arange(1, 400), size=5, replace=False))
+    for idx in np.split(rng.permutation(400), cuts):
+        parts.append(
+            ClassStats(5, 12, scatter=True).update(
+                torch.from_numpy(feats[idx]), torch.from_numpy(labels[idx])
+            )
+        )
+    for order in (list(range(len(parts))), list(rng.permutation(len(parts)))):
+        merged = merge_all(parts[i] for i in order)
+        torch.testing.assert_close(merged.counts, one.counts, rtol=0, atol=0)
+        torch.testing.assert_close(merged.means, one.means, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(merged.m2, one.m2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(merged.scatter, one.scatter, rtol=1e-12, atol=1e-11)
+        assert merged.nc1() == pytest.approx(one.nc1(), rel=1e-12)
+    # Tree-shaped merge: ((a+b)+(c+d))+...
+    left = merge_all(parts[:3])
+    right = merge_all(parts[3:])
+    assert left.merge(right).nc2() == pytest.approx(one.nc2(), rel=1e-12)
+
+
+def test_merge_with_empty_and_missing_classes():
+    feats, labels = make_data(seed=11)
+    a = ClassStats(5, 12)
+    b = ClassStats(5, 12).update(torch.from_numpy(feats), torch.from_numpy(labels))
+    a.merge(b)  # into an empty state
+    assert a.nc1() == pytest.approx(b.nc1(), rel=1e-15)
+    only0 = labels == 0
+    c = ClassStats(5, 12).update(torch.from_numpy(feats[only0]), torch.from_numpy(labels[only0]))
+    d = ClassStats(5, 12).update(torch.from_numpy(feats[~only0]), torch.from_numpy(labels[~only0]))
+    assert c.merge(d).nc1() == pytest.approx(b.nc1(), rel=1e-12)
+
+
+def test_state_dict_round_trip():
+    feats, labels = make_data(seed=12)
+    s = ClassStats(5, 12).update(torch.from_numpy(feats), torch.from_numpy(labels))
+    t = ClassStats.from_state_dict(s.state_dict())
+    assert t.nc1() == s.nc1() and t.nc2() == s.nc2()
+
+
+# --------------------------------------------------------------- NCC accuracy
+def test_ncc_accuracy_against_brute_force():
+    all_feats, all_labels = make_data(n=600, seed=13, spread=3.0)
+    feats, labels = all_feats[:300], all_labels[:300]
+    test_feats, test_labels = all_feats[300:], all_labels[300:]
+    ref = two_pass(feats, labels, 5)
+    dists = ((test_feats[:, None, :] - ref["means"][None]) ** 2).sum(-1)
+    expected = (dists.argmin(1) == test_labels).mean()
+    assert 0.2 < expected < 1.0  # the data set is neither trivial nor hopeless
+    got = metrics.ncc_accuracy(test_feats, test_labels, feats, labels)
+    assert got == pytest.approx(expected, abs=1e-12)
+    stats = ClassStats(5, 12).update(torch.from_numpy(feats), torch.from_numpy(labels))
+    acc = NCCAccuracy(stats)
+    for chunk in np.array_split(np.arange(len(test_labels)), 4):
+        acc.update(torch.from_numpy(test_feats[chunk]).float(), torch.from_numpy(test_labels[chunk]))
+    assert acc.compute() == pytest.approx(expected, abs=1e-12)
+
+
+def test_ncc_far_from_origin():
+    rng = np.random.default_rng(15)
+    centres = 1e4 + rng.normal(size=(3, 8)) * 0.1
+    labels = rng.integers(0, 3, size=600)
+    feats = (centres[labels] + rng.normal(size=(600, 8)) * 1e-2).astype(np.float32)
+    assert metrics.ncc_accuracy(feats, labels) == 1.0
+
+
+# --------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("feats", "labels", "match"),
+    [
+        (np.array([[np.nan, 1.0], [1.0, 2.0]]), np.array([0, 1]), "NaN or inf"),
+        (np.array([[np.inf, 1.0], [1.0, 2.0]]), np.array([0, 1]), "NaN or inf"),
+        (np.ones((3, 2)), np.array([0, 1, 5]), "outside"),
+        (np.ones((3, 2)), np.array([0, -1, 1]), "outside"),
+        (np.ones((3, 2)), np.array([0, 1]), "shape"),
+        (np.ones(3), np.array([0, 1, 1]), "2-D"),
+        (np.ones((3, 2)), np.array([0.0, 1.0, 1.0]), "integer"),
+    ],
+)
+def test_bad_input_is_refused(feats, labels, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.nc1(feats, labels, num_classes=3)
+
+
+def test_empty_class_and_too_few_classes():
+    feats, labels = make_data(seed=16)
+    with pytest.raises(ValueError, match=r"class\(es\) \[5\] have no sample"):
+        metrics.nc1(feats, labels, num_classes=6)
+    with pytest.raises(ValueError, match="at least two classes"):
+        metrics.nc1(feats, np.zeros(len(feats), dtype=int))
+    with pytest.raises(ValueError, match=r"expected shape \(N, 12\)"):
+        ClassStats(5, 12).update(torch.ones(4, 11), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="identical feature means"):
+        metrics.nc1(np.ones((4, 2)), np.array([0, 0, 1, 1]))
+
+
+def test_bad_batch_leaves_state_untouched():
+    feats, labels = make_data(seed=17)
+    s = ClassStats(5, 12).update(torch.from_numpy(feats), torch.from_numpy(labels))
+    before = s.nc1()
+    bad = torch.from_numpy(feats[:4]).clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError):
+        s.update(bad, torch.from_numpy(labels[:4]))
+    assert s.nc1() == before
