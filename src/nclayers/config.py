@@ -63,7 +63,8 @@ class TrainConfig:
     track_nc_samples: int = 1000
     amp: bool = True  # bf16 autocast on CUDA (never on CPU)
     channels_last: bool = True  # convnets on CUDA
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (CUDA only)
+    tensorboard: bool = True  # event files in OUT/tb when tensorboard is installed
 
 
 @dataclass
@@ -107,6 +108,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
     target = hint or annotation
+    if target is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-3' as a string
+            value = float(value)
+        except ValueError:
+            pass
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if target is int and isinstance(value, float) and value.is_integer():
@@ -145,7 +151,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"override {text!r}: expected key=value, e.g. train.epochs=15")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-3' as a string; a number is meant
+            value = float(value) if value.lower() not in ("nan", "inf", "-inf") else value
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def nest(key: str, value: Any) -> dict:

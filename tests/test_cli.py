@@ -1,0 +1,94 @@
+"""The command line end to end, on the embedded digits and tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nclayers.cli import main
+from nclayers.models import build_model
+from nclayers.report.table import Table
+
+FAST = ["data.name=digits", "data.test_subset=200", "data.train_subset=300", "model.width=4",
+        "device=cpu"]  # fmt: skip
+
+
+def test_analyze_with_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width=4)
+    ckpt = tmp_path / "w.pt"
+    torch.save({"model": model.state_dict()}, ckpt)
+    out = tmp_path / "run"
+    rc = main(["analyze", *FAST, f"model.checkpoint={ckpt}", "--out", str(out), "-q"])
+    assert rc == 0
+    table = Table.from_csv(out / "layers.csv")
+    for col in ("layer", "block", "dim", "split", "view", "nc1", "cdnv_mean", "nc2", "ncc_acc"):
+        assert col in table.columns
+    test = table.where(split="test")
+    assert [r["layer"] for r in test] == list(range(1, 9))
+    assert all(0.0 <= r["ncc_acc"] <= 1.0 for r in test)
+    assert {r["split"] for r in table} == {"train", "test"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == {"train": 300, "test": 200}
+    assert summary["config"]["model"]["checkpoint"] == str(ckpt)
+    assert "layer4.1" in capsys.readouterr().out
+
+
+def test_wrong_checkpoint_is_refused(tmp_path, capsys):
+    ckpt = tmp_path / "w.pt"
+    torch.save(build_model("resnet18", 10, width=8).state_dict(), ckpt)
+    rc = main(["analyze", *FAST, f"model.checkpoint={ckpt}", "--out", str(tmp_path), "-q"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "shape mismatches" in err
+
+
+def test_entry_point_model(tmp_path):
+    out = tmp_path / "ep"
+    rc = main(["analyze", *FAST, "model.name=torchvision.models:resnet18", "model.width=null",
+               "analyze.reference=null", "--out", str(out), "-q"])  # fmt: skip
+    assert rc == 0
+    rows = Table.from_csv(out / "layers.csv")
+    assert len(rows) == 8 and rows[0]["block"] == "layer1.0" and rows[0]["ncc_acc"] is None
+
+
+def test_blocks_verb(capsys):
+    assert main(["blocks", "resnet18", "model.width=16"]) == 0
+    out = capsys.readouterr().out
+    assert "8 blocks" in out and "layer4.1" in out and "[1, 128, 4, 4]" in out
+
+
+def test_errors_exit_2_with_a_message(capsys):
+    assert main(["analyze", "train.epoch=3"]) == 2
+    assert "unknown config key 'train.epoch'" in capsys.readouterr().err
+    assert main(["blocks", "resnet19"]) == 2
+    assert "Did you mean" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "nclayers.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    for verb in ("demo", "train", "analyze", "blocks", "plot", "memorization"):
+        assert verb in out
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """A shortened demo: every file written, and NC1 falls from the first to the last block."""
+    out = tmp_path / "demo"
+    assert main(["demo", "train.epochs=4", "--out", str(out), "-q"]) == 0
+    for name in ("layers.csv", "memorization.csv", "summary.json", "nc1.png", "nc2.png",
+                 "ncc_acc.png", "memorization.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    table = Table.from_csv(out / "layers.csv")
+    test = table.where(run="clean", split="test", view="clean")
+    nc1 = test.column("nc1")
+    assert len(nc1) == 8 and nc1[-1] < nc1[0]
+    assert set(table.where(run="noise20", split="train").column("view")) == {"clean", "noisy"}
+    assert main(["memorization", str(out / "layers.csv"), "--out", str(tmp_path)]) == 0
+    assert main(["plot", str(out / "layers.csv"), "--metric", "nc1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "nc1.png").is_file()
