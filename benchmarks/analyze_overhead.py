@@ -83,7 +83,9 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(0)
-    test = load_dataset(DataConfig(name="cifar10", dir=args.data_dir, test_subset=args.images), "test")
+    test = load_dataset(
+        DataConfig(name="cifar10", dir=args.data_dir, test_subset=args.images), "test"
+    )
     test = test.with_views({"clean": test.labels["clean"],
                             "noisy": shuffle_labels(test.labels["clean"], 0.2)})  # fmt: skip
     device = torch.device(args.device)

@@ -111,15 +111,23 @@ def test_bfloat16_features():
 def test_sample_order_invariance():
     feats, labels = make_data(seed=7)
     perm = np.random.default_rng(0).permutation(len(labels))
-    assert metrics.nc1(feats[perm], labels[perm]) == pytest.approx(metrics.nc1(feats, labels), rel=1e-12)
-    assert metrics.nc2(feats[perm], labels[perm]) == pytest.approx(metrics.nc2(feats, labels), rel=1e-12)
+    assert metrics.nc1(feats[perm], labels[perm]) == pytest.approx(
+        metrics.nc1(feats, labels), rel=1e-12
+    )
+    assert metrics.nc2(feats[perm], labels[perm]) == pytest.approx(
+        metrics.nc2(feats, labels), rel=1e-12
+    )
 
 
 def test_class_relabelling_invariance():
     feats, labels = make_data(seed=8)
     relabel = np.array([3, 0, 4, 1, 2])
-    assert metrics.nc1(feats, relabel[labels]) == pytest.approx(metrics.nc1(feats, labels), rel=1e-12)
-    assert metrics.nc2(feats, relabel[labels]) == pytest.approx(metrics.nc2(feats, labels), rel=1e-12)
+    assert metrics.nc1(feats, relabel[labels]) == pytest.approx(
+        metrics.nc1(feats, labels), rel=1e-12
+    )
+    assert metrics.nc2(feats, relabel[labels]) == pytest.approx(
+        metrics.nc2(feats, labels), rel=1e-12
+    )
 
 
 def test_rotation_scale_translation_invariance():
@@ -212,7 +220,9 @@ def test_ncc_accuracy_against_brute_force():
     stats = ClassStats(5, 12).update(torch.from_numpy(feats), torch.from_numpy(labels))
     acc = NCCAccuracy(stats)
     for chunk in np.array_split(np.arange(len(test_labels)), 4):
-        acc.update(torch.from_numpy(test_feats[chunk]).float(), torch.from_numpy(test_labels[chunk]))
+        acc.update(
+            torch.from_numpy(test_feats[chunk]).float(), torch.from_numpy(test_labels[chunk])
+        )
     assert acc.compute() == pytest.approx(expected, abs=1e-12)
 
 

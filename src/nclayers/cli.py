@@ -19,6 +19,10 @@ def _config(args, default_out: str):
         path = None
     if args.out:
         overrides.append(f"out={args.out}")
+    if getattr(args, "data_dir", None):
+        overrides.append(f"data.dir={args.data_dir}")
+    if getattr(args, "device", None):
+        overrides.append(f"device={args.device}")
     cfg = load_config(path, overrides)
     if not args.out and "out=" not in " ".join(args.overrides) and cfg.out == "runs/run":
         cfg.out = default_out
@@ -28,7 +32,8 @@ def _config(args, default_out: str):
 def cmd_demo(args) -> None:
     from nclayers.demo import run_demo
 
-    run_demo(args.out or "runs/demo", args.overrides, progress=not args.quiet)
+    overrides = [*args.overrides] + ([f"device={args.device}"] if args.device else [])
+    run_demo(args.out or "runs/demo", overrides, progress=not args.quiet)
 
 
 def cmd_train(args) -> None:
@@ -66,7 +71,7 @@ def cmd_blocks(args) -> None:
     print(f"{args.model}: {len(blocks)} blocks on a 1x3x{size}x{size} input")
     print(f"{'index':>5}  {'module':<32} {'output shape':<22} {'pool':<7} {'dim':>5}")
     for i, (b, (shape, dim)) in enumerate(zip(blocks, shapes, strict=True), start=1):
-        print(f"{i:>5}  {b.name:<32} {str(list(shape)):<22} {b.pool:<7} {dim:>5}")
+        print(f"{i:>5}  {b.name:<32} {list(shape)!s:<22} {b.pool:<7} {dim:>5}")
 
 
 def cmd_plot(args) -> None:
@@ -77,7 +82,12 @@ def cmd_plot(args) -> None:
     out = Path(args.out or Path(args.csv).parent)
     if args.split:
         table = table.where(split=args.split)
-    if args.metric:
+    if any(r.get("epoch") is not None for r in table):  # train's nc_dynamics.csv
+        from nclayers.report.dynamics import plot_dynamics
+
+        metrics = tuple(args.metric or ("nc1", "nc2"))
+        paths = [plot_dynamics(table, out / f"{Path(args.csv).stem}.png", metrics)]
+    elif args.metric:
         paths = [plot_metric(table, m, out / f"{m}.png") for m in args.metric]
     else:
         paths = plot_layers(table, out)
@@ -116,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("config", nargs="?", help="YAML config file (optional)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--out", help="run folder for results")
+        p.add_argument("--data-dir", help="local data folder (same as data.dir=...)")
+        p.add_argument("--device", help="cpu, cuda, cuda:N (same as device=...)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         p.set_defaults(fn=fn)
         return p

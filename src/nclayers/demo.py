@@ -47,16 +47,20 @@ def run_demo(
     t0 = time.perf_counter()
     tables, accuracy = [], {}
     for run, noise in (("clean", None), (f"noise{round(NOISE * 100)}", NOISE)):
-        cfg = load_config(None, [f"out={out / run}", f"run={run}", f"data.noise={noise}"], base)
-        print(f"[{run}] training {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name}"
-              f" for {cfg.train.epochs} epochs" + (f", {noise:.0%} labels shuffled" if noise else ""))
+        cfg = load_config(
+            None, [f"out={out / run}", f"run={run}", f"data.noise={noise or 0}"], base
+        )
+        print(
+            f"[{run}] training {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name}"
+            f" for {cfg.train.epochs} epochs" + (f", {noise:.0%} labels shuffled" if noise else "")
+        )
         result = train(cfg, progress=progress)
         print(f"[{run}] measuring every block")
         table = analyze_run(cfg, model=result["model"], progress=progress)
         tables.append(table)
-        accuracy[run] = {
-            "train_" + v: a for v, a in table.meta["accuracy"]["train"].items()
-        } | {"test": table.meta["accuracy"]["test"]["clean"]}
+        accuracy[run] = {"train_" + v: a for v, a in table.meta["accuracy"]["train"].items()} | {
+            "test": table.meta["accuracy"]["test"]["clean"]
+        }
 
     layers = Table(r for t in tables for r in t)
     layers.to_csv(out / "layers.csv")
@@ -89,6 +93,8 @@ def run_demo(
     print()
     for run, acc in accuracy.items():
         print(f"{run}: " + ", ".join(f"{k} acc {v:.3f}" for k, v in acc.items()))
-    print(f"Results in {out}/: layers.csv, memorization.csv, summary.json, "
-          f"{', '.join(p.name for p in figures if p)}  ({summary['seconds']:.0f} s)")
+    print(
+        f"Results in {out}/: layers.csv, memorization.csv, summary.json, "
+        f"{', '.join(p.name for p in figures if p)}  ({summary['seconds']:.0f} s)"
+    )
     return summary

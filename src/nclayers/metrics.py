@@ -41,7 +41,9 @@ def _as_tensor(x, name: str, dtype=None) -> torch.Tensor:
         try:
             x = torch.as_tensor(np.asarray(x))
         except Exception as err:  # pragma: no cover - exotic inputs
-            raise ValueError(f"{name}: expected an array or tensor, got {type(x).__name__}") from err
+            raise ValueError(
+                f"{name}: expected an array or tensor, got {type(x).__name__}"
+            ) from err
     return x if dtype is None else x.to(dtype)
 
 

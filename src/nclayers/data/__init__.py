@@ -46,7 +46,9 @@ def load_dataset(cfg, split: str) -> ArrayDataset:
 
     size = cfg.train_subset if split == "train" else cfg.test_subset
     if size:
-        ds = ds.subset(balanced_subset(ds.labels["clean"], int(size), ds.num_classes, cfg.subset_seed))
+        ds = ds.subset(
+            balanced_subset(ds.labels["clean"], int(size), ds.num_classes, cfg.subset_seed)
+        )
     return ds
 
 

@@ -59,12 +59,20 @@ class ArrayDataset:
 
     def with_views(self, views: dict[str, torch.Tensor]) -> ArrayDataset:
         return ArrayDataset(
-            self.images, dict(views), self.classes, self.mean, self.std, self.name, self.split,
+            self.images,
+            dict(views),
+            self.classes,
+            self.mean,
+            self.std,
+            self.name,
+            self.split,
             dict(self.meta),
         )
 
 
-def balanced_subset(labels: torch.Tensor, size: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+def balanced_subset(
+    labels: torch.Tensor, size: int, num_classes: int, seed: int = 0
+) -> torch.Tensor:
     """Indices of a class-balanced random subset of `size` samples (sorted, reproducible)."""
     if size >= len(labels):
         return torch.arange(len(labels))
