@@ -102,11 +102,16 @@ def test_device_batches_epochs_and_normalisation():
     assert torch.equal(torch.cat([y for _, y in shuffled]), e0)  # reproducible per epoch
     assert not torch.equal(e0, e1)
     assert sorted(e0.tolist()) == sorted(ds.labels["clean"].tolist())
-    # Shards of 3 ranks cover every sample, in equal-length shards.
+    # Evaluation shards of 3 ranks partition the samples exactly; training shards are
+    # equal in length (lockstep DDP steps), padded by wrapping.
     shards = [DeviceBatches(ds, 8, shard=(r, 3)) for r in range(3)]
-    seen = torch.cat([torch.cat([y for _, y in s]) for s in shards])
-    assert len(seen) == 51 and set(range(50)) <= set(torch.cat(
-        [s._order() for s in shards]).tolist())  # fmt: skip
+    seen = torch.cat([s._order() for s in shards])
+    assert sorted(seen.tolist()) == list(range(50))
+    assert [len(s) for s in shards] == [3, 3, 2]  # 17, 17, 16 samples in batches of 8
+    train_shards = [DeviceBatches(ds, 8, train=True, shard=(r, 3)) for r in range(3)]
+    orders = [s._order() for s in train_shards]
+    assert [len(o) for o in orders] == [17, 17, 17]
+    assert set(torch.cat(orders).tolist()) == set(range(50))
 
 
 def test_cifar10_reader(shared_data):

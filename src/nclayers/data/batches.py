@@ -96,14 +96,24 @@ class DeviceBatches:
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
-        if self.world > 1:  # equal shards, like DistributedSampler: pad by wrapping
-            per = -(-n // self.world)
-            order = torch.cat([order, order[: per * self.world - n]])
+        if self.world > 1:
+            if self.train:  # DDP steps in lockstep: equal shards, padded by wrapping
+                per = -(-n // self.world)
+                order = torch.cat([order, order[: per * self.world - n]])
+            # Evaluation shards are disjoint and unpadded, so reduced statistics are exact.
             order = order[self.rank :: self.world]
         return order.to(self.device)
 
+    def _shard_size(self) -> int:
+        n = len(self.images)
+        if self.world == 1:
+            return n
+        if self.train:
+            return -(-n // self.world)
+        return len(range(self.rank, n, self.world))
+
     def __len__(self) -> int:
-        n = -(-len(self.images) // self.world)
+        n = self._shard_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]]:
