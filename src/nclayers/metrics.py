@@ -99,8 +99,10 @@ class ClassStats:
             raise ValueError(f"labels: expected integer class indices, got dtype {labels.dtype}")
         if not features.dtype.is_floating_point:
             features = features.float()
-        features = features.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True).long()
+        # Asynchronous copies are safe only towards an accelerator, never back to the host.
+        async_copy = self.device.type != "cpu"
+        features = features.to(self.device, non_blocking=async_copy)
+        labels = labels.to(self.device, non_blocking=async_copy).long()
         bad_label = (labels < 0) | (labels >= self.num_classes)
         if self.device.type == "cpu":
             if not torch.isfinite(features).all():
