@@ -62,8 +62,8 @@ _SWIN_DEPTHS = {
     "swin_small": (96, [2, 2, 18, 2]),
     "swin_base": (128, [2, 2, 18, 2]),
     "swin_large": (192, [2, 2, 18, 2]),
-    "swin_base_deep": (128, [2, 2, 30, 2]),
-    "swin_large_deep": (192, [2, 2, 42, 2]),
+    "swin_base_deep": (96, [2, 2, 30, 2]),
+    "swin_large_deep": (96, [2, 2, 42, 2]),
 }
 _VGG_WIDTHS = {
     "vgg13": [64, 64, 128, 128, 256, 256, 512, 512, 512, 512],
@@ -102,7 +102,9 @@ def test_every_model_runs_with_its_blocks_found(name):
     options = FAST.get(name, {})
     model = build_model(name, num_classes=10, **options)
     blocks = find_blocks(model, "auto")
-    assert len(blocks) == entry.blocks, f"{name}: {len(blocks)} blocks, registry says {entry.blocks}"
+    assert len(blocks) == entry.blocks, (
+        f"{name}: {len(blocks)} blocks, registry says {entry.blocks}"
+    )
     if name in ZOO:
         assert len(blocks) == ZOO[name][1]
     sample = torch.randn(2, 3, entry.input_size, entry.input_size)
@@ -161,22 +163,21 @@ def test_swin_deep_variants_have_the_papers_heads():
     assert [layer.blocks[0].attn.num_heads for layer in model.layers] == [3, 6, 12, 24]
 
 
-def test_vit_pools_patch_tokens_by_default_and_class_token_on_request():
-    sample = torch.randn(2, 3, 32, 32)
-    for token_pool, pool in (("mean", "tokens"), ("cls", "cls")):
-        torch.manual_seed(0)
-        model = build_model("vit_small", token_pool=token_pool, embed_dim=96, **_QUICK_INIT).eval()
-        blocks = find_blocks(model)
-        assert len(blocks) == 12 and {b.pool for b in blocks} == {pool}
-        assert blocks[0].prefix_tokens == 1  # the class token is not a patch
-        raw, pooled = {}, {}
-        handle = blocks[3].module.register_forward_hook(lambda m, i, o: raw.update(x=o))
-        with torch.no_grad(), Taps(blocks, sink=lambda i, x: pooled.__setitem__(i, x)):
-            model(sample)
-        handle.remove()
-        assert raw["x"].shape == (2, 65, 96)  # 8x8 patches of 4x4 pixels, plus the class token
-        want = raw["x"][:, 1:].mean(1) if token_pool == "mean" else raw["x"][:, 0]
-        torch.testing.assert_close(pooled[3], want)
+@pytest.mark.parametrize(("token_pool", "pool"), [("mean", "tokens"), ("cls", "cls")])
+def test_vit_pools_patch_tokens_by_default_and_class_token_on_request(token_pool, pool):
+    torch.manual_seed(0)
+    model = build_model("vit_small", token_pool=token_pool, embed_dim=96, **_QUICK_INIT).eval()
+    blocks = find_blocks(model)
+    assert len(blocks) == 12 and {b.pool for b in blocks} == {pool}
+    assert blocks[0].prefix_tokens == 1  # the class token is not a patch
+    raw, pooled = {}, {}
+    handle = blocks[3].module.register_forward_hook(lambda m, i, o: raw.update(x=o))
+    with torch.no_grad(), Taps(blocks, sink=lambda i, x: pooled.__setitem__(i, x)):
+        model(torch.randn(2, 3, 32, 32))
+    handle.remove()
+    assert raw["x"].shape == (2, 65, 96)  # 8x8 patches of 4x4 pixels, plus the class token
+    want = raw["x"][:, 1:].mean(1) if token_pool == "mean" else raw["x"][:, 0]
+    torch.testing.assert_close(pooled[3], want)
 
 
 def test_vit_at_224_uses_16_pixel_patches():

@@ -44,15 +44,17 @@ def train_transform(size: int = 224) -> transforms.Compose:
 
 def image_folder(root: str | Path, split: str, train: bool = False) -> datasets.ImageFolder:
     """The `split` folder under `root` as an ImageFolder with the matching transform."""
-    folder = Path(root) / split
+    root = Path(root)
+    folder = root / split
     if not folder.is_dir():
-        found = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise ValueError(
             f"split={split!r}: {str(folder)!r} is not a folder (root={str(root)!r} holds "
             f"{found or 'nothing'}); expected root/{split}/<class>/<image>"
         )
+    transform = train_transform() if train else eval_transform()
     try:
-        return datasets.ImageFolder(folder, transform=train_transform() if train else eval_transform())
+        return datasets.ImageFolder(folder, transform=transform)
     except FileNotFoundError as err:  # no class folder or no image in them
         raise ValueError(f"split={split!r}: {err}; expected root/{split}/<class>/<image>") from err
 

@@ -17,10 +17,10 @@ from nclayers.models.registry import (
 from nclayers.models.weights import load_weights
 
 # Importing the families registers their constructors.
-from nclayers.models import resnet  # noqa: E402,F401  isort: skip
-from nclayers.models import swin  # noqa: E402,F401  isort: skip
-from nclayers.models import vit  # noqa: E402,F401  isort: skip
-from nclayers.models import vgg  # noqa: E402,F401  isort: skip
+from nclayers.models import resnet  # noqa: F401  isort: skip
+from nclayers.models import swin  # noqa: F401  isort: skip
+from nclayers.models import vit  # noqa: F401  isort: skip
+from nclayers.models import vgg  # noqa: F401  isort: skip
 
 __all__ = [
     "build_model",

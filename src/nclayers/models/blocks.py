@@ -3,13 +3,15 @@
 `find_blocks(model, "auto")` returns, in forward order, the repeated residual or
 transformer blocks of torchvision and timm models (known block classes first, then a
 generic rule: the outermost modules of the most frequent class that is repeated inside
-Sequential/ModuleList containers). A list of module names or glob patterns picks modules
-explicitly, e.g. `["layer*.*"]` or `["features.2", "features.5"]`.
+Sequential/ModuleList containers; failing that, the conv-(BN-)activation units of a plain
+conv net such as torchvision's VGG, tapped at their activation). A list of module names or
+glob patterns picks modules explicitly, e.g. `["layer*.*"]` or `["features.2", "features.5"]`.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 
@@ -22,16 +24,22 @@ _KNOWN_BLOCKS: dict[str, str] = {
     # torchvision
     "BasicBlock": "nchw",
     "Bottleneck": "nchw",
-    "InvertedResidual": "nchw",
+    "InvertedResidual": "nchw",  # MobileNet (torchvision and timm)
+    "MBConv": "nchw",  # torchvision EfficientNet
+    "FusedMBConv": "nchw",
+    "ResBottleneckBlock": "nchw",  # torchvision RegNet
     "CNBlock": "nchw",
     "EncoderBlock": "tokens",  # torchvision ViT
     "SwinTransformerBlock": "nhwc",  # timm and torchvision Swin (both N x H x W x C)
-    "SwinTransformerBlockV2": "nhwc",
+    "SwinTransformerBlockV2": "nhwc",  # torchvision Swin V2
+    "SwinTransformerV2Block": "nhwc",  # timm Swin V2
     # timm
     "Block": "tokens",  # timm ViT/DeiT
     "ResidualBlock": "nchw",
     "ConvNeXtBlock": "nchw",
-    "VggUnit": "nchw",  # nclayers' VGG conv-BN-ReLU unit
+    "DepthwiseSeparableConv": "nchw",  # first block of timm's EfficientNet/MobileNet
+    "EdgeResidual": "nchw",
+    "MixerBlock": "tokens",  # timm MLP-Mixer (N x T x C, no class token)
 }
 
 _LEAF_TYPES = (
@@ -47,9 +55,21 @@ _LEAF_TYPES = (
 )
 
 
+# Activations that close a conv(-BN)-activation unit of a plain conv net (VGG, AlexNet).
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU)
+
+# Attributes that mark a model working on token sequences (ViT-like).
+_TOKEN_ATTRS = ("num_prefix_tokens", "cls_token", "class_token", "pos_embed")
+
+
 def _pool_for(model: nn.Module, module: nn.Module) -> tuple[str, int]:
     pool = _KNOWN_BLOCKS.get(type(module).__name__, "nchw")
     prefix = 0
+    if pool == "tokens" and type(module).__name__ == "Block":
+        # "Block" is also the name of some convolutional blocks (timm's legacy Xception);
+        # only a model that carries tokens (itself or a wrapped ViT) has token outputs.
+        if not any(hasattr(m, attr) for m in model.modules() for attr in _TOKEN_ATTRS):
+            pool = "nchw"
     if pool == "tokens":
         prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         if prefix == 0 and hasattr(model, "class_token"):  # torchvision ViT
@@ -80,10 +100,25 @@ def _auto_names(model: nn.Module) -> list[str]:
                 if not isinstance(child, _LEAF_TYPES) and any(True for _ in child.children()):
                     counts[type(child)] += 1
     repeated = [cls for cls, c in counts.most_common() if c >= 2]
-    if not repeated:
-        return []
-    names = [n for n, m in model.named_modules() if n and type(m) is repeated[0]]
-    return _outermost(names)
+    if repeated:
+        names = [n for n, m in model.named_modules() if n and type(m) is repeated[0]]
+        return _outermost(names)
+    return _conv_units(model)
+
+
+def _conv_units(model: nn.Module) -> list[str]:
+    """Plain conv nets (torchvision's VGG) hold no repeated block class, only flat
+    Sequentials of layers; their units are the activations right after a conv or a
+    batch norm (the classifier's activations follow a Linear and are left out)."""
+    names: list[str] = []
+    for prefix, container in model.named_modules():
+        if not isinstance(container, nn.Sequential):
+            continue
+        children = list(container.named_children())
+        for (_, before), (name, child) in itertools.pairwise(children):
+            if isinstance(child, _ACTIVATIONS) and isinstance(before, (nn.Conv2d, nn.BatchNorm2d)):
+                names.append(f"{prefix}.{name}" if prefix else name)
+    return names if len(names) >= 2 else []
 
 
 def find_blocks(

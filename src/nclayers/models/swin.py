@@ -1,15 +1,15 @@
 """Swin Transformers (timm's `SwinTransformer`) for 32x32 and 224x224 inputs.
 
-At `img_size=32` (CIFAR) the patch embedding is 2x2 and the window 4x4, so the four
-stages see 16x16, 8x8, 4x4 and 2x2 token grids (timm shrinks a window that is larger
-than its grid and then stops shifting it). At `img_size=224` the settings are the
-standard ImageNet ones (patch 4, window 7), and module names are timm's, so timm
-state_dicts of the same architecture load as they are.
+At `img_size=32` (CIFAR; any side up to 64) the patch embedding is 2x2 and the window
+4x4, so the four stages see 16x16, 8x8, 4x4 and 2x2 token grids (timm shrinks a window
+that is larger than its grid and then stops shifting it). At `img_size=224` (any larger
+side) the settings are the standard ImageNet ones (patch 4, window 7). Module names are
+timm's, so timm state_dicts of the same architecture load as they are.
 
-`swin_base_deep` and `swin_large_deep` are the paper's deeper variants (appendix A.1):
-more blocks in stage 3 and fewer heads. With Base's 128-d embedding and 3 heads, timm
-floors the head width (128 // 3 = 42), so attention runs 126 wide inside a 128-d block;
-pass `embed_dim=96` for exact head widths.
+`swin_base_deep` and `swin_large_deep` are the paper's deeper variants (appendix A.1),
+given there only by depths ([2,2,30,2], [2,2,42,2]) and heads ([3,6,12,24]). Those are
+Swin-T's heads, whose 96-d embedding gives exact 32-d heads, so the embedding is 96 here;
+Base's 128 does not divide by 3 heads (timm would floor the head width to 42).
 
 Every option of timm's `SwinTransformer` passes through (embed_dim, depths, num_heads,
 patch_size, window_size, drop_path_rate, ...), e.g. a CPU-sized Swin-T:
@@ -30,8 +30,8 @@ _ARCHS: dict[str, dict] = {
     "swin_base": {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32)},
     "swin_large": {"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48)},
     # The paper's deeper variants: more blocks in stage 3, Swin-T's heads.
-    "swin_base_deep": {"embed_dim": 128, "depths": (2, 2, 30, 2), "num_heads": (3, 6, 12, 24)},
-    "swin_large_deep": {"embed_dim": 192, "depths": (2, 2, 42, 2), "num_heads": (3, 6, 12, 24)},
+    "swin_base_deep": {"embed_dim": 96, "depths": (2, 2, 30, 2), "num_heads": (3, 6, 12, 24)},
+    "swin_large_deep": {"embed_dim": 96, "depths": (2, 2, 42, 2), "num_heads": (3, 6, 12, 24)},
 }
 
 # Patch and window per input size: small patches keep a 16x16 grid on 32x32 images.

@@ -1,11 +1,11 @@
 """Vision Transformers (timm's `VisionTransformer`), small and base, for 32 or 224 inputs.
 
-At `img_size=32` the patches are 4x4 (an 8x8 grid of 64 tokens plus the class token), at
-224 the standard 16x16. Module names are timm's, so timm state_dicts of the same
-architecture load as they are. Blocks are the 12 transformer `Block`s; each is pooled as
-the mean over its patch tokens, or as its class token with `token_pool="cls"`.
-Every other option of timm's `VisionTransformer` passes through (embed_dim, depth,
-num_heads, drop_path_rate, global_pool, ...).
+At `img_size=32` (any side up to 64) the patches are 4x4 (an 8x8 grid of 64 tokens plus
+the class token), at 224 (any larger side) the standard 16x16. Module names are timm's,
+so timm state_dicts of the same architecture load as they are. Blocks are the 12
+transformer `Block`s; each is pooled as the mean over its patch tokens, or as its class
+token with `token_pool="cls"`. Every other option of timm's `VisionTransformer` passes
+through (embed_dim, depth, num_heads, drop_path_rate, global_pool, ...).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _register(arch: str) -> None:
     def build(
         num_classes: int = 10, img_size: int = 32, token_pool: str = "mean", **options
     ) -> VisionTransformer:
-        return vit(arch, num_classes=num_classes, img_size=img_size, token_pool=token_pool, **options)
+        return vit(arch, num_classes, img_size=img_size, token_pool=token_pool, **options)
 
     build.__name__ = arch
     build.__doc__ = (

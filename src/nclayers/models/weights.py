@@ -1,58 +1,233 @@
-"""Load weights into a model from a local checkpoint file."""
+"""Load weights into a model from a local checkpoint file.
+
+Formats read (always with `torch.load(..., weights_only=True)`, or safetensors):
+- nclayers' own checkpoints (the state_dict under "model"), plain state_dicts, and the
+  usual wrappers ("state_dict", "model_state_dict", "module");
+- timm and torchvision state_dicts, as they are, into a model of the same architecture
+  (nclayers' Swin and ViT use timm's module names, its CIFAR ResNets torchvision's);
+- mmpretrain (and mmcls) checkpoints, `{"state_dict": {"backbone.…", "head.fc.…"},
+  "meta": …}`: ResNet keys map to torchvision's names, Swin keys to timm's (blocks,
+  patch merging with its channel order, final norm, head).
+
+Whatever does not match after that raises a ValueError naming the keys and shapes.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import pickle
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+_WRAPPERS = ("model", "state_dict", "model_state_dict", "module")
+
 
 def extract_state_dict(obj) -> dict[str, torch.Tensor]:
     """The model's state_dict inside a checkpoint object (nclayers' own or a plain one)."""
     if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict", "module"):
+        for key in _WRAPPERS:
             if key in obj and isinstance(obj[key], dict):
                 return extract_state_dict(obj[key])
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
-    raise ValueError("checkpoint holds no state_dict (expected tensors under 'model' or top level)")
+    keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(
+        f"checkpoint holds no state_dict (expected tensors at the top level or under one of "
+        f"{list(_WRAPPERS)}; found {keys})"
+    )
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
     # DDP's 'module.' and torch.compile's '_orig_mod.' prefixes carry no meaning here.
     for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state) and not any(
-            k.startswith(prefix) for k in own
+        if (
+            state
+            and all(k.startswith(prefix) for k in state)
+            and not any(k.startswith(prefix) for k in own)
         ):
             state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    """Load a checkpoint file into `model`; mismatched keys or shapes raise a ValueError."""
+# ----------------------------------------------------------------------------- mmpretrain
+def is_mmpretrain(state: dict[str, torch.Tensor]) -> bool:
+    """An mmpretrain/mmcls classifier: every weight under backbone., neck. or head."""
+    heads = ("backbone.", "neck.", "head.", "data_preprocessor.")
+    return any(k.startswith("backbone.") for k in state) and all(k.startswith(heads) for k in state)
+
+
+def _merge_order_to_timm(t: torch.Tensor) -> torch.Tensor:
+    """Patch-merging channels from mmcv's order to timm's (the original Swin's).
+
+    mmcv's PatchMerging samples 2x2 neighbourhoods with nn.Unfold, so channel c of the
+    neighbour (dh, dw) sits at c*4 + dh*2 + dw; timm concatenates the neighbours
+    (0,0), (1,0), (0,1), (1,1), each C wide. The last dim is the 4C one (norm weight and
+    bias, or the reduction's input).
+    """
+    lead, c4 = t.shape[:-1], t.shape[-1]
+    t = t.reshape(*lead, c4 // 4, 4).transpose(-1, -2)  # (..., dh*2+dw, c)
+    return t[..., [0, 2, 1, 3], :].reshape(*lead, c4)
+
+
+_SWIN_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^patch_embed\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\."), r"layers.\1.blocks.\2.attn."),
+    (
+        re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\."),
+        r"layers.\1.blocks.\2.mlp.fc1.",
+    ),
+    (
+        re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\."),
+        r"layers.\1.blocks.\2.mlp.fc2.",
+    ),
+    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(norm1|norm2)\."), r"layers.\1.blocks.\2.\3."),
+]
+_SWIN_DOWNSAMPLE = re.compile(r"^stages\.(\d+)\.downsample\.(norm|reduction)\.(\w+)$")
+_SWIN_STAGE = re.compile(r"^backbone\.stages\.(\d+)\.")
+
+
+def _swin_from_mmpretrain(
+    key: str, value: torch.Tensor, last_stage: int
+) -> tuple[str, torch.Tensor] | None:
+    """One mmpretrain Swin backbone key (prefix removed) as timm's; None drops it."""
+    if key.endswith(("relative_position_index", "attn_mask")):
+        return None  # buffers timm rebuilds itself (its index is the same one)
+    if m := _SWIN_DOWNSAMPLE.match(key):
+        # mmpretrain merges patches at the end of stage i, timm at the start of stage i+1.
+        stage, part, name = int(m[1]), m[2], m[3]
+        return f"layers.{stage + 1}.downsample.{part}.{name}", _merge_order_to_timm(value)
+    for pattern, repl in _SWIN_RULES:
+        if pattern.match(key):
+            return pattern.sub(repl, key), value
+    # The last stage's output norm: norm3 in mmpretrain, norm in old mmcls. Norms of other
+    # stages (more out_indices) have no timm counterpart and stay unmatched.
+    for prefix in (f"norm{last_stage}.", "norm."):
+        if key.startswith(prefix):
+            return "norm." + key[len(prefix) :], value
+    return key, value
+
+
+_NORM_AS_BN = re.compile(r"(^|\.)norm(\d)\.")
+
+
+def convert_mmpretrain(
+    state: dict[str, torch.Tensor], own: set[str]
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename an mmpretrain classifier's keys to the model's; returns (state, what was done)."""
+    stages = [int(m[1]) for k in state if (m := _SWIN_STAGE.match(k))]
+    swin = bool(stages)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(("data_preprocessor.", "neck.")):
+            continue  # normalisation constants and a parameter-free pooling neck
+        if key.startswith("backbone."):
+            key = key[len("backbone.") :]
+            if swin:
+                converted = _swin_from_mmpretrain(key, value, max(stages))
+                if converted is None:
+                    continue
+                key, value = converted
+        elif key.startswith("head.") and key not in own and key[len("head.") :] in own:
+            key = key[len("head.") :]  # LinearClsHead's head.fc -> torchvision's fc
+        if key not in own:
+            # mmpretrain's ResNet exposes its batch norms as norm1..3 (stored as bn1..3).
+            alias = _NORM_AS_BN.sub(r"\1bn\2.", key)
+            if alias in own:
+                key = alias
+        out[key] = value
+    kind = "Swin" if swin else "ResNet-style"
+    return out, f"read as an mmpretrain checkpoint, {kind} keys renamed to the model's"
+
+
+# ----------------------------------------------------------------------------- loading
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The raw state_dict stored in a checkpoint file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint={str(path)!r} does not exist; pass the path of a .pt file")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint={str(path)!r} cannot be read with torch.load(weights_only=True): "
+            f"{first}. If it holds Python objects besides tensors (optimizer or logger state), "
+            "re-save only its state_dict: torch.save(model.state_dict(), 'weights.pt')"
+        ) from err
+    return extract_state_dict(obj)
+
+
+def _matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+    return lambda key: any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def match_state_dict(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    strict: bool = True,
+    skip: Sequence[str] = (),
+    source: str = "checkpoint",
+) -> dict[str, torch.Tensor]:
+    """Map `state` onto `model`'s keys (prefixes, mmpretrain names) or raise a ValueError.
+
+    strict: every model key must be in the checkpoint and every checkpoint key in the
+    model; with strict=False only the keys both hold are loaded. Shapes must always agree.
+    skip: glob patterns of model keys to leave as they are, e.g. ["fc.*"] for a classifier
+    trained on other classes.
+    """
     own = model.state_dict()
-    state = _strip_prefixes(extract_state_dict(obj), set(own))
-    missing = [k for k in own if k not in state]
+    state = _strip_prefixes(state, set(own))
+    note = ""
+    if is_mmpretrain(state) and not any(k.startswith("backbone.") for k in own):
+        state, note = convert_mmpretrain(state, set(own))
+    skipped = _matcher(skip)
+    state = {k: v for k, v in state.items() if not skipped(k)}
+    wanted = [k for k in own if not skipped(k)]
+    missing = [k for k in wanted if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
+        for k in wanted
         if k in state and state[k].shape != own[k].shape
     ]
-    if shape or (strict and (missing or unexpected)):
-        lines = [f"checkpoint {str(path)!r} does not match {type(model).__name__}:"]
+    if shape or (strict and (missing or unexpected)) or not any(k in own for k in state):
+        lines = [f"{source} does not match {type(model).__name__}" + (f" ({note})" if note else "")]
         if missing:
             lines.append(f"  {len(missing)} model keys missing from it, e.g. {missing[:4]}")
         if unexpected:
             lines.append(f"  {len(unexpected)} keys the model lacks, e.g. {unexpected[:4]}")
         if shape:
             lines.append(f"  {len(shape)} shape mismatches, e.g. {shape[:3]}")
-        lines.append("  build the same architecture and options (width, num_classes) it was saved from")
+        if len(missing) > len(wanted) // 2:
+            lines.append("  most keys differ: it was saved from another architecture")
+        lines.append(
+            "  build the architecture and options (width, num_classes, img_size) it was saved "
+            "from; skip=['fc.*'] (or 'head.*') keeps the model's own classifier"
+        )
         raise ValueError("\n".join(lines))
-    model.load_state_dict(state, strict=strict)
+    return state
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    strict: bool = True,
+    skip: Sequence[str] = (),
+) -> nn.Module:
+    """Load a checkpoint file into `model`; mismatched keys or shapes raise a ValueError.
+
+    See `match_state_dict` for `strict` and `skip`.
+    """
+    state = match_state_dict(
+        model, read_checkpoint(path), strict, skip, source=f"checkpoint {str(path)!r}"
+    )
+    model.load_state_dict(state, strict=strict and not skip)
     return model
