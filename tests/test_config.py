@@ -55,3 +55,8 @@ def test_exponent_floats_in_yaml_files(tmp_path):
     path.write_text("train:\n  lr: 1e-3\n  min_lr: 1e-5\n")
     cfg = load_config(path)
     assert cfg.train.lr == 1e-3 and cfg.train.min_lr == 1e-5
+
+
+def test_option_dicts_merge_key_by_key():
+    cfg = load_config(None, ["model.options.embed_dim=48", "model.options.patch_size=4"])
+    assert cfg.model.options == {"embed_dim": 48, "patch_size": 4}

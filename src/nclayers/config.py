@@ -142,6 +142,8 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ValueError(f"{full}: expected a mapping of its keys, got {value!r}")
             _apply(current, value, f"{full}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            setattr(obj, key, {**current, **value})  # model.options.x=1 adds to the others
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
 
