@@ -92,3 +92,12 @@ def test_demo_end_to_end(tmp_path):
     assert main(["memorization", str(out / "layers.csv"), "--out", str(tmp_path)]) == 0
     assert main(["plot", str(out / "layers.csv"), "--metric", "nc1", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "nc1.png").is_file()
+
+
+def test_overrides_after_options(tmp_path):
+    out = tmp_path / "o"
+    rc = main(["analyze", "--out", str(out), *FAST, "analyze.reference=null", "-q"])
+    assert rc == 0 and len(Table.from_csv(out / "layers.csv")) == 8
+    assert main(["analyze", "--out", str(out), "missing.yaml"]) == 2  # no such config file
+    with pytest.raises(SystemExit):
+        main(["analyze", "--out", str(out), "--bogus"])
