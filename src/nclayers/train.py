@@ -1,28 +1,53 @@
-"""Training with the paper's recipes (A.1): optimiser, schedule, checkpoints, resume.
+"""Training with the paper's recipes (A.1): optimiser, schedule, checkpoints, resume, DDP.
 
-`train(cfg)` builds the model and data from a `Config`, trains it, checkpoints every
-`train.checkpoint_every` epochs and at the end (atomically: a kill mid-write leaves the
-previous checkpoint intact), and resumes exactly from `checkpoint.pt` in the run folder.
+`train(cfg)` builds the model and data from a `Config` and trains it:
+
+- checkpoints every `train.checkpoint_every` epochs and at the end, atomically (a kill
+  mid-write leaves the previous checkpoint intact), read back with `weights_only=True`;
+- `resume=True` continues exactly from `checkpoint.pt` in the run folder (model,
+  optimiser, epoch, history, every RNG state): on CPU the final weights equal those of
+  an uninterrupted run bit for bit;
+- speed switches act on CUDA only: bf16 autocast (`train.amp`), channels_last for
+  convnets (`train.channels_last`), `torch.compile` (`train.compile`); on CPU they are
+  ignored, so they never change CPU results;
+- under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) it joins the process group (nccl on
+  CUDA, gloo on CPU), wraps the model in DistributedDataParallel and gives each rank its
+  shard of every epoch's permutation. The per-rank batch is `train.batch_size // world`,
+  so the global batch stays the recipe's. Evaluation and NC tracking are reduced across
+  ranks; only rank 0 prints and writes files;
+- `train.track_nc_every=N` measures NC1 and NC2 of every block on a fixed class-balanced
+  test subset (`train.track_nc_samples`) before training and every N epochs, into
+  `nc_dynamics.csv` (the rows of `analyze` plus an `epoch` column).
+
+Run folder: config.yaml, train.log (one line per epoch), checkpoint.pt,
+train_summary.json, nc_dynamics.csv (when tracked), tb/ (when tensorboard is installed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
 from nclayers.config import Config, resolve_device, save_config
-from nclayers.data import ArrayDataset, DeviceBatches, load_dataset
-from nclayers.models import build_model, load_weights
+from nclayers.data import ArrayDataset, DeviceBatches, balanced_subset, load_dataset
+from nclayers.models import build_model, find_blocks, load_weights
+from nclayers.report.table import Table
 
 CHECKPOINT = "checkpoint.pt"
+DYNAMICS = "nc_dynamics.csv"
+EVAL_BATCH = 500
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -84,14 +109,21 @@ def lr_factor(tc, epoch: int) -> float:
     raise ValueError(f"train.schedule={tc.schedule!r}: expected multistep, cosine or constant")
 
 
+def is_convnet(model: nn.Module) -> bool:
+    """More than one Conv2d. Swin and ViT have one (the patch embedding), and
+    channels_last only pays off where convolutions dominate."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    # The legacy global generator is the one third-party code draws from; seed and save it.
+    np.random.seed(seed % 2**32)  # noqa: NPY002
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
     state = {
         "python": random.getstate(),
         # numpy's state as tensors and numbers, so checkpoints load with weights_only=True
@@ -106,48 +138,182 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: Path, **state) -> None:
-    """Write atomically: to a temporary file, flushed, then renamed over the old one."""
+    """Write atomically: to a temporary file, flushed to disk, then renamed over the old
+    one. A crash at any point leaves the previous checkpoint whole; a failed write
+    removes its temporary file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict:
+    """Tensors, numbers, strings and containers only (weights_only=True): loading a
+    checkpoint never runs code from it."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# ----------------------------------------------------------------------------- loop
-def evaluate(model: nn.Module, batches: DeviceBatches, amp: bool) -> tuple[float, float]:
-    """(loss, accuracy) of the model on the batches' first labels view."""
-    model.eval()
-    loss_sum, correct, total = 0.0, 0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            y = y if isinstance(y, torch.Tensor) else y["clean"]
-            with _autocast(x.device, amp):
-                logits = model(x)
-            loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
-    return loss_sum / total, correct / total
+# ----------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place among the training processes (world 1: a plain run)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owned: bool = False  # train() initialised the process group, so it also ends it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join torchrun's process group if the environment names one (or use a group the
+    caller has initialised); pick this rank's device."""
+    device = resolve_device(device_name)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        proc = Distributed(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise ValueError(
+                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {key} is not set; launch "
+                    "with torchrun (e.g. torchrun --nproc-per-node=2 -m nclayers.cli train ...)"
+                    " or unset WORLD_SIZE"
+                )
+        rank = int(os.environ["RANK"])
+        proc = Distributed(
+            rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank)), True
+        )
+        if device.type == "cuda":
+            torch.cuda.set_device(proc.local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        proc = Distributed()
+    if proc.world > 1 and device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", proc.local_rank)
+        torch.cuda.set_device(device)
+    return proc, device
+
+
+def _all_sum(t: torch.Tensor, proc: Distributed) -> torch.Tensor:
+    if proc.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _sync_buffers(model: nn.Module, proc: Distributed) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). Each rank's last
+    forward updated its own; DDP would broadcast rank 0's at the next forward anyway, so
+    this changes no training step, but evaluation and the checkpoint see one model."""
+    if proc.world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def _rank_part(ds: ArrayDataset, proc: Distributed) -> ArrayDataset:
+    """Every world-th sample: disjoint, uneven parts whose union is the split exactly
+    (DeviceBatches' shards pad by wrapping, which would count samples twice)."""
+    return ds if proc.world == 1 else ds.subset(torch.arange(proc.rank, len(ds), proc.world))
+
+
+# ----------------------------------------------------------------------------- steps
 def _autocast(device: torch.device, amp: bool):
-    import contextlib
-
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: bool = False,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch. Returns (mean loss, number correct) as device
+    tensors, without a host-device synchronisation."""
+    with _autocast(x.device, amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches,
+    amp: bool = False,
+    label_smoothing: float = 0.0,
+    bar=None,
+    world: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`train_step` over the batches: (summed loss, number correct, samples) of this
+    process. `bar` (tqdm) advances by the images all processes consumed."""
+    model.train()
+    loss_sum = correct = None
+    seen = 0
+    for x, y in batches:
+        loss, hits = train_step(model, optimizer, x, y, amp, label_smoothing)
+        loss = loss * len(y)
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        correct = hits if correct is None else correct + hits
+        seen += len(y)
+        if bar is not None:
+            bar.update(len(y) * world)
+    if loss_sum is None:
+        raise ValueError("the training batches are empty; check data.train_subset")
+    return loss_sum, correct, seen
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: DeviceBatches, amp: bool, proc: Distributed | None = None
+) -> tuple[float, float]:
+    """(mean loss, accuracy) on the batches' first labels view, summed over all ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss, correct, n
+    for x, y in batches:
+        y = y if isinstance(y, torch.Tensor) else y[batches.views[0]]
+        with _autocast(x.device, amp):
+            logits = model(x)
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
+    model.train(was_training)
+    loss_sum, correct, n = _all_sum(sums, proc or Distributed()).tolist()
+    return loss_sum / n, correct / n
+
+
+def track_nc(model: nn.Module, blocks, batches, num_classes: int, epoch: int, cfg) -> Table:
+    """NC1/NC2 of every block on the tracking subset (reduced across ranks by analyze)."""
+    from nclayers.analyze import analyze
+
+    return analyze(
+        model, batches, num_classes, blocks, split="test", amp=cfg.train.amp,
+        progress=False, run=cfg.run, extra={"epoch": epoch},
+    )  # fmt: skip
 
 
 def train_labels_view(ds: ArrayDataset) -> str:
@@ -155,39 +321,80 @@ def train_labels_view(ds: ArrayDataset) -> str:
     return "noisy" if "noisy" in ds.labels else "clean"
 
 
+def _check(cfg: Config, world: int) -> None:
+    tc = cfg.train
+    for key in ("epochs", "batch_size"):
+        if getattr(tc, key) < 1:
+            raise ValueError(f"train.{key}={getattr(tc, key)}: must be a positive integer")
+    for key in ("checkpoint_every", "track_nc_every"):
+        if getattr(tc, key) < 0:
+            raise ValueError(f"train.{key}={getattr(tc, key)}: use 0 (off) or a positive N")
+    if tc.batch_size < world:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} is smaller than the {world} processes; each "
+            f"needs at least one sample per batch: set train.batch_size >= {world}"
+        )
+
+
+# ----------------------------------------------------------------------------- loop
 def train(
     cfg: Config,
     resume: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train per `cfg` into `cfg.out`; returns the summary (also written to summary.json).
+    """Train per `cfg` into `cfg.out`; returns the summary (also in train_summary.json)
+    with the trained (unwrapped) model under "model".
 
-    resume: continue from `cfg.out/checkpoint.pt` (exactly: model, optimiser, epoch,
-    RNG states). stop_after: stop after this many epochs in total (for tests and
-    time-boxed runs); the checkpoint then allows `resume`.
+    resume: continue from `cfg.out/checkpoint.pt` exactly. stop_after: stop after this
+    many epochs in total (tests, time-boxed runs); the checkpoint then allows `resume`.
+    Under torchrun every rank calls this; see the module docstring.
     """
     tc = cfg.train
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    seed_everything(tc.seed)
+    proc, device = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, tc, out, proc, device, resume, stop_after, progress and proc.main)
+    finally:
+        if proc.owned:
+            dist.destroy_process_group()
+
+
+def _train(cfg, tc, out, proc, device, resume, stop_after, progress) -> dict:
+    _check(cfg, proc.world)
+    if proc.main:
+        out.mkdir(parents=True, exist_ok=True)
+    seed_everything(tc.seed)  # the same on every rank: DDP starts from equal weights anyway
 
     train_ds = load_dataset(cfg.data, "train")
     test_ds = load_dataset(cfg.data, "test")
-    model = make_model(cfg, train_ds.num_classes).to(device)
-    channels_last = tc.channels_last and device.type == "cuda"
+    num_classes = train_ds.num_classes
+    model = make_model(cfg, num_classes).to(device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:  # fixed input shapes: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
+    channels_last = tc.channels_last and on_cuda and is_convnet(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, tc)
     view = train_labels_view(train_ds)
+    rank_batch = tc.batch_size // proc.world
     train_batches = DeviceBatches(
-        train_ds, tc.batch_size, device, train=tc.augment, shuffle=True, seed=tc.seed,
-        views=[view], channels_last=channels_last,
+        train_ds, rank_batch, device, train=tc.augment, shuffle=True, seed=tc.seed,
+        views=[view], shard=(proc.rank, proc.world), channels_last=channels_last,
     )  # fmt: skip
-    test_batches = DeviceBatches(test_ds, 500, device, views=["clean"], channels_last=channels_last)
-    step_model = torch.compile(model) if tc.compile else model
-    amp = tc.amp
+    test_batches = DeviceBatches(
+        _rank_part(test_ds, proc), EVAL_BATCH, device, views=["clean"],
+        channels_last=channels_last,
+    )  # fmt: skip
+    track_batches = blocks = None
+    if tc.track_nc_every:
+        keep = balanced_subset(test_ds.labels["clean"], tc.track_nc_samples, num_classes, tc.seed)
+        track_batches = DeviceBatches(
+            _rank_part(test_ds.subset(keep), proc), EVAL_BATCH, device, views=["clean"],
+            channels_last=channels_last,
+        )  # fmt: skip
+        blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
 
     start_epoch, history = 0, []
     ckpt_path = out / CHECKPOINT
@@ -198,85 +405,202 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
-        set_rng_state(state["rng"])
-    else:
+        states = state["rng"]
+        set_rng_state(states[proc.rank] if len(states) == proc.world else states[0])
+        if proc.main:
+            _trim_dynamics(out / DYNAMICS, start_epoch)
+    elif proc.main:
+        (out / DYNAMICS).unlink(missing_ok=True)
+    if proc.main:  # on resume too: e.g. train.epochs may have grown
         save_config(cfg, out / "config.yaml")
 
-    log = open(out / "train.log", "a")  # noqa: SIM115 - closed in finally
+    train_model: nn.Module = model
+    if proc.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if on_cuda else None
+        )
+    if tc.compile and on_cuda:
+        train_model = torch.compile(train_model)
+
     end_epoch = tc.epochs if stop_after is None else min(tc.epochs, stop_after)
+    log = open(out / "train.log", "a" if resume else "w") if proc.main else None
+    board = _tensorboard(out, tc.tensorboard and proc.main, start_epoch + 1 if resume else None)
+    say = _printer(log, progress)
+    say(
+        f"{cfg.model.name} on {cfg.data.name} ({len(train_ds)} train / {len(test_ds)} test), "
+        f"{device}, {proc.world} process(es), per-process batch {rank_batch} "
+        f"(train.batch_size={tc.batch_size} // {proc.world}), epochs {start_epoch + 1}.."
+        f"{end_epoch} of {tc.epochs}"
+    )
     t0 = time.perf_counter()
     try:
+        if tc.track_nc_every and not resume:
+            _record_nc(model, blocks, track_batches, num_classes, 0, cfg, proc, out, board)
         for epoch in range(start_epoch, end_epoch):
             lr = tc.lr * lr_factor(tc, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             train_batches.set_epoch(epoch)
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            bar = _bar(train_batches, progress, f"epoch {epoch + 1}/{tc.epochs}")
-            for x, y in bar:
-                with _autocast(device, amp):
-                    logits = step_model(x)
-                loss = nn.functional.cross_entropy(
-                    logits.float(), y, label_smoothing=tc.label_smoothing
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
-            test_loss, test_acc = evaluate(model, test_batches, amp)
+            t_epoch = time.perf_counter()
+            bar = _bar(_per_epoch_images(train_batches), progress, f"epoch {epoch + 1}/{tc.epochs}")
+            try:
+                loss_sum, correct, seen = train_epoch(
+                    train_model, optimizer, train_batches, tc.amp, tc.label_smoothing, bar,
+                    proc.world,
+                )  # fmt: skip
+            finally:
+                if bar is not None:
+                    bar.close()
+            _sync_buffers(model, proc)
+            sums = torch.stack([loss_sum.double(), correct.double()])
+            sums = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=device)])
+            loss_sum, correct, seen = _all_sum(sums, proc).tolist()
+            train_seconds = time.perf_counter() - t_epoch
+            test_loss, test_acc = evaluate(model, test_batches, tc.amp, proc)
             record = {
                 "epoch": epoch + 1,
                 "lr": lr,
-                "train_loss": float(loss_sum) / seen,
-                "train_acc": int(correct) / seen,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
                 "test_loss": test_loss,
                 "test_acc": test_acc,
+                "img_per_s": seen / train_seconds,
+                "epoch_seconds": time.perf_counter() - t_epoch,
                 "seconds": time.perf_counter() - t0,
             }
             history.append(record)
-            line = (
+            done = epoch + 1 - start_epoch
+            eta = (time.perf_counter() - t0) / done * (end_epoch - epoch - 1)
+            say(
                 f"epoch {epoch + 1:>3}/{tc.epochs}  loss {record['train_loss']:.4f}  "
-                f"train {record['train_acc']:.4f}  test {test_acc:.4f}  lr {lr:.3g}"
+                f"train {record['train_acc']:.4f}  test {test_acc:.4f}  lr {lr:.3g}  "
+                f"{record['img_per_s']:.0f} img/s  {record['epoch_seconds']:.1f} s  "
+                f"eta {_duration(eta)}"
             )
-            print(line, file=log, flush=True)
-            if progress:
-                print(line, flush=True)
+            if board is not None:
+                for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s"):
+                    board.add_scalar(key, record[key], epoch + 1)
+            if tc.track_nc_every and (
+                (epoch + 1) % tc.track_nc_every == 0 or epoch + 1 == tc.epochs
+            ):
+                _record_nc(
+                    model, blocks, track_batches, num_classes, epoch + 1, cfg, proc, out, board
+                )
             last = epoch + 1 == end_epoch
             if last or (tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0):
-                save_checkpoint(
-                    ckpt_path,
-                    model=model.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    epoch=epoch + 1,
-                    history=history,
-                    rng=rng_state(),
-                    config=cfg.to_dict(),
-                )
+                states = _gather_rng(proc)  # every rank takes part
+                if proc.main:
+                    save_checkpoint(
+                        ckpt_path,
+                        model=model.state_dict(),
+                        optimizer=optimizer.state_dict(),
+                        epoch=epoch + 1,
+                        history=history,
+                        rng=states,
+                        world=proc.world,
+                        config=cfg.to_dict(),
+                    )
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+        if board is not None:
+            board.close()
 
+    final = history[-1] if history else None
     summary = {
         "config": cfg.to_dict(),
         "epochs_done": len(history),
         "train_labels": view,
-        "final": history[-1] if history else None,
+        "final": final,
+        "best_test_acc": max((h["test_acc"] for h in history), default=None),
         "train_seconds": time.perf_counter() - t0,
         "device": str(device),
+        "world_size": proc.world,
+        "per_process_batch": rank_batch,
         "history": history,
     }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if proc.main:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     summary["model"] = model
     return summary
 
 
-def _bar(batches, enabled: bool, desc: str):
+# ----------------------------------------------------------------------------- helpers
+def _per_epoch_images(batches: DeviceBatches) -> int:
+    """Images all processes consume in an epoch (shards are padded to equal size)."""
+    per_rank = -(-len(batches.images) // batches.world)
+    if batches.drop_last:
+        per_rank = per_rank // batches.batch_size * batches.batch_size
+    return per_rank * batches.world
+
+
+def _record_nc(model, blocks, batches, num_classes, epoch, cfg, proc, out, board) -> None:
+    table = track_nc(model, blocks, batches, num_classes, epoch, cfg)
+    if proc.main:
+        table.to_csv(out / DYNAMICS, append=True)
+        if board is not None:
+            for row in table:
+                board.add_scalar(f"nc1/layer{row['layer']:02d}", row["nc1"], epoch)
+                board.add_scalar(f"nc2/layer{row['layer']:02d}", row["nc2"], epoch)
+
+
+def _trim_dynamics(path: Path, epoch: int) -> None:
+    """Drop rows measured after the checkpoint's epoch: the resumed run measures them
+    again (a crash between measuring and checkpointing would otherwise leave twins)."""
+    if not path.is_file():
+        return
+    rows = Table(
+        r for r in Table.from_csv(path) if r.get("epoch") is not None and r["epoch"] <= epoch
+    )
+    if rows:
+        rows.to_csv(path)
+    else:
+        path.unlink()
+
+
+def _gather_rng(proc: Distributed) -> list[dict]:
+    """The RNG states of all ranks, so that each rank resumes with its own."""
+    state = rng_state()
+    if proc.world == 1:
+        return [state]
+    states: list = [None] * proc.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _tensorboard(out: Path, enabled: bool, purge_step: int | None):
     if not enabled:
-        return batches
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional (pip install nclayers[tensorboard])
+        return None
+    return SummaryWriter(str(out / "tb"), purge_step=purge_step)
+
+
+def _printer(log, progress: bool):
+    def say(line: str) -> None:
+        if log is not None:
+            print(line, file=log, flush=True)
+        if progress:
+            print(line, flush=True)
+
+    return say
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    # img/s and the epoch's ETA come from tqdm's rate.
+    return tqdm(
+        total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
