@@ -227,12 +227,6 @@ def _sync_buffers(model: nn.Module, proc: Distributed) -> None:
             dist.broadcast(buffer, 0)
 
 
-def _rank_part(ds: ArrayDataset, proc: Distributed) -> ArrayDataset:
-    """Every world-th sample: disjoint, uneven parts whose union is the split exactly
-    (DeviceBatches' shards pad by wrapping, which would count samples twice)."""
-    return ds if proc.world == 1 else ds.subset(torch.arange(proc.rank, len(ds), proc.world))
-
-
 # ----------------------------------------------------------------------------- steps
 def _autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
@@ -384,15 +378,15 @@ def _train(cfg, tc, out, proc, device, resume, stop_after, progress) -> dict:
         views=[view], shard=(proc.rank, proc.world), channels_last=channels_last,
     )  # fmt: skip
     test_batches = DeviceBatches(
-        _rank_part(test_ds, proc), EVAL_BATCH, device, views=["clean"],
+        test_ds, EVAL_BATCH, device, views=["clean"], shard=(proc.rank, proc.world),
         channels_last=channels_last,
     )  # fmt: skip
     track_batches = blocks = None
     if tc.track_nc_every:
         keep = balanced_subset(test_ds.labels["clean"], tc.track_nc_samples, num_classes, tc.seed)
         track_batches = DeviceBatches(
-            _rank_part(test_ds.subset(keep), proc), EVAL_BATCH, device, views=["clean"],
-            channels_last=channels_last,
+            test_ds.subset(keep), EVAL_BATCH, device, views=["clean"],
+            shard=(proc.rank, proc.world), channels_last=channels_last,
         )  # fmt: skip
         blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
 
