@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -46,28 +46,11 @@ class ArrayDataset:
 
     def subset(self, index: torch.Tensor) -> ArrayDataset:
         index = torch.as_tensor(index, dtype=torch.long)
-        return ArrayDataset(
-            self.images[index],
-            {k: v[index] for k, v in self.labels.items()},
-            self.classes,
-            self.mean,
-            self.std,
-            self.name,
-            self.split,
-            dict(self.meta),
-        )
+        labels = {k: v[index] for k, v in self.labels.items()}
+        return replace(self, images=self.images[index], labels=labels, meta=dict(self.meta))
 
     def with_views(self, views: dict[str, torch.Tensor]) -> ArrayDataset:
-        return ArrayDataset(
-            self.images,
-            dict(views),
-            self.classes,
-            self.mean,
-            self.std,
-            self.name,
-            self.split,
-            dict(self.meta),
-        )
+        return replace(self, labels=dict(views), meta=dict(self.meta))
 
 
 def balanced_subset(
