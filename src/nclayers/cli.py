@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def cmd_train(args) -> None:
     cfg = _config(args, "runs/train")
     summary = train(cfg, resume=args.resume, progress=not args.quiet)
     final = summary["final"] or {}
-    print(f"test accuracy {final.get('test_acc', float('nan')):.4f}; run folder {cfg.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
+        print(f"test accuracy {final.get('test_acc', float('nan')):.4f}; run folder {cfg.out}")
 
 
 def cmd_analyze(args) -> None:
