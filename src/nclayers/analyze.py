@@ -39,7 +39,8 @@ def _logits(output) -> torch.Tensor:
     return output
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when `amp`; a no-op elsewhere (CPU results never change)."""
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -126,7 +127,7 @@ def analyze(
                 x, ys = _split_batch(batch, default_view)
                 x = x.to(device, non_blocking=True)
                 views = {v: y.to(device, non_blocking=True) for v, y in ys.items()}
-                with _autocast(device, amp):
+                with autocast(device, amp):
                     logits = _logits(model(x))
                 pred = logits.argmax(dim=1)
                 for v, y in views.items():

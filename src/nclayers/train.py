@@ -25,7 +25,6 @@ train_summary.json, nc_dynamics.csv (when tracked), tb/ (when tensorboard is ins
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from nclayers.analyze import autocast
 from nclayers.config import Config, resolve_device, save_config
 from nclayers.data import ArrayDataset, DeviceBatches, balanced_subset, load_dataset
 from nclayers.models import build_model, find_blocks, load_weights
@@ -228,12 +228,6 @@ def _sync_buffers(model: nn.Module, proc: Distributed) -> None:
 
 
 # ----------------------------------------------------------------------------- steps
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -244,7 +238,7 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch. Returns (mean loss, number correct) as device
     tensors, without a host-device synchronisation."""
-    with _autocast(x.device, amp):
+    with autocast(x.device, amp):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
@@ -290,7 +284,7 @@ def evaluate(
     sums = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss, correct, n
     for x, y in batches:
         y = y if isinstance(y, torch.Tensor) else y[batches.views[0]]
-        with _autocast(x.device, amp):
+        with autocast(x.device, amp):
             logits = model(x)
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         sums[1] += (logits.argmax(1) == y).sum()
