@@ -111,6 +111,8 @@ def test_device_batches_epochs_and_normalisation():
     train_shards = [DeviceBatches(ds, 8, train=True, shard=(r, 3)) for r in range(3)]
     orders = [s._order() for s in train_shards]
     assert [len(o) for o in orders] == [17, 17, 17]
+    for batches in (*shards, *train_shards, DeviceBatches(ds, 8, drop_last=True)):
+        assert sum(len(y) for _, y in batches) == batches.samples_per_epoch
     assert set(torch.cat(orders).tolist()) == set(range(50))
 
 
@@ -144,7 +146,8 @@ def test_missing_data_dir_is_explained(tmp_path):
         load_dataset(DataConfig(name="mnist"), "test")
 
 
-def test_noise_rate_matches_numpy_reference():
+def test_shuffled_share_is_rate_times_other_class_share():
+    """A shuffled label changes unless it lands on its own class: 0.2 x 0.9 of 10 classes."""
     rng = np.random.default_rng(0)
     y = torch.from_numpy(rng.integers(0, 10, 5000))
     assert (shuffle_labels(y, 0.2, seed=1) != y).float().mean().item() == pytest.approx(

@@ -11,7 +11,7 @@ EPILOG = "Settings are key=value overrides of the YAML config, e.g. train.epochs
 
 
 def _config(args, default_out: str):
-    from nclayers.config import load_config
+    from nclayers.config import Config, load_config
 
     overrides = list(args.overrides)
     path = getattr(args, "config", None)
@@ -25,7 +25,7 @@ def _config(args, default_out: str):
     if getattr(args, "device", None):
         overrides.append(f"device={args.device}")
     cfg = load_config(path, overrides)
-    if not args.out and "out=" not in " ".join(args.overrides) and cfg.out == "runs/run":
+    if cfg.out == Config().out:  # neither the file nor the command line chose a folder
         cfg.out = default_out
     return cfg
 

@@ -34,7 +34,7 @@ __all__ = [
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _as_tensor(x, name: str, dtype=None) -> torch.Tensor:
+def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -44,7 +44,7 @@ def _as_tensor(x, name: str, dtype=None) -> torch.Tensor:
             raise ValueError(
                 f"{name}: expected an array or tensor, got {type(x).__name__}"
             ) from err
-    return x if dtype is None else x.to(dtype)
+    return x
 
 
 class ClassStats:

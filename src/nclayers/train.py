@@ -430,7 +430,11 @@ def _train(cfg, tc, out, proc, device, resume, stop_after, progress) -> dict:
                 group["lr"] = lr
             train_batches.set_epoch(epoch)
             t_epoch = time.perf_counter()
-            bar = _bar(_per_epoch_images(train_batches), progress, f"epoch {epoch + 1}/{tc.epochs}")
+            bar = _bar(
+                train_batches.samples_per_epoch * proc.world,
+                progress,
+                f"epoch {epoch + 1}/{tc.epochs}",
+            )
             try:
                 loss_sum, correct, seen = train_epoch(
                     train_model, optimizer, train_batches, tc.amp, tc.label_smoothing, bar,
@@ -514,14 +518,6 @@ def _train(cfg, tc, out, proc, device, resume, stop_after, progress) -> dict:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _per_epoch_images(batches: DeviceBatches) -> int:
-    """Images all processes consume in an epoch (shards are padded to equal size)."""
-    per_rank = -(-len(batches.images) // batches.world)
-    if batches.drop_last:
-        per_rank = per_rank // batches.batch_size * batches.batch_size
-    return per_rank * batches.world
-
-
 def _record_nc(model, blocks, batches, num_classes, epoch, cfg, proc, out, board) -> None:
     table = track_nc(model, blocks, batches, num_classes, epoch, cfg)
     if proc.main:

@@ -104,7 +104,9 @@ class DeviceBatches:
             order = order[self.rank :: self.world]
         return order.to(self.device)
 
-    def _shard_size(self) -> int:
+    @property
+    def shard_size(self) -> int:
+        """Samples this rank draws per epoch (training shards are padded to equal size)."""
         n = len(self.images)
         if self.world == 1:
             return n
@@ -112,8 +114,15 @@ class DeviceBatches:
             return -(-n // self.world)
         return len(range(self.rank, n, self.world))
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank's batches hold in an epoch, after `drop_last`."""
+        if self.drop_last:
+            return len(self) * self.batch_size
+        return self.shard_size
+
     def __len__(self) -> int:
-        n = self._shard_size()
+        n = self.shard_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nclayers.report.figures import LABELS, _pyplot
+from nclayers.report.figures import LABELS, LOG_SCALE, _pyplot
 from nclayers.report.table import Table
 
 
@@ -46,7 +46,7 @@ def plot_dynamics(
             pts = [(e, float(v)) for e, v in pts if v is not None]
             label = f"{layer}: {names[layer]}" if len(layers) <= 12 else None
             ax.plot(*zip(*pts, strict=True), "o-", ms=3, color=colours(norm(layer)), label=label)
-        if metric in ("nc1", "cdnv_mean"):  # NC1 spans orders of magnitude
+        if metric in LOG_SCALE:  # NC1 spans orders of magnitude
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(LABELS.get(metric, metric))
