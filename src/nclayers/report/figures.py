@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from nclayers.report.table import Table
@@ -75,3 +76,219 @@ def plot_layers(table: Table, out: str | Path, prefix: str = "") -> list[Path]:
         if p:
             written.append(p)
     return written
+
+
+# ----------------------------------------------------------------------------- layouts
+# The paper's multi-panel figures. A layout is a tuple of panels (columns); rows are the
+# values of one table column (e.g. the model), curves the values of another (e.g. the
+# noise level). Curves differ in marker and line style as well as in colour, and the
+# colours run along one sequential map, so a greyscale print still tells them apart.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
+LINESTYLES = ("-", "--", "-.", ":")
+TRAIN_LABELS = "train"  # panel view: the labels the model was trained on (noisy if any)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One column of a layout: `metric` from the rows of `split` and labels `view`.
+
+    view "train" means the labels the run was trained on: its "noisy" view when it has
+    one, else "clean". Metric "ratio" comes from the memorization table.
+    """
+
+    metric: str
+    split: str = "test"
+    view: str = "clean"
+    note: str = ""  # shown in an empty panel: how to get its data
+
+
+PROBE_NOTE = "no probe_acc yet:\nrun the probe stage"
+LAYOUTS: dict[str, tuple[Panel, ...]] = {
+    # Figures 1, 2: NC1 (test split) and linear-probe accuracy, clean data.
+    "clean": (Panel("nc1"), Panel("probe_acc", note=PROBE_NOTE)),
+    # Figures 5, 6, 13, 14: NC1 (CDNV) and NC2 on the test split.
+    "clean-nc": (Panel("nc1"), Panel("nc2")),
+    # Figures 3, 4, 8-12: NC1 and NC2 on the training images under the training labels,
+    # the memorization ratio, and the linear probe on the clean test split.
+    "noisy": (
+        Panel("nc1", "train", TRAIN_LABELS),
+        Panel("nc2", "train", TRAIN_LABELS),
+        Panel("ratio", "train", note="no memorization ratio:\nno run has a noisy view"),
+        Panel("probe_acc", note=PROBE_NOTE),
+    ),
+}
+X_AXES = {"block": "block index", "depth": "relative depth (block / blocks)"}
+
+
+def curve_styles(n: int) -> list[dict]:
+    """Matplotlib line keywords for `n` curves: marker, line style and a colour of one
+    sequential map (dark to light), so curves stay distinct in greyscale."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [
+        {
+            "color": cmap(0.9 * i / max(1, n - 1)),
+            "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[i % len(LINESTYLES)],
+        }
+        for i in range(n)
+    ]
+
+
+def _ordered(values) -> list:
+    """Distinct values in first-seen order (the sweep writes rows in axis order)."""
+    return list(dict.fromkeys(values))
+
+
+def _panel_rows(layers: Table, memo: Table | None, panel: Panel) -> list[dict]:
+    if panel.metric == "ratio":
+        return [r for r in (memo or []) if r.get("ratio") is not None]
+    rows = [r for r in layers if r.get("split") == panel.split and r.get(panel.metric) is not None]
+    if panel.view != TRAIN_LABELS:
+        return [r for r in rows if r.get("view") == panel.view]
+    noisy_runs = {r.get("run") for r in rows if r.get("view") == "noisy"}
+    return [r for r in rows if r.get("view") == ("noisy" if r.get("run") in noisy_runs else "clean")]
+
+
+def _curve(rows: list[dict], metric: str, x: str) -> tuple[list, list, list, list]:
+    """Mean over runs (e.g. seeds) per x, with the min and max for a band."""
+    depth = {}
+    for r in rows:
+        depth[r.get("run")] = max(depth.get(r.get("run"), 0), r["layer"])
+    points: dict[float, list[float]] = {}
+    for r in rows:
+        key = r["layer"] / depth[r.get("run")] if x == "depth" else r["layer"]
+        points.setdefault(key, []).append(float(r[metric]))
+    xs = sorted(points)
+    ys = [sum(points[k]) / len(points[k]) for k in xs]
+    return xs, ys, [min(points[k]) for k in xs], [max(points[k]) for k in xs]
+
+
+def plot_layout(
+    layers: Table,
+    out: str | Path,
+    layout: str | tuple[Panel, ...] = "noisy",
+    rows: str | None = None,
+    curves: str | None = None,
+    x: str = "block",
+    memorization: Table | None = None,
+    title: str | None = None,
+    formats: tuple[str, ...] = ("png", "pdf"),
+) -> list[Path]:
+    """Draw one of the paper's layouts from tidy tables; returns the files written.
+
+    layers: rows of layers.csv (several runs: a `run` column tells them apart, and the
+        `rows` and `curves` columns, e.g. "model" and "noise", label them).
+    layout: "clean" (NC1, probe accuracy), "clean-nc" (NC1, NC2), "noisy" (NC1, NC2,
+        memorization ratio, probe accuracy) or a tuple of `Panel`s.
+    memorization: per-run ratios (memorization.csv); None: computed from the layers'
+        clean and noisy views of the training split.
+    out: the file name without suffix; one file per format ("png", "pdf").
+    A panel without data is drawn empty with a note, so a sweep whose probe stage has
+    not run yet still gets its figure.
+    """
+    panels = LAYOUTS[layout] if isinstance(layout, str) and layout in LAYOUTS else layout
+    if isinstance(panels, str):
+        raise ValueError(f"layout={layout!r}: expected one of {sorted(LAYOUTS)}")
+    if x not in X_AXES:
+        raise ValueError(f"x={x!r}: expected one of {sorted(X_AXES)}")
+    for name, col in (("rows", rows), ("curves", curves)):
+        if col is not None and col not in layers.columns:
+            raise ValueError(
+                f"{name}={col!r}: no such column in the table; columns are {layers.columns}"
+            )
+    if not layers:
+        raise ValueError("plot_layout: the layers table is empty; run the analyze stage first")
+    if memorization is None and any(p.metric == "ratio" for p in panels):
+        memorization = _ratios_by_run(layers)
+    if memorization is not None and (rows or curves):  # give the ratios the runs' labels
+        labels = {r.get("run"): r for r in layers}
+        memorization = Table(
+            {**{k: labels.get(m.get("run"), {}).get(k) for k in (rows, curves) if k}, **m}
+            for m in memorization
+        )
+    row_values = _ordered(r.get(rows) for r in layers) if rows else [None]
+    curve_values = _ordered(r.get(curves) for r in layers) if curves else [None]
+    styles = dict(zip(curve_values, curve_styles(len(curve_values)), strict=True))
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        len(row_values), len(panels), figsize=(3.6 * len(panels), 2.9 * len(row_values) + 0.6),
+        squeeze=False,
+    )  # fmt: skip
+    handles: dict = {}
+    for j, panel in enumerate(panels):
+        source = _panel_rows(layers, memorization, panel)
+        for i, row_value in enumerate(row_values):
+            ax = axes[i][j]
+            mine = [r for r in source if rows is None or r.get(rows) == row_value]
+            drawn = False
+            for cv in curve_values:
+                pts = [r for r in mine if curves is None or r.get(curves) == cv]
+                if not pts:
+                    continue
+                xs, ys, lo, hi = _curve(pts, panel.metric, x)
+                (line,) = ax.plot(xs, ys, ms=4, lw=1.3, label=str(cv), **styles[cv])
+                if lo != hi:
+                    ax.fill_between(xs, lo, hi, color=styles[cv]["color"], alpha=0.15, lw=0)
+                handles.setdefault(str(cv), line)
+                drawn = True
+            if not drawn:
+                ax.text(0.5, 0.5, panel.note or f"no {panel.metric}", ha="center",
+                        va="center", transform=ax.transAxes, fontsize=9, color="0.35")  # fmt: skip
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                if panel.metric in LOG_SCALE:
+                    ax.set_yscale("log")
+                if panel.metric == "ratio":
+                    ax.axhline(1.0, color="black", lw=0.9, ls=(0, (4, 2)))
+                if x == "block":
+                    from matplotlib.ticker import MaxNLocator
+
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(_panel_title(panel), fontsize=10)
+            if i == len(row_values) - 1:
+                ax.set_xlabel(X_AXES[x])
+            if j == 0 and rows:
+                ax.set_ylabel(str(row_value), fontsize=11, fontweight="bold")
+    if curves and handles:
+        fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(8, len(handles)),
+                   frameon=False, title=curves, fontsize=9)  # fmt: skip
+    if title:
+        fig.suptitle(title, y=0.01, va="bottom", fontsize=10)
+    top = 1 - 0.6 / fig.get_figheight() if curves and handles else 0.98
+    bottom = 0.45 / fig.get_figheight() if title else 0.0
+    fig.tight_layout(rect=(0, bottom, 1, top))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = out.with_name(f"{out.name}.{fmt}")
+        fig.savefig(path, dpi=130)
+        written.append(path)
+    plt.close(fig)
+    return written
+
+
+def _panel_title(panel: Panel) -> str:
+    if panel.metric == "ratio":
+        return "memorization ratio Δ (train)"
+    where = f"{panel.split}"
+    if panel.view == TRAIN_LABELS:
+        where += ", training labels"
+    elif panel.view != "clean":
+        where += f", {panel.view} labels"
+    return f"{LABELS.get(panel.metric, panel.metric)}\n({where})"
+
+
+def _ratios_by_run(layers: Table) -> Table:
+    from nclayers.memorization import memorization_ratio
+
+    try:
+        return memorization_ratio(layers, split="train")
+    except ValueError:  # no run with a noisy view: the ratio panel stays empty
+        return Table()
