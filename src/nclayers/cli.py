@@ -76,10 +76,46 @@ def cmd_blocks(args) -> None:
         print(f"{i:>5}  {b.name:<32} {list(shape)!s:<22} {b.pool:<7} {dim:>5}")
 
 
+def cmd_sweep(args) -> None:
+    from nclayers.jobs.sweep import commands, describe, load_sweep, run_one, run_sweep
+
+    sweep = load_sweep(args.file, args.overrides)
+    if args.print:
+        print("\n".join(commands(sweep)))
+        print(describe(sweep), file=sys.stderr)
+        return
+    if args.index is not None:
+        status = run_one(sweep, args.index, progress=not args.quiet)
+        if any(s["status"] != "done" for s in status["stages"].values()):
+            raise SystemExit(1)
+        return
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    summary = run_sweep(sweep, gpus=gpus, progress=not args.quiet, collect_only=args.collect)
+    print(f"{describe(sweep)}\n  stages: {summary['stages']}")
+    for key, path in summary["files"].items():
+        print(f"  {key}: {', '.join(path) if isinstance(path, list) else path}")
+    if "report" in summary:
+        print(f"  report: {summary['report']}")
+    print(f"  {summary['seconds']:.0f} s")
+
+
+def cmd_report(args) -> None:
+    from nclayers.jobs.report import write_report
+
+    print(write_report(args.path, out=args.out))
+
+
 def cmd_plot(args) -> None:
     from nclayers.report.figures import plot_layers, plot_metric
     from nclayers.report.table import Table
 
+    if Path(args.csv).is_dir() or args.layout:  # a sweep's folder, or a paper layout
+        from nclayers.jobs.report import plot_paths
+
+        for p in plot_paths(args.csv, layout=args.layout, rows=args.rows, curves=args.curves,
+                            x=args.x, out=args.out):  # fmt: skip
+            print(p)
+        return
     table = Table.from_csv(args.csv)
     out = Path(args.out or Path(args.csv).parent)
     if args.split:
@@ -146,8 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_blocks)
-    p = sub.add_parser("plot", help="Per-layer figures from a layers.csv.")
-    p.add_argument("csv", help="a layers.csv written by analyze/demo")
+    p = sub.add_parser(
+        "plot",
+        help="Per-layer figures from a layers.csv, or the paper's "
+        "layouts from a sweep's folder or tidy CSV (--layout).",
+    )
+    p.add_argument("csv", help="a layers.csv written by analyze/demo/sweep, or a sweep's folder")
+    p.add_argument("--layout", help="clean, clean-nc, noisy or nc-vs-probe: the paper's panels")
+    p.add_argument("--rows", help="column whose values make the rows (e.g. model)")
+    p.add_argument("--curves", help="column whose values make the curves (e.g. noise)")
+    p.add_argument("--x", default="block", choices=("block", "depth"),
+                   help="block index or relative depth")  # fmt: skip
     p.add_argument("--metric", action="append", help="nc1, nc2, ncc_acc, ... (repeatable)")
     p.add_argument("--split", help="only rows of this split")
     p.add_argument("--out", help="folder for the PNG files (default: beside the CSV)")
@@ -160,6 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noisy", default="noisy")
     p.add_argument("--out", help="folder for memorization.csv/png (default: beside the CSV)")
     p.set_defaults(fn=cmd_memorization)
+    p = sub.add_parser(
+        "sweep",
+        help="Run a sweep file: a grid of runs and their stages, then "
+        "one tidy table, the figures and the report.",
+        epilog=EPILOG,
+    )
+    p.add_argument("file", help="sweep YAML, e.g. configs/paper/fig3-cpu-mini.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings for every run")
+    p.add_argument("--print", action="store_true", help="print one command per run and stop")
+    p.add_argument("--index", type=int, help="run only entry I (e.g. $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--gpus", help="spread runs over these GPUs, one run per GPU: 0,1,2,3")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="only gather the finished runs, draw the figures and the report",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("report", help="One self-contained HTML report of a run or a sweep.")
+    p.add_argument("path", help="a run folder, a sweep's output folder, or a sweep file")
+    p.add_argument("--out", help="the HTML file (default: PATH/report.html)")
+    p.set_defaults(fn=cmd_report)
     return parser
 
 

@@ -206,3 +206,17 @@ def resolve_device(name: str = "auto"):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: CUDA is not available here; use device=cpu")
     return dev
+
+
+def apply_settings(cfg: Config, settings: dict, where: str = "settings") -> Config:
+    """Apply a mapping of settings to `cfg` in place: nested (`{"train": {"lr": 0.1}}`)
+    or dotted (`{"train.lr": 0.1}`) keys, type-checked like overrides. `where` names the
+    source in error messages (e.g. a sweep file)."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where}: expected a mapping of config keys, got {settings!r}")
+    for key, value in settings.items():
+        try:
+            _apply(cfg, nest(str(key), value))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    return cfg

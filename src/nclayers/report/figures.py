@@ -100,6 +100,7 @@ class Panel:
     split: str = "test"
     view: str = "clean"
     note: str = ""  # shown in an empty panel: how to get its data
+    against: str | None = None  # x is this metric of the same row (a scatter) not the block
 
 
 PROBE_NOTE = "no probe_acc yet:\nrun the probe stage"
@@ -116,6 +117,8 @@ LAYOUTS: dict[str, tuple[Panel, ...]] = {
         Panel("ratio", "train", note="no memorization ratio:\nno run has a noisy view"),
         Panel("probe_acc", note=PROBE_NOTE),
     ),
+    # Figure 7: every block as a point, linear-probe accuracy against NC1 (test split).
+    "nc-vs-probe": (Panel("probe_acc", note=PROBE_NOTE, against="nc1"),),
 }
 X_AXES = {"block": "block index", "depth": "relative depth (block / blocks)"}
 
@@ -148,11 +151,18 @@ def _panel_rows(layers: Table, memo: Table | None, panel: Panel) -> list[dict]:
     if panel.view != TRAIN_LABELS:
         return [r for r in rows if r.get("view") == panel.view]
     noisy_runs = {r.get("run") for r in rows if r.get("view") == "noisy"}
-    return [r for r in rows if r.get("view") == ("noisy" if r.get("run") in noisy_runs else "clean")]
+    return [
+        r for r in rows if r.get("view") == ("noisy" if r.get("run") in noisy_runs else "clean")
+    ]
 
 
 def _curve(rows: list[dict], metric: str, x: str) -> tuple[list, list, list, list]:
-    """Mean over runs (e.g. seeds) per x, with the min and max for a band."""
+    """Mean over runs (e.g. seeds) per x, with the min and max for a band. x: "block",
+    "depth", or a metric column (a scatter: one point per row)."""
+    if x not in X_AXES:
+        pts = sorted((float(r[x]), float(r[metric])) for r in rows if r.get(x) is not None)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        return xs, ys, ys, ys
     depth = {}
     for r in rows:
         depth[r.get("run")] = max(depth.get(r.get("run"), 0), r["layer"])
@@ -163,6 +173,62 @@ def _curve(rows: list[dict], metric: str, x: str) -> tuple[list, list, list, lis
     xs = sorted(points)
     ys = [sum(points[k]) / len(points[k]) for k in xs]
     return xs, ys, [min(points[k]) for k in xs], [max(points[k]) for k in xs]
+
+
+@dataclass
+class Layout:
+    """What a layout draws: `curves[(row_index, panel_index)]` maps a curve's value to
+    its (xs, ys, lows, highs): the mean over the runs that share it, and their range."""
+
+    panels: tuple[Panel, ...]
+    row_values: list
+    curve_values: list
+    curves: dict[tuple[int, int], dict]
+    x: str
+
+
+def layout_curves(
+    layers: Table,
+    layout: str | tuple[Panel, ...] = "noisy",
+    rows: str | None = None,
+    curves: str | None = None,
+    x: str = "block",
+    memorization: Table | None = None,
+) -> Layout:
+    """The numbers behind `plot_layout` (see there), without drawing them."""
+    panels = LAYOUTS.get(layout) if isinstance(layout, str) else layout
+    if panels is None:
+        raise ValueError(f"layout={layout!r}: expected one of {sorted(LAYOUTS)}")
+    if x not in X_AXES:
+        raise ValueError(f"x={x!r}: expected one of {sorted(X_AXES)}")
+    if not layers:
+        raise ValueError("plot_layout: the layers table is empty; run the analyze stage first")
+    for name, col in (("rows", rows), ("curves", curves)):
+        if col is not None and col not in layers.columns:
+            raise ValueError(
+                f"{name}={col!r}: no such column in the table; columns are {layers.columns}"
+            )
+    if memorization is None and any(p.metric == "ratio" for p in panels):
+        memorization = _ratios_by_run(layers)
+    if memorization is not None and (rows or curves):  # give the ratios the runs' labels
+        labels = {r.get("run"): r for r in layers}
+        memorization = Table(
+            {**{k: labels.get(m.get("run"), {}).get(k) for k in (rows, curves) if k}, **m}
+            for m in memorization
+        )
+    row_values = _ordered(r.get(rows) for r in layers) if rows else [None]
+    curve_values = _ordered(r.get(curves) for r in layers) if curves else [None]
+    drawn: dict[tuple[int, int], dict] = {}
+    for j, panel in enumerate(panels):
+        source = _panel_rows(layers, memorization, panel)
+        for i, row_value in enumerate(row_values):
+            mine = [r for r in source if rows is None or r.get(rows) == row_value]
+            cell = drawn[(i, j)] = {}
+            for cv in curve_values:
+                pts = [r for r in mine if curves is None or r.get(curves) == cv]
+                if pts:
+                    cell[cv] = _curve(pts, panel.metric, panel.against or x)
+    return Layout(tuple(panels), row_values, curve_values, drawn, x)
 
 
 def plot_layout(
@@ -181,80 +247,54 @@ def plot_layout(
     layers: rows of layers.csv (several runs: a `run` column tells them apart, and the
         `rows` and `curves` columns, e.g. "model" and "noise", label them).
     layout: "clean" (NC1, probe accuracy), "clean-nc" (NC1, NC2), "noisy" (NC1, NC2,
-        memorization ratio, probe accuracy) or a tuple of `Panel`s.
+        memorization ratio, probe accuracy), "nc-vs-probe", or a tuple of `Panel`s.
+    x: "block" (block index) or "depth" (block index / number of blocks of the run).
     memorization: per-run ratios (memorization.csv); None: computed from the layers'
         clean and noisy views of the training split.
     out: the file name without suffix; one file per format ("png", "pdf").
     A panel without data is drawn empty with a note, so a sweep whose probe stage has
     not run yet still gets its figure.
     """
-    panels = LAYOUTS[layout] if isinstance(layout, str) and layout in LAYOUTS else layout
-    if isinstance(panels, str):
-        raise ValueError(f"layout={layout!r}: expected one of {sorted(LAYOUTS)}")
-    if x not in X_AXES:
-        raise ValueError(f"x={x!r}: expected one of {sorted(X_AXES)}")
-    for name, col in (("rows", rows), ("curves", curves)):
-        if col is not None and col not in layers.columns:
-            raise ValueError(
-                f"{name}={col!r}: no such column in the table; columns are {layers.columns}"
-            )
-    if not layers:
-        raise ValueError("plot_layout: the layers table is empty; run the analyze stage first")
-    if memorization is None and any(p.metric == "ratio" for p in panels):
-        memorization = _ratios_by_run(layers)
-    if memorization is not None and (rows or curves):  # give the ratios the runs' labels
-        labels = {r.get("run"): r for r in layers}
-        memorization = Table(
-            {**{k: labels.get(m.get("run"), {}).get(k) for k in (rows, curves) if k}, **m}
-            for m in memorization
-        )
-    row_values = _ordered(r.get(rows) for r in layers) if rows else [None]
-    curve_values = _ordered(r.get(curves) for r in layers) if curves else [None]
-    styles = dict(zip(curve_values, curve_styles(len(curve_values)), strict=True))
-
+    lay = layout_curves(layers, layout, rows, curves, x, memorization)
+    styles = dict(zip(lay.curve_values, curve_styles(len(lay.curve_values)), strict=True))
+    n_rows, panels = len(lay.row_values), lay.panels
     plt = _pyplot()
     fig, axes = plt.subplots(
-        len(row_values), len(panels), figsize=(3.6 * len(panels), 2.9 * len(row_values) + 0.6),
-        squeeze=False,
-    )  # fmt: skip
+        n_rows, len(panels), figsize=(3.6 * len(panels), 2.9 * n_rows + 0.6), squeeze=False
+    )
     handles: dict = {}
-    for j, panel in enumerate(panels):
-        source = _panel_rows(layers, memorization, panel)
-        for i, row_value in enumerate(row_values):
-            ax = axes[i][j]
-            mine = [r for r in source if rows is None or r.get(rows) == row_value]
-            drawn = False
-            for cv in curve_values:
-                pts = [r for r in mine if curves is None or r.get(curves) == cv]
-                if not pts:
-                    continue
-                xs, ys, lo, hi = _curve(pts, panel.metric, x)
-                (line,) = ax.plot(xs, ys, ms=4, lw=1.3, label=str(cv), **styles[cv])
-                if lo != hi:
-                    ax.fill_between(xs, lo, hi, color=styles[cv]["color"], alpha=0.15, lw=0)
-                handles.setdefault(str(cv), line)
-                drawn = True
-            if not drawn:
-                ax.text(0.5, 0.5, panel.note or f"no {panel.metric}", ha="center",
-                        va="center", transform=ax.transAxes, fontsize=9, color="0.35")  # fmt: skip
-                ax.set_xticks([])
-                ax.set_yticks([])
-            else:
-                if panel.metric in LOG_SCALE:
-                    ax.set_yscale("log")
-                if panel.metric == "ratio":
-                    ax.axhline(1.0, color="black", lw=0.9, ls=(0, (4, 2)))
-                if x == "block":
-                    from matplotlib.ticker import MaxNLocator
+    for (i, j), cell in lay.curves.items():
+        ax, panel = axes[i][j], panels[j]
+        for cv, (xs, ys, lo, hi) in cell.items():
+            style = dict(styles[cv], linestyle="none") if panel.against else styles[cv]
+            (line,) = ax.plot(xs, ys, ms=4, lw=1.3, label=str(cv), **style)
+            if lo != hi:
+                ax.fill_between(xs, lo, hi, color=styles[cv]["color"], alpha=0.15, lw=0)
+            handles.setdefault(str(cv), line)
+        if not cell:
+            ax.text(0.5, 0.5, panel.note or f"no {panel.metric}", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="0.35")  # fmt: skip
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            if panel.metric in LOG_SCALE:
+                ax.set_yscale("log")
+            if panel.against in LOG_SCALE:
+                ax.set_xscale("log")
+            if panel.metric == "ratio":
+                ax.axhline(1.0, color="black", lw=0.9, ls=(0, (4, 2)))
+            if x == "block" and not panel.against:
+                from matplotlib.ticker import MaxNLocator
 
-                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.grid(alpha=0.3)
-            if i == 0:
-                ax.set_title(_panel_title(panel), fontsize=10)
-            if i == len(row_values) - 1:
-                ax.set_xlabel(X_AXES[x])
-            if j == 0 and rows:
-                ax.set_ylabel(str(row_value), fontsize=11, fontweight="bold")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        if i == 0:
+            ax.set_title(_panel_title(panel), fontsize=10)
+        if i == n_rows - 1:
+            ax.set_xlabel(LABELS.get(panel.against, panel.against) if panel.against
+                          else X_AXES[x])  # fmt: skip
+        if j == 0 and rows:
+            ax.set_ylabel(str(lay.row_values[i]), fontsize=11, fontweight="bold")
     if curves and handles:
         fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(8, len(handles)),
                    frameon=False, title=curves, fontsize=9)  # fmt: skip

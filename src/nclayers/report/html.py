@@ -64,7 +64,8 @@ class Section:
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
 max-width:1200px;padding:0 1em;color:#222;line-height:1.4}
-h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+h1{font-size:1.6em}
+h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 h3{font-size:1.05em}table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:.2em .5em;text-align:right}th{background:#f3f3f3}
 td.s,th.s{text-align:left}dl{display:grid;grid-template-columns:max-content auto;gap:.15em 1em}
@@ -111,7 +112,8 @@ def render_table(table: Iterable[Mapping], columns: Sequence[str] | None = None)
         + "</tr>"
         for r in rows
     )
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody></table></div>'
+    table_html = f"<table><thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody></table>"
+    return f'<div class="scroll">{table_html}</div>'
 
 
 def render_section(section: Section, level: int = 2) -> str:
@@ -147,7 +149,7 @@ def render_html(title: str, sections: Sequence[Section], subtitle: str = "") -> 
     """The whole page as one string."""
     body = "\n".join(render_section(s) for s in sections)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{STYLE}</style>"
         f"<script>{CHECK_SCRIPT}</script></head>\n<body>\n<h1>{esc(title)}</h1>\n"
         + (f"<p>{esc(subtitle)}</p>\n" if subtitle else "")
