@@ -80,19 +80,17 @@ def cmd_blocks(args) -> None:
         print(f"{i:>5}  {b.name:<32} {list(shape)!s:<22} {b.pool:<7} {dim:>5}")
 
 
-def cmd_sweep(args) -> None:
+def cmd_sweep(args) -> int:
     from nclayers.jobs.sweep import commands, describe, load_sweep, run_one, run_sweep
 
     sweep = load_sweep(args.file, args.overrides)
     if args.print:
         print("\n".join(commands(sweep)))
         print(describe(sweep), file=sys.stderr)
-        return
+        return 0
     if args.index is not None:
         status = run_one(sweep, args.index, progress=not args.quiet)
-        if any(s["status"] != "done" for s in status["stages"].values()):
-            raise SystemExit(1)
-        return
+        return int(any(s["status"] != "done" for s in status["stages"].values()))
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     summary = run_sweep(sweep, gpus=gpus, progress=not args.quiet, collect_only=args.collect)
     print(f"{describe(sweep)}\n  stages: {summary['stages']}")
@@ -101,6 +99,7 @@ def cmd_sweep(args) -> None:
     if "report" in summary:
         print(f"  report: {summary['report']}")
     print(f"  {summary['seconds']:.0f} s")
+    return 0
 
 
 def cmd_report(args) -> None:
@@ -244,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        args.fn(args)
+        rc = args.fn(args)  # a verb may return an exit status (e.g. a sweep entry failed)
     except (ValueError, FileNotFoundError) as err:
         print(f"nclayers {args.verb}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

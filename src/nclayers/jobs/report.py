@@ -14,13 +14,25 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nclayers.jobs.folder import (
+    CONFIG,
+    DYNAMICS,
+    LAYERS,
+    MEMORIZATION,
+    PROBE,
+    PRUNE,
+    REPORT,
+    STAGES,
+    SUMMARY,
+    TRAIN_SUMMARY,
+)
 from nclayers.report.html import Figure, Section, render_html
 from nclayers.report.table import Table
 
 LAYER_COLUMNS = ["run", "split", "view", "layer", "block", "dim", "n", "nc1", "cdnv_mean",
                  "nc2", "ncc_acc", "probe_acc"]  # fmt: skip
 RATIO_COLUMNS = ["run", "layer", "block", "nc1_clean", "nc1_noisy", "ratio", "memorizing"]
-KNOWN_TABLES = {"layers.csv", "memorization.csv", "nc_dynamics.csv", "runs.csv"}
+KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
@@ -34,14 +46,14 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
         raise ValueError(f"report: {str(path)!r} is neither a run folder nor a sweep folder")
     if (path / "sweep.json").is_file():
         title, sections = _sweep_sections(path)
-    elif any((path / f).is_file() for f in ("layers.csv", "train_summary.json", "config.yaml")):
+    elif any((path / f).is_file() for f in (LAYERS, TRAIN_SUMMARY, CONFIG)):
         title, sections = _run_sections(path)
     else:
         raise ValueError(
             f"report: {str(path)!r} holds no layers.csv, train_summary.json, config.yaml or "
             "sweep.json; pass a run folder (train/analyze --out) or a sweep's output folder"
         )
-    target = Path(out) if out else path / "report.html"
+    target = Path(out) if out else path / REPORT
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render_html(title, sections, subtitle=f"nclayers report of {path}"))
     return target
@@ -49,16 +61,16 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
 
 # ----------------------------------------------------------------------------- a run
 def _run_sections(folder: Path) -> tuple[str, list[Section]]:
-    summary = _json(folder / "summary.json")
-    train = _json(folder / "train_summary.json")
-    config = summary.get("config") or train.get("config") or _yaml(folder / "config.yaml")
-    layers = _table(folder / "layers.csv")
+    summary = _json(folder / SUMMARY)
+    train = _json(folder / TRAIN_SUMMARY)
+    config = summary.get("config") or train.get("config") or _yaml(folder / CONFIG)
+    layers = _table(folder / LAYERS)
     ratios = _ratios(folder, layers)
     name = (config or {}).get("run") or folder.name
 
     overview = {**data_conditions(config), **model_description(config)}
     overview.update(accuracies(summary, train, layers))
-    overview.update(timings(summary, train, _json(folder / "stages.json")))
+    overview.update(timings(summary, train, _json(folder / STAGES)))
     sections = [Section("Overview", items=overview)]
     if ratios:
         sections.append(memorization_section(ratios))
@@ -73,8 +85,8 @@ def _run_sections(folder: Path) -> tuple[str, list[Section]]:
     history = train.get("history")
     if history:
         sections.append(Section("Training history", table=Table(history), collapsed=True))
-    if (folder / "config.yaml").is_file():
-        sections.append(Section("Config (config.yaml)", code=(folder / "config.yaml").read_text(),
+    if (folder / CONFIG).is_file():
+        sections.append(Section("Config (config.yaml)", code=(folder / CONFIG).read_text(),
                                 collapsed=True))  # fmt: skip
     return f"nclayers run {name}", sections
 
@@ -91,12 +103,12 @@ def run_figures(folder: Path, layers: Table, ratios: Table) -> list[Figure]:
                     memorization=ratios if noisy else None, formats=("png",))  # fmt: skip
     if drawn.is_file():
         figs.insert(0, Figure(drawn, "NC per block (the paper's layout)"))
-    if (folder / "nc_dynamics.csv").is_file():
+    if (folder / DYNAMICS).is_file():
         from nclayers.report.dynamics import plot_dynamics
 
         dyn = folder / "figures" / "nc_dynamics.png"
         if not dyn.is_file():
-            plot_dynamics(folder / "nc_dynamics.csv", dyn)
+            plot_dynamics(folder / DYNAMICS, dyn)
         figs.append(Figure(dyn, "NC per block during training"))
     return figs
 
@@ -139,7 +151,7 @@ def other_tables(folder: Path) -> list[Section]:
         if path.name in KNOWN_TABLES:
             continue
         table = _table(path)
-        title = {"probe.csv": "Linear probes (probe.csv)", "prune.csv": "Pruning (prune.csv)"}
+        title = {PROBE: "Linear probes (probe.csv)", PRUNE: "Pruning (prune.csv)"}
         out.append(Section(title.get(path.name, path.name), table=table,
                            collapsed=path.name not in title))  # fmt: skip
     return out
@@ -217,8 +229,8 @@ def _sweep_sections(out: Path) -> tuple[str, list[Section]]:
     info = _json(out / "sweep.json")
     summary = info.get("summary") or {}
     runs = _table(out / "runs.csv")
-    layers = _table(out / "layers.csv")
-    ratios = _table(out / "memorization.csv")
+    layers = _table(out / LAYERS)
+    ratios = _table(out / MEMORIZATION)
     axes = info.get("axes", {})
     overview = {
         "sweep file": info.get("file"),
@@ -245,9 +257,9 @@ def _sweep_sections(out: Path) -> tuple[str, list[Section]]:
     details = []
     for r in info.get("runs", []):
         folder = Path(r["folder"])
-        config = _yaml(folder / "config.yaml")
-        train = _json(folder / "train_summary.json")
-        summary = _json(folder / "summary.json")
+        config = _yaml(folder / CONFIG)
+        train = _json(folder / TRAIN_SUMMARY)
+        summary = _json(folder / SUMMARY)
         items = {
             "id": r["id"],
             "folder": str(folder),
@@ -255,7 +267,7 @@ def _sweep_sections(out: Path) -> tuple[str, list[Section]]:
             **data_conditions(config),
             **model_description(config),
             **accuracies(summary, train, Table()),
-            **timings(summary, train, _json(folder / "stages.json")),
+            **timings(summary, train, _json(folder / STAGES)),
         }
         err = folder / "error.log"
         details.append(Section(
@@ -292,10 +304,10 @@ def plot_paths(
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    layers = _table(folder / "layers.csv" if path.is_dir() else path)
+    layers = _table(folder / LAYERS if path.is_dir() else path)
     if not layers:
         raise ValueError(f"plot: no rows in {str(folder / 'layers.csv')!r}; run the sweep first")
-    memo = _table(folder / "memorization.csv")
+    memo = _table(folder / MEMORIZATION)
     info = _json(folder / "sweep.json")
     figures = info.get("figures") or []
     if layout or rows or curves or not figures:
@@ -307,7 +319,7 @@ def plot_paths(
 
 # ----------------------------------------------------------------------------- files
 def _ratios(folder: Path, layers: Table) -> Table:
-    ratios = _table(folder / "memorization.csv")
+    ratios = _table(folder / MEMORIZATION)
     if ratios or not any(r.get("view") == "noisy" for r in layers):
         return ratios
     from nclayers.memorization import memorization_ratio

@@ -5,7 +5,7 @@ A sweep file (YAML) holds
     name: fig3-cpu-mini            # default: the file's stem
     title: "..."                   # shown on the figure and the report
     root: runs/paper               # run folders: ROOT/runs/<id>; outputs: ROOT/<name>/
-    base: ../resnet18-cifar10.yaml # optional config file, relative to this file
+    base: ../resnet18-cifar10.yaml # optional config file (relative to this file) or mapping
     config: {train.epochs: 30}     # settings on top of base (nested or dotted keys)
     axes:                          # the grid: the product of every axis, in file order
       model:                       # a value is a mapping of settings with a label ...
@@ -116,6 +116,10 @@ STAGES: dict[str, Stage] = {
               "the probe issue"),
         Stage("memorization", "nclayers.jobs.memorization:memorization_run", ("train",),
               _call_plain, "the corruption issue"),
+        Stage("prune", "nclayers.jobs.prune:prune_run", ("train",), _call_plain,
+              "the equality issue"),
+        Stage("equality", "nclayers.jobs.equality:equality_run", ("analyze",), _call_plain,
+              "the equality issue"),
     )
 }  # fmt: skip
 
@@ -218,9 +222,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
 
-    base_path = None
-    if spec.get("base"):
-        base_path = (path.parent / spec["base"]).resolve()
+    base_path, base_settings = None, {}
+    if isinstance(spec.get("base"), dict):  # the base config written out here
+        base_settings = spec["base"]
+    elif spec.get("base"):  # a config file, relative to the sweep file
+        base_path = (path.parent / str(spec["base"])).resolve()
         if not base_path.is_file():
             raise ValueError(f"{where}: base {spec['base']!r} does not exist ({base_path})")
     axes_spec = spec.get("axes") or {}
@@ -241,6 +247,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
     def resolved(settings: dict) -> Config:
         cfg = load_config(base_path, [])
+        apply_settings(cfg, base_settings, f"{where}: base")
         apply_settings(cfg, spec.get("config") or {}, f"{where}: config")
         load_config(None, list(overrides), base=cfg)
         return apply_settings(cfg, settings, f"{where}: axes")
@@ -341,7 +348,8 @@ def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
             try:
                 fn = stage.load()
                 (stage.call or _call_plain)(fn, run.config, run.folder, progress)
-                folder.mark_done(name, seconds=time.perf_counter() - t0)
+                if not folder.done(name):  # jobs mark themselves; this covers any that don't
+                    folder.mark_done(name, seconds=time.perf_counter() - t0)
                 record = {"status": "done", "seconds": time.perf_counter() - t0}
             except Exception as err:  # recorded; the sweep goes on with the next run
                 failed.add(name)
@@ -430,29 +438,31 @@ def _run_on_gpus(sweep: Sweep, gpus: list[str], progress: bool) -> None:
 def collect(sweep: Sweep) -> dict:
     """Gather every run's tables into ROOT/<name>/: layers.csv, memorization.csv,
     probe.csv (when any run has one), runs.csv; then draw the figures."""
+    from nclayers.jobs.folder import MEMORIZATION, PROBE, TRAIN_SUMMARY, RunFolder
     from nclayers.memorization import memorization_layers, memorization_ratio
 
     out = sweep.out
     out.mkdir(parents=True, exist_ok=True)
     layers, memo, probe, runs = Table(), Table(), Table(), Table()
     for run in sweep.runs:
+        folder = RunFolder(run.folder)
         tag = {"run": run.id, **run.labels}
         status = _read_json(_status_path(sweep, run))
         row: dict[str, Any] = {"index": run.index, **tag}
         for name in sweep.stages:
             rec = (status.get("stages") or {}).get(name) or {}
-            row[name] = rec.get("status") or ("done" if _done(run, name) else "pending")
-        rows = _table(run.folder / "layers.csv")
+            row[name] = rec.get("status") or ("done" if folder.done(name) else "pending")
+        rows = folder.layers()
         layers.extend({**r, **tag} for r in rows)
-        ratios = _table(run.folder / "memorization.csv")
+        ratios = _table(folder.file(MEMORIZATION))
         if not ratios and rows:
             try:
                 ratios = memorization_ratio(rows, split="train")
             except ValueError:  # a clean run: no noisy view
                 ratios = Table()
         memo.extend({**r, **tag} for r in ratios)
-        probe.extend({**r, **tag} for r in _table(run.folder / "probe.csv"))
-        train = _read_json(run.folder / "train_summary.json")
+        probe.extend({**r, **tag} for r in _table(folder.file(PROBE)))
+        train = folder.read_json(TRAIN_SUMMARY)
         final = train.get("final") or {}
         row.update(
             test_acc=final.get("test_acc"), train_acc=final.get("train_acc"),
@@ -510,11 +520,6 @@ def _sweep_json(sweep: Sweep, summary: dict) -> dict:
                   "folder": str(r.folder)} for r in sweep.runs],
         "summary": summary,
     }  # fmt: skip
-
-
-def _done(run: Run, stage: str) -> bool:
-    stages = _read_json(run.folder / "stages.json")
-    return stage in stages
 
 
 def _read_json(path: Path) -> dict:
