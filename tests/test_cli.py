@@ -88,7 +88,7 @@ def test_demo_end_to_end(tmp_path):
     test = table.where(run="clean", split="test", view="clean")
     nc1 = test.column("nc1")
     assert len(nc1) == 8 and nc1[-1] < nc1[0]
-    assert set(table.where(run="noise20", split="train").column("view")) == {"clean", "noisy"}
+    assert set(table.where(run="noise40", split="train").column("view")) == {"clean", "noisy"}
     assert main(["memorization", str(out / "layers.csv"), "--out", str(tmp_path)]) == 0
     assert main(["plot", str(out / "layers.csv"), "--metric", "nc1", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "nc1.png").is_file()

@@ -1,9 +1,12 @@
-"""`nclayers demo`: the whole job, offline, on the embedded digits, in a few CPU minutes.
+"""`nclayers demo`: the whole story, offline, on the embedded digits, in a few CPU minutes.
 
-Trains a width-16 CIFAR ResNet18 twice on scikit-learn's digits (clean labels, and with
-20% of the training labels shuffled), measures every block on the training split (true
-and training labels) and on the test split, and writes layers.csv, memorization.csv,
-summary.json and the figures.
+Trains a width-16 CIFAR ResNet18 twice on 500 of scikit-learn's digits: with clean labels,
+and with 40% of the training labels shuffled, in a set-up that fits the noisy labels
+(no augmentation, AdamW, 12 epochs: the noisy run reaches 100% training accuracy on its
+labels). Then measures every block on the training split (true and training labels) and
+the test split, and writes layers.csv, memorization.csv (Δ per block: above 1 in the last
+blocks, the memorization layers), summary.json, the figures (demo.png: the paper's
+noisy-label layout) and report.html, and says in words which blocks memorize.
 """
 
 from __future__ import annotations
@@ -14,25 +17,35 @@ from pathlib import Path
 
 from nclayers.config import Config, load_config, save_config
 from nclayers.jobs.analyze import analyze_run
+from nclayers.jobs.report import describe_memorization, write_report
 from nclayers.jobs.train import train_run
 from nclayers.memorization import memorization_layers, memorization_ratio
-from nclayers.report.figures import plot_layers, plot_metric
+from nclayers.report.figures import plot_layers, plot_layout, plot_metric
 from nclayers.report.table import Table
 
+# A set-up that fits 40% shuffled labels in 12 epochs on 2 CPU cores: a small training set
+# (50 images per class), no augmentation, AdamW with a cosine schedule. With crop/flip
+# augmentation and SGD the noisy run fits only part of its noisy labels and no block has
+# Δ > 1; here the last blocks memorize, as in the paper's Figure 3.
 DEMO_OVERRIDES = [
     "data.name=digits",
+    "data.train_subset=500",
     "model.name=resnet18",
     "model.width=16",
     "train.epochs=12",
-    "train.batch_size=64",
-    "train.lr=0.05",
+    "train.batch_size=32",
+    "train.optimizer=adamw",
+    "train.lr=0.002",
+    "train.weight_decay=0.0005",
     "train.schedule=cosine",
-    "train.min_lr=0.0005",
+    "train.min_lr=0.00002",
+    "train.augment=false",
     "train.checkpoint_every=5",
+    "train.tensorboard=false",
     "analyze.batch_size=500",
     "device=cpu",
 ]
-NOISE = 0.2
+NOISE = 0.4
 
 
 def demo_config(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -> Config:
@@ -66,7 +79,11 @@ def run_demo(
     layers.to_csv(out / "layers.csv")
     ratios = memorization_ratio(layers, split="train")
     ratios.to_csv(out / "memorization.csv")
-    figures = plot_layers(layers.where(split="test"), out)
+    labelled = Table({**r, "labels": _labels(r["run"])} for r in layers)
+    figures = plot_layout(labelled, out / "demo", "noisy", curves="labels", memorization=Table(
+        {**r, "labels": _labels(r["run"])} for r in ratios), formats=("png",),
+        title="ResNet18 (width 16) on 500 digits: clean and 40% shuffled labels")  # fmt: skip
+    figures += plot_layers(layers.where(split="test"), out)
     figures.append(plot_metric(ratios, "ratio", out / "memorization.png", group=("run",)))
     figures.append(
         plot_metric(layers.where(split="train"), "nc1", out / "nc1_train.png",
@@ -82,6 +99,7 @@ def run_demo(
         "files": sorted(p.name for p in out.iterdir() if p.is_file()),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    report = write_report(out)
 
     test = layers.where(split="test", run="clean")
     print()
@@ -90,11 +108,16 @@ def run_demo(
     print()
     print(f"Noisy model ({NOISE:.0%} shuffled), training images, memorization ratio:")
     print(ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]))
+    print("In words: " + describe_memorization(ratios, summary["memorization_layers"]))
     print()
     for run, acc in accuracy.items():
         print(f"{run}: " + ", ".join(f"{k} acc {v:.3f}" for k, v in acc.items()))
     print(
         f"Results in {out}/: layers.csv, memorization.csv, summary.json, "
-        f"{', '.join(p.name for p in figures if p)}  ({summary['seconds']:.0f} s)"
+        f"{', '.join(p.name for p in figures if p)}, {report.name}  ({summary['seconds']:.0f} s)"
     )
     return summary
+
+
+def _labels(run: str) -> str:
+    return "clean labels" if run == "clean" else f"{NOISE:.0%} shuffled"

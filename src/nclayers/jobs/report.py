@@ -68,10 +68,19 @@ def _run_sections(folder: Path) -> tuple[str, list[Section]]:
     ratios = _ratios(folder, layers)
     name = (config or {}).get("run") or folder.name
 
-    overview = {**data_conditions(config), **model_description(config)}
-    overview.update(accuracies(summary, train, layers))
-    overview.update(timings(summary, train, _json(folder / STAGES)))
+    runs = list(dict.fromkeys(r.get("run") for r in layers))
+    subruns = [p for p in sorted(folder.iterdir()) if (p / CONFIG).is_file()]
+    if len(runs) > 1:  # e.g. the demo: several runs' tables, each run in a subfolder
+        overview = {"runs": ", ".join(map(str, runs)), **model_description(config)}
+        if summary.get("seconds") is not None and not isinstance(summary["seconds"], dict):
+            overview["total time"] = f"{summary['seconds']:.1f} s"
+    else:
+        overview = {**data_conditions(config), **model_description(config)}
+        overview.update(accuracies(summary, train, layers))
+        overview.update(timings(summary, train, _json(folder / STAGES)))
     sections = [Section("Overview", items=overview)]
+    if subruns:
+        sections.append(Section("Each run", subsections=[_subrun(p) for p in subruns]))
     if ratios:
         sections.append(memorization_section(ratios))
     figures = run_figures(folder, layers, ratios)
@@ -91,6 +100,15 @@ def _run_sections(folder: Path) -> tuple[str, list[Section]]:
     return f"nclayers run {name}", sections
 
 
+def _subrun(folder: Path) -> Section:
+    summary, train = _json(folder / SUMMARY), _json(folder / TRAIN_SUMMARY)
+    config = summary.get("config") or train.get("config") or _yaml(folder / CONFIG)
+    items = {"folder": str(folder), **data_conditions(config), **model_description(config)}
+    items.update(accuracies(summary, train, Table()))
+    items.update(timings(summary, train, _json(folder / STAGES)))
+    return Section(f"run {config.get('run') or folder.name}", items=items)
+
+
 def run_figures(folder: Path, layers: Table, ratios: Table) -> list[Figure]:
     """The run's PNG figures; the paper's layout is drawn into figures/ when missing."""
     from nclayers.report.figures import plot_layout
@@ -99,7 +117,9 @@ def run_figures(folder: Path, layers: Table, ratios: Table) -> list[Figure]:
     drawn = folder / "figures" / "layers.png"
     if layers and not drawn.is_file():
         noisy = any(r.get("view") == "noisy" for r in layers)
+        several = len({r.get("run") for r in layers}) > 1  # one curve per run
         plot_layout(layers, drawn.with_suffix(""), "noisy" if noisy else "clean",
+                    curves="run" if several else None,
                     memorization=ratios if noisy else None, formats=("png",))  # fmt: skip
     if drawn.is_file():
         figs.insert(0, Figure(drawn, "NC per block (the paper's layout)"))
