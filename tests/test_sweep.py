@@ -63,6 +63,8 @@ def test_grid_ids_and_settings(tmp_path):
                               "run=name", "train.checkpoint_every=7"])  # fmt: skip
     assert run_id(cfg) == run_id(same)
     assert run_id(cfg) != run_id(load_config(None, ["train.epochs=4"]))
+    assert run_id(cfg) == run_id(load_config(None, ["train.epochs=3", "data.noise=0.0"]))
+    assert run_id(cfg) != run_id(load_config(None, ["train.epochs=3", "data.noise=0.1"]))
     assert run_id(cfg) != run_id(load_config(None, ["train.epochs=3", "model.options.x=1"]))
     # Command-line overrides reach every run (and change the ids).
     other = load_sweep(path, ["train.lr=0.01"])

@@ -168,6 +168,8 @@ def run_id(cfg: Config) -> str:
     """A short hash of the settings that define a run's results."""
     flat = _flatten(cfg.to_dict())
     kept = {k: v for k, v in flat.items() if k not in UNHASHED}
+    if kept.get("data.noise") in (None, 0, "", "clean"):  # all mean clean labels (load_dataset)
+        kept["data.noise"] = 0.0
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:ID_LENGTH]
 
