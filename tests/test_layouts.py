@@ -154,3 +154,20 @@ def test_layouts_cover_the_paper_columns():
     noisy = LAYOUTS["noisy"]
     assert [(p.split, p.view) for p in noisy[:2]] == [("train", "train"), ("train", "train")]
     assert noisy[3].split == "test" and noisy[3].view == "clean"
+
+
+def test_corrupted_runs_show_the_inputs_they_were_trained_on():
+    # A corrupted-input run measured on clean and corrupted training images (column input)
+    # and on the clean test split: the training columns show the corrupted images.
+    rows = []
+    for layer in (1, 2):
+        for inp, nc1 in (("clean", 5.0), ("corrupted", 2.0)):
+            rows.append({"run": "g5", "split": "train", "view": "clean", "input": inp,
+                         "layer": layer, "nc1": nc1 * layer, "nc2": 0.1})  # fmt: skip
+        rows.append({"run": "g5", "split": "test", "view": "clean", "layer": layer,
+                     "nc1": 9.0, "nc2": 0.1, "probe_acc": 0.5})  # fmt: skip
+    memo = Table([{"run": "g5", "layer": 1, "ratio": 2.5}, {"run": "g5", "layer": 2, "ratio": 2.5}])
+    lay = layout_curves(Table(rows), "noisy", memorization=memo)
+    assert lay.curves[(0, 0)][None][1] == [2.0, 4.0]
+    assert lay.curves[(0, 2)][None][1] == [2.5, 2.5]
+    assert layout_curves(Table(rows), "clean").curves[(0, 0)][None][1] == [9.0, 9.0]

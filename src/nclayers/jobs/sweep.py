@@ -107,6 +107,11 @@ def _call_plain(fn, cfg: Config, folder: Path, progress: bool):
     return fn(cfg, progress=progress)
 
 
+def _call_folder(fn, cfg: Config, folder: Path, progress: bool):
+    # Jobs that read their config back from the run folder (e.g. memorization).
+    return fn(folder, progress=progress)
+
+
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
@@ -115,7 +120,7 @@ STAGES: dict[str, Stage] = {
         Stage("probe", "nclayers.jobs.probe:probe_run", ("train",), _call_plain,
               "the probe issue"),
         Stage("memorization", "nclayers.jobs.memorization:memorization_run", ("train",),
-              _call_plain, "the corruption issue"),
+              _call_folder, "the corruption issue"),
         Stage("prune", "nclayers.jobs.prune:prune_run", ("train",), _call_plain,
               "the equality issue"),
         Stage("equality", "nclayers.jobs.equality:equality_run", ("analyze",), _call_plain,

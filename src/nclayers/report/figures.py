@@ -149,11 +149,29 @@ def _panel_rows(layers: Table, memo: Table | None, panel: Panel) -> list[dict]:
         return [r for r in (memo or []) if r.get("ratio") is not None]
     rows = [r for r in layers if r.get("split") == panel.split and r.get(panel.metric) is not None]
     if panel.view != TRAIN_LABELS:
-        return [r for r in rows if r.get("view") == panel.view]
+        return _one_input(
+            [r for r in rows if r.get("view") == panel.view], (None, "clean", "corrupted")
+        )
     noisy_runs = {r.get("run") for r in rows if r.get("view") == "noisy"}
-    return [
+    rows = [
         r for r in rows if r.get("view") == ("noisy" if r.get("run") in noisy_runs else "clean")
     ]
+    # The training images as the model saw them: corrupted, where a run has both inputs.
+    return _one_input(rows, ("corrupted", None, "clean"))
+
+
+def _one_input(rows: list[dict], prefer: tuple) -> list[dict]:
+    """One row per (run, layer) where rows also differ in their `input` column (a run
+    measured on clean and corrupted images): the first kind in `prefer`."""
+    if all(r.get("input") is None for r in rows):
+        return rows
+    best: dict[tuple, tuple[int, dict]] = {}
+    for r in rows:
+        key = (r.get("run"), r["layer"])
+        rank = prefer.index(r.get("input")) if r.get("input") in prefer else len(prefer)
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, r)
+    return [r for _, r in best.values()]
 
 
 def _curve(rows: list[dict], metric: str, x: str) -> tuple[list, list, list, list]:
