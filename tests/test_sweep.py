@@ -164,7 +164,7 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capsys):
     assert run_one(other, 0, progress=False)["stages"]["analyze"]["skipped"] is True
 
     # The CLI: --collect only gathers; --index runs one entry; report and plot verbs.
-    assert main(["sweep", str(path), "--collect", "-q"]) == 0
+    assert main(["sweep", str(path), "--collect", "-q"]) == (1 if probe_missing else 0)
     assert main(["sweep", str(path), "--index", "0", "-q"]) == (1 if probe_missing else 0)
     assert main(["plot", str(out), "--layout", "clean", "--curves", "noise"]) == 0
     assert (out / "clean.png").is_file()

@@ -99,8 +99,10 @@ class StageUnavailable(RuntimeError):
 
 
 def _call_train(fn, cfg: Config, folder: Path, progress: bool):
+    from nclayers.jobs.folder import CHECKPOINT
+
     # An interrupted training continues from its checkpoint.
-    return fn(cfg, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+    return fn(cfg, resume=(folder / CHECKPOINT).is_file(), progress=progress)
 
 
 def _call_plain(fn, cfg: Config, folder: Path, progress: bool):
@@ -364,10 +366,11 @@ def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
                           "error": f"{type(err).__name__}: {err}"}  # fmt: skip
                 with open(run.folder / "error.log", "a") as log:
                     log.write(f"--- stage {name}, {time.ctime()}\n{traceback.format_exc()}\n")
-            if progress or record["status"] == "failed":
-                print(f"[sweep {sweep.name}] run {run.index} ({_describe(run)}): {name} "
-                      f"{record['status']}" + (f": {record['error']}" if "error" in record else ""),
-                      file=sys.stderr)  # fmt: skip
+        if progress or record["status"] != "done":
+            state = "skipped (finished before)" if record.get("skipped") else record["status"]
+            why = f": {record['error']}" if "error" in record else ""
+            where = f"[sweep {sweep.name}] run {run.index} ({_describe(run)})"
+            print(f"{where}: {name} {state}{why}", file=sys.stderr)
         status["stages"][name] = record
     path = _status_path(sweep, run)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -301,6 +301,9 @@ def plot_layout(
                 ax.set_xscale("log")
             if panel.metric == "ratio":
                 ax.axhline(1.0, color="black", lw=0.9, ls=(0, (4, 2)))
+                values = [y for c in cell.values() for y in c[1] if y > 0]
+                if values and max(values) / min(values) > 10:  # Δ below and far above 1
+                    ax.set_yscale("log")
             if x == "block" and not panel.against:
                 from matplotlib.ticker import MaxNLocator
 
