@@ -105,8 +105,10 @@ def cmd_sweep(args) -> int:
 
 def cmd_report(args) -> None:
     from nclayers.jobs.report import write_report
+    from nclayers.jobs.sweep import sweep_report
 
-    print(write_report(args.path, out=args.out))
+    sweep_file = Path(args.path).suffix in (".yaml", ".yml")
+    print((sweep_report if sweep_file else write_report)(args.path, out=args.out))
 
 
 def cmd_plot(args) -> None:

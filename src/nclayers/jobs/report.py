@@ -36,12 +36,9 @@ KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write report.html for a run folder, a sweep's output folder or a sweep file."""
+    """Write report.html for a run folder or a sweep's output folder (for a sweep file:
+    `nclayers.jobs.sweep.sweep_report`)."""
     path = Path(path)
-    if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from nclayers.jobs.sweep import load_sweep
-
-        path = load_sweep(path).out
     if not path.is_dir():
         raise ValueError(f"report: {str(path)!r} is neither a run folder nor a sweep folder")
     if (path / "sweep.json").is_file():
@@ -309,6 +306,27 @@ def _sweep_pngs(out: Path, info: dict) -> list[Path]:
     return pngs or sorted(out.glob("*.png"))
 
 
+# ----------------------------------------------------------------------------- figures
+def draw_figures(
+    figures: list[dict], out: Path, layers: Table, memo: Table, title: str, name: str
+) -> list[Path]:
+    from nclayers.report.figures import Panel, plot_layout
+
+    if not layers:
+        return []
+    paths = []
+    for i, fig in enumerate(figures):
+        layout = fig.get("layout", "clean")
+        if "panels" in fig:
+            layout = tuple(Panel(m) for m in fig["panels"])
+        stem = fig.get("name") or (name if len(figures) == 1 else f"{name}-{i + 1}")
+        paths += plot_layout(
+            layers, out / stem, layout, rows=fig.get("rows"), curves=fig.get("curves"),
+            x=fig.get("x", "block"), memorization=memo, title=fig.get("title") or title,
+        )  # fmt: skip
+    return paths
+
+
 # ----------------------------------------------------------------------------- plot verb
 def plot_paths(
     path: str | Path,
@@ -320,8 +338,6 @@ def plot_paths(
 ) -> list[Path]:
     """The paper's layouts from a sweep's folder (its figure settings, or these) or from a
     tidy CSV (layout, rows and curves given here)."""
-    from nclayers.jobs.sweep import draw_figures
-
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     layers = _table(folder / LAYERS if path.is_dir() else path)

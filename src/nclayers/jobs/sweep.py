@@ -492,6 +492,8 @@ def collect(sweep: Sweep) -> dict:
             written[name] = str(path)
         else:
             path.unlink(missing_ok=True)
+    from nclayers.jobs.report import draw_figures
+
     written["figures"] = [str(p) for p in draw_figures(sweep.figures, out, layers, memo,
                                                        sweep.title, sweep.name)]  # fmt: skip
     counts: dict[str, int] = {}
@@ -501,24 +503,11 @@ def collect(sweep: Sweep) -> dict:
     return {"files": written, "stages": counts, "runs": len(runs)}
 
 
-def draw_figures(
-    figures: list[dict], out: Path, layers: Table, memo: Table, title: str, name: str
-) -> list[Path]:
-    from nclayers.report.figures import Panel, plot_layout
+def sweep_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """The report of a sweep file's output folder."""
+    from nclayers.jobs.report import write_report
 
-    if not layers:
-        return []
-    paths = []
-    for i, fig in enumerate(figures):
-        layout = fig.get("layout", "clean")
-        if "panels" in fig:
-            layout = tuple(Panel(m) for m in fig["panels"])
-        stem = fig.get("name") or (name if len(figures) == 1 else f"{name}-{i + 1}")
-        paths += plot_layout(
-            layers, out / stem, layout, rows=fig.get("rows"), curves=fig.get("curves"),
-            x=fig.get("x", "block"), memorization=memo, title=fig.get("title") or title,
-        )  # fmt: skip
-    return paths
+    return write_report(load_sweep(path).out, out)
 
 
 def _sweep_json(sweep: Sweep, summary: dict) -> dict:
