@@ -198,7 +198,7 @@ def test_prune_experiment_tables(tmp_path):
     text = prune_summary(summary)
     assert "without fine-tune (unpruned" in text and "random 2 blocks (2 seeds)" in text
     assert "after a 1-epoch fine-tune" in text
-    assert plot_prune(summary, tmp_path / "prune.png").stat().st_size > 0
+    assert plot_prune(summary, tmp_path / "prune.png", layers).stat().st_size > 0
 
 
 def test_prune_experiment_refuses_downsampling_blocks_and_nothing_is_nothing():

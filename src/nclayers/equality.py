@@ -498,10 +498,14 @@ def plot_equality(report: CurveReport, path: str | Path) -> Path:
     ax1.grid(alpha=0.3)
     e = [(r["layer"], r["e_nc1"]) for r in rows if r.get("e_nc1") is not None]
     ax2.bar([x for x, _ in e], [v for _, v in e], color="tab:blue", label="e_nc1")
+    e2 = [(r["layer"], r["e_nc2"]) for r in rows if r.get("e_nc2") is not None]
+    if e2:
+        ax2.plot([x for x, _ in e2], [v for _, v in e2], "s", color="tab:green", ms=4,
+                 label="e_nc2 = log(NC2_(l-1) / NC2_l)")  # fmt: skip
     ax2.axhline(report.plateau.threshold, color="red", ls="--", lw=1, label="plateau threshold")
     ax2.axhline(report.plateau.mean_enhancement, color="grey", ls=":", lw=1, label="mean")
     ax2.set_xlabel("block index")
-    ax2.set_ylabel("enhancement log(NC1_(l-1) / NC1_l)")
+    ax2.set_ylabel("enhancement e_l = log(NC_(l-1) / NC_l)")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.suptitle(report.name, fontsize=9)

@@ -328,16 +328,23 @@ def _kinds(rows: Sequence[dict]) -> list[str]:
     return list(seen)
 
 
-def plot_prune(table: Sequence[dict], path: str | Path) -> Path:
+def plot_prune(
+    table: Sequence[dict], path: str | Path, layers: Sequence[dict] | None = None
+) -> Path:
     """Test accuracy of each kind of removal, without and with the fine-tune; random
-    baselines as mean with their seeds' range."""
+    baselines as mean with their seeds' range. Given the per-block rows (`layers`), a
+    second panel draws NC1 per block of the unpruned, chosen and last variants."""
     from nclayers.report.figures import _pyplot
 
     plt = _pyplot()
     table = list(table)
     kinds = [NONE, *_kinds(table)]
     rounds = sorted({r["finetune_epochs"] for r in table})
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if layers:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+        _plot_nc1(ax2, layers, [k for k in kinds if not k.startswith("random")], rounds)
+    else:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
     width = 0.8 / len(rounds)
     for j, epochs in enumerate(rounds):
         means, lows, highs = [], [], []
@@ -365,3 +372,22 @@ def plot_prune(table: Sequence[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_nc1(ax, layers: Sequence[dict], variants: Sequence[str], rounds: Sequence[int]) -> None:
+    for variant in variants:
+        for epochs in rounds:
+            pts = sorted(
+                (r["layer"], r["nc1"])
+                for r in layers
+                if r.get("variant") == variant and r.get("finetune_epochs") == epochs
+            )
+            if pts:
+                style = "o-" if epochs == 0 else "x--"
+                label = variant + ("" if epochs == 0 else f" +{epochs} ep")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("block index (a removed block shows its input)")
+    ax.set_ylabel("NC1 (sum of CDNV)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
