@@ -211,3 +211,31 @@ def test_analyze_equality_per_curve(tmp_path):
 def test_analyze_equality_names_what_the_table_holds():
     with pytest.raises(ValueError, match="no rows with split='test'"):
         analyze_equality(_layers_table(_geometric_curve(), split="train"))
+
+
+# ----------------------------------------------------------------------------- job and CLI
+def test_equality_verb_on_a_sweep_of_run_folders(tmp_path, capsys):
+    from nclayers.cli import main
+
+    for name, nc1 in (("deep", _plateau_curve()), ("shallow", _geometric_curve())):
+        folder = tmp_path / "sweep" / name
+        folder.mkdir(parents=True)
+        _layers_table(nc1, run=name).to_csv(folder / "layers.csv")
+    Table([{"variant": "none", "kind": "none", "finetune_epochs": 0, "n_removed": 0,
+            "layers": "", "test_acc": 0.9, "acc_change": 0.0},
+           {"variant": "plateau", "kind": "plateau", "finetune_epochs": 0, "n_removed": 2,
+            "layers": "7 8", "test_acc": 0.85, "acc_change": -0.05}],
+          ).to_csv(tmp_path / "sweep" / "deep" / "prune.csv")  # fmt: skip
+    rc = main(["equality", str(tmp_path / "sweep"), "equality.plateau_min_run=3"])
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.count("== run=deep") == 1 and out.count("== run=shallow") == 1
+    assert "in runs of >= 3 consecutive blocks" in out
+    assert "plateau: decay, flat over blocks 6-11" in out
+    assert "plateau 2 blocks [7 8]: 0.8500 (-0.0500)" in out
+    deep = tmp_path / "sweep" / "deep"
+    rows = Table.from_csv(deep / "equality.csv")
+    assert [r["layer"] for r in rows if r["redundant"] == "True"] == list(range(6, 12))
+    assert (deep / "equality.png").is_file() and (deep / "equality.json").is_file()
+    assert main(["equality", str(tmp_path / "nothing")]) == 2
+    assert "neither a layers.csv nor" in capsys.readouterr().err

@@ -215,3 +215,76 @@ def test_prune_experiment_refuses_downsampling_blocks_and_nothing_is_nothing():
     assert none == [r["nc1"] for r in layers if r["variant"] == "list"]
     with pytest.raises(ValueError, match="needs train_batches"):
         prune_experiment(model, blocks, [1], test, 10, finetune_epochs=1)
+
+
+# ----------------------------------------------------------------------------- job and CLI
+TINY_RUN = [
+    "data.name=digits", "data.train_subset=60", "data.test_subset=60", "model.width=4",
+    "train.epochs=1", "train.batch_size=30", "train.checkpoint_every=0", "device=cpu",
+    "analyze.batch_size=60", "analyze.reference=null", "train.tensorboard=false", "run=tiny",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from nclayers.config import load_config
+    from nclayers.jobs import analyze_run, train_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("prune") / "run"
+    cfg = load_config(None, [*TINY_RUN, f"out={out}"])
+    train_run(cfg, progress=False)
+    analyze_run(cfg, progress=False)
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_prune_verb_on_a_run_folder(tiny_run, tmp_path, capsys):
+    from nclayers.cli import main
+    from nclayers.jobs import RunFolder
+    from nclayers.jobs.prune import prune_section
+
+    out = tmp_path / "pruned"
+    rc = main(["prune", str(tiny_run), "--blocks", "1,layer4.1", "--finetune-epochs", "1",
+               "prune.seeds=[0]", "--out", str(out), "-q"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "after a 1-epoch fine-tune" in text
+    table, summary = prune_section(out)
+    assert [(r["variant"], r["finetune_epochs"]) for r in table] == [
+        (v, e) for v in ("none", "list", "last", "random0") for e in (0, 1)
+    ]
+    assert table[2]["blocks"] == "layer1.0 layer4.1" and table[4]["layers"] == "6 8"
+    assert summary == prune_summary(table)
+    assert (out / "prune_layers.csv").is_file() and (out / "prune.png").is_file()
+    assert RunFolder(out).done("prune")
+    assert prune_section(tmp_path) is None  # nothing measured there
+    # A downsampling block is refused, by name.
+    assert main(["prune", str(tiny_run), "--blocks", "3", "--out", str(out), "-q"]) == 2
+    assert "3 layer2.0" in capsys.readouterr().err
+    assert main(["prune", str(tiny_run), "--blocks", "layer9.9", "--out", str(out), "-q"]) == 2
+    assert "'layer9.9' is not one of the model's blocks" in capsys.readouterr().err
+
+
+def test_prune_plateau_takes_the_equality_rule_blocks(tiny_run, tmp_path):
+    from nclayers.equality import analyze_equality
+    from nclayers.jobs import RunFolder
+    from nclayers.jobs.prune import prune_run
+
+    folder = RunFolder(tiny_run)
+    cfg = folder.load_config(["equality.plateau_fraction=1.0", "equality.plateau_min_run=1",
+                              "prune.seeds=[0]", "prune.baselines=[last]"])  # fmt: skip
+    cfg.out = str(tmp_path / "p")
+    result = prune_run(cfg, run_dir=tiny_run, progress=False)
+    rule = analyze_equality(folder.layers(), fraction=1.0, min_run=1)[0].plateau
+    model = _resnet()
+    keep = set(prunable_layers(model, find_blocks(model), X))
+    expected = [layer for layer in rule.layers if layer in keep]
+    assert rule.layers  # below-mean blocks always exist at fraction 1 and runs of 1
+    row = next(r for r in result["summary"] if r["variant"] == "plateau")
+    assert row["layers"] == " ".join(map(str, expected))
+    assert any(n.startswith("plateau rule: block l is redundant") for n in result["notes"])
+    skipped = [layer for layer in rule.layers if layer not in keep]
+    assert any("change shape" in n for n in result["notes"]) == bool(skipped)
+    assert {r["variant"] for r in result["summary"]} == {"none", "plateau", "last"}

@@ -107,9 +107,11 @@ def _list(layers: Sequence[int], blocks: Sequence[Block]) -> str:
 
 
 # ----------------------------------------------------------------------------- choice
-def resolve_blocks(spec: str | Sequence[str | int], blocks: Sequence[Block]) -> list[int]:
+def resolve_blocks(spec: str | int | Sequence[str | int], blocks: Sequence[Block]) -> list[int]:
     """Sorted 1-based indices of the blocks named by `spec`: 1-based indices (as in
     layers.csv) and/or module names, as a list or a comma-separated string."""
+    if isinstance(spec, int):
+        spec = [spec]
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = {b.name: i + 1 for i, b in enumerate(blocks)}
     out: set[int] = set()
@@ -197,7 +199,9 @@ def finetune(
             bar = tqdm(total=batches.samples_per_epoch, desc=f"fine-tune {epoch + 1}/{epochs}",
                        unit="img", leave=False, dynamic_ncols=True)  # fmt: skip
         try:
-            loss_sum, _, seen = train_epoch(model, optimizer, batches, amp, bar=bar)
+            loss_sum, _, seen = train_epoch(
+                model, optimizer, batches, amp, train_cfg.label_smoothing, bar=bar
+            )
         finally:
             if bar is not None:
                 bar.close()
