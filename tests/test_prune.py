@@ -25,6 +25,7 @@ from nclayers.prune import (
     prune_summary,
     resolve_blocks,
 )
+from nclayers.report.table import Table
 
 
 @pytest.fixture(autouse=True)
@@ -257,7 +258,14 @@ def test_prune_verb_on_a_run_folder(tiny_run, tmp_path, capsys):
     ]
     assert table[2]["blocks"] == "layer1.0 layer4.1" and table[4]["layers"] == "6 8"
     assert summary == prune_summary(table)
-    assert (out / "prune_layers.csv").is_file() and (out / "prune.png").is_file()
+    assert (out / "prune.png").is_file()
+    # prune_layers.csv is a layers table: one curve per variant and fine-tune for equality.
+    from nclayers.equality import analyze_equality
+
+    curves = analyze_equality(Table.from_csv(out / "prune_layers.csv"))
+    assert sorted((c.key["variant"], c.key["finetune_epochs"]) for c in curves) == sorted(
+        (r["variant"], r["finetune_epochs"]) for r in table
+    )
     assert RunFolder(out).done("prune")
     assert prune_section(tmp_path) is None  # nothing measured there
     # A downsampling block is refused, by name.

@@ -30,7 +30,7 @@ import numpy as np
 from nclayers.report.table import Table
 
 # Columns that tell one curve (one model measured one way) from another in layers.csv.
-CURVE_KEYS = ("run", "epoch", "split", "view", "input", "variant")
+CURVE_KEYS = ("run", "epoch", "split", "view", "input", "variant", "finetune_epochs")
 
 # Below this difference of BIC the two models are not told apart (Kass & Raftery: 2).
 BIC_MARGIN = 2.0
