@@ -198,7 +198,12 @@ def test_prune_experiment_tables(tmp_path):
     assert rows[("plateau", 0, 1)]["nc1"] == pytest.approx(rows[("none", 0, 1)]["nc1"])
     text = prune_summary(summary)
     assert "without fine-tune (unpruned" in text and "random 2 blocks (2 seeds)" in text
-    assert "after a 1-epoch fine-tune" in text
+    ft = by[("plateau", 1)]
+    assert (
+        f"after a 1-epoch fine-tune (unpruned, fine-tuned alike {by[('none', 1)]['test_acc']:.4f})"
+        in text
+    )
+    assert f"[2 4]: {ft['test_acc']:.4f} ({ft['acc_change_same_finetune']:+.4f})" in text
     assert plot_prune(summary, tmp_path / "prune.png", layers).stat().st_size > 0
 
 

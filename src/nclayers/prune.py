@@ -294,7 +294,8 @@ def prune_experiment(
 
 # ----------------------------------------------------------------------------- reading
 def prune_summary(table: Sequence[dict]) -> str:
-    """A few lines: each variant's accuracy change against the unpruned model, random
+    """A few lines: each variant's test accuracy and, in brackets, its change against the
+    unpruned model given the same fine-tune (as trained, on the no-fine-tune line); random
     baselines as mean +- standard deviation over their seeds."""
     table = list(table)
     if not table:
@@ -304,12 +305,13 @@ def prune_summary(table: Sequence[dict]) -> str:
         rows = [r for r in table if r["finetune_epochs"] == epochs]
         none = [r for r in rows if r["variant"] == NONE]
         head = "without fine-tune" if epochs == 0 else f"after a {epochs}-epoch fine-tune"
-        ref = f"unpruned {none[0]['test_acc']:.4f}" if none else "unpruned not measured"
+        which = "unpruned" if epochs == 0 else "unpruned, fine-tuned alike"
+        ref = f"{which} {none[0]['test_acc']:.4f}" if none else f"{which}: not measured"
         parts = []
         for kind in _kinds(rows):
             group = [r for r in rows if r["kind"] == kind]
             k = group[0]["n_removed"]
-            changes = [r["acc_change"] for r in group]
+            changes = [_change(r, none) for r in group]
             accs = [r["test_acc"] for r in group]
             if len(group) > 1:
                 sd = statistics.stdev(accs)
@@ -322,6 +324,12 @@ def prune_summary(table: Sequence[dict]) -> str:
                 parts.append(f"{kind} {k} blocks{where}: {accs[0]:.4f} ({changes[0]:+.4f})")
         lines.append(f"test accuracy {head} ({ref}): " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def _change(row: dict, none: Sequence[dict]) -> float:
+    if none:  # against the unpruned model that had the same fine-tune
+        return row["test_acc"] - none[0]["test_acc"]
+    return row["acc_change"]
 
 
 def _kinds(rows: Sequence[dict]) -> list[str]:
