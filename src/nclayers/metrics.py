@@ -79,17 +79,17 @@ class LabelPlan:
         self.labels = labels
         self.index = index
         self.batch = labels.shape[1]
-        self._counts: torch.Tensor | None = None
+        self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._weight: torch.Tensor | None = None
 
-    @property
-    def counts(self) -> torch.Tensor:
-        """Samples of this batch per row (float64); computed once, on first use."""
+    def first_shift_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows with a sample in this batch, their counts clamped to >= 1), both rows x 1:
+        what every block's first update needs, computed once."""
         if self._counts is None:
-            ones = torch.ones(self.index.shape, dtype=torch.float64, device=self.index.device)
-            self._counts = torch.zeros(
-                self.views.rows, dtype=torch.float64, device=self.index.device
-            ).index_add_(0, self.index, ones)
+            counts = torch.zeros(self.views.rows, dtype=torch.float64, device=self.index.device)
+            counts.index_add_(0, self.index, self.views.ones(self.index.shape[0]))
+            counts = counts.unsqueeze(1)
+            self._counts = (counts > 0, counts.clamp_min(1.0))
         return self._counts
 
     @property
@@ -129,6 +129,7 @@ class LabelViews:
         base = torch.arange(len(self.names), device=self.device) * self.width + 2
         self._base = base.view(-1, 1)
         self.counts = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
+        self._ones: torch.Tensor | None = None
 
     def plan(self, labels: Sequence[torch.Tensor]) -> LabelPlan:
         """Map one batch's labels (one tensor per view, in `names` order) to rows."""
@@ -153,10 +154,14 @@ class LabelViews:
         y = torch.stack(labels) if len(labels) > 1 else labels[0].unsqueeze(0)
         y = y.to(self.device, torch.int64, non_blocking=async_copy)
         index = (y.clamp(-2, self.num_classes) + self._base).view(-1)
-        plan = LabelPlan(self, y, index)
-        ones = torch.ones(index.shape, dtype=torch.float64, device=self.device)
-        self.counts.index_add_(0, index, ones)
-        return plan
+        self.counts.index_add_(0, index, self.ones(index.shape[0]))
+        return LabelPlan(self, y, index)
+
+    def ones(self, n: int) -> torch.Tensor:
+        """n float64 ones, kept for the next batch of the same size."""
+        if self._ones is None or self._ones.shape[0] != n:
+            self._ones = torch.ones(n, dtype=torch.float64, device=self.device)
+        return self._ones
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         """The per-row tensor `t` as V x (K+3) x ..."""
@@ -219,10 +224,10 @@ class BlockStats:
 
     def _first_shift(self, x: torch.Tensor, plan: LabelPlan) -> torch.Tensor:
         x = x.to(torch.float64)
-        n = plan.counts.unsqueeze(1)
+        present, n = plan.first_shift_parts()
         sums = torch.zeros_like(self.s1).index_add_(0, plan.index, x)
         # A row without a sample in this batch is shifted by the batch mean instead.
-        return torch.where(n > 0, sums / n.clamp_min(1.0), x.mean(0))
+        return torch.where(present, sums / n, x.mean(0))
 
     def class_stats(self) -> dict[str, ClassStats]:
         """The statistics of each view as exact `ClassStats` (count, mean, M2)."""
