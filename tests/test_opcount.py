@@ -118,3 +118,35 @@ def test_training_epoch_and_evaluation_do_not_sync(setup):
 
     ops = count(lambda b: evaluate(model, b, amp=False), Batches(data))
     assert ops[SYNC] == 0 and ops["aten.convolution"] > 0
+
+
+def test_compiled_training_compiles_once_per_epoch_shape():
+    """The epoch's last, smaller batch runs the original module: no recompilation for it
+    (nor a switch to dynamic shapes), and the same steps as an eager model otherwise."""
+    compiled_shapes = []
+
+    def backend(graph, inputs):  # records every compilation, then runs the graph as is
+        compiled_shapes.append([tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)])
+        return graph.forward
+
+    def small():  # a small convnet: tracing a ResNet would cost seconds and show nothing more
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10),
+        )  # fmt: skip
+
+    eager, twin = small(), small()
+    compiled = torch.compile(twin, backend=backend, dynamic=False)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [8, 8, 5]
+    data = [(torch.randn(n, 3, 32, 32, generator=gen), torch.arange(n) % 10) for n in sizes]
+    results = []
+    for net, params in ((eager, eager.parameters()), (compiled, twin.parameters())):
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        results.append([train_epoch(net, optimizer, data) for _ in range(2)])
+    assert len(compiled_shapes) == 1
+    assert (8, 3, 32, 32) in compiled_shapes[0] and (5, 3, 32, 32) not in compiled_shapes[0]
+    for (loss_a, hits_a, n_a), (loss_b, hits_b, n_b) in zip(*results, strict=True):
+        assert n_a == n_b == 21 and int(hits_a) == int(hits_b)
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
