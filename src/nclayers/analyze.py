@@ -15,13 +15,21 @@ A label of -1 leaves the sample out of that view (its statistics and accuracies)
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from nclayers.metrics import BlockNCC, BlockStats, ClassStats, LabelPlan, LabelViews
+from nclayers.metrics import (
+    BlockNCC,
+    BlockStats,
+    ClassStats,
+    LabelPlan,
+    LabelViews,
+    collapse_metrics,
+)
 from nclayers.models.blocks import find_blocks
 from nclayers.report.table import Table
 from nclayers.taps import Block, Taps
@@ -169,20 +177,23 @@ def analyze(
         dist.all_reduce(counts)
         dist.all_reduce(correct)
         kept, seen = counts[:-1], int(counts[-1])
+    # Every metric and accuracy of the pass, computed on the device and read at once.
+    metrics = torch.stack([collapse_metrics(list(layer.values())) for layer in stats])
+    fractions = (correct.double() / kept.clamp_min(1.0)).where(kept > 0, float("nan"))
+    metrics, fractions = metrics.tolist(), fractions.tolist()
     seconds = time.perf_counter() - start
-    # One read of the device for every accuracy of the pass.
-    fractions = (correct.double() / kept.clamp_min(1.0)).tolist()
-    kept_n = kept.tolist()
     frac = {
-        (row, view): (fractions[row][v] if kept_n[v] else float("nan"))
+        (row, view): fractions[row][v]
         for row in range(len(fractions))
         for v, view in enumerate(space.names)
     }
 
     rows = []
     for i, (block, layer_stats) in enumerate(zip(blocks, stats, strict=True)):
-        for view, s in layer_stats.items():
-            nc1 = s.nc1()
+        for v, (view, s) in enumerate(layer_stats.items()):
+            n, nc1, nc2 = metrics[i][v]
+            if not (math.isfinite(nc1) and math.isfinite(nc2)):
+                s.nc1(), s.nc2()  # undefined: raise the ValueError that says why
             row = {
                 "run": run,
                 "split": split,
@@ -190,10 +201,10 @@ def analyze(
                 "layer": i + 1,
                 "block": block.name,
                 "dim": s.dim,
-                "n": int(s.counts.sum().item()),
+                "n": int(n),
                 "nc1": nc1,
                 "cdnv_mean": nc1 / (num_classes * (num_classes - 1)),
-                "nc2": s.nc2(),
+                "nc2": nc2,
                 "ncc_acc": frac[(i + 1, view)] if nccs is not None else None,
             }
             if classic_nc1:

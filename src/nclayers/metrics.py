@@ -42,6 +42,7 @@ __all__ = [
     "LabelViews",
     "NCCAccuracy",
     "cdnv_mean",
+    "collapse_metrics",
     "nc1",
     "nc1_classic",
     "nc2",
@@ -232,7 +233,7 @@ class BlockStats:
     def class_stats(self) -> dict[str, ClassStats]:
         """The statistics of each view as exact `ClassStats` (count, mean, M2)."""
         views = self.views
-        k, d = views.num_classes, self.dim
+        k = views.num_classes
         out: dict[str, ClassStats] = {}
         if self.shift is None:
             raise ValueError("BlockStats: no batch was added")
@@ -251,14 +252,10 @@ class BlockStats:
         if self.scatter is not None:  # sum (h-s)(h-s)^T - n delta delta^T, per view
             scatter = self.scatter - (delta * n).transpose(1, 2) @ delta
         for v, name in enumerate(views.names):
-            s = ClassStats(k, d, views.device, scatter=scatter is not None)
-            s.counts = counts[v].clone()
-            s.means = means[v].contiguous()
-            s.m2 = m2[v].contiguous()
-            if scatter is not None:
-                s.scatter = scatter[v].contiguous()
-            s._invalid = invalid[v].clone()
-            out[name] = s
+            out[name] = ClassStats._of(
+                counts[v].clone(), means[v], m2[v], None if scatter is None else scatter[v],
+                invalid[v].clone(),
+            )  # fmt: skip
         return out
 
 
@@ -327,6 +324,17 @@ class ClassStats:
         self.scatter = torch.zeros(self.dim, self.dim, **f64) if scatter else None
         # Labels outside [0, K) and not -1, counted on the device (reported by `check`).
         self._invalid = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    @classmethod
+    def _of(cls, counts, means, m2, scatter, invalid) -> ClassStats:
+        """A state from its tensors (float64, on one device), without allocating zeros."""
+        out = cls.__new__(cls)
+        out.num_classes, out.dim = means.shape
+        out.device = means.device
+        out.counts, out.means, out.m2 = counts, means.contiguous(), m2.contiguous()
+        out.scatter = None if scatter is None else scatter.contiguous()
+        out._invalid = invalid
+        return out
 
     # ------------------------------------------------------------------ updates
     def _check_batch(self, features: torch.Tensor, labels: torch.Tensor):
@@ -562,6 +570,43 @@ def _nc2_from(means: torch.Tensor, global_mean: torch.Tensor) -> float:
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     etf = (eye - 1.0 / k) / math.sqrt(k - 1)
     return float(torch.linalg.matrix_norm(gram / norm - etf))
+
+
+def collapse_metrics(states: Sequence[ClassStats]) -> torch.Tensor:
+    """[samples, nc1, nc2] of several states of one shape (e.g. one block's labels views)
+    as a len(states) x 3 float64 tensor on their device, computed together and without
+    reading the device: NaN or inf marks a state whose metrics are undefined (bad labels
+    or features, an empty class, coinciding means); its `nc1()`/`nc2()` say why."""
+    k = states[0].num_classes
+    counts = torch.stack([s.counts for s in states])  # V x K
+    means = torch.stack([s.means for s in states])  # V x K x D
+    m2 = torch.stack([s.m2 for s in states])
+    invalid = torch.stack([s._invalid for s in states])
+    variances = m2 / counts.clamp_min(1.0)
+    # nc1: exact pairwise differences (no Gram trick), in chunks of rows
+    nv, _, d = means.shape
+    rows = max(1, _CHUNK_ELEMENTS // max(1, nv * k * d))
+    dists = torch.cat(
+        [
+            (means[:, i : i + rows, None] - means[:, None]).square().sum(-1)
+            for i in range(0, k, rows)
+        ],
+        dim=1,
+    )
+    eye = torch.eye(k, dtype=torch.bool, device=means.device)
+    ratio = (variances[:, :, None] + variances[:, None, :]) / (2.0 * dists)
+    nc1_ = ratio.masked_fill(eye, 0.0).sum((1, 2))
+    # nc2
+    samples = counts.sum(1)
+    centre = (counts[:, :, None] * means).sum(1) / samples[:, None]
+    centred = means - centre[:, None]
+    gram = centred @ centred.transpose(1, 2)
+    norm = torch.linalg.matrix_norm(gram)
+    etf = (eye.to(gram.dtype) - 1.0 / k) / math.sqrt(k - 1)
+    nc2_ = torch.linalg.matrix_norm(gram / norm[:, None, None] - etf)
+    valid = (invalid == 0) & (counts > 0).all(1)
+    nan = float("nan")
+    return torch.stack([samples, nc1_.where(valid, nan), nc2_.where(valid, nan)], dim=1)
 
 
 # ---------------------------------------------------------------------- functional
