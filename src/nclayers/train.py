@@ -238,8 +238,8 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch. Returns (mean loss, number correct) as device
     tensors, without a host-device synchronisation."""
-    if x.is_cuda:  # a new iteration for CUDA graphs (torch.compile mode="reduce-overhead")
-        torch.compiler.cudagraph_mark_step_begin()
+    if x.is_cuda and hasattr(model, "_orig_mod"):  # compiled: a new iteration for CUDA
+        torch.compiler.cudagraph_mark_step_begin()  # graphs (mode="reduce-overhead")
     with autocast(x.device, amp):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
