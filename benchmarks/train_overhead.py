@@ -1,6 +1,7 @@
 """Cost of nclayers' training loop and speed of its input pipeline, as ratios from one run.
 
     python benchmarks/train_overhead.py --json bench_train.json
+    python benchmarks/train_overhead.py --device cuda --width 64 --json bench_train_gpu.json
 
 Data: real CIFAR-10 training images from ../shared/data (10,000 by default).
 Prints and writes:
@@ -13,6 +14,8 @@ Prints and writes:
                        images/s (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
                        Normalize on PIL images, num_workers=2), one epoch each, the
                        DataLoader's worker start included as in a training loop.
+Both loops run under the same autocast (bf16 on CUDA unless --no-amp; none on the CPU),
+memory format (channels_last on CUDA) and, with --compile, the same compiled model.
 Each variant runs `--repeats` times, interleaved; the median time counts.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from nclayers.analyze import autocast
 from nclayers.config import DataConfig
 from nclayers.data import DeviceBatches, load_dataset
 from nclayers.models import build_model
@@ -35,11 +39,12 @@ from nclayers.train import train_epoch
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def plain_loop(model, optimizer, batches) -> torch.Tensor:
+def plain_loop(model, optimizer, batches, amp: bool = False) -> torch.Tensor:
     """The minimal PyTorch training loop nclayers is measured against."""
     model.train()
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
+        with autocast(x.device, amp):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -100,13 +105,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--images", type=int, default=10000, help="training images for the pipeline")
-    p.add_argument("--width", type=int, default=16, help="ResNet18 width (64 is standard)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="resnet18", help="a CIFAR ResNet: resnet18 ... resnet152")
+    p.add_argument("--width", type=int, help="ResNet width (default 16 on cpu, 64 on cuda)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=8, help="training steps per timed loop")
+    p.add_argument("--steps", type=int, help="training steps per timed loop (8 cpu, 100 cuda)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="torch.compile the model for both loops with this mode (e.g. default, "
+                        "max-autotune-no-cudagraphs, reduce-overhead)")  # fmt: skip
     p.add_argument("--json", help="write the ratios to this JSON file")
     args = p.parse_args()
     if not (Path(args.data_dir) / "cifar-10-batches-py").is_dir():
@@ -115,18 +125,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    width = args.width or (64 if on_cuda else 16)
+    steps = args.steps or (100 if on_cuda else 8)
+    amp = on_cuda and not args.no_amp
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
     ds = load_dataset(
         DataConfig(name="cifar10", dir=args.data_dir, train_subset=args.images), "train"
     )
 
     # --- the training step: same model, optimiser and batches for both loops
-    model = build_model("resnet18", 10, width=args.width).to(device)
+    model = build_model(args.model, 10, width=width).to(device)
+    if on_cuda:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    source = DeviceBatches(ds, args.batch_size, device, train=True)
-    batches = [(x.clone(), y.clone()) for (x, y), _ in zip(source, range(args.steps), strict=False)]
+    net = torch.compile(model, mode=args.compile, dynamic=False) if args.compile else model
+    source = DeviceBatches(ds, args.batch_size, device, train=True, channels_last=on_cuda)
+    batches = []
+    while len(batches) < steps:  # full batches only: every step has the same shapes
+        batches += [(x.clone(), y.clone()) for x, y in source if len(y) == args.batch_size]
+    batches = batches[:steps]
     loops = {
-        "nclayers_step": lambda: float(train_epoch(model, optimizer, batches)[0]),
-        "plain_step": lambda: float(plain_loop(model, optimizer, batches)),
+        "nclayers_step": lambda: float(train_epoch(net, optimizer, batches, amp)[0]),
+        "plain_step": lambda: float(plain_loop(net, optimizer, batches, amp)),
     }
     # --- the input pipeline: one epoch of augmented, normalised batches each
     device_batches = DeviceBatches(ds, args.batch_size, device, train=True)
@@ -143,8 +165,10 @@ def main() -> None:
     }
 
     times: dict[str, list[float]] = {k: [] for k in (*loops, *pipelines)}
-    for fn in (*loops.values(), *pipelines.values()):  # warm-up
+    t = time.perf_counter()
+    for fn in (*loops.values(), *pipelines.values()):  # warm-up (and compilation)
         fn()
+    warmup = time.perf_counter() - t
     for r in range(args.repeats):
         order = list((loops | pipelines).items())
         if r % 2:  # alternate the order: drift in machine load hits both sides alike
@@ -157,19 +181,26 @@ def main() -> None:
         "step_over_plain": med["nclayers_step"] / med["plain_step"],
         "pipeline_speedup": rate["device_batches"] / rate["dataloader"],
         "seconds": med,
-        "images_per_s": rate | {k: args.steps * args.batch_size / med[k] for k in loops},
+        "images_per_s": rate | {k: steps * args.batch_size / med[k] for k in loops},
+        "warmup_seconds": warmup,
         "images": len(ds),
-        "steps": args.steps,
+        "steps": steps,
         "batch_size": args.batch_size,
-        "width": args.width,
+        "model": args.model,
+        "width": width,
         "workers": args.workers,
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        "amp": amp,
+        "channels_last": on_cuda,
+        "compile": args.compile,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "spread": {k: [min(v), max(v)] for k, v in times.items()},
+        "torch": torch.__version__,
     }
-    print(f"ResNet18 width {args.width}, batch {args.batch_size}, {args.steps} steps; "
-          f"{len(ds)} CIFAR-10 training images; {device}, {torch.get_num_threads()} threads, "
+    print(f"{args.model} width {width}, batch {args.batch_size}, {steps} steps; "
+          f"{len(ds)} CIFAR-10 training images; {result['device']}, amp={amp}, "
+          f"channels_last={on_cuda}, compile={args.compile}, {torch.get_num_threads()} threads, "
           f"{args.workers} DataLoader workers; median of {args.repeats}")  # fmt: skip
     for k, v in med.items():
         print(f"  {k:<15} {v:8.3f} s  {result['images_per_s'][k]:9.0f} img/s")

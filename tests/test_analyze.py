@@ -11,6 +11,16 @@ from nclayers.models import build_model, find_blocks
 from nclayers.taps import Taps, pool_output
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and one thread keeps these tests
+    fast when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -99,3 +109,50 @@ def test_resnet_block_counts(name, count):
     net = build_model(name, 10, width=4)
     assert len(find_blocks(net)) == count
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_minus_one_view_equals_the_kept_samples_alone(model):
+    """A view whose label is -1 on some samples measures the other samples only: its
+    rows (statistics, NCC accuracy, model accuracy) equal those of a pass over them."""
+    data, ref = batches(seed=3), batches(seed=4)
+    gen = torch.Generator().manual_seed(5)
+    part = []
+    for x, y in data:
+        p = y["clean"].clone()
+        p[torch.rand(len(p), generator=gen) < 0.3] = -1
+        part.append((x, {"clean": y["clean"], "part": p}))
+    part[0][1]["part"][:10] = torch.arange(10)  # every class keeps a sample
+    kept = []
+    for x, y in part:
+        keep = y["part"] >= 0
+        kept.append((x[keep], {"part": y["part"][keep]}))
+    ref_table = nclayers.analyze(model, ref, 10, progress=False)
+    both = nclayers.analyze(model, part, 10, reference=ref_table, progress=False)
+    alone = nclayers.analyze(model, kept, 10, reference=ref_table, progress=False)
+    n = sum(len(y["part"]) for _, y in kept)
+    assert n < 120
+    for r, a in zip(both.where(view="part"), alone, strict=True):
+        assert r["n"] == a["n"] == n
+        for key in ("nc1", "nc2", "cdnv_mean"):
+            assert r[key] == pytest.approx(a[key], rel=1e-9)
+        assert r["ncc_acc"] == a["ncc_acc"]
+    assert both.meta["accuracy"]["part"] == alone.meta["accuracy"]["part"]
+    assert {r["n"] for r in both.where(view="clean")} == {120}
+
+
+def test_invalid_labels_raise_after_the_pass(model):
+    data = batches()
+    data[1][1]["noisy"][4] = 10
+    with pytest.raises(ValueError, match=r"1 values are outside \[0, 10\) and not -1"):
+        nclayers.analyze(model, data, 10, progress=False)
+
+
+def test_classic_nc1_over_views(model):
+    data = batches()
+    blocks = find_blocks(model, "layer2.*")
+    feats = collect(model, data, blocks)
+    table = nclayers.analyze(model, data, 10, blocks=blocks, classic_nc1=True, progress=False)
+    for view in ("clean", "noisy"):
+        labels = torch.cat([y[view] for _, y in data]).numpy()
+        for r, f in zip(table.where(view=view), feats, strict=True):
+            assert r["nc1_classic"] == pytest.approx(metrics.nc1_classic(f, labels), rel=1e-8)

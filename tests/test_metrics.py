@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nclayers import metrics
-from nclayers.metrics import ClassStats, NCCAccuracy, merge_all
+from nclayers.metrics import BlockNCC, BlockStats, ClassStats, LabelViews, NCCAccuracy, merge_all
 
 
 # --------------------------------------------------------------- independent reference
@@ -273,3 +273,135 @@ def test_bad_batch_leaves_state_untouched():
     with pytest.raises(ValueError):
         s.update(bad, torch.from_numpy(labels[:4]))
     assert s.nc1() == before
+
+
+# --------------------------------------------------------------- labels views: -1, fused path
+def test_minus_one_leaves_the_sample_out():
+    """A label of -1 skips the sample: the state equals the one of the kept samples."""
+    feats, labels = make_data(n=400, seed=18)
+    rng = np.random.default_rng(18)
+    marked = labels.copy()
+    marked[rng.random(len(labels)) < 0.3] = -1
+    marked[:5] = np.arange(5)  # every class keeps a sample
+    keep = marked >= 0
+    ref = two_pass(feats[keep], labels[keep], 5)
+    full = ClassStats(5, 12, scatter=True)
+    for chunk in np.array_split(np.arange(len(feats)), 6):
+        full.update(torch.from_numpy(feats[chunk]), torch.from_numpy(marked[chunk]))
+    kept = ClassStats(5, 12, scatter=True).update(
+        torch.from_numpy(feats[keep]), torch.from_numpy(labels[keep])
+    )
+    assert full.counts.sum().item() == keep.sum() < len(labels)
+    torch.testing.assert_close(full.counts, kept.counts, rtol=0, atol=0)
+    torch.testing.assert_close(full.means, kept.means, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(full.m2, kept.m2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(full.scatter, kept.scatter, rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(full.variances.numpy(), ref["var"], rtol=1e-12)
+    assert full.nc1() == pytest.approx(ref["nc1"], rel=1e-12)
+    assert full.nc2() == pytest.approx(ref["nc2"], rel=1e-12)
+    # NCC accuracy counts only the samples of the view.
+    acc = NCCAccuracy(kept).update(torch.from_numpy(feats), torch.from_numpy(marked))
+    alone = NCCAccuracy(kept).update(torch.from_numpy(feats[keep]), torch.from_numpy(labels[keep]))
+    assert int(acc.total) == keep.sum() and acc.compute() == alone.compute()
+
+
+@pytest.mark.parametrize("bad", [-2, -7, 5, 9])
+def test_labels_below_minus_one_or_from_k_are_refused(bad):
+    feats, labels = make_data(seed=19)
+    labels = labels.copy()
+    labels[7] = bad
+    with pytest.raises(ValueError, match=rf"value {bad} is outside \[0, 5\)"):
+        ClassStats(5, 12).update(torch.from_numpy(feats), torch.from_numpy(labels))
+    # The streaming path counts them on the device and raises when a metric is computed.
+    views = LabelViews(["v"], 5)
+    block = BlockStats(views, 12).update(
+        torch.from_numpy(feats), views.plan([torch.from_numpy(labels)])
+    )
+    stats = block.class_stats()["v"]
+    with pytest.raises(ValueError, match=r"1 values are outside \[0, 5\) and not -1"):
+        stats.nc1()
+
+
+def make_views(n=360, d=12, k=5, seed=20, offset=0.0, spread=1.0):
+    """Features and three labels views: true labels, shuffled ones, and true labels with
+    some samples left out (-1). The first 40 samples hold no sample of class 4 in any view,
+    so that class gets its shift from a later rule than the others."""
+    feats, labels = make_data(n=n, d=d, k=k, seed=seed, offset=offset, spread=spread)
+    rng = np.random.default_rng(seed)
+    labels = labels.copy()
+    labels[:40] = rng.integers(0, k - 1, size=40)
+    shuffled = labels.copy()
+    shuffled[40:] = rng.permutation(labels[40:])
+    part = labels.copy()
+    part[rng.random(n) < 0.25] = -1
+    part[:40][part[:40] == 3] = -1  # and class 3 is left out of the first batch too
+    views = {"clean": labels, "noisy": shuffled, "part": part}
+    return feats, views
+
+
+@pytest.mark.parametrize(("offset", "spread", "rel"), [(0.0, 1.0, 1e-12), (1e4, 1e-2, 1e-6)])
+def test_fused_views_equal_one_state_per_view(offset, spread, rel):
+    """BlockStats over stacked views equals one ClassStats per view on the kept samples,
+    including classes missing from the first batch and features far from the origin."""
+    feats, views = make_views(offset=offset, spread=spread)
+    x = torch.from_numpy(feats).float()
+    space = LabelViews(list(views), 5)
+    block = BlockStats(space, 12, scatter=True)
+    for chunk in np.array_split(np.arange(len(x)), 9):  # first chunk: samples 0..39
+        plan = space.plan([torch.from_numpy(y[chunk]) for y in views.values()])
+        block.update(x[chunk], plan)
+    got = block.class_stats()
+    torch.testing.assert_close(space.kept(), torch.tensor(
+        [float((y >= 0).sum()) for y in views.values()], dtype=torch.float64))  # fmt: skip
+    for name, y in views.items():
+        keep = y >= 0
+        ref = two_pass(x.double().numpy()[keep], y[keep], 5)
+        s = got[name]
+        assert s.counts.tolist() == np.bincount(y[keep], minlength=5).tolist()
+        np.testing.assert_allclose(s.means.numpy(), ref["means"], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(s.variances.numpy(), ref["var"], rtol=rel)
+        assert s.nc1() == pytest.approx(ref["nc1"], rel=rel)
+        assert s.nc2() == pytest.approx(ref["nc2"], rel=rel)
+        if offset == 0.0:
+            assert s.nc1_classic() == pytest.approx(ref["classic"], rel=1e-9)
+
+
+def test_fused_path_defers_bad_features_to_compute_time():
+    """No error and no device read during updates; the view that holds a NaN sample fails
+    at compute time, a view that leaves that sample out (-1) does not."""
+    feats, labels = make_data(seed=21)
+    x = torch.from_numpy(feats)
+    x[3, 2] = float("nan")
+    without = labels.copy()
+    without[3] = -1
+    space = LabelViews(["with", "without"], 5)
+    block = BlockStats(space, 12)
+    block.update(x, space.plan([torch.from_numpy(labels), torch.from_numpy(without)]))
+    stats = block.class_stats()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stats["with"].nc1()
+    keep = without >= 0
+    assert stats["without"].nc1() == pytest.approx(
+        metrics.nc1(feats[keep], labels[keep]), rel=1e-12
+    )
+
+
+def test_block_ncc_counts_every_view():
+    feats, views = make_views(seed=22, spread=3.0)
+    ref = ClassStats(5, 12).update(
+        torch.from_numpy(feats[:200]), torch.from_numpy(views["clean"][:200])
+    )
+    space = LabelViews(list(views), 5)
+    ncc = BlockNCC(ref)
+    test = torch.from_numpy(feats[200:]).float()
+    for chunk in np.array_split(np.arange(len(test)), 3):
+        ncc.update(
+            test[chunk], space.plan([torch.from_numpy(y[200:][chunk]) for y in views.values()])
+        )
+    means = ref.means.numpy()
+    pred = ((feats[200:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+    for v, y in enumerate(views.values()):
+        y = y[200:]
+        keep = y >= 0
+        assert int(ncc.correct[v]) == int((pred[keep] == y[keep]).sum())
+        assert int(space.kept()[v]) == keep.sum()

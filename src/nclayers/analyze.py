@@ -1,21 +1,35 @@
 """One pass over a data split: every block, every labels view, exact statistics.
 
 `analyze(model, loader, num_classes)` hooks every block, runs the model once over the
-loader, and for each (block, labels view) accumulates a float64 `ClassStats` (and, given
-reference class means, a nearest-class-centre accuracy). The result is a tidy `Table`,
-one row per (split, view, layer), that also carries the statistics for later use.
+loader, and for each (block, labels view) accumulates exact float64 class statistics
+(and, given reference class means, a nearest-class-centre accuracy). The result is a tidy
+`Table`, one row per (split, view, layer), that also carries the `ClassStats`.
+
+The pass costs about as much as inference, on a GPU too: the labels of a batch are
+planned once (`LabelViews.plan`) and every block then updates all views together with a
+few fused operations (`BlockStats`, `BlockNCC`); nothing in the pass reads the device, so
+the host never waits for it. Counts, accuracies and errors are read once, at the end.
+A label of -1 leaves the sample out of that view (its statistics and accuracies).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from nclayers.metrics import ClassStats, NCCAccuracy
+from nclayers.metrics import (
+    BlockNCC,
+    BlockStats,
+    ClassStats,
+    LabelPlan,
+    LabelViews,
+    collapse_metrics,
+)
 from nclayers.models.blocks import find_blocks
 from nclayers.report.table import Table
 from nclayers.taps import Block, Taps
@@ -63,7 +77,9 @@ def analyze(
     """Measure every block of `model` on one pass over `loader`.
 
     loader: yields (images, labels) where labels is a tensor (one view, named after
-        `loader.views[0]` if the loader has views, else "clean") or a dict view -> tensor.
+        `loader.views[0]` if the loader has views, else "clean") or a dict view -> tensor
+        (the same views in every batch). A label of -1 leaves that sample out of that
+        view; labels below -1 or >= num_classes raise a ValueError after the pass.
     blocks: "auto", module names / glob patterns, or `Block`s from `find_blocks`.
     reference: class means for the NCC accuracy: a Table returned by an earlier
         `analyze` (its "clean" view, e.g. of the training split) or another loader,
@@ -100,22 +116,21 @@ def analyze(
             )
 
     default_view = getattr(loader, "views", ["clean"])[0]
-    stats: list[dict[str, ClassStats]] = [{} for _ in blocks]
-    ncc: list[dict[str, NCCAccuracy]] = [{} for _ in blocks]
-    correct: dict[str, torch.Tensor] = {}
+    # Reference means are checked and centred once, before the pass (that reads the device).
+    nccs = [BlockNCC(r, device) for r in ref_stats] if ref_stats is not None else None
+    space: LabelViews | None = None  # the labels views, stacked; fixed by the first batch
+    block_stats: list[BlockStats | None] = [None] * len(blocks)
+    plan: LabelPlan | None = None  # this batch's labels, shared by every block
+    hits: torch.Tensor | None = None  # model accuracy, per view
     seen = 0
-    views: dict[str, torch.Tensor] = {}
 
     def sink(index: int, feats: torch.Tensor) -> None:
-        layer = stats[index]
-        for view, y in views.items():
-            if view not in layer:
-                layer[view] = ClassStats(num_classes, feats.shape[1], feats.device, classic_nc1)
-                if ref_stats is not None:
-                    ncc[index][view] = NCCAccuracy(ref_stats[index], device=feats.device)
-            layer[view].update(feats, y)
-            if ref_stats is not None:
-                ncc[index][view].update(feats, y)
+        stats = block_stats[index]
+        if stats is None:
+            stats = block_stats[index] = BlockStats(space, feats.shape[1], classic_nc1)
+        stats.update(feats, plan)
+        if nccs is not None:
+            nccs[index].update(feats, plan)
 
     was_training = model.training
     model.eval()
@@ -125,39 +140,60 @@ def analyze(
         with Taps(blocks, sink):
             for batch in bar:
                 x, ys = _split_batch(batch, default_view)
+                if space is None:
+                    space = LabelViews(list(ys), num_classes, device)
+                elif set(ys) != set(space.names):
+                    raise ValueError(
+                        f"loader: a batch has labels views {sorted(ys)}, the first had "
+                        f"{sorted(space.names)}; every batch needs the same views"
+                    )
+                plan = space.plan([ys[v] for v in space.names])
                 x = x.to(device, non_blocking=True)
-                views = {v: y.to(device, non_blocking=True) for v, y in ys.items()}
                 with autocast(device, amp):
                     logits = _logits(model(x))
-                pred = logits.argmax(dim=1)
-                for v, y in views.items():
-                    hit = (pred == y).sum()
-                    correct[v] = correct[v] + hit if v in correct else hit
+                h = (plan.labels == logits.argmax(dim=1)).sum(1)
+                hits = h if hits is None else hits.add_(h)
                 seen += len(x)
     finally:
         model.train(was_training)
-    if seen == 0:
+    if space is None or seen == 0:
         raise ValueError("loader yielded no batch; check the data split and subset sizes")
+    missing = [b.name for b, s in zip(blocks, block_stats, strict=True) if s is None]
+    if missing:
+        raise ValueError(
+            f"blocks {missing[:5]} never ran in the forward pass; name modules the model calls"
+        )
+    stats = [s.class_stats() for s in block_stats]
+    kept = space.kept()
+    correct = torch.stack([hits, *(n.correct for n in nccs or ())])
 
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        for layer_stats, layer_ncc in zip(stats, ncc, strict=True):
+        for layer_stats in stats:
             for s in layer_stats.values():
                 s.reduce()
-            for a in layer_ncc.values():
-                a.reduce()
-        seen_t = torch.tensor(seen, device=device)
-        dist.all_reduce(seen_t)
-        seen = int(seen_t)
-        for c in correct.values():
-            dist.all_reduce(c)
+        counts = torch.cat([kept, torch.tensor([seen], dtype=kept.dtype, device=kept.device)])
+        dist.all_reduce(counts)
+        dist.all_reduce(correct)
+        kept, seen = counts[:-1], int(counts[-1])
+    # Every metric and accuracy of the pass, computed on the device and read at once.
+    metrics = torch.stack([collapse_metrics(list(layer.values())) for layer in stats])
+    fractions = (correct.double() / kept.clamp_min(1.0)).where(kept > 0, float("nan"))
+    metrics, fractions = metrics.tolist(), fractions.tolist()
     seconds = time.perf_counter() - start
+    frac = {
+        (row, view): fractions[row][v]
+        for row in range(len(fractions))
+        for v, view in enumerate(space.names)
+    }
 
     rows = []
     for i, (block, layer_stats) in enumerate(zip(blocks, stats, strict=True)):
-        for view, s in layer_stats.items():
-            nc1 = s.nc1()
+        for v, (view, s) in enumerate(layer_stats.items()):
+            n, nc1, nc2 = metrics[i][v]
+            if not (math.isfinite(nc1) and math.isfinite(nc2)):
+                s.nc1(), s.nc2()  # undefined: raise the ValueError that says why
             row = {
                 "run": run,
                 "split": split,
@@ -165,18 +201,18 @@ def analyze(
                 "layer": i + 1,
                 "block": block.name,
                 "dim": s.dim,
-                "n": int(s.counts.sum().item()),
+                "n": int(n),
                 "nc1": nc1,
                 "cdnv_mean": nc1 / (num_classes * (num_classes - 1)),
-                "nc2": s.nc2(),
-                "ncc_acc": ncc[i][view].compute() if view in ncc[i] else None,
+                "nc2": nc2,
+                "ncc_acc": frac[(i + 1, view)] if nccs is not None else None,
             }
             if classic_nc1:
                 row["nc1_classic"] = s.nc1_classic()
             if extra:
                 row.update(extra)
             rows.append(row)
-    accuracy = {v: int(c.item()) / seen for v, c in correct.items()}
+    accuracy = {view: frac[(0, view)] for view in space.names}
     table = Table(rows, split=split, samples=seen, seconds=seconds, accuracy=accuracy)
     table.stats = stats
     return table

@@ -156,6 +156,49 @@ def cmd_memorization(args) -> None:
     print(f"memorization layers (ratio > 1): {memorization_layers(ratios)}")
 
 
+def _run_config(args):
+    """A run folder's saved config <- overrides; results go to --out or the run folder."""
+    from nclayers.jobs import RunFolder
+
+    overrides = list(args.overrides)
+    if getattr(args, "data_dir", None):
+        overrides.append(f"data.dir={args.data_dir}")
+    if getattr(args, "device", None):
+        overrides.append(f"device={args.device}")
+    cfg = RunFolder(args.run).load_config(overrides)
+    if args.out:
+        cfg.out = args.out
+    return cfg
+
+
+def cmd_prune(args) -> None:
+    from nclayers.jobs.prune import prune_run
+
+    cfg = _run_config(args)
+    if args.blocks is not None:
+        cfg.prune.blocks = args.blocks
+    if args.finetune_epochs is not None:
+        cfg.prune.finetune_epochs = args.finetune_epochs
+    result = prune_run(cfg, run_dir=args.run, progress=not args.quiet)
+    for note in result["notes"]:
+        print(note)
+    cols = ["variant", "finetune_epochs", "n_removed", "layers", "blocks", "test_acc",
+            "acc_change", "acc_change_same_finetune", "nc1_last"]  # fmt: skip
+    print(result["summary"].format(cols))
+    print(result["text"])
+    print(f"wrote {Path(cfg.out) / 'prune.csv'}, prune_layers.csv and prune.png")
+
+
+def cmd_equality(args) -> None:
+    from nclayers.config import load_config
+    from nclayers.jobs.equality import equality_run
+
+    cfg = load_config(None, args.overrides).equality
+    for result in equality_run(args.target, cfg, plot=not args.no_plot):
+        print(result.format())
+        print("wrote " + ", ".join(str(p) for p in result.written))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nclayers",
@@ -211,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noisy", default="noisy")
     p.add_argument("--out", help="folder for memorization.csv/png (default: beside the CSV)")
     p.set_defaults(fn=cmd_memorization)
+    p = sub.add_parser(
+        "prune", epilog=EPILOG,
+        help="Remove a run's plateau (or listed) blocks by identity; compare with as many "
+        "random and last blocks, before and after a fine-tune.",
+    )  # fmt: skip
+    p.add_argument("run", help="a trained run's folder (config.yaml, checkpoint.pt)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--blocks", help="plateau (default), or indices / module names: 10,11,layer3.2")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tune every variant (prune.*)")
+    p.add_argument("--out", help="folder for prune.csv/png (default: the run folder)")
+    p.add_argument("--data-dir", help="local data folder (same as data.dir=...)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (same as device=...)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_prune)
+    p = sub.add_parser(
+        "equality", epilog="Settings: equality.plateau_fraction=0.5 equality.plateau_min_run=2 "
+        "equality.split=test equality.view=clean equality.bic_margin=2",
+        help="Are all layers equal? Per-block enhancement, the law-of-separation fit against "
+        "a plateau, the redundant blocks, and the pruning result where measured.",
+    )  # fmt: skip
+    p.add_argument("target", help="a layers.csv, a run folder, or a sweep folder of runs")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="equality.* settings")
+    p.add_argument("--no-plot", action="store_true", help="no equality.png")
+    p.set_defaults(fn=cmd_equality)
     p = sub.add_parser(
         "sweep",
         help="Run a sweep file: a grid of runs and their stages, then "

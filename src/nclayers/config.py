@@ -76,11 +76,32 @@ class AnalyzeConfig:
 
 
 @dataclass
+class EqualityConfig:
+    split: str = "test"  # the curve fitted (clean-data NC is measured on test, paper A.1)
+    view: str = "clean"
+    plateau_fraction: float = 0.5  # redundant: enhancement < fraction x the mean enhancement
+    plateau_min_run: int = 2  # ... in runs of at least this many consecutive blocks
+    bic_margin: float = 2.0  # the plateau fit must beat geometric decay by this much BIC
+
+
+@dataclass
+class PruneConfig:
+    blocks: Any = "plateau"  # "plateau", or block indices / module names ("10,11,layer3.2")
+    baselines: list = field(default_factory=lambda: ["last", "random"])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one random baseline per seed
+    finetune_epochs: int = 0  # fine-tune every variant (the unpruned one too) this long
+    finetune_lr: float = 0.01  # constant; the optimiser settings are the run's train.*
+    reference: str | None = None  # split for the NCC accuracy (None: one pass per variant)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    equality: EqualityConfig = field(default_factory=EqualityConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     out: str = "runs/run"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run: str = ""  # a name for the run, written into every CSV row

@@ -2,9 +2,23 @@
 
 `ClassStats` keeps, per class, the sample count, the mean and the sum of squared
 deviations from that mean (a scalar: the trace of the class scatter), all in float64.
-Batches update it with Chan et al.'s pairwise combination, so batches, devices and
-processes merge exactly in any order; the one-pass `E[h^2] - E[h]^2` shortcut is never
-used because it cancels catastrophically for collapsed features far from the origin.
+States merge with Chan et al.'s pairwise combination, so batches, devices and processes
+merge exactly in any order; the one-pass `E[h^2] - E[h]^2` shortcut is never used because
+it cancels catastrophically for collapsed features far from the origin.
+
+The streaming path that `analyze` uses measures every labels view of a block with a
+handful of fused tensor operations per batch and no host synchronisation:
+
+- `LabelViews` stacks the V labels views of a pass into one index space of V x (K + 3)
+  rows; its `plan(labels)`, built once per batch and shared by every block, holds the
+  row of each (view, sample) and counts the samples per row.
+- `BlockStats` keeps, per row, float64 sums of `h - s` and `(h - s)^2` around a shift `s`
+  fixed from the first batch (that batch's class mean), so the variance is a difference
+  of numbers of the size of the class spread, not of `||h||^2`. One `index_add_` per
+  sum serves all views; `class_stats()` turns the sums into `ClassStats` at the end.
+- A label of -1 means "this sample is not part of this view": it lands in a spare row
+  and counts nowhere. Labels below -1 or >= K land in other spare rows and are reported,
+  with non-finite features, when a metric is computed (`ClassStats.check`).
 
 Conventions follow DESIGN.md / paper Eqs. 4-5:
     var_k = (1/n_k) sum_i ||h_ki - mu_k||^2
@@ -15,15 +29,20 @@ Conventions follow DESIGN.md / paper Eqs. 4-5:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
+    "BlockNCC",
+    "BlockStats",
     "ClassStats",
+    "LabelPlan",
+    "LabelViews",
     "NCCAccuracy",
     "cdnv_mean",
+    "collapse_metrics",
     "nc1",
     "nc1_classic",
     "nc2",
@@ -32,6 +51,9 @@ __all__ = [
 
 # Pairwise mean differences are formed in chunks of at most this many float64 elements.
 _CHUNK_ELEMENTS = 1 << 24
+# Spare rows per view in the stacked index space: labels < -1, label -1, labels >= K.
+_LOW, _SKIP, _SPARE = 0, 1, 3
+SKIP_LABEL = -1
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
@@ -47,14 +69,236 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     return x
 
 
+# ---------------------------------------------------------------------- streaming path
+class LabelPlan:
+    """The label work of one batch, built once by `LabelViews.plan` and shared by every
+    block's update. `labels` is V x B (int64, as given); `index` the V*B rows of the
+    stacked index space, view-major."""
+
+    def __init__(self, views: LabelViews, labels: torch.Tensor, index: torch.Tensor) -> None:
+        self.views = views
+        self.labels = labels
+        self.index = index
+        self.batch = labels.shape[1]
+        self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._weight: torch.Tensor | None = None
+
+    def first_shift_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows with a sample in this batch, their counts clamped to >= 1), both rows x 1:
+        what every block's first update needs, computed once."""
+        if self._counts is None:
+            counts = torch.zeros(self.views.rows, dtype=torch.float64, device=self.index.device)
+            counts.index_add_(0, self.index, self.views.ones(self.index.shape[0]))
+            counts = counts.unsqueeze(1)
+            self._counts = (counts > 0, counts.clamp_min(1.0))
+        return self._counts
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """V*B x 1 float64: 1 where the sample belongs to a class of its view, else 0."""
+        if self._weight is None:
+            y = self.labels
+            keep = (y >= 0) & (y < self.views.num_classes)
+            self._weight = keep.to(torch.float64).view(-1, 1)
+        return self._weight
+
+
+class LabelViews:
+    """The labels views of one pass, stacked into one index space.
+
+    View v owns rows v*(K+3) .. v*(K+3)+K+2: row 0 takes labels below -1 (invalid), row 1
+    label -1 (the sample is not part of this view), rows 2..K+1 the classes and row K+2
+    labels >= K (invalid). `plan(labels)`, once per batch, maps a batch's labels to rows
+    and adds them to `counts`, the samples per row over the pass so far.
+    """
+
+    def __init__(
+        self, names: Sequence[str], num_classes: int, device: torch.device | str = "cpu"
+    ) -> None:
+        if int(num_classes) < 2:
+            raise ValueError(
+                f"num_classes={num_classes}: neural-collapse metrics need at least two classes"
+            )
+        self.names = tuple(names)
+        if not self.names:
+            raise ValueError("labels: no labels view given")
+        self.num_classes = int(num_classes)
+        self.device = torch.device(device)
+        self.width = self.num_classes + _SPARE
+        self.rows = len(self.names) * self.width
+        # label y of view v -> row v*width + clamp(y, -2, K) + 2
+        base = torch.arange(len(self.names), device=self.device) * self.width + 2
+        self._base = base.view(-1, 1)
+        self.counts = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
+        self._ones: torch.Tensor | None = None
+
+    def plan(self, labels: Sequence[torch.Tensor]) -> LabelPlan:
+        """Map one batch's labels (one tensor per view, in `names` order) to rows."""
+        if len(labels) != len(self.names):
+            raise ValueError(
+                f"labels: expected {len(self.names)} views {list(self.names)}, got {len(labels)}"
+            )
+        size = None
+        for name, y in zip(self.names, labels, strict=True):
+            if y.ndim != 1 or (size is not None and y.shape[0] != size):
+                raise ValueError(
+                    f"labels of view {name!r}: expected one label per sample, shape "
+                    f"({size if size is not None else 'N'},), got {tuple(y.shape)}"
+                )
+            if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+                raise ValueError(
+                    f"labels of view {name!r}: expected integer class indices, got {y.dtype}"
+                )
+            size = y.shape[0]
+        # Asynchronous copies are safe only towards an accelerator, never back to the host.
+        async_copy = self.device.type != "cpu"
+        y = torch.stack(labels) if len(labels) > 1 else labels[0].unsqueeze(0)
+        y = y.to(self.device, torch.int64, non_blocking=async_copy)
+        index = (y.clamp(-2, self.num_classes) + self._base).view(-1)
+        self.counts.index_add_(0, index, self.ones(index.shape[0]))
+        return LabelPlan(self, y, index)
+
+    def ones(self, n: int) -> torch.Tensor:
+        """n float64 ones, kept for the next batch of the same size."""
+        if self._ones is None or self._ones.shape[0] != n:
+            self._ones = torch.ones(n, dtype=torch.float64, device=self.device)
+        return self._ones
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The per-row tensor `t` as V x (K+3) x ..."""
+        return t.view(len(self.names), self.width, *t.shape[1:])
+
+    def class_counts(self) -> torch.Tensor:
+        """V x K float64 samples per (view, class)."""
+        return self._rows(self.counts)[:, 2 : 2 + self.num_classes]
+
+    def kept(self) -> torch.Tensor:
+        """Samples per view that belong to one of its classes (V, float64)."""
+        return self.class_counts().sum(1)
+
+    def invalid(self) -> torch.Tensor:
+        """Labels per view below -1 or >= K (V, int64)."""
+        rows = self._rows(self.counts)
+        return (rows[:, _LOW] + rows[:, -1]).to(torch.int64)
+
+
+class BlockStats:
+    """One block's class statistics for every labels view of a pass.
+
+    Per row of the `LabelViews` index space: float64 sums of `h - s` and, per dimension,
+    of `(h - s)^2`, with the shift `s` the class mean of the first batch (for a class
+    absent from it: that batch's mean). One update is six tensor operations for all
+    views together, none of which waits for the device.
+    """
+
+    def __init__(self, views: LabelViews, dim: int, scatter: bool = False) -> None:
+        if int(dim) < 1:
+            raise ValueError(f"dim={dim}: the feature dimension must be a positive integer")
+        self.views = views
+        self.dim = int(dim)
+        f64 = dict(dtype=torch.float64, device=views.device)
+        self.shift: torch.Tensor | None = None
+        self.s1 = torch.zeros(views.rows, self.dim, **f64)
+        self.s2 = torch.zeros(views.rows, self.dim, **f64)
+        nv = len(views.names)
+        self.scatter = torch.zeros(nv, self.dim, self.dim, **f64) if scatter else None
+
+    def update(self, features: torch.Tensor, plan: LabelPlan) -> BlockStats:
+        """Add one batch: `features` B x D (any float dtype, on the views' device)."""
+        if features.ndim != 2 or features.shape != (plan.batch, self.dim):
+            raise ValueError(
+                f"features: expected shape ({plan.batch}, {self.dim}) (one pooled vector per "
+                f"sample), got {tuple(features.shape)}"
+            )
+        nv = len(self.views.names)
+        x = features.repeat(nv, 1) if nv > 1 else features
+        if self.shift is None:
+            self.shift = self._first_shift(x, plan)
+        # float32 - float64 promotes to float64: the float32 values are exact in it.
+        c = x - self.shift.index_select(0, plan.index)
+        self.s1.index_add_(0, plan.index, c)
+        self.s2.index_add_(0, plan.index, c * c)
+        if self.scatter is not None:
+            cw = (c * plan.weight).view(nv, plan.batch, self.dim)
+            self.scatter.baddbmm_(cw.transpose(1, 2), cw)
+        return self
+
+    def _first_shift(self, x: torch.Tensor, plan: LabelPlan) -> torch.Tensor:
+        x = x.to(torch.float64)
+        present, n = plan.first_shift_parts()
+        sums = torch.zeros_like(self.s1).index_add_(0, plan.index, x)
+        # A row without a sample in this batch is shifted by the batch mean instead.
+        return torch.where(present, sums / n, x.mean(0))
+
+    def class_stats(self) -> dict[str, ClassStats]:
+        """The statistics of each view as exact `ClassStats` (count, mean, M2)."""
+        views = self.views
+        k = views.num_classes
+        out: dict[str, ClassStats] = {}
+        if self.shift is None:
+            raise ValueError("BlockStats: no batch was added")
+        counts = views.class_counts()
+        invalid = views.invalid()
+        cls = slice(2, 2 + k)
+        s1 = views._rows(self.s1)[:, cls]
+        s2 = views._rows(self.s2)[:, cls]
+        shift = views._rows(self.shift)[:, cls]
+        n = counts.unsqueeze(2)
+        delta = s1 / n.clamp_min(1.0)  # class mean - shift
+        means = torch.where(n > 0, shift + delta, torch.zeros_like(shift))
+        # sum (h - s)^2 - n delta^2 = sum (h - mu)^2, per dimension
+        m2 = (s2 - s1 * delta).sum(2).clamp_min(0.0)
+        scatter = None
+        if self.scatter is not None:  # sum (h-s)(h-s)^T - n delta delta^T, per view
+            scatter = self.scatter - (delta * n).transpose(1, 2) @ delta
+        for v, name in enumerate(views.names):
+            out[name] = ClassStats._of(
+                counts[v].clone(), means[v], m2[v], None if scatter is None else scatter[v],
+                invalid[v].clone(),
+            )  # fmt: skip
+        return out
+
+
+class BlockNCC:
+    """Nearest-class-centre accuracy of one block for every labels view at once.
+
+    The prediction depends on the features only, so it is made once per batch; each
+    view then counts its hits (a label of -1 never matches). Distances are taken after
+    subtracting the reference's global mean, in float64.
+    """
+
+    def __init__(self, reference: ClassStats, device=None) -> None:
+        reference.check()
+        self.device = torch.device(device) if device is not None else reference.device
+        self.num_classes = reference.num_classes
+        centre = reference.global_mean.to(self.device)
+        means = reference.means.to(self.device) - centre
+        self.centre = centre
+        self.weight = means.T.contiguous()  # D x K
+        # argmin ||x - mu||^2 = argmax (x . mu - ||mu||^2 / 2)
+        self.bias = -0.5 * means.square().sum(1)
+        self.correct: torch.Tensor | None = None
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, features.to(self.device) - self.centre, self.weight).argmax(1)
+
+    def update(self, features: torch.Tensor, plan: LabelPlan) -> BlockNCC:
+        hits = (plan.labels == self.predict(features)).sum(1)
+        self.correct = hits if self.correct is None else self.correct.add_(hits)
+        return self
+
+
 class ClassStats:
     """Per-class count, mean and scalar sum of squared deviations, in float64.
 
     `update(features, labels)` takes an N x D float tensor (float32, float64 or bfloat16,
-    any device) and N integer labels in [0, num_classes). `merge(other)` combines two
+    any device) and N integer labels in [0, num_classes); a label of -1 marks a sample
+    that is not part of this labels view and is skipped. `merge(other)` combines two
     states exactly; `reduce()` sums the states of all torch.distributed processes.
     With `scatter=True` it also keeps the D x D within-class scatter needed by the classic
     `trace(Sigma_W Sigma_B^+)/K` metric (off by default: it costs D^2 memory per layer).
+    On the CPU bad input raises at `update`; on an accelerator it is counted on the device
+    and raised when a metric is computed, so updates never wait for the device.
     """
 
     def __init__(
@@ -78,9 +322,19 @@ class ClassStats:
         self.means = torch.zeros(self.num_classes, self.dim, **f64)
         self.m2 = torch.zeros(self.num_classes, **f64)
         self.scatter = torch.zeros(self.dim, self.dim, **f64) if scatter else None
-        # Invalid input seen on an accelerator is counted here and reported at compute
-        # time, so that updates never force a host-device synchronisation.
+        # Labels outside [0, K) and not -1, counted on the device (reported by `check`).
         self._invalid = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    @classmethod
+    def _of(cls, counts, means, m2, scatter, invalid) -> ClassStats:
+        """A state from its tensors (float64, on one device), without allocating zeros."""
+        out = cls.__new__(cls)
+        out.num_classes, out.dim = means.shape
+        out.device = means.device
+        out.counts, out.means, out.m2 = counts, means.contiguous(), m2.contiguous()
+        out.scatter = None if scatter is None else scatter.contiguous()
+        out._invalid = invalid
+        return out
 
     # ------------------------------------------------------------------ updates
     def _check_batch(self, features: torch.Tensor, labels: torch.Tensor):
@@ -99,27 +353,23 @@ class ClassStats:
             raise ValueError(f"labels: expected integer class indices, got dtype {labels.dtype}")
         if not features.dtype.is_floating_point:
             features = features.float()
-        # Asynchronous copies are safe only towards an accelerator, never back to the host.
         async_copy = self.device.type != "cpu"
         features = features.to(self.device, non_blocking=async_copy)
         labels = labels.to(self.device, non_blocking=async_copy).long()
-        bad_label = (labels < 0) | (labels >= self.num_classes)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu":  # checking costs no device wait here: raise at once
             if not torch.isfinite(features).all():
                 raise ValueError(
                     "features contain NaN or inf; check the model for overflow (try float32 "
                     "instead of float16) or the input normalisation"
                 )
-            if bad_label.any():
-                bad = labels[bad_label][0].item()
+            bad_label = ((labels < SKIP_LABEL) | (labels >= self.num_classes)).nonzero()
+            if len(bad_label):
+                bad = labels[bad_label[0, 0]].item()
                 raise ValueError(
                     f"labels: value {bad} is outside [0, {self.num_classes}); pass "
-                    "num_classes large enough or fix the labels"
+                    "num_classes large enough or fix the labels (-1 marks a sample that "
+                    "is not part of this labels view)"
                 )
-        else:
-            bad_row = ~torch.isfinite(features).all(dim=1)
-            self._invalid += (bad_row | bad_label).sum()
-            labels = labels.clamp(0, self.num_classes - 1)
         return features, labels
 
     def update(self, features, labels) -> ClassStats:
@@ -129,18 +379,11 @@ class ClassStats:
         features, labels = self._check_batch(features, labels)
         if features.shape[0] == 0:
             return self
-        x = features.to(torch.float64)
-        k, d = self.num_classes, self.dim
-        n_b = torch.zeros(k, dtype=torch.float64, device=self.device)
-        n_b.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-        sum_b = torch.zeros(k, d, dtype=torch.float64, device=self.device)
-        sum_b.index_add_(0, labels, x)
-        mean_b = sum_b / n_b.clamp_min(1.0).unsqueeze(1)
-        centred = x - mean_b[labels]
-        m2_b = torch.zeros(k, dtype=torch.float64, device=self.device)
-        m2_b.index_add_(0, labels, centred.square().sum(dim=1))
-        scatter_b = centred.T @ centred if self.scatter is not None else None
-        self._combine(n_b, mean_b, m2_b, scatter_b)
+        views = LabelViews(("batch",), self.num_classes, self.device)
+        block = BlockStats(views, self.dim, scatter=self.scatter is not None)
+        batch = block.update(features, views.plan([labels])).class_stats()["batch"]
+        self._invalid += batch._invalid
+        self._combine(batch.counts, batch.means, batch.m2, batch.scatter)
         return self
 
     def _combine(self, n_b, mean_b, m2_b, scatter_b) -> None:
@@ -233,11 +476,20 @@ class ClassStats:
 
     def check(self) -> None:
         """Raise ValueError if the accumulated state cannot yield the metrics."""
-        invalid = int(self._invalid.item())
+        # One read of the device for everything that was counted there during the pass.
+        invalid, finite = torch.stack(
+            [self._invalid.double(), (torch.isfinite(self.means).all() & self.m2.isfinite().all())]
+        ).tolist()
         if invalid:
             raise ValueError(
-                f"{invalid} samples had NaN/inf features or labels outside "
-                f"[0, {self.num_classes}); fix the model's numerics or the labels"
+                f"labels: {int(invalid)} values are outside [0, {self.num_classes}) and not -1 "
+                "(which marks a sample that is not part of a labels view); pass num_classes "
+                "large enough or fix the labels"
+            )
+        if not finite:
+            raise ValueError(
+                "features contain NaN or inf; check the model for overflow (try float32 "
+                "instead of float16) or the input normalisation"
             )
         empty = (self.counts == 0).nonzero().flatten().tolist()
         if empty:
@@ -320,6 +572,43 @@ def _nc2_from(means: torch.Tensor, global_mean: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(gram / norm - etf))
 
 
+def collapse_metrics(states: Sequence[ClassStats]) -> torch.Tensor:
+    """[samples, nc1, nc2] of several states of one shape (e.g. one block's labels views)
+    as a len(states) x 3 float64 tensor on their device, computed together and without
+    reading the device: NaN or inf marks a state whose metrics are undefined (bad labels
+    or features, an empty class, coinciding means); its `nc1()`/`nc2()` say why."""
+    k = states[0].num_classes
+    counts = torch.stack([s.counts for s in states])  # V x K
+    means = torch.stack([s.means for s in states])  # V x K x D
+    m2 = torch.stack([s.m2 for s in states])
+    invalid = torch.stack([s._invalid for s in states])
+    variances = m2 / counts.clamp_min(1.0)
+    # nc1: exact pairwise differences (no Gram trick), in chunks of rows
+    nv, _, d = means.shape
+    rows = max(1, _CHUNK_ELEMENTS // max(1, nv * k * d))
+    dists = torch.cat(
+        [
+            (means[:, i : i + rows, None] - means[:, None]).square().sum(-1)
+            for i in range(0, k, rows)
+        ],
+        dim=1,
+    )
+    eye = torch.eye(k, dtype=torch.bool, device=means.device)
+    ratio = (variances[:, :, None] + variances[:, None, :]) / (2.0 * dists)
+    nc1_ = ratio.masked_fill(eye, 0.0).sum((1, 2))
+    # nc2
+    samples = counts.sum(1)
+    centre = (counts[:, :, None] * means).sum(1) / samples[:, None]
+    centred = means - centre[:, None]
+    gram = centred @ centred.transpose(1, 2)
+    norm = torch.linalg.matrix_norm(gram)
+    etf = (eye.to(gram.dtype) - 1.0 / k) / math.sqrt(k - 1)
+    nc2_ = torch.linalg.matrix_norm(gram / norm[:, None, None] - etf)
+    valid = (invalid == 0) & (counts > 0).all(1)
+    nan = float("nan")
+    return torch.stack([samples, nc1_.where(valid, nan), nc2_.where(valid, nan)], dim=1)
+
+
 # ---------------------------------------------------------------------- functional
 def _stats_from_arrays(features, labels, num_classes: int | None, scatter: bool = False):
     feats = _as_tensor(features, "features")
@@ -334,6 +623,12 @@ def _stats_from_arrays(features, labels, num_classes: int | None, scatter: bool 
         )
     if labs.numel() and (labs.dtype.is_floating_point or labs.dtype == torch.bool):
         raise ValueError(f"labels: expected integer class indices, got dtype {labs.dtype}")
+    if labs.numel() and int(labs.min()) < 0:
+        raise ValueError(
+            f"labels: value {int(labs.min())} is outside [0, {num_classes or 'K'}); these "
+            "functions measure every sample they are given: drop the samples a labels view "
+            "leaves out rather than marking them -1"
+        )
     if num_classes is None:
         if labs.numel() == 0:
             raise ValueError("labels: empty; pass at least one sample per class")
@@ -369,28 +664,24 @@ class NCCAccuracy:
 
     Distances are taken after subtracting the reference's global mean, in float64, so
     features far from the origin do not lose the small differences that decide the class.
+    Labels of -1 (samples outside this labels view) are not counted.
     """
 
     def __init__(self, reference: ClassStats, device=None) -> None:
-        reference.check()
-        self.device = torch.device(device) if device is not None else reference.device
-        self.centre = reference.global_mean.to(self.device)
-        self.means = (reference.means.to(self.device) - self.centre).contiguous()
-        self.half_sq_norms = 0.5 * self.means.square().sum(1)
+        self._ncc = BlockNCC(reference, device)
+        self.device = self._ncc.device
         self.num_classes = reference.num_classes
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.total = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        x = features.to(self.device, torch.float64) - self.centre
-        # argmin ||x - mu||^2 = argmax (x . mu - ||mu||^2 / 2)
-        return (x @ self.means.T - self.half_sq_norms).argmax(dim=1)
+        return self._ncc.predict(features)
 
     def update(self, features, labels) -> NCCAccuracy:
         features = _as_tensor(features, "features")
         labels = _as_tensor(labels, "labels").to(self.device)
         self.correct += (self.predict(features) == labels).sum()
-        self.total += labels.numel()
+        self.total += (labels != SKIP_LABEL).sum()
         return self
 
     def merge(self, other: NCCAccuracy) -> NCCAccuracy:

@@ -61,14 +61,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
+    # One fused kernel for the whole update on CUDA (the per-parameter loop is launch-bound).
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if tc.optimizer == "sgd":
         # The ResNet recipe decays every parameter, as the usual CIFAR code does.
         return torch.optim.SGD(
-            model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
-        )
+            model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
+            **fused,
+        )  # fmt: skip
     if tc.optimizer == "adamw":
         return torch.optim.AdamW(
-            param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas)
+            param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), **fused
         )
     raise ValueError(f"train.optimizer={tc.optimizer!r}: expected 'sgd' or 'adamw'")
 
@@ -219,6 +222,8 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch. Returns (mean loss, number correct) as device
     tensors, without a host-device synchronisation."""
+    if x.is_cuda and hasattr(model, "_orig_mod"):  # compiled: a new iteration for CUDA
+        torch.compiler.cudagraph_mark_step_begin()  # graphs (mode="reduce-overhead")
     with autocast(x.device, amp):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -238,12 +243,22 @@ def train_epoch(
     world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`train_step` over the batches: (summed loss, number correct, samples) of this
-    process. `bar` (tqdm) advances by the images all processes consumed."""
+    process, as device tensors and an int: nothing here waits for the device. `bar`
+    (tqdm) advances by the images all processes consumed.
+
+    A batch smaller than the first (the epoch's last) runs a `torch.compile`d model's
+    original module: compiling would otherwise recompile for it, or switch every later
+    step to a slower dynamic-shape graph.
+    """
     model.train()
+    eager = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     loss_sum = correct = None
     seen = 0
+    full = None
     for x, y in batches:
-        loss, hits = train_step(model, optimizer, x, y, amp, label_smoothing)
+        full = len(y) if full is None else full
+        net = model if len(y) == full else eager
+        loss, hits = train_step(net, optimizer, x, y, amp, label_smoothing)
         loss = loss * len(y)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         correct = hits if correct is None else correct + hits

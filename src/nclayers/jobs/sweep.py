@@ -114,6 +114,11 @@ def _call_folder(fn, cfg: Config, folder: Path, progress: bool):
     return fn(folder, progress=progress)
 
 
+def _call_target(fn, cfg: Config, folder: Path, progress: bool):
+    # Jobs that take the folder to read and the settings (e.g. equality).
+    return fn(folder, cfg)
+
+
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
@@ -125,7 +130,7 @@ STAGES: dict[str, Stage] = {
               _call_folder, "the corruption issue"),
         Stage("prune", "nclayers.jobs.prune:prune_run", ("train",), _call_plain,
               "the equality issue"),
-        Stage("equality", "nclayers.jobs.equality:equality_run", ("analyze",), _call_plain,
+        Stage("equality", "nclayers.jobs.equality:equality_run", ("analyze",), _call_target,
               "the equality issue"),
     )
 }  # fmt: skip

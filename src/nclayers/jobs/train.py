@@ -145,7 +145,9 @@ def _train(cfg, folder, proc, device, resume, stop_after, progress) -> dict:
             model, device_ids=[device.index] if on_cuda else None
         )
     if tc.compile and on_cuda:
-        train_model = torch.compile(train_model)
+        # Static shapes: train_epoch runs the epoch's last, smaller batch eagerly, so one
+        # graph serves every step (a dynamic-shape recompile made compiled runs slower).
+        train_model = torch.compile(train_model, dynamic=False)
 
     end_epoch = tc.epochs if stop_after is None else min(tc.epochs, stop_after)
     log = open(folder.file(TRAIN_LOG), "a" if resume else "w") if proc.main else None
