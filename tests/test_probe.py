@@ -3,6 +3,7 @@ a time, the cache, two gloo processes, an interrupted run, and bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -336,3 +337,96 @@ def test_two_gloo_ranks_train_the_heads_of_one_process(resnet, tmp_path):
             torch.testing.assert_close(two["scale"], one["scale"], rtol=1e-5, atol=1e-6)
             assert two["acc"] == one["acc"] and two["n"] == one["n"] == 20
             assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the job
+JOB = ["data.name=digits", "data.train_subset=120", "data.test_subset=60", "model.width=4",
+       "probe.epochs=2", "probe.batch_size=32", "probe.milestones=[1]", "probe.eval_batch_size=64",
+       "device=cpu", "run=r"]  # fmt: skip
+
+
+def run_folder(tmp_path: Path, name: str) -> Path:
+    """A run folder with a checkpoint, as `nclayers train` leaves it."""
+    torch.manual_seed(0)
+    folder = tmp_path / name
+    folder.mkdir()
+    torch.save({"model": build_model("resnet18", 10, width=4).state_dict()},
+               folder / "checkpoint.pt")  # fmt: skip
+    return folder
+
+
+def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
+    from nclayers.cli import main
+    from nclayers.report.table import Table
+
+    out = run_folder(tmp_path, "run")
+    assert main(["analyze", *JOB, "--out", str(out), "-q"]) == 0
+    assert main(["probe", *JOB, "--out", str(out), "-q"]) == 0
+    assert "probe_acc" in capsys.readouterr().out
+    layers = Table.from_csv(out / "layers.csv")
+    assert len(layers) == 16  # no second table: 8 train + 8 test rows of the analysis
+    test = layers.where(split="test", view="clean")
+    assert all(0.0 <= r["probe_acc"] <= 1.0 and r["nc1"] > 0 for r in test)
+    assert all(r["probe_acc"] is None for r in layers.where(split="train"))
+    history = Table.from_csv(out / "probe.csv")
+    assert len(history) == 2 * 8 and {r["run"] for r in history} == {"r"}
+    assert [r["lr"] for r in history.where(layer=1)] == pytest.approx([0.1, 0.02])
+    saved = torch.load(out / "probe_heads.pt", weights_only=True)
+    assert saved["probe_acc"] == [r["probe_acc"] for r in test]
+    assert len(saved["linear"]) == 8 and saved["linear"][7]["weight"].shape == (10, 32)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "accuracy" in summary and summary["probe"]["mode"] == "stream"
+    assert summary["probe"]["test_samples"] == 60 and summary["probe"]["train_samples"] == 120
+    stages = json.loads((out / "stages.json").read_text())
+    assert "probe" in stages and "analyze" in stages
+    assert (out / "probe_acc.png").is_file() and not (out / "probe_state.pt").exists()
+
+    # The saved heads re-evaluate to the same accuracies.
+    from nclayers.config import load_config
+    from nclayers.data import load_dataset
+    from nclayers.jobs import load_model
+
+    cfg = load_config(None, JOB)
+    model = load_model(cfg, 10, out).eval()
+    acc, _ = evaluate_heads(model, load_heads(saved), find_blocks(model),
+                            load_dataset(cfg.data, "test"))  # fmt: skip
+    assert acc == pytest.approx(saved["probe_acc"])
+
+
+def test_probe_job_resumes_after_an_interruption(tmp_path, monkeypatch):
+    from nclayers.config import load_config
+    from nclayers.jobs import probe as job
+
+    whole = job.probe_run(load_config(None, [*JOB, f"out={run_folder(tmp_path, 'a')}"]),
+                          progress=False)  # fmt: skip
+    cfg = load_config(None, [*JOB, f"out={run_folder(tmp_path, 'b')}"])
+    real_save = job.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(path, **state):
+        real_save(path, **state)
+        raise Stop
+
+    monkeypatch.setattr(job, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        job.probe_run(cfg, progress=False)
+    monkeypatch.undo()
+    assert (Path(cfg.out) / job.PROBE_STATE).is_file()
+    resumed = job.probe_run(cfg, progress=False)
+    assert resumed.meta["resumed_from"] == 1
+    assert torch.equal(resumed.heads.theta, whole.heads.theta)
+    assert (
+        json.loads((Path(cfg.out) / "summary.json").read_text())["probe"]["resumed_from_epoch"] == 1
+    )
+
+
+def test_probe_job_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+    from nclayers.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(build_model("resnet18", 10, width=8).state_dict(), out / "checkpoint.pt")
+    assert main(["probe", *JOB, "--out", str(out), "-q"]) == 2
+    assert "does not match" in capsys.readouterr().err
