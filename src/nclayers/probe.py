@@ -207,7 +207,7 @@ class _Backbone:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp):
             self.model(x)
-        if None in self._out:
+        if any(f is None for f in self._out):
             missing = [b.name for b, f in zip(self.blocks, self._out, strict=True) if f is None]
             raise ValueError(
                 f"blocks {missing[:5]} did not run in the model's forward pass: take the "
