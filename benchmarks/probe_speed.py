@@ -11,10 +11,12 @@ CIFAR-10 training split, E epochs, batch 128 everywhere. Prints and writes (--js
   cache_over_inference  (cache mode, all heads: one feature pass + E epochs of heads) /
                          (one plain inference pass, no augmentation)         target <= 1.5
 
-Probe times are the training part (`table.meta["train_seconds"]`: feature passes and
-head updates, not the final test evaluation, which the baselines do not do either).
-Both sides of every ratio run under the same autocast (bf16 on CUDA, none on CPU), the
-same memory format (channels_last on CUDA) and the same thread count.
+Every probe ends with one pass over a test subset (samples // 4 images); each
+baseline includes that same pass. Times are process CPU seconds on CPU (one thread by
+default: on a shared machine wall time measures the neighbours, CPU time the work) and
+wall seconds after a device synchronisation on CUDA; wall seconds are printed too. Both
+sides of every ratio run under the same autocast (bf16 on CUDA, none on CPU), the same
+memory format (channels_last on CUDA) and the same thread count.
 
     python benchmarks/probe_speed.py --json probe_speed.json
     python benchmarks/probe_speed.py --device cuda --samples 10000 --epochs 3
@@ -43,22 +45,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Clock:
+    """Seconds of work: process CPU time on CPU, synchronised wall time on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.wall: dict[str, float] = {}
+        self.work: dict[str, float] = {}
+
+    def time(self, name: str, fn) -> float:
+        sync(self.device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(self.device)
+        self.wall[name] = time.perf_counter() - w0
+        cpu = time.process_time() - c0
+        self.work[name] = cpu if self.device.type == "cpu" else self.wall[name]
+        return self.work[name]
+
+
 @torch.no_grad()
-def inference(model, ds, epochs: int, augment: bool, device, channels_last: bool) -> float:
-    """Seconds for `epochs` plain forward passes over `ds` (the probe's batches)."""
+def inference(model, ds, epochs: int, augment: bool, device, channels_last: bool) -> None:
+    """`epochs` plain forward passes over `ds` in the probe's batches."""
     batches = DeviceBatches(
         ds, 128, device, train=True, shuffle=True, crop_padding=4 if augment else 0,
         flip=augment, channels_last=channels_last,
     )  # fmt: skip
-    sync(device)
-    t0 = time.perf_counter()
     for epoch in range(epochs):
         batches.set_epoch(epoch)
         for x, _ in batches:
             with autocast(device, True):
                 model(x)
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -67,14 +84,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000, help="training subset size")
     parser.add_argument("--epochs", type=int, default=2, help="E")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = DataConfig(name="cifar10", dir=args.data_dir, train_subset=args.samples,
-                     test_subset=500)  # fmt: skip
+                     test_subset=max(10, args.samples // 4))  # fmt: skip
     train, test = load_dataset(cfg, "train"), load_dataset(cfg, "test")
     torch.manual_seed(0)
     model = build_model("resnet18", 10, width=16).to(device).eval()
@@ -87,28 +104,31 @@ def main() -> None:
     opts = dict(epochs=e, milestones=(e // 2,), batch_size=128, eval_batch_size=128,
                 channels_last=channels_last, progress=False)  # fmt: skip
 
-    def probe_seconds(**kw) -> float:
-        table = probe(model, train, test, 10, **opts, **kw)
-        return table.meta["train_seconds"]
+    clock = Clock(device)
+
+    def run_probe(**kw) -> None:
+        probe(model, train, test, 10, **opts, **kw)
+
+    def plain(passes: int, augment: bool) -> None:  # the probe's passes, without heads
+        inference(model, train, passes, augment, device, channels_last)
+        inference(model, test, 1, False, device, channels_last)
 
     inference(model, train.subset(torch.arange(256)), 1, True, device, channels_last)  # warm
-    t_inf = inference(model, train, e, True, device, channels_last)
-    t_joint = probe_seconds(augment=True, mode="stream", blocks=blocks)
-    t_inf_clean = inference(model, train, 1, False, device, channels_last)
-    t_cache = probe_seconds(augment=False, mode="cache", blocks=blocks)
-    t_separate = sum(probe_seconds(augment=True, mode="stream", blocks=[b]) for b in blocks)
+    t_inf = clock.time("inference_E_passes", lambda: plain(e, True))
+    t_joint = clock.time("joint_stream", lambda: run_probe(augment=True, mode="stream"))
+    t_inf_clean = clock.time("inference_1_pass", lambda: plain(1, False))
+    t_cache = clock.time("cache", lambda: run_probe(augment=False, mode="cache"))
+    t_separate = clock.time(
+        "separate_stream_8_blocks",
+        lambda: [run_probe(augment=True, mode="stream", blocks=[b]) for b in blocks],
+    )
 
     result = {
         "joint_over_inference": t_joint / t_inf,
         "separate_over_joint": t_separate / t_joint,
         "cache_over_inference": t_cache / t_inf_clean,
-        "seconds": {
-            "inference_E_passes": t_inf,
-            "joint_stream": t_joint,
-            "separate_stream_8_blocks": t_separate,
-            "inference_1_pass": t_inf_clean,
-            "cache": t_cache,
-        },
+        "seconds": clock.work,
+        "wall_seconds": clock.wall,
         "setup": {
             "model": "resnet18 width 16",
             "blocks": len(blocks),
@@ -126,7 +146,7 @@ def main() -> None:
     for key, target in targets.items():
         print(f"{key:22s} {result[key]:7.3f}   (target {target})")
     for key, value in result["seconds"].items():
-        print(f"  {key:26s} {value:8.2f} s")
+        print(f"  {key:26s} {value:8.2f} s   (wall {result['wall_seconds'][key]:.2f} s)")
     print(f"  setup: {result['setup']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -571,7 +571,7 @@ def probe(
     train_seconds = time.perf_counter() - t0
 
     accuracy, n_test = evaluate_heads(
-        model, heads, blocks, test, view, eval_batch_size, amp, channels_last
+        model, heads, blocks, test, view, eval_batch_size, amp, channels_last, progress
     )
     rows = [
         {"run": run, "split": "test", "view": view, "layer": i + 1, "block": name,
