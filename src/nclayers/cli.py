@@ -61,6 +61,16 @@ def cmd_analyze(args) -> None:
     print(f"wrote {Path(cfg.out) / 'layers.csv'} and summary.json")
 
 
+def cmd_probe(args) -> None:
+    from nclayers.jobs.probe import probe_run
+
+    cfg = _config(args, "runs/probe")
+    table = probe_run(cfg, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(table.format(["layer", "block", "dim", "probe_acc"]))
+        print(f"wrote probe_acc into {Path(cfg.out) / 'layers.csv'}, probe.csv, probe_heads.pt")
+
+
 def cmd_blocks(args) -> None:
     import torch
 
@@ -224,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("train", cmd_train, "Train a model with a paper recipe.")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     verb("analyze", cmd_analyze, "Measure NC1, NC2 and NCC accuracy of every block.")
+    verb("probe", cmd_probe, "Train a linear probe on every block of the frozen model at once.")
     p = sub.add_parser("blocks", help="List a model's blocks and their pooled dimensions.")
     p.add_argument("model", help="registry name or package.module:function")
     p.add_argument("overrides", nargs="*", metavar="key=value")

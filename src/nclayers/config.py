@@ -95,6 +95,27 @@ class PruneConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Linear probes on every block (paper A.1): 10 epochs, SGD momentum 0.9, lr 0.1
+    divided by 5 at epochs 5 and 7, batch 128, the recipe's crop + flip."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    # "The same SGD parameters as in pre-training": the recipe's 5e-4 (see train.weight_decay).
+    weight_decay: float = 5e-4
+    milestones: list = field(default_factory=lambda: [5, 7])
+    gamma: float = 0.2
+    augment: bool = True  # random crop + flip on the training images (stream mode)
+    standardize: bool = False  # per-feature mean/std of the training features first
+    mode: str = "auto"  # stream | cache | auto (cache when augment is false)
+    cache_budget_gb: float = 4.0  # beyond it the cache is a memory-mapped file in the run
+    eval_batch_size: int = 500
+    seed: int = 0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -102,6 +123,7 @@ class Config:
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     equality: EqualityConfig = field(default_factory=EqualityConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     out: str = "runs/run"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run: str = ""  # a name for the run, written into every CSV row

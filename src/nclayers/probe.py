@@ -1,0 +1,681 @@
+"""Linear probes on every block at once (paper A.1): frozen backbone, one head per block.
+
+`probe(model, train, test, num_classes)` freezes the model (eval mode, no gradient, so
+neither its weights nor its BatchNorm statistics change), pools every block's output with
+the taps, and trains one linear classifier per block on the pooled features, all of them
+from the same forward pass. The heads live side by side in one `ProbeHeads` module: their
+weights are one flat parameter, so every batch costs one batched matmul, one
+cross-entropy, one backward and one SGD step for all heads together, and under
+torch.distributed one all_reduce. The loss is the sum of the heads' own mean losses, so
+each head receives exactly the gradient it would get if it were trained alone; SGD's
+momentum and weight decay act element-wise, so each head also has its own optimiser state.
+
+Two modes end in the same table:
+- "stream": the backbone runs on every training batch of every epoch, with the recipe's
+  augmentation (random crop, flip) when `augment=True`;
+- "cache": every block's pooled training features are computed once (one pass, no
+  augmentation) and held on the device, or in a memory-mapped file under `cache_dir`
+  when they exceed `cache_budget_gb`; the heads then train on them. The default when
+  `augment=False`.
+
+Both draw the same batches (the seeded per-epoch permutation of `DeviceBatches`), so
+without augmentation they train the same heads up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from nclayers.analyze import autocast
+from nclayers.data import ArrayDataset, DeviceBatches
+from nclayers.models.blocks import find_blocks
+from nclayers.report.table import Table
+from nclayers.taps import Block, Taps, probe_shapes
+
+MODES = ("auto", "stream", "cache")
+GB = 1e9
+_EPS = 1e-8  # added to each feature's variance before standardising (constant features)
+
+
+# ----------------------------------------------------------------------------- heads
+class ProbeHeads(nn.Module):
+    """One linear classifier per block, stored together.
+
+    Input: the blocks' pooled features concatenated, B x sum(dims) (float32). Each
+    block's columns are placed into a zero-padded H x B x max(dims) tensor and one
+    batched matmul gives every head's logits, H x B x K. Padded weight entries see zero
+    inputs, so their gradient is zero and (zero-initialised) they stay zero. With
+    `standardize`, features are first shifted and scaled per feature by `mean`/`scale`
+    (training statistics); `linear()` folds this into plain `nn.Linear` heads.
+
+    Zero initialisation: the probe is a convex problem, so the start does not matter for
+    the optimum, and zero makes the result independent of random state and of the rank.
+    """
+
+    def __init__(self, dims: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.dims = [int(d) for d in dims]
+        self.num_classes = int(num_classes)
+        h, dmax, k = len(self.dims), max(self.dims), self.num_classes
+        self._split = h * dmax * k
+        # One flat parameter: one gradient tensor to all_reduce, one tensor for SGD.
+        self.theta = nn.Parameter(torch.zeros(self._split + h * k))
+        pos = torch.cat([i * dmax + torch.arange(d) for i, d in enumerate(self.dims)])
+        self.register_buffer("pos", pos, persistent=False)
+        self.register_buffer("mean", torch.zeros(sum(self.dims)))
+        self.register_buffer("scale", torch.ones(sum(self.dims)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """H x max(dims) x K (a view of `theta`)."""
+        h, k = len(self.dims), self.num_classes
+        return self.theta[: self._split].view(h, -1, k)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """H x 1 x K (a view of `theta`)."""
+        return self.theta[self._split :].view(len(self.dims), 1, self.num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        n, h = features.shape[0], len(self.dims)
+        x = (features - self.mean) * self.scale
+        padded = x.new_zeros(n, h * max(self.dims)).index_copy_(1, self.pos, x)
+        padded = padded.view(n, h, -1).transpose(0, 1)
+        return torch.baddbmm(self.bias, padded, self.weight)
+
+    def set_standardization(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.mean.copy_(mean.to(self.mean))
+        self.scale.copy_(torch.rsqrt(var.to(self.scale) + _EPS))
+
+    def linear(self) -> list[nn.Linear]:
+        """The heads as `nn.Linear` on each block's raw pooled feature (standardisation
+        folded in): `linear()[l](pooled_l)` equals `forward(features)[l]`."""
+        heads, start = [], 0
+        for i, d in enumerate(self.dims):
+            w = self.weight[i, :d].detach().T * self.scale[start : start + d]
+            b = self.bias[i, 0].detach() - w @ self.mean[start : start + d]
+            layer = nn.Linear(d, self.num_classes).to(w)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                layer.bias.copy_(b)
+            heads.append(layer)
+            start += d
+        return heads
+
+
+# ----------------------------------------------------------------------------- helpers
+def _resolve_blocks(model: nn.Module, blocks) -> list[Block]:
+    if isinstance(blocks, str) or (
+        isinstance(blocks, Sequence) and blocks and not isinstance(blocks[0], Block)
+    ):
+        blocks = find_blocks(model, blocks)
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("blocks: no block to probe; see `nclayers blocks MODEL`")
+    return blocks
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_split(ds: ArrayDataset, name: str, view: str, num_classes: int) -> None:
+    if not isinstance(ds, ArrayDataset):
+        raise ValueError(
+            f"{name}: expected an ArrayDataset (e.g. nclayers.data.load_dataset(cfg, "
+            f"'{name}')), got {type(ds).__name__}"
+        )
+    if len(ds) == 0:
+        raise ValueError(
+            f"{name}: the split is empty; check data.{name}_subset and the data folder"
+        )
+    if view not in ds.labels:
+        raise ValueError(f"view={view!r}: the {name} split has labels views {ds.views}")
+    y = ds.labels[view]
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(
+            f"{name}: labels span [{int(y.min())}, {int(y.max())}] but num_classes="
+            f"{num_classes}; pass the data set's number of classes"
+        )
+
+
+def _sum_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class _Moments:
+    """Per-feature count, mean and sum of squared deviations in float64, merged batch by
+    batch with Chan's formula (exact for features far from the origin)."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        nb = x.shape[0]
+        mb = x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * (nb / n)
+        self.m2 += m2b + delta**2 * (self.n * nb / n)
+        self.n = n
+
+    def reduce(self, world: int) -> None:
+        if world == 1:
+            return
+        total = _sum_ranks(torch.tensor([float(self.n)], device=self.mean.device), world)
+        gmean = _sum_ranks(self.mean * self.n, world) / total
+        self.m2 = _sum_ranks(self.m2 + self.n * (self.mean - gmean) ** 2, world)
+        self.mean, self.n = gmean, int(total.item())
+
+    def variance(self) -> torch.Tensor:
+        return self.m2 / max(self.n, 1)
+
+
+class _Backbone:
+    """The frozen model with taps: `features(x)` -> B x sum(dims) pooled float32."""
+
+    def __init__(self, model: nn.Module, blocks: list[Block], amp: bool) -> None:
+        self.model, self.blocks, self.amp = model, blocks, amp
+        self.device = next(model.parameters()).device
+        self._out: list[torch.Tensor | None] = [None] * len(blocks)
+        self.taps = Taps(blocks, self._sink)
+
+    def _sink(self, index: int, feats: torch.Tensor) -> None:
+        self._out[index] = feats
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp):
+            self.model(x)
+        if any(f is None for f in self._out):
+            missing = [b.name for b, f in zip(self.blocks, self._out, strict=True) if f is None]
+            raise ValueError(
+                f"blocks {missing[:5]} did not run in the model's forward pass: take the "
+                "blocks from this model (find_blocks(model, ...))"
+            )
+        out = torch.cat(self._out, dim=1)  # type: ignore[arg-type]
+        self._out = [None] * len(self.blocks)
+        return out
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- sources
+class _Stream:
+    """Training features recomputed by the backbone on every batch (with augmentation)."""
+
+    def __init__(
+        self, backbone, train, view, batch_size, augment, seed, rank, world, channels_last
+    ) -> None:
+        self.backbone = backbone
+        self.batches = DeviceBatches(
+            train, batch_size, backbone.device, train=True, shuffle=True,
+            crop_padding=4 if augment else 0, flip=augment, seed=seed, views=[view],
+            shard=(rank, world), channels_last=channels_last,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.batches:
+            yield self.backbone.features(x), y
+
+
+class _Cache:
+    """Every training sample's pooled features, N x width float32, computed once: on the
+    device within `budget_gb`, else in a memory-mapped file under `cache_dir` (on the
+    CPU). Batches are drawn in stream mode's order: `DeviceBatches` over a 1-pixel
+    stand-in data set whose labels view is the sample index (no image work)."""
+
+    def __init__(
+        self, backbone, train, view, width, batch_size, seed, rank, world, channels_last,
+        budget_gb: float, cache_dir: str | Path | None,
+    ) -> None:  # fmt: skip
+        self.backbone, self.train, self.view = backbone, train, view
+        self.rank, self.world, self.channels_last = rank, world, channels_last
+        n = len(train)
+        need = n * width * 4
+        self.path: Path | None = None
+        if need <= budget_gb * GB:
+            where = backbone.device
+        else:
+            where = torch.device("cpu")
+            self.path = _memmap_path(need, budget_gb, cache_dir, rank)
+        self.where, self.n, self.width = where, n, width
+        self.features: torch.Tensor | None = None
+        self.labels = train.labels[view].to(where)
+        stand_in = ArrayDataset(
+            images=torch.zeros(n, 1, 1, 1, dtype=torch.uint8),
+            labels={"index": torch.arange(n)},
+            classes=["index"],
+            mean=(0.0,),
+            std=(1.0,),
+        )
+        self.batches = DeviceBatches(
+            stand_in, batch_size, where, train=True, shuffle=True, crop_padding=0,
+            flip=False, seed=seed, shard=(rank, world),
+        )  # fmt: skip
+
+    def fill(self, batch_size: int, bar) -> None:
+        """One pass: each rank computes a disjoint strided part; an all_reduce of the
+        zero-filled rest gives every rank all rows (x + 0 + 0 is exact)."""
+        if self.path is None:
+            cache = torch.zeros(self.n, self.width, device=self.where)
+        else:
+            array = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(self.n, self.width))
+            cache = torch.from_numpy(array)  # a new file reads as zeros
+        self.features = cache
+        indexed = self.train.with_views(
+            {self.view: self.train.labels[self.view], "index": torch.arange(self.n)}
+        )
+        batches = DeviceBatches(
+            indexed, batch_size, self.backbone.device, views=[self.view, "index"],
+            shard=(self.rank, self.world), channels_last=self.channels_last,
+        )  # fmt: skip
+        for x, ys in batches:
+            feats, idx = self.backbone.features(x), ys["index"]
+            cache[idx.to(self.where)] = feats.to(self.where)
+            if bar is not None:
+                bar.update(1)
+        if self.world > 1:  # row chunks: bounded memory, and a memory-mapped cache works
+            rows = max(1, (1 << 26) // max(self.width, 1))
+            for start in range(0, self.n, rows):
+                chunk = cache[start : start + rows].to(self.backbone.device)
+                dist.all_reduce(chunk)
+                cache[start : start + rows] = chunk.to(self.where)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and variance over the cache (every rank holds all rows)."""
+        moments = _Moments(self.width, self.backbone.device)
+        rows = max(1, (1 << 24) // max(self.width, 1))
+        for start in range(0, self.n, rows):
+            moments.update(self.features[start : start + rows].to(self.backbone.device))
+        return moments.mean, moments.variance()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.backbone.device
+        for _, idx in self.batches:
+            feats = self.features[idx].to(device, non_blocking=True)
+            yield feats, self.labels[idx].to(device, non_blocking=True)
+
+    def close(self) -> None:
+        self.features = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _memmap_path(need: int, budget_gb: float, cache_dir, rank: int) -> Path:
+    fix = (
+        f"raise cache_budget_gb (probe.cache_budget_gb) to {math.ceil(need / GB * 100) / 100} "
+        "or more, or use mode='stream' (probe.mode=stream)"
+    )
+    if cache_dir is None:
+        raise ValueError(
+            f"cache: the features need {need / GB:.2f} GB, over cache_budget_gb={budget_gb}, "
+            f"and no cache_dir is given for a memory-mapped file: pass cache_dir, or {fix}"
+        )
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free
+    if free < need:
+        raise ValueError(
+            f"cache: the features need {need / GB:.2f} GB, over cache_budget_gb={budget_gb}, "
+            f"and cache_dir={str(cache_dir)!r} has only {free / GB:.2f} GB free: free disk "
+            f"space, pass another cache_dir, or {fix}"
+        )
+    return cache_dir / f"probe_features.rank{rank}.f32"
+
+
+# ----------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate_heads(
+    model: nn.Module,
+    heads: ProbeHeads,
+    blocks: Sequence[Block],
+    test: ArrayDataset,
+    view: str = "clean",
+    batch_size: int = 500,
+    amp: bool = True,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> tuple[list[float], int]:
+    """Each head's accuracy on `test` (clean labels by default): (accuracies, samples),
+    summed over all torch.distributed ranks (each evaluates its disjoint shard)."""
+    rank, world = _world()
+    was_training = model.training
+    model.eval()
+    backbone = _Backbone(model, list(blocks), amp)
+    batches = DeviceBatches(
+        test, batch_size, backbone.device, views=[view], shard=(rank, world),
+        channels_last=channels_last,
+    )  # fmt: skip
+    sums = torch.zeros(len(heads.dims) + 1, dtype=torch.float64, device=backbone.device)
+    bar = _bar(len(batches), progress, "probe test")
+    try:
+        with backbone.taps:
+            for x, y in batches:
+                logits = heads(backbone.features(x))
+                sums[:-1] += (logits.argmax(-1) == y).sum(1)
+                sums[-1] += len(y)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    sums = _sum_ranks(sums, world).tolist()
+    return [c / sums[-1] for c in sums[:-1]], int(sums[-1])
+
+
+# ----------------------------------------------------------------------------- probe
+def probe(
+    model: nn.Module,
+    train: ArrayDataset,
+    test: ArrayDataset,
+    num_classes: int,
+    blocks: str | Sequence[str] | Sequence[Block] = "auto",
+    *,
+    epochs: int = 10,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    milestones: Sequence[int] = (5, 7),
+    gamma: float = 0.2,
+    batch_size: int = 128,
+    augment: bool = True,
+    standardize: bool = False,
+    mode: str = "auto",
+    cache_budget_gb: float = 4.0,
+    cache_dir: str | Path | None = None,
+    eval_batch_size: int = 500,
+    view: str = "clean",
+    seed: int = 0,
+    amp: bool = True,
+    channels_last: bool = False,
+    state: dict | None = None,
+    on_epoch: Callable[[dict], Any] | None = None,
+    progress: bool = True,
+    run: str = "",
+) -> Table:
+    """Train one linear probe per block of the frozen `model`; accuracy on `test`.
+
+    train, test: `ArrayDataset`s (uint8 images on any device, labels views; what
+        `nclayers.data.load_dataset` returns). They are batched with `DeviceBatches` on
+        the model's device: training batches with the seeded per-epoch permutation (and
+        crop + flip when `augment`), test batches in order without augmentation. The
+        heads learn the `view` labels (the clean ones, as in the paper) and are scored
+        on the test split's `view` labels.
+    blocks: "auto", module names / glob patterns, or `Block`s from `find_blocks`.
+    Defaults follow the paper (A.1): 10 epochs, SGD momentum 0.9, learning rate 0.1
+        divided by 5 (gamma 0.2) at epochs 5 and 7, batch 128. weight_decay: the
+        pretraining recipe's 5e-4 (the paper prints 0.05; see configs/).
+    standardize: shift and scale every feature by its training mean and std (one
+        unaugmented pass, or the cache) before the heads; folded into `linear()`.
+    mode: "stream", "cache" or "auto" (cache when not `augment`). Cache mode holds
+        N x sum(dims) float32 features on the device up to `cache_budget_gb`, beyond it
+        in a memory-mapped file under `cache_dir` (removed at the end).
+    amp: bf16 autocast for the backbone on CUDA (never on CPU); the heads are float32.
+        channels_last: convnet inputs in channels_last (give the model that format too).
+    state, on_epoch: resume and checkpoint. After every finished epoch `on_epoch(state)`
+        gets a dict of tensors and numbers (heads, optimiser, history, epoch); passing
+        it back as `state` continues from that epoch with the same result as an
+        uninterrupted run (every epoch's batches and augmentation are seeded by epoch).
+    Under torch.distributed every rank calls this: each trains on its shard with the
+        per-rank batch `batch_size // world`, head gradients are averaged with one
+        all_reduce per step, test counts are summed, and every rank returns the table.
+
+    Returns a Table, one row per block: run, split ("test"), view, layer (1-based),
+    block, dim, n (test samples), probe_acc. Also `table.history` (a Table: epoch,
+    layer, block, lr, loss, train_acc: the mean loss and accuracy on that epoch's
+    training batches), `table.heads` (the `ProbeHeads`), `table.state` (the final state,
+    as given to `on_epoch`; `heads_state(table)` is what to save) and `table.meta`
+    (mode, epochs, seconds, samples).
+    """
+    blocks = _resolve_blocks(model, blocks)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: must be a positive integer")
+    if eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size={eval_batch_size}: must be a positive integer")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if mode == "auto":
+        mode = "stream" if augment else "cache"
+    if mode == "cache" and augment:
+        raise ValueError(
+            "mode='cache' computes each feature once, so it cannot augment: set augment=False "
+            "(probe.augment=false) or use mode='stream'"
+        )
+    _check_split(train, "train", view, num_classes)
+    _check_split(test, "test", view, num_classes)
+    rank, world = _world()
+    if batch_size < world:
+        raise ValueError(
+            f"batch_size={batch_size} is smaller than the {world} processes: set "
+            f"batch_size >= {world}"
+        )
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        raise ValueError("model: has no parameters to find its device by") from None
+
+    was_training = model.training
+    model.eval()  # frozen: BatchNorm uses (and keeps) its running statistics
+    backbone = _Backbone(model, blocks, amp)
+    sample = DeviceBatches(train.subset(torch.arange(min(2, len(train)))), 2, device)
+    dims = [d for _, d in probe_shapes(model, blocks, next(iter(sample))[0])]
+    width = sum(dims)
+    heads = ProbeHeads(dims, num_classes).to(device)
+    optimizer = torch.optim.SGD(
+        heads.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    names = [b.name for b in blocks]
+    start, history = 0, []
+    if state is not None:
+        _check_state(state, names, dims, num_classes, epochs)
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), list(state["history"])
+
+    rank_batch = batch_size // world
+    if mode == "stream":
+        source: _Stream | _Cache = _Stream(
+            backbone, train, view, rank_batch, augment, seed, rank, world, channels_last
+        )
+    else:
+        source = _Cache(
+            backbone, train, view, width, rank_batch, seed, rank, world, channels_last,
+            cache_budget_gb, cache_dir,
+        )  # fmt: skip
+    todo = epochs - start
+    fill = mode == "cache" and todo > 0  # the cache pass (it also gives the moments)
+    stats_pass = standardize and state is None and mode == "stream"
+    passes = (fill + stats_pass) * -(-len(train) // world // eval_batch_size)
+    bar = _bar(todo * len(source) + passes, progress, "probe")
+    t0 = time.perf_counter()
+    try:
+        with backbone.taps:
+            if fill:
+                source.fill(eval_batch_size, bar)
+            if standardize and state is None:
+                mean, var = (
+                    source.moments() if mode == "cache"
+                    else _stream_moments(backbone, train, view, width, eval_batch_size,
+                                         channels_last, rank, world, bar)
+                )  # fmt: skip
+                heads.set_standardization(mean, var)
+            for epoch in range(start, epochs):
+                rate = lr * gamma ** sum(epoch >= m for m in milestones)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
+                source.set_epoch(epoch)
+                sums = torch.zeros(2 * len(dims) + 1, dtype=torch.float64, device=device)
+                for feats, y in source:
+                    loss, hits = _step(heads, optimizer, feats, y, world)
+                    sums[: len(dims)] += loss * len(y)
+                    sums[len(dims) : -1] += hits
+                    sums[-1] += len(y)
+                    if bar is not None:
+                        bar.update(1)
+                sums = _sum_ranks(sums, world).tolist()  # one host sync per epoch
+                seen = sums[-1]
+                for i, name in enumerate(names):
+                    history.append({
+                        "epoch": epoch + 1, "layer": i + 1, "block": name, "lr": rate,
+                        "loss": sums[i] / seen, "train_acc": sums[len(dims) + i] / seen,
+                    })  # fmt: skip
+                if on_epoch is not None:
+                    on_epoch(_state(heads, optimizer, epoch + 1, history, names, dims))
+    finally:
+        if isinstance(source, _Cache):
+            source.close()
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    train_seconds = time.perf_counter() - t0
+
+    accuracy, n_test = evaluate_heads(
+        model, heads, blocks, test, view, eval_batch_size, amp, channels_last, progress
+    )
+    rows = [
+        {"run": run, "split": "test", "view": view, "layer": i + 1, "block": name,
+         "dim": d, "n": n_test, "probe_acc": acc}
+        for i, (name, d, acc) in enumerate(zip(names, dims, accuracy, strict=True))
+    ]  # fmt: skip
+    table = Table(
+        rows, mode=mode, epochs=epochs, resumed_from=start, samples=len(train), world=world,
+        seconds=time.perf_counter() - t0, train_seconds=train_seconds,
+    )  # fmt: skip
+    table.history = Table(history)
+    table.heads = heads
+    table.state = _state(heads, optimizer, epochs, history, names, dims)
+    return table
+
+
+def _step(
+    heads: ProbeHeads,
+    optimizer: torch.optim.Optimizer,
+    feats: torch.Tensor,
+    y: torch.Tensor,
+    world: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of every head: (per-head mean loss, per-head correct), on the device."""
+    logits = heads(feats)  # H x B x K
+    h, n, k = logits.shape
+    losses = F.cross_entropy(logits.reshape(h * n, k), y.repeat(h), reduction="none")
+    losses = losses.view(h, n).mean(1)
+    optimizer.zero_grad(set_to_none=False)
+    losses.sum().backward()  # each head's own mean loss: each gets exactly its gradient
+    if world > 1:
+        grad = heads.theta.grad
+        dist.all_reduce(grad)
+        grad /= world
+    optimizer.step()
+    return losses.detach().double(), (logits.detach().argmax(-1) == y).sum(1)
+
+
+def _stream_moments(
+    backbone, train, view, width, batch_size, channels_last, rank, world, bar
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and variance of the unaugmented training features, one pass."""
+    batches = DeviceBatches(
+        train, batch_size, backbone.device, views=[view], shard=(rank, world),
+        channels_last=channels_last,
+    )  # fmt: skip
+    moments = _Moments(width, backbone.device)
+    for x, _ in batches:
+        moments.update(backbone.features(x))
+        if bar is not None:
+            bar.update(1)
+    moments.reduce(world)
+    return moments.mean, moments.variance()
+
+
+def _state(heads: ProbeHeads, optimizer, epoch: int, history, names, dims) -> dict:
+    """A snapshot (copies: training goes on mutating the live tensors in place)."""
+    return {
+        "epoch": epoch,
+        "heads": {k: v.detach().clone() for k, v in heads.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "history": [dict(r) for r in history],
+        "blocks": list(names),
+        "dims": list(dims),
+        "num_classes": heads.num_classes,
+    }
+
+
+def _check_state(state: dict, names, dims, num_classes, epochs) -> None:
+    saved = (state.get("blocks"), state.get("dims"), state.get("num_classes"))
+    if saved != (list(names), list(dims), num_classes):
+        raise ValueError(
+            f"state: saved for blocks {saved[0]} (dims {saved[1]}, {saved[2]} classes), not "
+            f"for the probed blocks {list(names)} (dims {list(dims)}, {num_classes} "
+            "classes); probe the same model and blocks, or start without the saved state"
+        )
+    if int(state["epoch"]) > epochs:
+        raise ValueError(
+            f"state: {state['epoch']} epochs are already done but epochs={epochs}; raise "
+            "epochs or start without the saved state"
+        )
+
+
+def heads_state(table: Table) -> dict:
+    """What to save of a probe result: blocks, dims, classes, heads (with the folded
+    `nn.Linear` weights per block for use without nclayers) and the history."""
+    heads: ProbeHeads = table.heads
+    linear = heads.linear()
+    return {
+        "blocks": [r["block"] for r in table],
+        "dims": list(heads.dims),
+        "num_classes": heads.num_classes,
+        "heads": {k: v.detach().cpu() for k, v in heads.state_dict().items()},
+        "linear": [{k: v.detach().cpu() for k, v in h.state_dict().items()} for h in linear],
+        "probe_acc": [r["probe_acc"] for r in table],
+        "meta": {k: v for k, v in table.meta.items() if isinstance(v, (int, float, str))},
+    }
+
+
+def load_heads(saved: dict, device: torch.device | str = "cpu") -> ProbeHeads:
+    """`ProbeHeads` from `heads_state(...)`, e.g. to re-evaluate with `evaluate_heads`."""
+    heads = ProbeHeads(saved["dims"], saved["num_classes"])
+    heads.load_state_dict(saved["heads"])
+    return heads.to(device)
+
+
+__all__ = ["ProbeHeads", "evaluate_heads", "heads_state", "load_heads", "probe"]

@@ -1,0 +1,432 @@
+"""Linear probes on every block: against hand-derived gradient descent, heads trained one at
+a time, the cache, two gloo processes, an interrupted run, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import nclayers
+from nclayers.data import ArrayDataset, DeviceBatches
+from nclayers.models import build_model, find_blocks
+from nclayers.probe import ProbeHeads, evaluate_heads, heads_state, load_heads, probe
+from nclayers.taps import Taps
+
+K = 4
+FAST = dict(progress=False, eval_batch_size=64)
+
+
+def images(n: int, seed: int = 0, size: int = 8, classes: int = K) -> ArrayDataset:
+    """Random uint8 images whose class shifts the mean brightness of one channel."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randint(0, 160, (n, 3, size, size), generator=gen)
+    x[:, 0] += (y * 30)[:, None, None]
+    return ArrayDataset(
+        x.to(torch.uint8), {"clean": y}, [str(k) for k in range(classes)],
+        (0.4, 0.3, 0.3), (0.25, 0.25, 0.25),
+    )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Width-4 models gain nothing from a second thread; one keeps shared cores usable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return build_model("resnet18", num_classes=K, width=4).eval()
+
+
+def linear_weights(table) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(h.weight.detach(), h.bias.detach()) for h in table.heads.linear()]
+
+
+# ----------------------------------------------------------------------------- definitions
+class Pixels(nn.Module):
+    """A 'backbone' whose blocks output the normalised pixels (1 x 1 images): the pooled
+    features are the input features themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+        self.first = nn.Identity()
+        self.second = nn.Identity()
+
+    def forward(self, x):
+        return self.second(self.first(x) * self.gain).flatten(1)
+
+
+def separable(n: int, seed: int) -> tuple[ArrayDataset, torch.Tensor]:
+    """K classes at the corners of a 4-D cube with a margin: linearly separable."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    x = 30 + torch.randint(0, 40, (n, 4), generator=gen)
+    x[torch.arange(n), y] += 150
+    ds = ArrayDataset(
+        x.to(torch.uint8)[:, :, None, None], {"clean": y}, list("abcd"),
+        (0.3,) * 4, (0.3,) * 4,
+    )  # fmt: skip
+    return ds, y
+
+
+def test_separable_features_reach_full_accuracy_on_the_clean_test_labels():
+    train, y = separable(200, seed=1)
+    # Trained on the clean view; a noisy view with shuffled labels must not be used.
+    train = train.with_views({"clean": y, "noisy": y[torch.randperm(200)]})
+    test, y_test = separable(100, seed=2)
+    model = Pixels()
+    table = probe(model, train, test, K, ["first", "second"], batch_size=32, augment=False, **FAST)
+    assert [r["probe_acc"] for r in table] == [1.0, 1.0]
+    assert [(r["layer"], r["block"], r["dim"], r["split"], r["view"], r["n"]) for r in table] == [
+        (1, "first", 4, "test", "clean", 100), (2, "second", 4, "test", "clean", 100),
+    ]  # fmt: skip
+    last = table.history.where(epoch=10)
+    assert [r["train_acc"] for r in last] == [1.0, 1.0]
+    assert [r["lr"] for r in table.history.where(layer=1)] == pytest.approx(
+        [0.1] * 5 + [0.02] * 2 + [0.004] * 3
+    )
+    # Scored on the test split's labels: the same heads on permuted test labels fail.
+    wrong = test.with_views({"clean": (y_test + 1) % K})
+    accuracy, n = evaluate_heads(model, table.heads, find_blocks(model, "first,second"), wrong)
+    assert n == 100 and max(accuracy) == 0.0
+
+
+def reference_probe(feats: torch.Tensor, y: torch.Tensor, epochs: int, wd: float):
+    """Full-batch gradient descent with heavy-ball momentum in float64, gradient of the
+    softmax cross-entropy written out by hand; lr 0.1, / 5 after epochs 5 and 7."""
+    n, d = feats.shape
+    w, b = torch.zeros(K, d, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    vw, vb = torch.zeros_like(w), torch.zeros_like(b)
+    onehot = torch.eye(K, dtype=torch.float64)[y]
+    for epoch in range(epochs):
+        lr = 0.1 * (0.2 if epoch >= 5 else 1.0) * (0.2 if epoch >= 7 else 1.0)
+        p = torch.softmax(feats @ w.T + b, dim=1)
+        g = (p - onehot) / n
+        gw, gb = g.T @ feats + wd * w, g.sum(0) + wd * b
+        vw, vb = 0.9 * vw + gw, 0.9 * vb + gb
+        w, b = w - lr * vw, b - lr * vb
+    return w, b
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_heads_equal_hand_derived_descent(resnet, standardize):
+    """Full batch: one step per epoch, so the batch order cannot matter."""
+    train, test = images(40), images(16, seed=1)
+    blocks = find_blocks(resnet)
+    table = probe(resnet, train, test, K, blocks, augment=False, batch_size=64,
+                  standardize=standardize, weight_decay=5e-3, **FAST)  # fmt: skip
+    assert table.meta["mode"] == "cache"
+    x, y = next(iter(DeviceBatches(train, 40)))
+    feats = []
+    with torch.no_grad(), Taps(blocks, lambda i, f: feats.append(f.double())):
+        resnet(x)
+    heads = table.heads  # the heads as trained (standardisation not folded in)
+    for i, (d, f) in enumerate(zip(heads.dims, feats, strict=True)):
+        if standardize:  # population statistics of the training features
+            f = (f - f.mean(0)) / (f.var(0, unbiased=False) + 1e-8).sqrt()
+        ref_w, ref_b = reference_probe(f, y, 10, 5e-3)
+        assert ref_w.abs().max() > 1e-2  # the heads moved
+        torch.testing.assert_close(heads.weight[i, :d].T.double(), ref_w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(heads.bias[i, 0].double(), ref_b, rtol=1e-4, atol=1e-6)
+        assert torch.all(heads.weight[i, d:] == 0)  # padding stays zero
+
+
+def test_joint_heads_equal_heads_trained_one_at_a_time(resnet):
+    train, test = images(48), images(16, seed=1)
+    opts = dict(epochs=3, milestones=(1, 2), batch_size=16, weight_decay=1e-3, **FAST)
+    joint = probe(resnet, train, test, K, **opts)
+    assert joint.meta["mode"] == "stream" and len(joint) == 8
+    for i, block in enumerate(find_blocks(resnet)):
+        alone = probe(resnet, train, test, K, [block.name], **opts)
+        (w, b), (w1, b1) = linear_weights(joint)[i], linear_weights(alone)[0]
+        torch.testing.assert_close(w, w1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, b1, rtol=1e-5, atol=1e-6)
+        assert alone[0]["probe_acc"] == joint[i]["probe_acc"]
+        hist = joint.history.where(layer=i + 1)
+        for r, r1 in zip(hist, alone.history, strict=True):
+            assert r["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+            assert r["train_acc"] == r1["train_acc"]
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_cache_and_stream_without_augmentation_train_the_same_heads(resnet, standardize):
+    train, test = images(48), images(16, seed=1)
+    opts = dict(epochs=2, batch_size=16, augment=False, standardize=standardize, **FAST)
+    stream = probe(resnet, train, test, K, mode="stream", **opts)
+    cache = probe(resnet, train, test, K, mode="cache", **opts)
+    assert (stream.meta["mode"], cache.meta["mode"]) == ("stream", "cache")
+    for (w, b), (w1, b1) in zip(linear_weights(stream), linear_weights(cache), strict=True):
+        torch.testing.assert_close(w, w1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, b1, rtol=1e-4, atol=1e-5)
+    assert stream.column("probe_acc") == cache.column("probe_acc")
+
+
+def test_memory_mapped_cache_equals_the_in_memory_one(resnet, tmp_path):
+    train, test = images(48), images(16, seed=1)
+    opts = dict(epochs=2, batch_size=16, augment=False, **FAST)
+    memory = probe(resnet, train, test, K, **opts)
+    mapped = probe(resnet, train, test, K, cache_budget_gb=0.0, cache_dir=tmp_path, **opts)
+    assert torch.equal(memory.heads.theta, mapped.heads.theta)
+    assert list(tmp_path.iterdir()) == []  # the file is removed at the end
+
+
+def test_backbone_parameters_and_batchnorm_buffers_are_bit_identical():
+    torch.manual_seed(1)
+    model = build_model("resnet18", num_classes=K, width=4).train()  # as if mid-training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe(model, images(32), images(16, seed=1), K, epochs=2, batch_size=16, **FAST)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert model.training  # its mode is given back
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_heads_fold_standardisation_and_reload(resnet):
+    train, test = images(48), images(16, seed=1)
+    table = probe(resnet, train, test, K, epochs=2, batch_size=16, standardize=True,
+                  augment=False, **FAST)  # fmt: skip
+    heads = table.heads
+    assert not torch.equal(heads.scale, torch.ones_like(heads.scale))
+    x, _ = next(iter(DeviceBatches(test, 16)))
+    feats = []
+    with torch.no_grad(), Taps(find_blocks(resnet), lambda i, f: feats.append(f)):
+        resnet(x)
+        logits = heads(torch.cat(feats, 1))
+        for i, (linear, f) in enumerate(zip(heads.linear(), feats, strict=True)):
+            torch.testing.assert_close(linear(f), logits[i], rtol=1e-4, atol=1e-4)
+    saved = heads_state(table)
+    reloaded = load_heads(saved)
+    accuracy, n = evaluate_heads(resnet, reloaded, find_blocks(resnet), test, batch_size=7)
+    assert n == 16 and accuracy == pytest.approx(table.column("probe_acc"))
+    assert saved["probe_acc"] == table.column("probe_acc")
+
+
+def test_interrupted_probe_resumes_to_the_uninterrupted_heads(resnet):
+    train, test = images(48), images(16, seed=1)
+    opts = dict(epochs=4, milestones=(2, 3), batch_size=16, standardize=True, **FAST)
+    whole = probe(resnet, train, test, K, **opts)
+    saved = []
+
+    class Stop(Exception):
+        pass
+
+    def checkpoint(state):
+        saved.append(state)
+        if state["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        probe(resnet, train, test, K, on_epoch=checkpoint, **opts)
+    resumed = probe(resnet, train, test, K, state=saved[-1], **opts)
+    assert resumed.meta["resumed_from"] == 2
+    assert torch.equal(resumed.heads.theta, whole.heads.theta)
+    assert torch.equal(resumed.heads.scale, whole.heads.scale)
+    assert resumed.history == whole.history
+    assert resumed.column("probe_acc") == whole.column("probe_acc")
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_names_the_fix(resnet, tmp_path, monkeypatch):
+    train, test = images(32), images(16, seed=1)
+    with pytest.raises(ValueError, match="matches no module"):
+        probe(resnet, train, test, K, blocks="nothing*", **FAST)
+    with pytest.raises(ValueError, match="blocks='auto' found no repeated blocks"):
+        probe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), train, test, K, **FAST)
+    with pytest.raises(ValueError, match="train: the split is empty"):
+        probe(resnet, train.subset(torch.arange(0)), test, K, **FAST)
+    with pytest.raises(ValueError, match="test: the split is empty"):
+        probe(resnet, train, test.subset(torch.arange(0)), K, **FAST)
+    with pytest.raises(ValueError, match="num_classes=2"):
+        probe(resnet, train, test, 2, **FAST)
+    with pytest.raises(ValueError, match="set augment=False"):
+        probe(resnet, train, test, K, mode="cache", **FAST)
+    with pytest.raises(ValueError, match="no cache_dir"):
+        probe(resnet, train, test, K, augment=False, cache_budget_gb=0.0, **FAST)
+
+    class Usage:
+        free = 10
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: Usage)
+    with pytest.raises(ValueError, match=r"only 0\.00 GB free"):
+        probe(resnet, train, test, K, augment=False, cache_budget_gb=0.0, cache_dir=tmp_path,
+              **FAST)  # fmt: skip
+    monkeypatch.undo()
+    state = probe(resnet, train, test, K, epochs=1, batch_size=16, **FAST).state
+    with pytest.raises(ValueError, match="probe the same model and blocks"):
+        probe(resnet, train, test, K, ["layer4.1"], state=state, **FAST)
+    with pytest.raises(ValueError, match="raise epochs"):
+        probe(resnet, train, test, K, epochs=0 + 1, state={**state, "epoch": 2}, **FAST)
+
+
+def test_public_api():
+    assert nclayers.probe is probe
+    heads = ProbeHeads([3, 5], 2)
+    assert heads.weight.shape == (2, 5, 2) and heads.bias.shape == (2, 1, 2)
+    assert heads(torch.randn(7, 8)).shape == (2, 7, 2)
+
+
+# ----------------------------------------------------------------------------- two ranks
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_runs(model, rank_tag: str, out: Path) -> None:
+    train, test = images(48), images(20, seed=1)
+    for mode in ("stream", "cache"):
+        table = probe(model, train, test, K, epochs=2, batch_size=16, augment=False,
+                      mode=mode, standardize=True, **FAST)  # fmt: skip
+        torch.save(
+            {"theta": table.heads.theta.detach(), "scale": table.heads.scale,
+             "acc": table.column("probe_acc"), "loss": table.history.column("loss"),
+             "n": table[0]["n"]},
+            out / f"{mode}{rank_tag}.pt",
+        )  # fmt: skip
+
+
+def worker(rank: int, out: Path, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        model = build_model("resnet18", num_classes=K, width=4)
+        model.load_state_dict(torch.load(out / "init.pt", weights_only=True))
+        ddp_runs(model.eval(), f".rank{rank}", out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo"
+)
+def test_two_gloo_ranks_train_the_heads_of_one_process(resnet, tmp_path):
+    torch.save(resnet.state_dict(), tmp_path / "init.pt")
+    env = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK") if k in os.environ}
+    try:
+        mp.spawn(worker, args=(tmp_path, free_port()), nprocs=WORLD, join=True)
+    finally:
+        os.environ.update(env)
+    ddp_runs(resnet, "", tmp_path)
+    for mode in ("stream", "cache"):
+        one = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
+        for rank in range(WORLD):
+            two = torch.load(tmp_path / f"{mode}.rank{rank}.pt", weights_only=True)
+            torch.testing.assert_close(two["theta"], one["theta"], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(two["scale"], one["scale"], rtol=1e-5, atol=1e-6)
+            assert two["acc"] == one["acc"] and two["n"] == one["n"] == 20
+            assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the job
+JOB = ["data.name=digits", "data.train_subset=120", "data.test_subset=60", "model.width=4",
+       "probe.epochs=2", "probe.batch_size=32", "probe.milestones=[1]", "probe.eval_batch_size=64",
+       "device=cpu", "run=r"]  # fmt: skip
+
+
+def run_folder(tmp_path: Path, name: str) -> Path:
+    """A run folder with a checkpoint, as `nclayers train` leaves it."""
+    torch.manual_seed(0)
+    folder = tmp_path / name
+    folder.mkdir()
+    torch.save({"model": build_model("resnet18", 10, width=4).state_dict()},
+               folder / "checkpoint.pt")  # fmt: skip
+    return folder
+
+
+def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
+    from nclayers.cli import main
+    from nclayers.report.table import Table
+
+    out = run_folder(tmp_path, "run")
+    assert main(["analyze", *JOB, "--out", str(out), "-q"]) == 0
+    assert main(["probe", *JOB, "--out", str(out), "-q"]) == 0
+    assert "probe_acc" in capsys.readouterr().out
+    layers = Table.from_csv(out / "layers.csv")
+    assert len(layers) == 16  # no second table: 8 train + 8 test rows of the analysis
+    test = layers.where(split="test", view="clean")
+    assert all(0.0 <= r["probe_acc"] <= 1.0 and r["nc1"] > 0 for r in test)
+    assert all(r["probe_acc"] is None for r in layers.where(split="train"))
+    history = Table.from_csv(out / "probe.csv")
+    assert len(history) == 2 * 8 and {r["run"] for r in history} == {"r"}
+    assert [r["lr"] for r in history.where(layer=1)] == pytest.approx([0.1, 0.02])
+    saved = torch.load(out / "probe_heads.pt", weights_only=True)
+    assert saved["probe_acc"] == [r["probe_acc"] for r in test]
+    assert len(saved["linear"]) == 8 and saved["linear"][7]["weight"].shape == (10, 32)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "accuracy" in summary and summary["probe"]["mode"] == "stream"
+    assert summary["probe"]["test_samples"] == 60 and summary["probe"]["train_samples"] == 120
+    stages = json.loads((out / "stages.json").read_text())
+    assert "probe" in stages and "analyze" in stages
+    assert (out / "probe_acc.png").is_file() and not (out / "probe_state.pt").exists()
+
+    # The saved heads re-evaluate to the same accuracies.
+    from nclayers.config import load_config
+    from nclayers.data import load_dataset
+    from nclayers.jobs import load_model
+
+    cfg = load_config(None, JOB)
+    model = load_model(cfg, 10, out).eval()
+    acc, _ = evaluate_heads(model, load_heads(saved), find_blocks(model),
+                            load_dataset(cfg.data, "test"))  # fmt: skip
+    assert acc == pytest.approx(saved["probe_acc"])
+
+
+def test_probe_job_resumes_after_an_interruption(tmp_path, monkeypatch):
+    from nclayers.config import load_config
+    from nclayers.jobs import probe as job
+
+    whole = job.probe_run(load_config(None, [*JOB, f"out={run_folder(tmp_path, 'a')}"]),
+                          progress=False)  # fmt: skip
+    cfg = load_config(None, [*JOB, f"out={run_folder(tmp_path, 'b')}"])
+    real_save = job.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(path, **state):
+        real_save(path, **state)
+        raise Stop
+
+    monkeypatch.setattr(job, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        job.probe_run(cfg, progress=False)
+    monkeypatch.undo()
+    assert (Path(cfg.out) / job.PROBE_STATE).is_file()
+    resumed = job.probe_run(cfg, progress=False)
+    assert resumed.meta["resumed_from"] == 1
+    assert torch.equal(resumed.heads.theta, whole.heads.theta)
+    assert (
+        json.loads((Path(cfg.out) / "summary.json").read_text())["probe"]["resumed_from_epoch"] == 1
+    )
+
+
+def test_probe_job_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+    from nclayers.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(build_model("resnet18", 10, width=8).state_dict(), out / "checkpoint.pt")
+    assert main(["probe", *JOB, "--out", str(out), "-q"]) == 2
+    assert "does not match" in capsys.readouterr().err
