@@ -22,7 +22,7 @@ TINY = {
     "model.name": "resnet18", "model.width": 4, "train.epochs": 2, "train.batch_size": 50,
     "train.lr": 0.05, "train.schedule": "constant", "train.augment": False,
     "train.checkpoint_every": 1, "train.tensorboard": False, "device": "cpu",
-    "analyze.batch_size": 100,
+    "analyze.batch_size": 100, "probe.epochs": 1, "probe.milestones": [], "probe.augment": False,
 }  # fmt: skip
 
 
@@ -64,6 +64,8 @@ def test_grid_ids_and_settings(tmp_path):
     assert run_id(cfg) == run_id(same)
     assert run_id(cfg) != run_id(load_config(None, ["train.epochs=4"]))
     assert run_id(cfg) == run_id(load_config(None, ["train.epochs=3", "data.noise=0.0"]))
+    # Only what differs from the defaults counts: a default spelled out changes nothing.
+    assert run_id(cfg) == run_id(load_config(None, ["train.epochs=3", "train.lr=0.1"]))
     assert run_id(cfg) != run_id(load_config(None, ["train.epochs=3", "data.noise=0.1"]))
     assert run_id(cfg) != run_id(load_config(None, ["train.epochs=3", "model.options.x=1"]))
     # Command-line overrides reach every run (and change the ids).

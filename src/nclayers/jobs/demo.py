@@ -4,9 +4,10 @@ Trains a width-16 CIFAR ResNet18 twice on 500 of scikit-learn's digits: with cle
 and with 40% of the training labels shuffled, in a set-up that fits the noisy labels
 (no augmentation, AdamW, 12 epochs: the noisy run reaches 100% training accuracy on its
 labels). Then measures every block on the training split (true and training labels) and
-the test split, and writes layers.csv, memorization.csv (Δ per block: above 1 in the last
-blocks, the memorization layers), summary.json, the figures (demo.png: the paper's
-noisy-label layout) and report.html, and says in words which blocks memorize.
+the test split, trains a short linear probe on every block, and writes layers.csv,
+memorization.csv (Δ per block: above 1 in the last blocks, the memorization layers),
+summary.json, the figures (demo.png: the paper's noisy-label layout) and report.html, and
+says in words which blocks memorize.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from nclayers.config import Config, load_config, save_config
 from nclayers.jobs.analyze import analyze_run
+from nclayers.jobs.folder import RunFolder
+from nclayers.jobs.probe import probe_run
 from nclayers.jobs.report import describe_memorization, write_report
 from nclayers.jobs.train import train_run
 from nclayers.memorization import memorization_layers, memorization_ratio
@@ -43,6 +46,11 @@ DEMO_OVERRIDES = [
     "train.checkpoint_every=5",
     "train.tensorboard=false",
     "analyze.batch_size=500",
+    # A short linear probe per block (the paper's is 10 epochs with crop and flip): features
+    # computed once (no augmentation), 5 epochs, lr divided by 5 at epochs 3 and 4.
+    "probe.epochs=5",
+    "probe.milestones=[3, 4]",
+    "probe.augment=false",
     "device=cpu",
 ]
 NOISE = 0.4
@@ -70,7 +78,9 @@ def run_demo(
         result = train_run(cfg, progress=progress)
         print(f"[{run}] measuring every block")
         table = analyze_run(cfg, model=result["model"], progress=progress)
-        tables.append(table)
+        print(f"[{run}] linear probes on every block")
+        probe_run(cfg, model=result["model"], progress=progress)
+        tables.append(RunFolder(cfg.out).layers())  # the analysis rows, with probe_acc
         accuracy[run] = {"train_" + v: a for v, a in table.meta["accuracy"]["train"].items()} | {
             "test": table.meta["accuracy"]["test"]["clean"]
         }
@@ -92,7 +102,7 @@ def run_demo(
     save_config(base, out / "config.yaml")
     summary = {
         "config": base.to_dict(),
-        "runs": [t.meta["config"]["run"] for t in tables],
+        "runs": [t[0]["run"] for t in tables],
         "accuracy": accuracy,
         "memorization_layers": memorization_layers(ratios),
         "seconds": time.perf_counter() - t0,
@@ -104,7 +114,7 @@ def run_demo(
     test = layers.where(split="test", run="clean")
     print()
     print("Clean model, test split, every block:")
-    print(test.format(["layer", "block", "dim", "nc1", "nc2", "ncc_acc"]))
+    print(test.format(["layer", "block", "dim", "nc1", "nc2", "ncc_acc", "probe_acc"]))
     print()
     print(f"Noisy model ({NOISE:.0%} shuffled), training images, memorization ratio:")
     print(ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]))

@@ -177,11 +177,18 @@ class Sweep:
 
 
 def run_id(cfg: Config) -> str:
-    """A short hash of the settings that define a run's results."""
+    """A short hash of the settings that define a run's results: those that differ from
+    the defaults, so a config key added to nclayers later (at its default) leaves every
+    existing run's id, and folder, as it was."""
+    defaults = _flatten(Config().to_dict())
     flat = _flatten(cfg.to_dict())
-    kept = {k: v for k, v in flat.items() if k not in UNHASHED}
-    if kept.get("data.noise") in (None, 0, "", "clean"):  # all mean clean labels (load_dataset)
-        kept["data.noise"] = 0.0
+    if flat.get("data.noise") in (None, 0, "", "clean"):  # all mean clean labels (load_dataset)
+        flat["data.noise"] = defaults["data.noise"]
+    kept = {
+        k: v
+        for k, v in flat.items()
+        if k not in UNHASHED and (k not in defaults or v != defaults[k])
+    }
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:ID_LENGTH]
 
