@@ -22,10 +22,12 @@ import torch.multiprocessing as mp
 from nclayers.analyze import analyze
 from nclayers.config import DataConfig, load_config
 from nclayers.data import DeviceBatches, load_dataset
+from nclayers.jobs.folder import CHECKPOINT, DYNAMICS
+from nclayers.jobs.train import train_run as train
 from nclayers.metrics import ClassStats, NCCAccuracy
 from nclayers.models import build_model
 from nclayers.report.table import Table
-from nclayers.train import CHECKPOINT, DYNAMICS, evaluate, load_checkpoint, train
+from nclayers.train import evaluate, load_checkpoint
 
 WORLD = 2
 TRAIN = [

@@ -13,17 +13,16 @@ import torch
 from nclayers.cli import main
 from nclayers.config import load_config
 from nclayers.data import DATASETS
+from nclayers.jobs.folder import CHECKPOINT, DYNAMICS
+from nclayers.jobs.train import train_run as train
 from nclayers.models import build_model, get_entry
 from nclayers.report.dynamics import plot_dynamics
 from nclayers.report.table import Table
 from nclayers.train import (
-    CHECKPOINT,
-    DYNAMICS,
     load_checkpoint,
     lr_factor,
     param_groups,
     save_checkpoint,
-    train,
     train_step,
 )
 

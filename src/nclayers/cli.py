@@ -24,6 +24,10 @@ def _config(args, default_out: str):
         overrides.append(f"data.dir={args.data_dir}")
     if getattr(args, "device", None):
         overrides.append(f"device={args.device}")
+    if path and Path(path).is_dir():  # a run folder: its saved config, results written there
+        from nclayers.jobs import RunFolder
+
+        return RunFolder(path).load_config(overrides)
     cfg = load_config(path, overrides)
     if cfg.out == Config().out:  # neither the file nor the command line chose a folder
         cfg.out = default_out
@@ -31,24 +35,24 @@ def _config(args, default_out: str):
 
 
 def cmd_demo(args) -> None:
-    from nclayers.demo import run_demo
+    from nclayers.jobs.demo import run_demo
 
     overrides = [*args.overrides] + ([f"device={args.device}"] if args.device else [])
     run_demo(args.out or "runs/demo", overrides, progress=not args.quiet)
 
 
 def cmd_train(args) -> None:
-    from nclayers.train import train
+    from nclayers.jobs import train_run
 
     cfg = _config(args, "runs/train")
-    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    summary = train_run(cfg, resume=args.resume, progress=not args.quiet)
     final = summary["final"] or {}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
         print(f"test accuracy {final.get('test_acc', float('nan')):.4f}; run folder {cfg.out}")
 
 
 def cmd_analyze(args) -> None:
-    from nclayers.analyze import analyze_run
+    from nclayers.jobs import analyze_run
 
     cfg = _config(args, "runs/analyze")
     table = analyze_run(cfg, progress=not args.quiet)
@@ -60,13 +64,13 @@ def cmd_analyze(args) -> None:
 def cmd_blocks(args) -> None:
     import torch
 
+    from nclayers.jobs import build_from_config
     from nclayers.models import find_blocks, get_entry
     from nclayers.taps import probe_shapes
-    from nclayers.train import make_model
 
     cfg = _config(args, "runs/blocks")
     cfg.model.name = args.model
-    model = make_model(cfg, args.num_classes).eval()
+    model = build_from_config(cfg.model, args.num_classes).eval()
     size = args.input_size or (get_entry(args.model).input_size if ":" not in args.model else 32)
     blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
     shapes = probe_shapes(model, blocks, torch.zeros(1, 3, size, size))
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     def verb(name: str, fn, help_text: str, config: bool = True):
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         if config:
-            p.add_argument("config", nargs="?", help="YAML config file (optional)")
+            p.add_argument("config", nargs="?", help="YAML config file or run folder (optional)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--out", help="run folder for results")
         p.add_argument("--data-dir", help="local data folder (same as data.dir=...)")

@@ -1,35 +1,29 @@
-"""Training with the paper's recipes (A.1): optimiser, schedule, checkpoints, resume, DDP.
+"""The training loop and its pieces, following the paper's recipes (A.1).
 
-`train(cfg)` builds the model and data from a `Config` and trains it:
+Library code: models, batches and configs in, weights and per-epoch records out; it knows
+no folders (the `nclayers.jobs.train` job owns the run folder, checkpoints and logs).
 
-- checkpoints every `train.checkpoint_every` epochs and at the end, atomically (a kill
-  mid-write leaves the previous checkpoint intact), read back with `weights_only=True`;
-- `resume=True` continues exactly from `checkpoint.pt` in the run folder (model,
-  optimiser, epoch, history, every RNG state): on CPU the final weights equal those of
-  an uninterrupted run bit for bit;
-- speed switches act on CUDA only: bf16 autocast (`train.amp`), channels_last for
-  convnets (`train.channels_last`), `torch.compile` (`train.compile`); on CPU they are
-  ignored, so they never change CPU results;
-- under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) it joins the process group (nccl on
-  CUDA, gloo on CPU), wraps the model in DistributedDataParallel and gives each rank its
-  shard of every epoch's permutation. The per-rank batch is `train.batch_size // world`,
-  so the global batch stays the recipe's. Evaluation and NC tracking are reduced across
-  ranks; only rank 0 prints and writes files;
-- `train.track_nc_every=N` measures NC1 and NC2 of every block on a fixed class-balanced
-  test subset (`train.track_nc_samples`) before training and every N epochs, into
-  `nc_dynamics.csv` (the rows of `analyze` plus an `epoch` column).
-
-Run folder: config.yaml, train.log (one line per epoch), checkpoint.pt,
-train_summary.json, nc_dynamics.csv (when tracked), tb/ (when tensorboard is installed).
+- `fit(...)` trains over a range of epochs and yields one record per epoch, so the caller
+  decides what to log, measure and checkpoint between epochs;
+- `train_step`, `train_epoch`, `evaluate`: one step, one epoch, one evaluation, free of
+  host-device synchronisations inside the batch loop;
+- the recipe: `make_optimizer` (SGD for ResNets, AdamW without decay on norms, biases and
+  tokens for Swin/ViT), `lr_factor` (multi-step, cosine, linear warm-up);
+- speed switches act on CUDA only (bf16 autocast, channels_last, torch.compile), so they
+  never change CPU results;
+- torchrun/DDP: `setup_distributed` joins the process group (nccl on CUDA, gloo on CPU);
+  each rank takes its shard of every epoch's permutation; sums are reduced across ranks;
+- exact resume: `rng_state`/`set_rng_state`/`gather_rng_states` and atomic
+  `save_checkpoint`/`load_checkpoint` (weights_only=True).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,27 +34,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from nclayers.analyze import autocast
-from nclayers.config import Config, resolve_device, save_config
-from nclayers.data import ArrayDataset, DeviceBatches, balanced_subset, load_dataset
-from nclayers.models import build_model, find_blocks, load_weights
+from nclayers.config import resolve_device
+from nclayers.data import ArrayDataset, DeviceBatches
 from nclayers.report.table import Table
 
-CHECKPOINT = "checkpoint.pt"
-DYNAMICS = "nc_dynamics.csv"
 EVAL_BATCH = 500
 
 
 # ----------------------------------------------------------------------------- pieces
-def make_model(cfg: Config, num_classes: int) -> nn.Module:
-    options = dict(cfg.model.options)
-    if cfg.model.width is not None:
-        options["width"] = cfg.model.width
-    model = build_model(cfg.model.name, num_classes, **options)
-    if cfg.model.checkpoint:
-        load_weights(model, cfg.model.checkpoint)
-    return model
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices and kernels only: not on biases, norms, class
     tokens or position embeddings (the Swin/ViT recipe; harmless for ResNets' BN)."""
@@ -294,14 +275,13 @@ def evaluate(
     return loss_sum / n, correct / n
 
 
-def track_nc(model: nn.Module, blocks, batches, num_classes: int, epoch: int, cfg) -> Table:
-    """NC1/NC2 of every block on the tracking subset (reduced across ranks by analyze)."""
+def track_nc(model: nn.Module, blocks, batches, num_classes: int, amp: bool, **extra) -> Table:
+    """NC1/NC2 of every block on a fixed subset (reduced across ranks by analyze)."""
     from nclayers.analyze import analyze
 
     return analyze(
-        model, batches, num_classes, blocks, split="test", amp=cfg.train.amp,
-        progress=False, run=cfg.run, extra={"epoch": epoch},
-    )  # fmt: skip
+        model, batches, num_classes, blocks, split="test", amp=amp, progress=False, extra=extra
+    )
 
 
 def train_labels_view(ds: ArrayDataset) -> str:
@@ -309,8 +289,8 @@ def train_labels_view(ds: ArrayDataset) -> str:
     return "noisy" if "noisy" in ds.labels else "clean"
 
 
-def _check(cfg: Config, world: int) -> None:
-    tc = cfg.train
+def check_recipe(tc, world: int = 1) -> None:
+    """Refuse a training config that cannot run, naming the key and the fix."""
     for key in ("epochs", "batch_size"):
         if getattr(tc, key) < 1:
             raise ValueError(f"train.{key}={getattr(tc, key)}: must be a positive integer")
@@ -324,226 +304,8 @@ def _check(cfg: Config, world: int) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- loop
-def train(
-    cfg: Config,
-    resume: bool = False,
-    stop_after: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train per `cfg` into `cfg.out`; returns the summary (also in train_summary.json)
-    with the trained (unwrapped) model under "model".
-
-    resume: continue from `cfg.out/checkpoint.pt` exactly. stop_after: stop after this
-    many epochs in total (tests, time-boxed runs); the checkpoint then allows `resume`.
-    Under torchrun every rank calls this; see the module docstring.
-    """
-    tc = cfg.train
-    out = Path(cfg.out)
-    proc, device = setup_distributed(cfg.device)
-    try:
-        return _train(cfg, tc, out, proc, device, resume, stop_after, progress and proc.main)
-    finally:
-        if proc.owned:
-            dist.destroy_process_group()
-
-
-def _train(cfg, tc, out, proc, device, resume, stop_after, progress) -> dict:
-    _check(cfg, proc.world)
-    if proc.main:
-        out.mkdir(parents=True, exist_ok=True)
-    seed_everything(tc.seed)  # the same on every rank: DDP starts from equal weights anyway
-
-    train_ds = load_dataset(cfg.data, "train")
-    test_ds = load_dataset(cfg.data, "test")
-    num_classes = train_ds.num_classes
-    model = make_model(cfg, num_classes).to(device)
-    on_cuda = device.type == "cuda"
-    if on_cuda:  # fixed input shapes: let cuDNN pick its fastest kernels once
-        torch.backends.cudnn.benchmark = True
-    channels_last = tc.channels_last and on_cuda and is_convnet(model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, tc)
-    view = train_labels_view(train_ds)
-    rank_batch = tc.batch_size // proc.world
-    train_batches = DeviceBatches(
-        train_ds, rank_batch, device, train=tc.augment, shuffle=True, seed=tc.seed,
-        views=[view], shard=(proc.rank, proc.world), channels_last=channels_last,
-    )  # fmt: skip
-    test_batches = DeviceBatches(
-        test_ds, EVAL_BATCH, device, views=["clean"], shard=(proc.rank, proc.world),
-        channels_last=channels_last,
-    )  # fmt: skip
-    track_batches = blocks = None
-    if tc.track_nc_every:
-        keep = balanced_subset(test_ds.labels["clean"], tc.track_nc_samples, num_classes, tc.seed)
-        track_batches = DeviceBatches(
-            test_ds.subset(keep), EVAL_BATCH, device, views=["clean"],
-            shard=(proc.rank, proc.world), channels_last=channels_last,
-        )  # fmt: skip
-        blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
-
-    start_epoch, history = 0, []
-    ckpt_path = out / CHECKPOINT
-    if resume:
-        if not ckpt_path.is_file():
-            raise ValueError(f"--resume: no {CHECKPOINT} in {str(out)!r}; start without --resume")
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
-        states = state["rng"]
-        set_rng_state(states[proc.rank] if len(states) == proc.world else states[0])
-        if proc.main:
-            _trim_dynamics(out / DYNAMICS, start_epoch)
-    elif proc.main:
-        (out / DYNAMICS).unlink(missing_ok=True)
-    if proc.main:  # on resume too: e.g. train.epochs may have grown
-        save_config(cfg, out / "config.yaml")
-
-    train_model: nn.Module = model
-    if proc.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if on_cuda else None
-        )
-    if tc.compile and on_cuda:
-        train_model = torch.compile(train_model)
-
-    end_epoch = tc.epochs if stop_after is None else min(tc.epochs, stop_after)
-    log = open(out / "train.log", "a" if resume else "w") if proc.main else None
-    board = _tensorboard(out, tc.tensorboard and proc.main, start_epoch + 1 if resume else None)
-    say = _printer(log, progress)
-    say(
-        f"{cfg.model.name} on {cfg.data.name} ({len(train_ds)} train / {len(test_ds)} test), "
-        f"{device}, {proc.world} process(es), per-process batch {rank_batch} "
-        f"(train.batch_size={tc.batch_size} // {proc.world}), epochs {start_epoch + 1}.."
-        f"{end_epoch} of {tc.epochs}"
-    )
-    t0 = time.perf_counter()
-    try:
-        if tc.track_nc_every and not resume:
-            _record_nc(model, blocks, track_batches, num_classes, 0, cfg, proc, out, board)
-        for epoch in range(start_epoch, end_epoch):
-            lr = tc.lr * lr_factor(tc, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            train_batches.set_epoch(epoch)
-            t_epoch = time.perf_counter()
-            bar = _bar(
-                train_batches.samples_per_epoch * proc.world,
-                progress,
-                f"epoch {epoch + 1}/{tc.epochs}",
-            )
-            try:
-                loss_sum, correct, seen = train_epoch(
-                    train_model, optimizer, train_batches, tc.amp, tc.label_smoothing, bar,
-                    proc.world,
-                )  # fmt: skip
-            finally:
-                if bar is not None:
-                    bar.close()
-            _sync_buffers(model, proc)
-            sums = torch.stack([loss_sum.double(), correct.double()])
-            sums = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=device)])
-            loss_sum, correct, seen = _all_sum(sums, proc).tolist()
-            train_seconds = time.perf_counter() - t_epoch
-            test_loss, test_acc = evaluate(model, test_batches, tc.amp, proc)
-            record = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "img_per_s": seen / train_seconds,
-                "epoch_seconds": time.perf_counter() - t_epoch,
-                "seconds": time.perf_counter() - t0,
-            }
-            history.append(record)
-            done = epoch + 1 - start_epoch
-            eta = (time.perf_counter() - t0) / done * (end_epoch - epoch - 1)
-            say(
-                f"epoch {epoch + 1:>3}/{tc.epochs}  loss {record['train_loss']:.4f}  "
-                f"train {record['train_acc']:.4f}  test {test_acc:.4f}  lr {lr:.3g}  "
-                f"{record['img_per_s']:.0f} img/s  {record['epoch_seconds']:.1f} s  "
-                f"eta {_duration(eta)}"
-            )
-            if board is not None:
-                for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s"):
-                    board.add_scalar(key, record[key], epoch + 1)
-            if tc.track_nc_every and (
-                (epoch + 1) % tc.track_nc_every == 0 or epoch + 1 == tc.epochs
-            ):
-                _record_nc(
-                    model, blocks, track_batches, num_classes, epoch + 1, cfg, proc, out, board
-                )
-            last = epoch + 1 == end_epoch
-            if last or (tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0):
-                states = _gather_rng(proc)  # every rank takes part
-                if proc.main:
-                    save_checkpoint(
-                        ckpt_path,
-                        model=model.state_dict(),
-                        optimizer=optimizer.state_dict(),
-                        epoch=epoch + 1,
-                        history=history,
-                        rng=states,
-                        world=proc.world,
-                        config=cfg.to_dict(),
-                    )
-    finally:
-        if log is not None:
-            log.close()
-        if board is not None:
-            board.close()
-
-    final = history[-1] if history else None
-    summary = {
-        "config": cfg.to_dict(),
-        "epochs_done": len(history),
-        "train_labels": view,
-        "final": final,
-        "best_test_acc": max((h["test_acc"] for h in history), default=None),
-        "train_seconds": time.perf_counter() - t0,
-        "device": str(device),
-        "world_size": proc.world,
-        "per_process_batch": rank_batch,
-        "history": history,
-    }
-    if proc.main:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    summary["model"] = model
-    return summary
-
-
-# ----------------------------------------------------------------------------- helpers
-def _record_nc(model, blocks, batches, num_classes, epoch, cfg, proc, out, board) -> None:
-    table = track_nc(model, blocks, batches, num_classes, epoch, cfg)
-    if proc.main:
-        table.to_csv(out / DYNAMICS, append=True)
-        if board is not None:
-            for row in table:
-                board.add_scalar(f"nc1/layer{row['layer']:02d}", row["nc1"], epoch)
-                board.add_scalar(f"nc2/layer{row['layer']:02d}", row["nc2"], epoch)
-
-
-def _trim_dynamics(path: Path, epoch: int) -> None:
-    """Drop rows measured after the checkpoint's epoch: the resumed run measures them
-    again (a crash between measuring and checkpointing would otherwise leave twins)."""
-    if not path.is_file():
-        return
-    rows = Table(
-        r for r in Table.from_csv(path) if r.get("epoch") is not None and r["epoch"] <= epoch
-    )
-    if rows:
-        rows.to_csv(path)
-    else:
-        path.unlink()
-
-
-def _gather_rng(proc: Distributed) -> list[dict]:
-    """The RNG states of all ranks, so that each rank resumes with its own."""
+def gather_rng_states(proc: Distributed) -> list[dict]:
+    """The RNG states of all ranks (every rank takes part), so each resumes with its own."""
     state = rng_state()
     if proc.world == 1:
         return [state]
@@ -552,24 +314,61 @@ def _gather_rng(proc: Distributed) -> list[dict]:
     return states
 
 
-def _tensorboard(out: Path, enabled: bool, purge_step: int | None):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional (pip install nclayers[tensorboard])
-        return None
-    return SummaryWriter(str(out / "tb"), purge_step=purge_step)
+# ----------------------------------------------------------------------------- loop
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: DeviceBatches,
+    test_batches: DeviceBatches,
+    tc,
+    epochs: range,
+    proc: Distributed | None = None,
+    train_model: nn.Module | None = None,
+    progress: bool = False,
+) -> Iterator[dict]:
+    """Train `model` for `epochs` (0-based) with the recipe `tc`, yielding after each
+    epoch its record: epoch (1-based), lr, train/test loss and accuracy, img/s, seconds.
 
-
-def _printer(log, progress: bool):
-    def say(line: str) -> None:
-        if log is not None:
-            print(line, file=log, flush=True)
-        if progress:
-            print(line, flush=True)
-
-    return say
+    train_model: what the steps call (the DDP wrapper or compiled model; default `model`).
+    Between two records the caller may log, measure or checkpoint; with several processes
+    every rank iterates and the records are identical on all of them.
+    """
+    proc = proc or Distributed()
+    train_model = train_model or model
+    for epoch in epochs:
+        lr = tc.lr * lr_factor(tc, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_batches.set_epoch(epoch)
+        t_epoch = time.perf_counter()
+        bar = _bar(
+            train_batches.samples_per_epoch * proc.world, progress,
+            f"epoch {epoch + 1}/{tc.epochs}",
+        )  # fmt: skip
+        try:
+            loss_sum, correct, seen = train_epoch(
+                train_model, optimizer, train_batches, tc.amp, tc.label_smoothing, bar,
+                proc.world,
+            )  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.close()
+        _sync_buffers(model, proc)
+        sums = torch.stack([loss_sum.double(), correct.double()])
+        sums = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=sums.device)])
+        loss_sum, correct, seen = _all_sum(sums, proc).tolist()  # once per epoch
+        train_seconds = time.perf_counter() - t_epoch
+        test_loss, test_acc = evaluate(model, test_batches, tc.amp, proc)
+        yield {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "img_per_s": seen / train_seconds,
+            "epoch_seconds": time.perf_counter() - t_epoch,
+        }
 
 
 def _bar(total: int, enabled: bool, desc: str):
@@ -581,10 +380,3 @@ def _bar(total: int, enabled: bool, desc: str):
     return tqdm(
         total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True
     )
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -12,12 +12,12 @@ import json
 import time
 from pathlib import Path
 
-from nclayers.analyze import analyze_run
 from nclayers.config import Config, load_config, save_config
+from nclayers.jobs.analyze import analyze_run
+from nclayers.jobs.train import train_run
 from nclayers.memorization import memorization_layers, memorization_ratio
 from nclayers.report.figures import plot_layers, plot_metric
 from nclayers.report.table import Table
-from nclayers.train import train
 
 DEMO_OVERRIDES = [
     "data.name=digits",
@@ -54,7 +54,7 @@ def run_demo(
             f"[{run}] training {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name}"
             f" for {cfg.train.epochs} epochs" + (f", {noise:.0%} labels shuffled" if noise else "")
         )
-        result = train(cfg, progress=progress)
+        result = train_run(cfg, progress=progress)
         print(f"[{run}] measuring every block")
         table = analyze_run(cfg, model=result["model"], progress=progress)
         tables.append(table)
