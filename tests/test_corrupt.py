@@ -191,3 +191,46 @@ def test_truncated_npy_names_the_file_and_the_release(tmp_path):
     cfg = DataConfig(name="cifar10c", dir=str(tmp_path), corruption="gaussian_noise", severity=1)
     with pytest.raises(ValueError, match=r"gaussian_noise\.npy: truncated or unreadable.*zenodo"):
         load_dataset(cfg, "test")
+
+
+def test_memorization_job_on_a_corruption_run(tmp_path):
+    """Delta = nc1(clean images) / nc1(corrupted images): the clean side is measured on the
+    uncorrupted data set loaded independently (flipping the sides fails this test)."""
+    from nclayers.analyze import analyze
+    from nclayers.config import load_config
+    from nclayers.jobs.common import load_model
+    from nclayers.jobs.folder import RunFolder
+    from nclayers.jobs.memorization import memorization_run
+
+    folder = RunFolder(tmp_path / "run")
+    cfg = load_config(None, [
+        "data.name=digits", "data.train_subset=60", "model.name=resnet18", "model.width=4",
+        "device=cpu", f"out={folder.path}", "data.corruption=speckle_noise",
+        "data.severity=L3",
+    ])  # fmt: skip
+    folder.save_config(cfg)
+    torch.manual_seed(0)
+    model = load_model(cfg, 10).eval()
+    torch.save(model.state_dict(), folder.file("checkpoint.pt"))
+    ratios = memorization_run(folder, progress=False)
+    assert ratios.meta["kind"] == "corruption" and ratios.meta["severity"] == 5
+
+    def nc1s(ds):
+        t = analyze(model, DeviceBatches(ds, 500), 10, split="train", progress=False)
+        return [r["nc1"] for r in t]
+
+    clean = nc1s(load_dataset(DataConfig(name="digits", train_subset=60), "train"))
+    corrupted = nc1s(load_dataset(cfg.data, "train"))
+    assert clean != corrupted
+    assert [r["nc1_clean"] for r in ratios] == pytest.approx(clean)
+    assert [r["nc1_corrupted"] for r in ratios] == pytest.approx(corrupted)
+    assert [r["ratio"] for r in ratios] == pytest.approx(
+        [a / b for a, b in zip(clean, corrupted, strict=True)]
+    )
+    layers = folder.layers().where(split="train")
+    assert {r["input"] for r in layers} == {"clean", "corrupted"} and len(layers) == 16
+    # Label noise and corruption together are refused; so is a run with neither.
+    cfg.data.noise = 0.2
+    folder.save_config(cfg)
+    with pytest.raises(ValueError, match=r"both data\.noise and data\.corruption"):
+        memorization_run(folder, progress=False)

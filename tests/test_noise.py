@@ -210,3 +210,93 @@ def test_label_file_of_other_images_is_refused(tmp_path):
     np.savez(tmp_path / "cifar-10n" / "CIFAR-10_human.npz", clean_label=other, worse_label=other)
     with pytest.raises(ValueError, match="do not match the training images"):
         load_dataset(DataConfig(name="cifar10", dir=str(tmp_path), noise="worse"), "train")
+
+
+# ------------------------------------------------------------------ memorization
+def test_fitted_random_labels_make_the_last_block_memorize():
+    """A small MLP fitted to 100% shuffled labels: Delta = nc1(true) / nc1(noisy) > 1 at
+    its narrow last hidden layer, < 1 at its first (flipping the ratio's sides fails)."""
+    from nclayers.analyze import analyze
+    from nclayers.data import DeviceBatches
+    from nclayers.memorization import memorization_layers, memorization_ratio
+
+    torch.manual_seed(0)
+    ds = load_dataset(DataConfig(name="digits", noise=1.0, train_subset=200), "train")
+    x, y = next(iter(DeviceBatches(ds, 200)))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(3072, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 16), nn.ReLU(), nn.Linear(16, 10),
+    )  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(model(x), y["noisy"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y["noisy"]).all()  # fitted the shuffled labels
+        assert (y["noisy"] != y["clean"]).float().mean() > 0.8
+    table = analyze(model, DeviceBatches(ds, 64), 10, blocks=["2", "4", "6"], split="train",
+                    progress=False)  # fmt: skip
+    ratios = memorization_ratio(table)
+    assert ratios[-1]["ratio"] > 1.0 and ratios[0]["ratio"] < 1.0
+    assert memorization_layers(ratios) == [3]
+    assert ratios[-1]["ratio"] == pytest.approx(ratios[-1]["nc1_clean"] / ratios[-1]["nc1_noisy"])
+
+
+def _supports_left_out_samples() -> bool:
+    from nclayers.metrics import ClassStats
+
+    try:
+        ClassStats(3, 2).update(torch.zeros(2, 2), torch.tensor([-1, 0]))
+    except (ValueError, RuntimeError, IndexError):
+        return False
+    return True
+
+
+def _run_folder(tmp_path, *overrides: str):
+    from nclayers.config import load_config
+    from nclayers.jobs.common import load_model
+    from nclayers.jobs.folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    cfg = load_config(None, [
+        "data.name=digits", "data.train_subset=60", "model.name=resnet18", "model.width=4",
+        "device=cpu", f"out={folder.path}", "run=r", *overrides,
+    ])  # fmt: skip
+    folder.save_config(cfg)
+    torch.manual_seed(0)
+    model = load_model(cfg, 10)
+    torch.save(model.state_dict(), folder.file("checkpoint.pt"))
+    return folder, cfg, model
+
+
+def test_memorization_job_on_a_label_noise_run(tmp_path):
+    if not _supports_left_out_samples():
+        pytest.skip("needs label -1 (sample left out of a view) in ClassStats")
+    from nclayers.analyze import analyze
+    from nclayers.data import DeviceBatches
+    from nclayers.jobs.memorization import memorization_run
+
+    folder, cfg, model = _run_folder(tmp_path, "data.noise=0.5")
+    ratios = memorization_run(folder.path, progress=False)
+    assert [r["layer"] for r in ratios] == list(range(1, 9))
+    ds = load_dataset(cfg.data, "train")
+    ref = analyze(model.eval(), DeviceBatches(ds, 500), 10, split="train", progress=False)
+    for r in ratios:
+        clean = ref.where(view="clean", layer=r["layer"])[0]["nc1"]
+        noisy = ref.where(view="noisy", layer=r["layer"])[0]["nc1"]
+        assert r["nc1_clean"] == pytest.approx(clean) and r["nc1_noisy"] == pytest.approx(noisy)
+        assert r["ratio"] == pytest.approx(clean / noisy)
+    # The changed samples alone, measured in the same pass, against a pass over them only.
+    changed = ds.subset((ds.labels["clean"] != ds.labels["noisy"]).nonzero().flatten())
+    alone = analyze(model, DeviceBatches(changed, 500), 10, split="train", progress=False)
+    last = ratios[-1]
+    assert last["nc1_changed_clean"] == pytest.approx(alone.where(view="clean", layer=8)[0]["nc1"])
+    assert last["nc1_changed_noisy"] == pytest.approx(alone.where(view="noisy", layer=8)[0]["nc1"])
+    assert ratios.meta["memorized"] == pytest.approx(memorized_fraction(model, ds)["memorized"])
+    assert ratios.meta["changed"] == len(changed)
+    written = folder.read_json("summary.json")["memorization"]
+    assert written["memorization_layers"] == [r["layer"] for r in ratios if r["ratio"] > 1]
+    assert folder.exists("memorization.csv") and folder.exists("memorization.png")
+    assert folder.done("memorization")
