@@ -278,8 +278,9 @@ def test_memorization_job_on_a_label_noise_run(tmp_path):
     from nclayers.data import DeviceBatches
     from nclayers.jobs.memorization import memorization_run
 
-    folder, cfg, model = _run_folder(tmp_path, "data.noise=0.5")
+    folder, cfg, model = _run_folder(tmp_path, "data.noise=0.5", "data.train_subset=200")
     ratios = memorization_run(folder.path, progress=False)
+    assert ratios.meta["changed_views"] is True
     assert [r["layer"] for r in ratios] == list(range(1, 9))
     ds = load_dataset(cfg.data, "train")
     ref = analyze(model.eval(), DeviceBatches(ds, 500), 10, split="train", progress=False)
@@ -300,3 +301,9 @@ def test_memorization_job_on_a_label_noise_run(tmp_path):
     assert written["memorization_layers"] == [r["layer"] for r in ratios if r["ratio"] > 1]
     assert folder.exists("memorization.csv") and folder.exists("memorization.png")
     assert folder.done("memorization")
+    # Too few changed samples for every class: those views are left out, not an error.
+    few, cfg, model = _run_folder(tmp_path / "few", "data.noise=0.05")
+    ratios = memorization_run(few.path, progress=False)
+    assert ratios.meta["changed_views"] is False and "ratio_changed" not in ratios.columns
+    ds = load_dataset(cfg.data, "train")
+    assert ratios.meta["memorized"] == pytest.approx(memorized_fraction(model, ds)["memorized"])

@@ -6,7 +6,9 @@ trained model:
 - label noise (`data.noise`): one pass with the views clean, noisy, changed_clean,
   changed_noisy and unchanged; Delta = nc1(clean) / nc1(noisy), and the same ratio on the
   changed samples alone; the memorized fraction (train accuracy of the changed samples
-  under their training labels) from the same pass;
+  under their training labels) from the same pass. When some class has no changed (or
+  no unchanged) sample, NC1 of those views is undefined: they are left out
+  (summary: changed_views false) and the memorized fraction takes a pass of its own;
 - corrupted inputs (`data.corruption`): two passes, the clean images and the corrupted
   images (column input = clean / corrupted), true labels; Delta = nc1(clean) /
   nc1(corrupted).
@@ -20,11 +22,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from nclayers.analyze import analyze
 from nclayers.config import resolve_device
-from nclayers.data import CHANGED_NOISY, DeviceBatches, load_dataset, with_changed_views
+from nclayers.data import (
+    CHANGED_CLEAN,
+    CHANGED_NOISY,
+    UNCHANGED,
+    DeviceBatches,
+    load_dataset,
+    with_changed_views,
+)
 from nclayers.jobs.common import load_model
 from nclayers.jobs.folder import MEMORIZATION, SUMMARY, RunFolder
 from nclayers.memorization import (
@@ -33,6 +43,7 @@ from nclayers.memorization import (
     corruption_ratio,
     memorization_layers,
     memorization_ratio,
+    memorized_fraction,
 )
 from nclayers.models import find_blocks
 from nclayers.report.figures import plot_metric
@@ -107,13 +118,24 @@ def memorization_run(
             },
         )
     else:
-        ds = with_changed_views(ds)
+        full = with_changed_views(ds)
+        # NC1 needs every class in a view: with few changed samples, skip those views.
+        complete = all(
+            bool((torch.bincount(y[y >= 0], minlength=ds.num_classes) > 0).all())
+            for v, y in full.labels.items()
+            if v in (CHANGED_CLEAN, CHANGED_NOISY, UNCHANGED)
+        )
+        info["changed_views"] = complete
+        ds = full if complete else ds
         rows = measure(ds)
         ratios = memorization_ratio(rows)
         acc = rows.meta["accuracy"]
         changed = ds.meta["noise_changed"]
-        # A label of -1 never matches a prediction: hits on changed_noisy / changed.
-        memorized = acc[CHANGED_NOISY] * len(ds) / changed if changed else float("nan")
+        if complete:  # the accuracy of a view counts only its samples (label != -1)
+            memorized = acc[CHANGED_NOISY]
+        else:
+            memorized = memorized_fraction(model, ds, cfg.analyze.batch_size, cfg.train.amp)
+            memorized = memorized["memorized"]
         info.update(
             kind="label_noise",
             noise=cfg.data.noise,
