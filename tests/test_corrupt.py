@@ -193,7 +193,7 @@ def test_truncated_npy_names_the_file_and_the_release(tmp_path):
         load_dataset(cfg, "test")
 
 
-def test_memorization_job_on_a_corruption_run(tmp_path):
+def test_memorization_job_on_a_corruption_run(tmp_path, capsys):
     """Delta = nc1(clean images) / nc1(corrupted images): the clean side is measured on the
     uncorrupted data set loaded independently (flipping the sides fails this test)."""
     from nclayers.analyze import analyze
@@ -201,6 +201,7 @@ def test_memorization_job_on_a_corruption_run(tmp_path):
     from nclayers.jobs.common import load_model
     from nclayers.jobs.folder import RunFolder
     from nclayers.jobs.memorization import memorization_run
+    from nclayers.report.table import Table
 
     folder = RunFolder(tmp_path / "run")
     cfg = load_config(None, [
@@ -229,6 +230,13 @@ def test_memorization_job_on_a_corruption_run(tmp_path):
     )
     layers = folder.layers().where(split="train")
     assert {r["input"] for r in layers} == {"clean", "corrupted"} and len(layers) == 16
+    # The CLI verb on the run folder (and the saved table read back).
+    from nclayers.cli import main
+
+    assert main(["memorization", str(folder.path), "-q"]) == 0
+    assert "nc1_corrupted" in capsys.readouterr().out
+    written = Table.from_csv(folder.file("memorization.csv"))
+    assert [r["ratio"] for r in written] == pytest.approx([r["ratio"] for r in ratios])
     # Label noise and corruption together are refused; so is a run with neither.
     cfg.data.noise = 0.2
     folder.save_config(cfg)
