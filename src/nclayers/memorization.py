@@ -75,8 +75,8 @@ def corruption_ratio(table: Table, split: str = "train", view: str = "clean") ->
     ratios = memorization_ratio(rows, split, CLEAN_INPUT, CORRUPTED_INPUT, key="input")
     for r in ratios:
         r["nc1_corrupted"] = r.pop("nc1_noisy")
-        r["memorizing"] = r.pop("memorizing")  # keep it after the NC1 columns
-        r["ratio"] = r.pop("ratio")
+        r["ratio"] = r.pop("ratio")  # keep both after the NC1 columns
+        r["memorizing"] = r.pop("memorizing")
     return ratios
 
 
