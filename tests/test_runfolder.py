@@ -74,3 +74,20 @@ def test_analyze_a_trained_run_folder_uses_its_checkpoint(tmp_path):
     ours = sorted((r["split"], r["layer"], r["nc1"]) for r in rows)
     theirs = sorted((r["split"], r["layer"], r["nc1"]) for r in direct)
     assert ours == theirs
+
+
+def test_train_summary_reports_the_noise_rate_and_the_memorized_fraction(tmp_path):
+    from nclayers.data import load_dataset
+    from nclayers.memorization import memorized_fraction
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, [*TINY, f"out={tmp_path}", "data.noise=0.5", "train.epochs=2"])
+    result = train_run(cfg, progress=False)
+    noise = RunFolder(tmp_path).read_json("train_summary.json")["label_noise"]
+    ds = load_dataset(cfg.data, "train")
+    changed = int((ds.labels["clean"] != ds.labels["noisy"]).sum())
+    assert noise["changed"] == changed and noise["rate"] == changed / len(ds)
+    assert noise["source"] == "shuffle:0.5"
+    expected = memorized_fraction(result["model"], ds)
+    assert noise["memorized"] == expected["memorized"]
+    assert noise["changed_true_acc"] == expected["changed_true_acc"]

@@ -155,6 +155,27 @@ def cmd_memorization(args) -> None:
     from nclayers.report.figures import plot_metric
     from nclayers.report.table import Table
 
+    if Path(args.csv).is_dir():  # a run folder: measure its training split
+        from nclayers.jobs.memorization import memorization_run
+
+        overrides = [*args.overrides] + ([f"device={args.device}"] if args.device else [])
+        ratios = memorization_run(args.csv, overrides, progress=not args.quiet)
+        other = "nc1_corrupted" if ratios.meta["kind"] == "corruption" else "nc1_noisy"
+        cols = ["layer", "block", "nc1_clean", other, "ratio"]
+        if "ratio_changed" in ratios.columns:
+            cols += ["nc1_changed_clean", "nc1_changed_noisy", "ratio_changed"]
+        print(ratios.format(cols))
+        if ratios.meta["kind"] == "label_noise":
+            print(
+                f"changed labels: {ratios.meta['changed']} of {ratios.meta['samples']} "
+                f"({ratios.meta['noise_rate']:.2%}); memorized (fitted to their training "
+                f"label): {ratios.meta['memorized']:.2%}"
+            )
+        print(f"memorization layers (ratio > 1): {ratios.meta['memorization_layers']}")
+        print(f"wrote {Path(args.csv) / 'memorization.csv'}, memorization.png, summary.json")
+        return
+    if args.overrides:
+        raise ValueError("key=value overrides apply to a run folder, not to a layers.csv")
     ratios = memorization_ratio(
         Table.from_csv(args.csv), split=args.split, clean=args.clean, noisy=args.noisy,
         key=args.key,
@@ -257,13 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="only rows of this split")
     p.add_argument("--out", help="folder for the PNG files (default: beside the CSV)")
     p.set_defaults(fn=cmd_plot)
-    p = sub.add_parser("memorization", help="Memorization ratio per layer from a layers.csv.")
-    p.add_argument("csv", help="layers.csv with clean and noisy rows")
+    p = sub.add_parser(
+        "memorization",
+        help="Memorization ratio per layer: of a run folder (label noise or corrupted "
+        "inputs), or from a layers.csv.",
+    )
+    p.add_argument("csv", metavar="RUN_OR_CSV",
+                   help="a run folder trained with data.noise or data.corruption, or a "
+                   "layers.csv with clean and noisy rows")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="changes to the run's config (e.g. device=cpu)")  # fmt: skip
     p.add_argument("--split", default="train")
-    p.add_argument("--key", default="view", help="column telling clean from noisy: view or run")
+    p.add_argument(
+        "--key", default="view", help="column telling clean from noisy: view, input or run"
+    )
     p.add_argument("--clean", default="clean")
     p.add_argument("--noisy", default="noisy")
     p.add_argument("--out", help="folder for memorization.csv/png (default: beside the CSV)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (same as device=...)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_memorization)
     p = sub.add_parser(
         "prune", epilog=EPILOG,

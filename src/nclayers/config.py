@@ -19,11 +19,19 @@ import yaml
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100
+    name: str = "digits"  # digits | cifar10 | cifar100 | cifar10c (the official release)
     dir: str | None = None  # local folder with the data set (e.g. ../shared/data)
     download: bool = False  # let torchvision download CIFAR when the folder lacks it
     noise: Any = None  # label noise: a rate in [0, 1] (shuffled labels) or a CIFAR-10N set
     noise_seed: int = 0
+    noise_mode: str = "shuffle"  # shuffle (among the chosen samples) | uniform (other class)
+    # Corrupted inputs: gaussian_noise | shot_noise | impulse_noise | speckle_noise, at
+    # severity 1..5 or the paper's level L1/L2/L3 (= 1/3/5), on the training split (and on
+    # the test split when corrupt_test); with cifar10c, which of the release's files.
+    corruption: str | None = None
+    severity: Any = None
+    corrupt_test: bool = False
+    corruption_seed: int = 0
     train_subset: int | None = None  # class-balanced subset sizes (None = all)
     test_subset: int | None = None
     subset_seed: int = 0

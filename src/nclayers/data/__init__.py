@@ -1,63 +1,165 @@
-"""Data sets, labels views and device-resident batches.
+"""Data sets, labels views, corruptions and device-resident batches.
 
 `load_dataset(data_cfg, split)` returns an `ArrayDataset` whose labels views are
 "clean" (the true labels) and, on the training split with label noise, "noisy" (the
-labels the model is trained on).
+labels the model is trained on). `with_changed_views` adds the views that single out
+the samples whose label was changed. With `data.corruption`, the training split's images
+(and the test split's with `data.corrupt_test`) are corrupted once, and the data set
+keeps the clean images too (`ds.clean_twin()`).
 """
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
 from nclayers.data.arrays import ArrayDataset, balanced_subset
 from nclayers.data.batches import DeviceBatches
-from nclayers.data.noise import cifar10n_labels, shuffle_labels
+from nclayers.data.corrupt import CORRUPTIONS, corrupt, parse_severity
+from nclayers.data.noise import (
+    CHANGED_CLEAN,
+    CHANGED_NOISY,
+    NOISE_MODES,
+    UNCHANGED,
+    changed_views,
+    cifar10n_labels,
+    cifar100n_labels,
+    cifarn_labels,
+    shuffle_labels,
+    uniform_labels,
+)
 
-DATASETS = ("digits", "cifar10", "cifar100")
+DATASETS = ("digits", "cifar10", "cifar100", "cifar10c")
+log = logging.getLogger("nclayers.data")
 
 
 def load_dataset(cfg, split: str) -> ArrayDataset:
-    """Load `split` of the data set described by a `DataConfig`, with subset and noise."""
+    """Load `split` of the data set described by a `DataConfig`: the images, label noise
+    (on the full training split, so a subset keeps each image's own label), the subset,
+    then the corruption (per sample, by its index in the full split)."""
     name = cfg.name
+    corruption = getattr(cfg, "corruption", None)
+    if corruption:  # bad names fail before any file is read
+        from nclayers.data.corrupt import check_corruption
+
+        check_corruption(corruption)
+        if cfg.severity is None:
+            raise ValueError(
+                f"data.corruption={corruption!r} needs data.severity: 1..5 or the paper's "
+                "level L1, L2, L3 (= 1, 3, 5)"
+            )
+        parse_severity(cfg.severity)
     if name == "digits":
         from nclayers.data.digits import load_digits_split
 
         ds = load_digits_split(split)
-    elif name in ("cifar10", "cifar100"):
-        from nclayers.data.cifar import load_cifar_split
-
+    elif name in ("cifar10", "cifar100", "cifar10c"):
         if not cfg.dir:
             raise ValueError(
                 f"data.dir is not set: {name} is read from a local folder; pass "
-                "data.dir=PATH (the folder holding cifar-10-batches-py/)"
+                "data.dir=PATH (the folder holding cifar-10-batches-py/ or CIFAR-10-C/)"
             )
-        ds = load_cifar_split(name, split, cfg.dir, download=cfg.download)
+        if name == "cifar10c":
+            from nclayers.data.cifar10c import load_cifar10c_split
+
+            ds = load_cifar10c_split(split, cfg.dir, corruption, cfg.severity)
+        else:
+            from nclayers.data.cifar import load_cifar_split
+
+            ds = load_cifar_split(name, split, cfg.dir, download=cfg.download)
     else:
         raise ValueError(f"data.name={name!r}: expected one of {DATASETS}")
 
-    noise = cfg.noise
-    if split == "train" and noise not in (None, "", 0, 0.0, "clean"):
-        clean = ds.labels["clean"]
-        if isinstance(noise, str):
-            if name != "cifar10":
-                raise ValueError(f"data.noise={noise!r}: CIFAR-10N labels exist for cifar10 only")
-            noisy = cifar10n_labels(noise, cfg.dir)
-        else:
-            noisy = shuffle_labels(clean, float(noise), seed=cfg.noise_seed)
-        ds = ds.with_views({"clean": clean, "noisy": noisy})
+    if split == "train" and cfg.noise not in (None, "", 0, 0.0, "clean"):
+        ds = _with_label_noise(ds, cfg)
 
     size = cfg.train_subset if split == "train" else cfg.test_subset
     if size:
         ds = ds.subset(
             balanced_subset(ds.labels["clean"], int(size), ds.num_classes, cfg.subset_seed)
         )
+    if "noisy" in ds.labels:  # the measured rate, on the samples actually used
+        changed = int((ds.labels["noisy"] != ds.labels["clean"]).sum())
+        ds.meta.update(noise_changed=changed, noise_rate=changed / len(ds))
+        log.info(
+            "%s %s: %d of %d training labels differ from the true ones (%.2f%%)",
+            name, split, changed, len(ds), 100 * changed / len(ds),
+        )  # fmt: skip
+
+    corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
+    if corruption and name != "cifar10c" and corrupt_split:
+        ds = corrupt_dataset(ds, corruption, cfg.severity, cfg.corruption_seed)
     return ds
 
 
+def _with_label_noise(ds: ArrayDataset, cfg) -> ArrayDataset:
+    clean, noise = ds.labels["clean"], cfg.noise
+    mode = getattr(cfg, "noise_mode", "shuffle")
+    if isinstance(noise, str):
+        if ds.name not in ("cifar10", "cifar100"):
+            raise ValueError(
+                f"data.noise={noise!r}: human label sets exist for cifar10 (CIFAR-10N) and "
+                f"cifar100 (CIFAR-100N), not {ds.name}; or give a rate in [0, 1]"
+            )
+        noisy, file_clean = cifarn_labels(ds.name, noise, cfg.dir)
+        if len(noisy) != len(clean) or (file_clean is not None and not torch.equal(
+            file_clean, clean
+        )):  # fmt: skip
+            raise ValueError(
+                f"data.noise={noise!r}: the label file's clean labels do not match the "
+                f"training images' labels in data.dir={cfg.dir!r}: the images are not in the "
+                "original CIFAR training order, or the file is for another data set"
+            )
+        ds.meta["noise_source"] = f"{ds.name}n:{noise}"
+    elif mode == "shuffle":
+        noisy = shuffle_labels(clean, float(noise), seed=cfg.noise_seed)
+        ds.meta["noise_source"] = f"shuffle:{float(noise)}"
+    elif mode == "uniform":
+        noisy = uniform_labels(clean, float(noise), ds.num_classes, seed=cfg.noise_seed)
+        ds.meta["noise_source"] = f"uniform:{float(noise)}"
+    else:
+        raise ValueError(f"data.noise_mode={mode!r}: expected one of {NOISE_MODES}")
+    return ds.with_views({"clean": clean, "noisy": noisy})
+
+
+def corrupt_dataset(ds: ArrayDataset, name: str, severity, seed: int = 0) -> ArrayDataset:
+    """`ds` with corrupted images (by each sample's `index`) and its clean images kept."""
+    from dataclasses import replace
+
+    severity = parse_severity(severity)
+    images = corrupt(ds.images, name, severity, seed=seed, index=ds.index)
+    meta = dict(ds.meta, corruption=name, corruption_severity=severity, corruption_seed=seed)
+    return replace(ds, images=images, clean_images=ds.images, meta=meta)
+
+
+def with_changed_views(ds: ArrayDataset) -> ArrayDataset:
+    """`ds` plus the views changed_clean, changed_noisy and unchanged (-1: left out)."""
+    if "noisy" not in ds.labels:
+        raise ValueError(
+            f"{ds.name} {ds.split}: no 'noisy' labels view; the changed-sample views exist "
+            "for a training split with label noise (data.noise=...)"
+        )
+    return ds.with_views({**ds.labels, **changed_views(ds.labels["clean"], ds.labels["noisy"])})
+
+
 __all__ = [
+    "CHANGED_CLEAN",
+    "CHANGED_NOISY",
+    "CORRUPTIONS",
     "DATASETS",
+    "NOISE_MODES",
+    "UNCHANGED",
     "ArrayDataset",
     "DeviceBatches",
     "balanced_subset",
+    "changed_views",
     "cifar10n_labels",
+    "cifar100n_labels",
+    "corrupt",
+    "corrupt_dataset",
     "load_dataset",
     "shuffle_labels",
+    "uniform_labels",
+    "with_changed_views",
 ]

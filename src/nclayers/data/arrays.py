@@ -12,6 +12,9 @@ class ArrayDataset:
     """uint8 images N x C x H x W with named labels views (e.g. "clean", "noisy").
 
     `mean` and `std` are the per-channel normalisation constants in [0, 1] units.
+    `index`: each sample's position in its source split (kept through subsets), which
+    fixes per-sample randomness such as corruption noise and looks up label files.
+    `clean_images`: for a corrupted data set, the same images uncorrupted (else None).
     """
 
     images: torch.Tensor
@@ -22,6 +25,8 @@ class ArrayDataset:
     name: str = ""
     split: str = ""
     meta: dict = field(default_factory=dict)
+    index: torch.Tensor | None = None
+    clean_images: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -32,6 +37,15 @@ class ArrayDataset:
         for view, y in self.labels.items():
             if y.shape != (len(self.images),):
                 raise ValueError(f"labels view {view!r}: shape {tuple(y.shape)} != ({len(self)},)")
+        if self.index is None:
+            self.index = torch.arange(len(self))
+        if self.index.shape != (len(self),):
+            raise ValueError(f"index: shape {tuple(self.index.shape)} != ({len(self)},)")
+        if self.clean_images is not None and self.clean_images.shape != self.images.shape:
+            raise ValueError(
+                f"clean_images: shape {tuple(self.clean_images.shape)} != images' "
+                f"{tuple(self.images.shape)}"
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -47,10 +61,25 @@ class ArrayDataset:
     def subset(self, index: torch.Tensor) -> ArrayDataset:
         index = torch.as_tensor(index, dtype=torch.long)
         labels = {k: v[index] for k, v in self.labels.items()}
-        return replace(self, images=self.images[index], labels=labels, meta=dict(self.meta))
+        clean = self.clean_images[index] if self.clean_images is not None else None
+        return replace(
+            self, images=self.images[index], labels=labels, meta=dict(self.meta),
+            index=self.index[index], clean_images=clean,
+        )  # fmt: skip
 
     def with_views(self, views: dict[str, torch.Tensor]) -> ArrayDataset:
         return replace(self, labels=dict(views), meta=dict(self.meta))
+
+    def clean_twin(self) -> ArrayDataset:
+        """The same samples with their uncorrupted images (a corrupted data set only)."""
+        if self.clean_images is None:
+            raise ValueError(
+                f"{self.name or 'data set'} {self.split}: holds no clean images beside the "
+                "corrupted ones; load it with data.corruption=NAME (nclayers keeps the clean "
+                "twin), not from pre-corrupted files"
+            )
+        meta = {k: v for k, v in self.meta.items() if not k.startswith("corruption")}
+        return replace(self, images=self.clean_images, clean_images=None, meta=meta)
 
 
 def balanced_subset(

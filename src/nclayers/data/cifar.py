@@ -23,6 +23,8 @@ _LAYOUT = {
         "meta": ("batches.meta", "label_names"),
         "labels": "labels",
         "tv": "CIFAR10",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
     },
     "cifar100": {
         "folder": "cifar-100-python",
@@ -31,13 +33,45 @@ _LAYOUT = {
         "meta": ("meta", "fine_label_names"),
         "labels": "fine_labels",
         "tv": "CIFAR100",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
     },
 }
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+def _good_copy(name: str) -> str:
+    layout = _LAYOUT[name]
+    return (
+        f"download {layout['url']} (md5 {layout['md5']}) and unpack it into data.dir, "
+        "or delete the folder and set data.download=true when online"
+    )
+
+
+def _unpickle(path: Path, name: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"{path}: truncated or unreadable ({type(err).__name__}: {err}); replace it with a "
+            f"good copy: {_good_copy(name)}"
+        ) from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a CIFAR batch (a {type(obj).__name__}); {_good_copy(name)}")
+    return obj
+
+
+def _batch(path: Path, name: str) -> tuple[np.ndarray, list[int]]:
+    batch = _unpickle(path, name)
+    key = _LAYOUT[name]["labels"]
+    data = np.asarray(batch.get("data", ()), dtype=np.uint8)
+    labels = list(batch.get(key, ()))
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise ValueError(
+            f"{path}: not a whole CIFAR batch (data {data.shape}, {len(labels)} labels); "
+            f"replace it with a good copy: {_good_copy(name)}"
+        )
+    return data, labels
 
 
 def find_cifar_root(name: str, data_dir: str | Path) -> Path:
@@ -73,11 +107,16 @@ def load_cifar_split(
         root = find_cifar_root(name, data_dir)
     data, labels = [], []
     for fname in layout[split]:
-        batch = _unpickle(root / fname)
-        data.append(np.asarray(batch["data"], dtype=np.uint8))
-        labels.extend(batch[layout["labels"]])
+        if not (root / fname).is_file():
+            raise FileNotFoundError(f"{root / fname} is missing; {_good_copy(name)}")
+        batch_data, batch_labels = _batch(root / fname, name)
+        data.append(batch_data)
+        labels.extend(batch_labels)
     meta_file, meta_key = layout["meta"]
-    classes = list(_unpickle(root / meta_file)[meta_key])
+    meta = _unpickle(root / meta_file, name)
+    if meta_key not in meta:
+        raise ValueError(f"{root / meta_file}: holds no {meta_key!r}; {_good_copy(name)}")
+    classes = list(meta[meta_key])
     images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
     c10 = name == "cifar10"
     return ArrayDataset(

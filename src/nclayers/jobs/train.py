@@ -33,6 +33,7 @@ from nclayers.jobs.folder import (
     TRAIN_SUMMARY,
     RunFolder,
 )
+from nclayers.memorization import memorized_fraction
 from nclayers.models import find_blocks
 from nclayers.report.table import Table
 from nclayers.train import (
@@ -214,6 +215,19 @@ def _train(cfg, folder, proc, device, resume, stop_after, progress) -> dict:
         "per_process_batch": rank_batch,
         "history": history,
     }
+    if proc.main and "noisy" in train_ds.labels:
+        # Whether the model fitted its noisy labels decides whether Δ can be judged at all.
+        meta = train_ds.meta
+        summary["label_noise"] = {
+            "source": meta.get("noise_source"),
+            "changed": meta.get("noise_changed"),
+            "rate": meta.get("noise_rate"),
+            **memorized_fraction(model, train_ds, amp=tc.amp),
+        }
+        if progress:
+            noise = summary["label_noise"]
+            rate, fitted = noise["rate"], noise["memorized"]
+            print(f"{rate:.2%} of the training labels changed; the model fits {fitted:.2%} of them")
     if proc.main:
         folder.write_json(TRAIN_SUMMARY, summary)
         if len(history) == tc.epochs:
