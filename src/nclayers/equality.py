@@ -476,7 +476,7 @@ def summary_row(report: CurveReport) -> dict:
 def plot_equality(report: CurveReport, path: str | Path) -> Path:
     """Two panels: log NC1 with both fits (plateau blocks shaded), and the per-block
     enhancement against the plateau threshold."""
-    from nclayers.report.figures import _pyplot
+    from nclayers.report.figures import _pyplot, save_figure
 
     plt = _pyplot()
     rows = report.rows
@@ -509,9 +509,4 @@ def plot_equality(report: CurveReport, path: str | Path) -> Path:
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.suptitle(report.name, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

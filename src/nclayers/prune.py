@@ -346,7 +346,7 @@ def plot_prune(
     """Test accuracy of each kind of removal, without and with the fine-tune; random
     baselines as mean with their seeds' range. Given the per-block rows (`layers`), a
     second panel draws NC1 per block of the unpruned, chosen and last variants."""
-    from nclayers.report.figures import _pyplot
+    from nclayers.report.figures import _pyplot, save_figure
 
     plt = _pyplot()
     table = list(table)
@@ -378,12 +378,7 @@ def plot_prune(
     ax.set_title(f"removing {k} blocks by identity", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_nc1(ax, layers: Sequence[dict], variants: Sequence[str], rounds: Sequence[int]) -> None:
