@@ -272,3 +272,22 @@ def _flat(mapping: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def test_equality_of_another_split_writes_beside_the_test_split(tmp_path):
+    from nclayers.cli import main
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    both = Table(
+        [*_layers_table(_plateau_curve()), *_layers_table(_geometric_curve(), split="train")]
+    )
+    both.to_csv(folder / "layers.csv")
+    assert main(["equality", str(folder), "--no-plot"]) == 0
+    assert main(["equality", str(folder), "equality.split=train", "--no-plot"]) == 0
+    test_rows = Table.from_csv(folder / "equality.csv")
+    train_rows = Table.from_csv(folder / "equality-train.csv")
+    # The plateau curve is on test, the geometric one on train: neither file overwrote the other.
+    assert any(r["redundant"] == "True" for r in test_rows)
+    assert test_rows.column("nc1") == _plateau_curve().tolist()
+    assert train_rows.column("nc1") == _geometric_curve().tolist()

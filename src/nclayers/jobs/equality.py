@@ -4,8 +4,9 @@ Reads a layers.csv (given, in a run folder, or in each run folder of a sweep), f
 law of separation against a decay-flat-decay plateau, applies the plateau rule, and
 writes beside each table: equality.csv (per block: enhancement, fits, residuals,
 redundant), equality.json (per curve: the fit, the verdict, the rule, the redundant
-blocks) and equality[-RUN].png. Where the run folder holds a prune.csv, the pruning
-result is read back too.
+blocks) and equality[-RUN].png; for a split other than test the names end in -SPLIT
+(equality-train.csv, ...), so fits of both splits live side by side. Where the run
+folder holds a prune.csv, the pruning result is read back too.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from nclayers.jobs.folder import CONFIG, LAYERS, PRUNE, RunFolder
 from nclayers.prune import prune_summary
 from nclayers.report.table import Table
 
-EQUALITY_CSV = "equality.csv"
-EQUALITY_JSON = "equality.json"
+EQUALITY = "equality"  # equality.csv, equality.json, equality.png (+ "-SPLIT" off test)
 
 
 @dataclass
@@ -81,13 +81,14 @@ def equality_run(target: str | Path, cfg, plot: bool = True) -> list[EqualityRes
         result = EqualityResult(path, reports)
         if folder.exists(PRUNE):
             result.prune_text = prune_summary(Table.from_csv(folder.file(PRUNE)))
-        result.written.append(equality_table(reports).to_csv(folder.file(EQUALITY_CSV)))
+        stem = EQUALITY if cfg.split == "test" else f"{EQUALITY}-{_slug(cfg.split)}"
+        result.written.append(equality_table(reports).to_csv(folder.file(f"{stem}.csv")))
         payload = [summary_row(r) for r in reports]
-        result.written.append(folder.write_json(EQUALITY_JSON, payload))
+        result.written.append(folder.write_json(f"{stem}.json", payload))
         if plot:
             for rep in reports:
                 name = _slug(rep.key.get("run")) if len(reports) > 1 else ""
-                png = folder.file(f"equality-{name}.png" if name else "equality.png")
+                png = folder.file(f"{stem}-{name}.png" if name else f"{stem}.png")
                 result.written.append(plot_equality(rep, png))
         if folder.exists(CONFIG):  # a run folder (not a loose layers.csv): record the stage
             verdicts = {str(r.key.get("run")): r.fit.preferred for r in reports}
