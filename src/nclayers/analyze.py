@@ -32,7 +32,7 @@ from nclayers.metrics import (
 )
 from nclayers.models.blocks import find_blocks
 from nclayers.report.table import Table
-from nclayers.taps import Block, Taps
+from nclayers.taps import Block, Taps, missing_blocks_error
 
 
 def _split_batch(batch, default_view: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -160,9 +160,7 @@ def analyze(
         raise ValueError("loader yielded no batch; check the data split and subset sizes")
     missing = [b.name for b, s in zip(blocks, block_stats, strict=True) if s is None]
     if missing:
-        raise ValueError(
-            f"blocks {missing[:5]} never ran in the forward pass; name modules the model calls"
-        )
+        raise missing_blocks_error(missing)
     stats = [s.class_stats() for s in block_stats]
     kept = space.kept()
     correct = torch.stack([hits, *(n.correct for n in nccs or ())])

@@ -30,7 +30,7 @@ from torch import nn
 
 from nclayers.analyze import analyze
 from nclayers.report.table import Table
-from nclayers.taps import Block
+from nclayers.taps import Block, trace_blocks
 
 NONE = "none"  # the unpruned model, the reference of every comparison
 
@@ -42,33 +42,16 @@ def io_shapes(
 ) -> list[tuple[tuple | None, tuple | None]]:
     """Run `sample` once; per block the shape of its (first) input and of its output,
     None where either is not a tensor."""
-    shapes: list = [None] * len(blocks)
 
-    def record(i: int):
-        def hook(_m, inputs, output):
-            x = inputs[0] if inputs else None
-            shapes[i] = (
-                tuple(x.shape) if isinstance(x, torch.Tensor) else None,
-                tuple(output.shape) if isinstance(output, torch.Tensor) else None,
-            )
+    def shape(t) -> tuple | None:
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
-        return hook
-
-    handles = [b.module.register_forward_hook(record(i)) for i, b in enumerate(blocks)]
-    was_training = model.training
-    try:
-        model.eval()
-        model(sample)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    missing = [blocks[i].name for i, s in enumerate(shapes) if s is None]
-    if missing:
-        raise ValueError(
-            f"blocks {missing[:5]} never ran in the forward pass; prune only blocks the model calls"
-        )
-    return shapes
+    return trace_blocks(
+        model,
+        blocks,
+        sample,
+        lambda _b, inputs, out: (shape(inputs[0] if inputs else None), shape(out)),
+    )
 
 
 def prunable_layers(model: nn.Module, blocks: Sequence[Block], sample: torch.Tensor) -> list[int]:

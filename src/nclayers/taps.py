@@ -90,33 +90,52 @@ class Taps:
         self._handles.clear()
 
 
+def missing_blocks_error(names: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"blocks {list(names)[:5]} never ran in the forward pass; name modules the model calls"
+    )
+
+
 @torch.no_grad()
+def trace_blocks(
+    model: nn.Module,
+    blocks: Sequence[Block],
+    sample: torch.Tensor,
+    record: Callable[[Block, tuple, object], object],
+) -> list:
+    """Run `sample` once in eval mode; per block what `record(block, inputs, output)`
+    returned. Raises if a block never ran."""
+    seen: list = [None] * len(blocks)
+    ran = [False] * len(blocks)
+
+    def hook_for(index: int, block: Block):
+        def hook(_module, inputs, output):
+            seen[index], ran[index] = record(block, inputs, output), True
+
+        return hook
+
+    handles = [b.module.register_forward_hook(hook_for(i, b)) for i, b in enumerate(blocks)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(sample)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if not all(ran):
+        raise missing_blocks_error(b.name for b, r in zip(blocks, ran, strict=True) if not r)
+    return seen
+
+
 def probe_shapes(
     model: nn.Module, blocks: Sequence[Block], sample: torch.Tensor
 ) -> list[tuple[tuple[int, ...], int]]:
     """Run one sample batch and return, per block, (raw output shape, pooled dim)."""
-    shapes: list = [None] * len(blocks)
 
-    def record(block_index: int, block: Block):
-        def hook(_m, _i, out):
-            raw = out[0] if isinstance(out, (tuple, list)) else out
-            pooled = pool_output(raw, block.pool, block.prefix_tokens)
-            shapes[block_index] = (tuple(raw.shape), int(pooled.shape[1]))
+    def record(block: Block, _inputs, out):
+        raw = out[0] if isinstance(out, (tuple, list)) else out
+        pooled = pool_output(raw, block.pool, block.prefix_tokens)
+        return tuple(raw.shape), int(pooled.shape[1])
 
-        return hook
-
-    handles = [b.module.register_forward_hook(record(i, b)) for i, b in enumerate(blocks)]
-    try:
-        was_training = model.training
-        model.eval()
-        model(sample)
-        model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [blocks[i].name for i, s in enumerate(shapes) if s is None]
-    if missing:
-        raise ValueError(
-            f"blocks {missing[:5]} never ran in the forward pass; name modules the model calls"
-        )
-    return shapes
+    return trace_blocks(model, blocks, sample, record)
