@@ -17,3 +17,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "cifar-10-batches-py" / "test_batch").is_file():
         pytest.skip(f"real CIFAR-10 not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and one thread keeps a test fast when
+    other work shares the cores. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,15 +10,7 @@ from nclayers import metrics
 from nclayers.models import build_model, find_blocks
 from nclayers.taps import Taps, pool_output
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and one thread keeps these tests
-    fast when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,18 +36,12 @@ TRAIN = [
     "train.track_nc_samples=100", "device=cpu",
 ]  # fmt: skip
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo"
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Width-4 models gain nothing from a second thread; one keeps shared cores usable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo"
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def free_port() -> int:

@@ -15,18 +15,10 @@ import nclayers
 from nclayers.models import build_model, find_blocks
 from nclayers.train import evaluate, train_epoch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MAX_OPS_PER_BLOCK = 16
 SYNC = "aten._local_scalar_dense"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and one thread keeps these tests
-    fast when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class CountOps(TorchDispatchMode):

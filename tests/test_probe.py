@@ -21,6 +21,8 @@ from nclayers.models import build_model, find_blocks
 from nclayers.probe import ProbeHeads, evaluate_heads, heads_state, load_heads, probe
 from nclayers.taps import Taps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 4
 FAST = dict(progress=False, eval_batch_size=64)
 
@@ -35,15 +37,6 @@ def images(n: int, seed: int = 0, size: int = 8, classes: int = K) -> ArrayDatas
         x.to(torch.uint8), {"clean": y}, [str(k) for k in range(classes)],
         (0.4, 0.3, 0.3), (0.25, 0.25, 0.25),
     )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Width-4 models gain nothing from a second thread; one keeps shared cores usable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

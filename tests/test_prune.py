@@ -27,13 +27,7 @@ from nclayers.prune import (
 )
 from nclayers.report.table import Table
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _resnet(seed=0):

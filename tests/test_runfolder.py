@@ -10,6 +10,8 @@ from nclayers.config import load_config
 from nclayers.jobs import RunFolder, analyze_run, load_model, train_run
 from nclayers.jobs.folder import CHECKPOINT, LAYERS, SUMMARY
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_stages_are_recorded_and_forgotten(tmp_path):
     folder = RunFolder(tmp_path / "run")
@@ -54,7 +56,6 @@ TINY = [
 
 
 def test_analyze_a_trained_run_folder_uses_its_checkpoint(tmp_path):
-    torch.set_num_threads(1)
     cfg = load_config(None, [*TINY, f"out={tmp_path / 'run'}", "run=tiny"])
     trained = train_run(cfg, progress=False)["model"]
     folder = RunFolder(cfg.out)
@@ -80,7 +81,6 @@ def test_train_summary_reports_the_noise_rate_and_the_memorized_fraction(tmp_pat
     from nclayers.data import load_dataset
     from nclayers.memorization import memorized_fraction
 
-    torch.set_num_threads(1)
     cfg = load_config(None, [*TINY, f"out={tmp_path}", "data.noise=0.5", "train.epochs=2"])
     result = train_run(cfg, progress=False)
     noise = RunFolder(tmp_path).read_json("train_summary.json")["label_noise"]

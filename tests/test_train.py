@@ -26,6 +26,8 @@ from nclayers.train import (
     train_step,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
     "data.name=digits", "data.train_subset=200", "data.test_subset=100", "model.width=4",
@@ -33,16 +35,6 @@ TINY = [
     "train.min_lr=0.001", "train.checkpoint_every=0", "train.track_nc_every=1",
     "train.track_nc_samples=100", "device=cpu",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Width-4 models are too small to gain from a second thread, and one thread keeps
-    these tests fast when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(out: Path, *overrides: str):
