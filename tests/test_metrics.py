@@ -262,6 +262,12 @@ def test_empty_class_and_too_few_classes():
         ClassStats(5, 12).update(torch.ones(4, 11), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="identical feature means"):
         metrics.nc1(np.ones((4, 2)), np.array([0, 0, 1, 1]))
+    # Only classes 0 and 2 coincide: the error names that pair.
+    three = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="classes 0 and 2 have identical"):
+        metrics.nc1(three, np.array([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(ValueError, match="all class means coincide"):
+        metrics.nc2(np.ones((4, 2)), np.array([0, 0, 1, 1]))
 
 
 def test_bad_batch_leaves_state_untouched():

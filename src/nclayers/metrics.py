@@ -502,7 +502,10 @@ class ClassStats:
     def nc1(self) -> float:
         """Paper Eq. 4: sum of the CDNV over ordered pairs of distinct classes."""
         self.check()
-        return _nc1_from(self.means, self.variances)
+        value = float(collapse_metrics([self])[0, 1])
+        if not math.isfinite(value):
+            raise _identical_means_error(self.means)
+        return value
 
     def cdnv_mean(self) -> float:
         """Average CDNV over ordered pairs, nc1 / (K (K - 1))."""
@@ -512,7 +515,10 @@ class ClassStats:
     def nc2(self) -> float:
         """Paper Eq. 5: Frobenius distance of the normalised Gram of centred means to an ETF."""
         self.check()
-        return _nc2_from(self.means, self.global_mean)
+        value = float(collapse_metrics([self])[0, 2])
+        if not math.isfinite(value):
+            raise ValueError("all class means coincide: nc2 is undefined")
+        return value
 
     def nc1_classic(self) -> float:
         """trace(Sigma_W Sigma_B^+) / K (Papyan et al.); needs `scatter=True`."""
@@ -535,41 +541,18 @@ class ClassStats:
         )
 
 
-def _pairwise_sq_dists(means: torch.Tensor) -> torch.Tensor:
-    """Exact ||mu_k - mu_k'||^2 from explicit differences (no Gram-trick cancellation)."""
-    k, d = means.shape
-    rows = max(1, _CHUNK_ELEMENTS // max(1, k * d))
-    out = torch.empty(k, k, dtype=means.dtype, device=means.device)
-    for start in range(0, k, rows):
-        chunk = means[start : start + rows]
-        out[start : start + rows] = (chunk.unsqueeze(1) - means.unsqueeze(0)).square().sum(-1)
-    return out
-
-
-def _nc1_from(means: torch.Tensor, variances: torch.Tensor) -> float:
-    k = means.shape[0]
-    dists = _pairwise_sq_dists(means)
-    off = ~torch.eye(k, dtype=torch.bool, device=means.device)
-    if (dists[off] == 0).any():
-        i, j = (dists == 0).logical_and(off).nonzero()[0].tolist()
-        raise ValueError(
-            f"classes {i} and {j} have identical feature means, so their CDNV is infinite; "
-            "check that the features depend on the input"
-        )
-    num = variances.unsqueeze(0) + variances.unsqueeze(1)
-    return float((num[off] / (2.0 * dists[off])).sum())
-
-
-def _nc2_from(means: torch.Tensor, global_mean: torch.Tensor) -> float:
-    k = means.shape[0]
-    centred = means - global_mean  # K x D, rows are M's columns
-    gram = centred @ centred.T
-    norm = torch.linalg.matrix_norm(gram)
-    if norm == 0:
-        raise ValueError("all class means coincide: nc2 is undefined")
-    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    etf = (eye - 1.0 / k) / math.sqrt(k - 1)
-    return float(torch.linalg.matrix_norm(gram / norm - etf))
+def _identical_means_error(means: torch.Tensor) -> ValueError:
+    """Name two classes whose means coincide (their CDNV is infinite); the error path only."""
+    for i in range(means.shape[0]):
+        same = (means[i] - means).square().sum(1) == 0
+        same[i] = False
+        if same.any():
+            j = int(same.nonzero()[0])
+            return ValueError(
+                f"classes {i} and {j} have identical feature means, so their CDNV is infinite; "
+                "check that the features depend on the input"
+            )
+    return ValueError("nc1 is not finite; check the features for overflow")
 
 
 def collapse_metrics(states: Sequence[ClassStats]) -> torch.Tensor:
