@@ -62,8 +62,7 @@ def count(fn, data) -> collections.Counter:
     return marked.during_batches()
 
 
-@pytest.fixture(scope="module")
-def setup():
+def tiny_setup():
     torch.manual_seed(0)
     model = build_model("resnet18", 10, width=8).eval()
     gen = torch.Generator().manual_seed(0)
@@ -76,9 +75,9 @@ def setup():
     return model, data
 
 
-@pytest.mark.parametrize("with_reference", [False, True])
-def test_analyze_adds_few_operations_and_no_sync(setup, with_reference):
-    model, data = setup
+def analyze_cost(model, data, with_reference: bool) -> tuple[float, int, collections.Counter]:
+    """(operations per block and batch beyond plain inference, device reads during the
+    batches, the extra operations) of `analyze` with two labels views."""
     blocks = len(find_blocks(model))
     reference = nclayers.analyze(model, data, 10, progress=False) if with_reference else None
 
@@ -90,8 +89,19 @@ def test_analyze_adds_few_operations_and_no_sync(setup, with_reference):
     plain = count(inference, data)
     ops = count(lambda b: nclayers.analyze(model, b, 10, reference=reference, progress=False), data)
     per_block = (sum(ops.values()) - sum(plain.values())) / (blocks * len(data))
-    assert ops[SYNC] == 0, "analyze read the device during the batches"
-    assert 0 < per_block <= MAX_OPS_PER_BLOCK, (per_block, (ops - plain).most_common(12))
+    return per_block, ops[SYNC], ops - plain
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_setup()
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_analyze_adds_few_operations_and_no_sync(setup, with_reference):
+    per_block, syncs, extra = analyze_cost(*setup, with_reference)
+    assert syncs == 0, "analyze read the device during the batches"
+    assert 0 < per_block <= MAX_OPS_PER_BLOCK, (per_block, extra.most_common(12))
 
 
 def test_training_epoch_and_evaluation_do_not_sync(setup):
@@ -142,3 +152,14 @@ def test_compiled_training_compiles_once_per_epoch_shape():
     for (loss_a, hits_a, n_a), (loss_b, hits_b, n_b) in zip(*results, strict=True):
         assert n_a == n_b == 21 and int(hits_a) == int(hits_b)
         torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    # The figures behind the limits above, for any version of the package on the path:
+    #   python tests/test_opcount.py            (PYTHONPATH=OTHER/src for another version)
+    model, data = tiny_setup()
+    for with_reference in (False, True):
+        per_block, syncs, _ = analyze_cost(model, data, with_reference)
+        print(f"analyze, 2 views, NCC {'on ' if with_reference else 'off'}: "
+              f"{per_block:.2f} ops per block and batch beyond inference, "
+              f"{syncs} device reads during the batches")  # fmt: skip
