@@ -166,7 +166,7 @@ def finetune(
 ) -> list[float]:
     """Fine-tune in place for `epochs` at a constant `lr` with the run's optimiser
     settings (`train_cfg`: a TrainConfig); returns the mean training loss per epoch."""
-    from nclayers.train import make_optimizer, train_epoch
+    from nclayers.train import image_bar, make_optimizer, train_epoch
 
     if epochs < 0:
         raise ValueError(f"prune.finetune_epochs={epochs}: use 0 (none) or a positive number")
@@ -175,12 +175,7 @@ def finetune(
     losses = []
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=batches.samples_per_epoch, desc=f"fine-tune {epoch + 1}/{epochs}",
-                       unit="img", leave=False, dynamic_ncols=True)  # fmt: skip
+        bar = image_bar(batches.samples_per_epoch, progress, f"fine-tune {epoch + 1}/{epochs}")
         try:
             loss_sum, _, seen = train_epoch(
                 model, optimizer, batches, amp, train_cfg.label_smoothing, bar=bar

@@ -356,7 +356,7 @@ def fit(
             group["lr"] = lr
         train_batches.set_epoch(epoch)
         t_epoch = time.perf_counter()
-        bar = _bar(
+        bar = image_bar(
             train_batches.samples_per_epoch * proc.world, progress,
             f"epoch {epoch + 1}/{tc.epochs}",
         )  # fmt: skip
@@ -386,12 +386,12 @@ def fit(
         }
 
 
-def _bar(total: int, enabled: bool, desc: str):
+def image_bar(total: int, enabled: bool, desc: str):
+    """A progress bar counting images (img/s and the epoch's ETA), or None when off."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    # img/s and the epoch's ETA come from tqdm's rate.
     return tqdm(
         total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True
     )
