@@ -307,3 +307,10 @@ def test_memorization_job_on_a_label_noise_run(tmp_path):
     assert ratios.meta["changed_views"] is False and "ratio_changed" not in ratios.columns
     ds = load_dataset(cfg.data, "train")
     assert ratios.meta["memorized"] == pytest.approx(memorized_fraction(model, ds)["memorized"])
+
+
+def test_every_spelling_of_clean_labels_means_no_noise():
+    from nclayers.data import has_label_noise
+
+    assert not any(has_label_noise(v) for v in (None, "", 0, 0.0, "clean"))
+    assert all(has_label_noise(v) for v in (0.2, 1, "worse", "aggre", "noisy"))

@@ -26,6 +26,7 @@ from nclayers.data.noise import (
     cifar10n_labels,
     cifar100n_labels,
     cifarn_labels,
+    has_label_noise,
     shuffle_labels,
     uniform_labels,
 )
@@ -71,7 +72,7 @@ def load_dataset(cfg, split: str) -> ArrayDataset:
     else:
         raise ValueError(f"data.name={name!r}: expected one of {DATASETS}")
 
-    if split == "train" and cfg.noise not in (None, "", 0, 0.0, "clean"):
+    if split == "train" and has_label_noise(cfg.noise):
         ds = _with_label_noise(ds, cfg)
 
     size = cfg.train_subset if split == "train" else cfg.test_subset
@@ -158,6 +159,7 @@ __all__ = [
     "cifar100n_labels",
     "corrupt",
     "corrupt_dataset",
+    "has_label_noise",
     "load_dataset",
     "shuffle_labels",
     "uniform_labels",

@@ -39,6 +39,11 @@ UNCHANGED = "unchanged"  # labels of the other samples (true = training label th
 LEFT_OUT = -1
 
 
+def has_label_noise(noise) -> bool:
+    """Whether a `data.noise` value asks for noisy labels (None, "", 0 and "clean" do not)."""
+    return noise not in (None, "", 0, "clean")
+
+
 def _check_rate(rate: float) -> float:
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"data.noise={rate}: a noise rate must lie in [0, 1]")

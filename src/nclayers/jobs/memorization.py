@@ -32,6 +32,7 @@ from nclayers.data import (
     CHANGED_NOISY,
     UNCHANGED,
     DeviceBatches,
+    has_label_noise,
     load_dataset,
     with_changed_views,
 )
@@ -67,7 +68,7 @@ def memorization_run(
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
     cfg = folder.load_config(list(overrides))
     corrupted = bool(cfg.data.corruption)
-    noisy = cfg.data.noise not in (None, "", 0, 0.0, "clean")
+    noisy = has_label_noise(cfg.data.noise)
     if not corrupted and not noisy:
         raise ValueError(
             f"run {str(folder.path)!r} was trained without label noise (data.noise) or "

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nclayers.data.noise import has_label_noise
 from nclayers.jobs.folder import (
     CONFIG,
     DYNAMICS,
@@ -178,7 +179,7 @@ def data_conditions(config: dict | None) -> dict[str, Any]:
     data = (config or {}).get("data") or {}
     out: dict[str, Any] = {"data set": data.get("name")}
     noise = data.get("noise")
-    if noise not in (None, 0, 0.0, "", "clean"):
+    if has_label_noise(noise):
         shuffled = isinstance(noise, (int, float))
         out["label noise"] = (
             f"{float(noise):.0%} of the training labels shuffled"

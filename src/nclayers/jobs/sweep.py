@@ -52,6 +52,7 @@ from typing import Any
 import yaml
 
 from nclayers.config import Config, apply_settings, load_config
+from nclayers.data.noise import has_label_noise
 from nclayers.report.table import Table
 
 SWEEP_KEYS = ("name", "title", "root", "base", "config", "axes", "stages", "figure", "figures",
@@ -182,7 +183,7 @@ def run_id(cfg: Config) -> str:
     existing run's id, and folder, as it was."""
     defaults = _flatten(Config().to_dict())
     flat = _flatten(cfg.to_dict())
-    if flat.get("data.noise") in (None, 0, "", "clean"):  # all mean clean labels (load_dataset)
+    if not has_label_noise(flat.get("data.noise")):  # every spelling of clean labels alike
         flat["data.noise"] = defaults["data.noise"]
     kept = {
         k: v
