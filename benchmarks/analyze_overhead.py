@@ -7,7 +7,7 @@
 Model: CIFAR ResNet (`--model resnet18`, width 16 by default on the CPU, 64 on CUDA),
 real CIFAR-10 test images from ../shared/data (2,000 by default on the CPU, 10,000 on
 CUDA), two labels views (true labels and 20% shuffled). Prints and writes:
-  analyze_over_inference  (nclayers.analyze, every block, two views) / (plain inference,
+  analyze_over_inference  (nclayers.analysis, every block, two views) / (plain inference,
                           no hooks)                                      target <= 1.05
   two_pass_over_analyze   (two-pass baseline: class means in one pass, variances around
                           them in a second, one index_add_ per statistic, as existing tools
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 import nclayers
-from nclayers.analyze import autocast
 from nclayers.config import DataConfig
 from nclayers.data import DeviceBatches, load_dataset, shuffle_labels
 from nclayers.models import build_model, find_blocks
+from nclayers.runtime import autocast
 from nclayers.taps import Taps
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

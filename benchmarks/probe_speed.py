@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from nclayers.analyze import autocast
 from nclayers.config import DataConfig
 from nclayers.data import DeviceBatches, load_dataset
 from nclayers.models import build_model, find_blocks
-from nclayers.probe import probe
+from nclayers.probing import probe
+from nclayers.runtime import autocast
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from nclayers.analyze import autocast
 from nclayers.config import DataConfig
 from nclayers.data import DeviceBatches, load_dataset
 from nclayers.models import build_model
+from nclayers.runtime import autocast
 from nclayers.train import train_epoch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -11,7 +11,7 @@ import torch
 
 from nclayers.cli import main
 from nclayers.models import build_model
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 FAST = ["data.name=digits", "data.test_subset=200", "data.train_subset=300", "model.width=4",
         "device=cpu"]  # fmt: skip

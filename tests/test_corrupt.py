@@ -196,12 +196,12 @@ def test_truncated_npy_names_the_file_and_the_release(tmp_path):
 def test_memorization_job_on_a_corruption_run(tmp_path, capsys):
     """Delta = nc1(clean images) / nc1(corrupted images): the clean side is measured on the
     uncorrupted data set loaded independently (flipping the sides fails this test)."""
-    from nclayers.analyze import analyze
+    from nclayers.analysis import analyze
     from nclayers.config import load_config
     from nclayers.jobs.common import load_model
     from nclayers.jobs.folder import RunFolder
     from nclayers.jobs.memorization import memorization_run
-    from nclayers.report.table import Table
+    from nclayers.table import Table
 
     folder = RunFolder(tmp_path / "run")
     cfg = load_config(None, [

@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nclayers.analyze import analyze
+from nclayers.analysis import analyze
 from nclayers.config import DataConfig, load_config
 from nclayers.data import DeviceBatches, load_dataset
 from nclayers.jobs.folder import CHECKPOINT, DYNAMICS
 from nclayers.jobs.train import train_run as train
 from nclayers.metrics import ClassStats, NCCAccuracy
 from nclayers.models import build_model
-from nclayers.report.table import Table
+from nclayers.table import Table
 from nclayers.train import evaluate, load_checkpoint
 
 WORLD = 2

@@ -18,7 +18,7 @@ from nclayers.equality import (
     plot_equality,
     summary_row,
 )
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 
 def _geometric_curve(n=16, ratio=0.8, noise=0.03, seed=0):
@@ -235,7 +235,7 @@ def test_equality_verb_on_a_sweep_of_run_folders(tmp_path, capsys):
     assert "plateau 2 blocks [7 8]: 0.8500 (-0.0500)" in out
     deep = tmp_path / "sweep" / "deep"
     rows = Table.from_csv(deep / "equality.csv")
-    assert [r["layer"] for r in rows if r["redundant"] == "True"] == list(range(6, 12))
+    assert [r["layer"] for r in rows if r["redundant"] is True] == list(range(6, 12))
     assert (deep / "equality.png").is_file() and (deep / "equality.json").is_file()
     assert main(["equality", str(tmp_path / "nothing")]) == 2
     assert "neither a layers.csv nor" in capsys.readouterr().err
@@ -288,6 +288,6 @@ def test_equality_of_another_split_writes_beside_the_test_split(tmp_path):
     test_rows = Table.from_csv(folder / "equality.csv")
     train_rows = Table.from_csv(folder / "equality-train.csv")
     # The plateau curve is on test, the geometric one on train: neither file overwrote the other.
-    assert any(r["redundant"] == "True" for r in test_rows)
+    assert any(r["redundant"] is True for r in test_rows)
     assert test_rows.column("nc1") == _plateau_curve().tolist()
     assert train_rows.column("nc1") == _geometric_curve().tolist()

@@ -70,7 +70,7 @@ def test_no_import_cycles():
 
 def test_analyze_imports_without_training_code():
     code = (
-        "import sys, nclayers.analyze; "
+        "import sys, nclayers.analysis; "
         "bad = [m for m in sys.modules if m.startswith(('nclayers.train', 'nclayers.jobs'))]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -14,7 +14,7 @@ from nclayers.report.figures import (
     layout_curves,
     plot_layout,
 )
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 MODELS = {"R18": 4, "R50": 6}  # label -> number of blocks
 NOISE = {"r=0%": 0.0, "r=40%": 0.4}

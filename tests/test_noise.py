@@ -216,7 +216,7 @@ def test_label_file_of_other_images_is_refused(tmp_path):
 def test_fitted_random_labels_make_the_last_block_memorize():
     """A small MLP fitted to 100% shuffled labels: Delta = nc1(true) / nc1(noisy) > 1 at
     its narrow last hidden layer, < 1 at its first (flipping the ratio's sides fails)."""
-    from nclayers.analyze import analyze
+    from nclayers.analysis import analyze
     from nclayers.data import DeviceBatches
     from nclayers.memorization import memorization_layers, memorization_ratio
 
@@ -274,7 +274,7 @@ def _run_folder(tmp_path, *overrides: str):
 def test_memorization_job_on_a_label_noise_run(tmp_path):
     if not _supports_left_out_samples():
         pytest.skip("needs label -1 (sample left out of a view) in ClassStats")
-    from nclayers.analyze import analyze
+    from nclayers.analysis import analyze
     from nclayers.data import DeviceBatches
     from nclayers.jobs.memorization import memorization_run
 

@@ -18,7 +18,7 @@ from torch import nn
 import nclayers
 from nclayers.data import ArrayDataset, DeviceBatches
 from nclayers.models import build_model, find_blocks
-from nclayers.probe import ProbeHeads, evaluate_heads, heads_state, load_heads, probe
+from nclayers.probing import ProbeHeads, evaluate_heads, heads_state, load_heads, probe
 from nclayers.taps import Taps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -350,7 +350,7 @@ def run_folder(tmp_path: Path, name: str) -> Path:
 
 def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
     from nclayers.cli import main
-    from nclayers.report.table import Table
+    from nclayers.table import Table
 
     out = run_folder(tmp_path, "run")
     assert main(["analyze", *JOB, "--out", str(out), "-q"]) == 0

@@ -25,7 +25,7 @@ from nclayers.prune import (
     prune_summary,
     resolve_blocks,
 )
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

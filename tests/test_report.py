@@ -16,7 +16,7 @@ from nclayers.cli import main
 from nclayers.config import Config
 from nclayers.jobs.report import write_report
 from nclayers.report.html import Figure, Section, render_html
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EVIL = '<script>alert("x")</script>&<b>'

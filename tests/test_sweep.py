@@ -14,7 +14,7 @@ from nclayers.config import load_config
 from nclayers.jobs.folder import RunFolder
 from nclayers.jobs.sweep import STAGES, load_sweep, run_id, run_one, run_sweep
 from nclayers.jobs.train import train_run
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 PAPER = sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml"))
 TINY = {

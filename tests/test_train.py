@@ -17,7 +17,7 @@ from nclayers.jobs.folder import CHECKPOINT, DYNAMICS
 from nclayers.jobs.train import train_run as train
 from nclayers.models import build_model, get_entry
 from nclayers.report.dynamics import plot_dynamics
-from nclayers.report.table import Table
+from nclayers.table import Table
 from nclayers.train import (
     load_checkpoint,
     lr_factor,

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from nclayers.errors import NCLayersError
+
 EPILOG = "Settings are key=value overrides of the YAML config, e.g. train.epochs=15 data.dir=DIR."
 
 
@@ -123,7 +125,7 @@ def cmd_report(args) -> None:
 
 def cmd_plot(args) -> None:
     from nclayers.report.figures import plot_layers, plot_metric
-    from nclayers.report.table import Table
+    from nclayers.table import Table
 
     if Path(args.csv).is_dir() or args.layout:  # a sweep's folder, or a paper layout
         from nclayers.jobs.report import plot_paths
@@ -153,7 +155,7 @@ def cmd_plot(args) -> None:
 def cmd_memorization(args) -> None:
     from nclayers.memorization import memorization_layers, memorization_ratio
     from nclayers.report.figures import plot_metric
-    from nclayers.report.table import Table
+    from nclayers.table import Table
 
     if Path(args.csv).is_dir():  # a run folder: measure its training split
         from nclayers.jobs.memorization import memorization_run
@@ -175,7 +177,7 @@ def cmd_memorization(args) -> None:
         print(f"wrote {Path(args.csv) / 'memorization.csv'}, memorization.png, summary.json")
         return
     if args.overrides:
-        raise ValueError("key=value overrides apply to a run folder, not to a layers.csv")
+        raise NCLayersError("key=value overrides apply to a run folder, not to a layers.csv")
     ratios = memorization_ratio(
         Table.from_csv(args.csv), split=args.split, clean=args.clean, noisy=args.noisy,
         key=args.key,

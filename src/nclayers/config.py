@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from nclayers.errors import NCLayersError
+
 
 @dataclass
 class DataConfig:
@@ -157,7 +159,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise NCLayersError(errors[0] if errors else f"{key}: bad value {value!r}")
     target = hint or annotation
     if target is float and isinstance(value, str):
         try:  # YAML 1.1 reads '1e-3' as a string
@@ -172,7 +174,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return list(value)
     if isinstance(value, target) and not (target is int and isinstance(value, bool)):
         return value
-    raise ValueError(
+    raise NCLayersError(
         f"{key}={value!r}: expected {getattr(target, '__name__', target)}, "
         f"got {type(value).__name__}"
     )
@@ -184,14 +186,14 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ValueError(
+            raise NCLayersError(
                 f"unknown config key {full!r}; valid keys here: "
                 f"{', '.join(prefix + n for n in sorted(names))}"
             )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"{full}: expected a mapping of its keys, got {value!r}")
+                raise NCLayersError(f"{full}: expected a mapping of its keys, got {value!r}")
             _apply(current, value, f"{full}.")
         elif isinstance(current, dict) and isinstance(value, dict):
             setattr(obj, key, {**current, **value})  # model.options.x=1 adds to the others
@@ -203,7 +205,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     """'train.lr=0.05' -> ('train.lr', 0.05); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"override {text!r}: expected key=value, e.g. train.epochs=15")
+        raise NCLayersError(f"override {text!r}: expected key=value, e.g. train.epochs=15")
     value = yaml.safe_load(raw) if raw.strip() else None
     if isinstance(value, str):
         try:  # YAML 1.1 reads '1e-3' as a string; a number is meant
@@ -233,10 +235,10 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
+            raise NCLayersError(f"config file {str(path)!r} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r}: expected a mapping at the top level")
+            raise NCLayersError(f"config file {str(path)!r}: expected a mapping at the top level")
         _apply(cfg, loaded)
     for text in overrides:
         key, value = parse_override(text)
@@ -248,26 +250,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def resolve_device(name: str = "auto"):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: CUDA is not available here; use device=cpu")
-    return dev
-
-
 def apply_settings(cfg: Config, settings: dict, where: str = "settings") -> Config:
     """Apply a mapping of settings to `cfg` in place: nested (`{"train": {"lr": 0.1}}`)
     or dotted (`{"train.lr": 0.1}`) keys, type-checked like overrides. `where` names the
     source in error messages (e.g. a sweep file)."""
     if not isinstance(settings, dict):
-        raise ValueError(f"{where}: expected a mapping of config keys, got {settings!r}")
+        raise NCLayersError(f"{where}: expected a mapping of config keys, got {settings!r}")
     for key, value in settings.items():
         try:
             _apply(cfg, nest(str(key), value))
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise NCLayersError(f"{where}: {err}") from None
     return cfg

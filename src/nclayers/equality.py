@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nclayers.report.table import Table
+from nclayers.errors import NCLayersError
+from nclayers.table import Table
 
 # Columns that tell one curve (one model measured one way) from another in layers.csv.
 CURVE_KEYS = ("run", "epoch", "split", "view", "input", "variant", "finetune_epochs")
@@ -71,7 +72,7 @@ def enhancement(table: Sequence[dict]) -> Table:
     """
     for row in table:
         if "layer" not in row or "nc1" not in row:
-            raise ValueError(
+            raise NCLayersError(
                 "table: rows need 'layer' and 'nc1' columns; pass a layers.csv written by "
                 f"`nclayers analyze` (got columns {sorted(row)})"
             )
@@ -108,16 +109,20 @@ def _r2(y: np.ndarray, rss: float) -> float:
 def _prepare(nc1, x) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(nc1, dtype=np.float64)
     if y.ndim != 1:
-        raise ValueError(f"nc1: expected a 1-D sequence of per-block values, got shape {y.shape}")
+        raise NCLayersError(
+            f"nc1: expected a 1-D sequence of per-block values, got shape {y.shape}"
+        )
     if not np.all(np.isfinite(y)) or np.any(y <= 0):
-        raise ValueError(
+        raise NCLayersError(
             f"nc1: every value must be finite and positive to take its log; got {y.tolist()}"
         )
     xs = np.arange(1, len(y) + 1, dtype=np.float64) if x is None else np.asarray(x, np.float64)
     if xs.shape != y.shape:
-        raise ValueError(f"x: {len(xs)} block indices for {len(y)} nc1 values; pass one per value")
+        raise NCLayersError(
+            f"x: {len(xs)} block indices for {len(y)} nc1 values; pass one per value"
+        )
     if np.any(np.diff(xs) <= 0):
-        raise ValueError(f"x: block indices must increase strictly, got {xs.tolist()}")
+        raise NCLayersError(f"x: block indices must increase strictly, got {xs.tolist()}")
     return xs, np.log(y)
 
 
@@ -159,7 +164,7 @@ def fit_geometric(nc1: Sequence[float], x: Sequence[float] | None = None) -> Geo
     xs, y = _prepare(nc1, x)
     n = len(y)
     if n < MIN_GEOMETRIC:
-        raise ValueError(
+        raise NCLayersError(
             f"nc1: {n} blocks are too few to fit a decay (need at least {MIN_GEOMETRIC})"
         )
     design = np.stack([np.ones(n), xs], axis=1)
@@ -218,7 +223,7 @@ def fit_plateau(nc1: Sequence[float], x: Sequence[float] | None = None) -> Plate
     xs, y = _prepare(nc1, x)
     n = len(y)
     if n < MIN_PLATEAU:
-        raise ValueError(
+        raise NCLayersError(
             f"nc1: {n} blocks are too few to fit a plateau (need at least {MIN_PLATEAU})"
         )
     best = None
@@ -318,17 +323,17 @@ def find_plateau(
     A model whose mean enhancement is not positive compresses nothing overall: no plateau.
     """
     if not 0 < fraction <= 1:
-        raise ValueError(
+        raise NCLayersError(
             f"fraction={fraction}: the plateau threshold is a fraction of the mean "
             "enhancement in (0, 1], e.g. 0.5"
         )
     if min_run < 1:
-        raise ValueError(f"min_run={min_run}: a run holds at least 1 block, e.g. 2")
+        raise NCLayersError(f"min_run={min_run}: a run holds at least 1 block, e.g. 2")
     if len(layers) != len(enhancements):
-        raise ValueError(f"layers: {len(layers)} for {len(enhancements)} enhancement values")
+        raise NCLayersError(f"layers: {len(layers)} for {len(enhancements)} enhancement values")
     pairs = [(int(l), float(e)) for l, e in zip(layers, enhancements, strict=True) if e is not None]
     if len(pairs) < 2:
-        raise ValueError(
+        raise NCLayersError(
             f"enhancements: {len(pairs)} defined values are too few to find a plateau "
             "(need at least 2 blocks after the first)"
         )
@@ -390,7 +395,7 @@ def analyze_equality(
     rows = [r for r in rows if (view is None or r.get("view") == view)]
     if not rows:
         have = sorted({(r.get("split"), r.get("view")) for r in table}, key=str)
-        raise ValueError(
+        raise NCLayersError(
             f"table: no rows with split={split!r} and view={view!r}; it holds (split, view) "
             f"{have}; choose one of those"
         )

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nclayers.report.table import Table
+from nclayers.errors import NCLayersError
+from nclayers.table import Table
 
 CLEAN_INPUT, CORRUPTED_INPUT = "clean", "corrupted"  # values of the `input` column
 
@@ -57,7 +58,7 @@ def memorization_ratio(
             row.update(nc1_changed_clean=a, nc1_changed_noisy=b, ratio_changed=a / b)
         out.append(row)
     if not out:
-        raise ValueError(
+        raise NCLayersError(
             f"no layer has both {key}={clean!r} and {key}={noisy!r} rows on split={split!r}; "
             "analyze the training split of a run trained with label noise (data.noise=...) "
             "or with corrupted inputs (data.corruption=...)"
@@ -96,11 +97,11 @@ def memorized_fraction(
     number) and unchanged_acc. NaN where a group is empty. The model runs in eval mode on
     its own device; one host sync at the end.
     """
-    from nclayers.analyze import autocast
     from nclayers.data import DeviceBatches
+    from nclayers.runtime import autocast
 
     if "noisy" not in dataset.labels:
-        raise ValueError(
+        raise NCLayersError(
             f"dataset {dataset.name} {dataset.split}: no 'noisy' labels view; the memorized "
             "fraction needs a training split with label noise (data.noise=...)"
         )

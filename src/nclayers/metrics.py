@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from nclayers.errors import NCLayersError
+
 __all__ = [
     "BlockNCC",
     "BlockStats",
@@ -63,7 +65,7 @@ def _as_tensor(x, name: str) -> torch.Tensor:
         try:
             x = torch.as_tensor(np.asarray(x))
         except Exception as err:  # pragma: no cover - exotic inputs
-            raise ValueError(
+            raise NCLayersError(
                 f"{name}: expected an array or tensor, got {type(x).__name__}"
             ) from err
     return x
@@ -116,12 +118,12 @@ class LabelViews:
         self, names: Sequence[str], num_classes: int, device: torch.device | str = "cpu"
     ) -> None:
         if int(num_classes) < 2:
-            raise ValueError(
+            raise NCLayersError(
                 f"num_classes={num_classes}: neural-collapse metrics need at least two classes"
             )
         self.names = tuple(names)
         if not self.names:
-            raise ValueError("labels: no labels view given")
+            raise NCLayersError("labels: no labels view given")
         self.num_classes = int(num_classes)
         self.device = torch.device(device)
         self.width = self.num_classes + _SPARE
@@ -135,18 +137,18 @@ class LabelViews:
     def plan(self, labels: Sequence[torch.Tensor]) -> LabelPlan:
         """Map one batch's labels (one tensor per view, in `names` order) to rows."""
         if len(labels) != len(self.names):
-            raise ValueError(
+            raise NCLayersError(
                 f"labels: expected {len(self.names)} views {list(self.names)}, got {len(labels)}"
             )
         size = None
         for name, y in zip(self.names, labels, strict=True):
             if y.ndim != 1 or (size is not None and y.shape[0] != size):
-                raise ValueError(
+                raise NCLayersError(
                     f"labels of view {name!r}: expected one label per sample, shape "
                     f"({size if size is not None else 'N'},), got {tuple(y.shape)}"
                 )
             if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-                raise ValueError(
+                raise NCLayersError(
                     f"labels of view {name!r}: expected integer class indices, got {y.dtype}"
                 )
             size = y.shape[0]
@@ -193,7 +195,7 @@ class BlockStats:
 
     def __init__(self, views: LabelViews, dim: int, scatter: bool = False) -> None:
         if int(dim) < 1:
-            raise ValueError(f"dim={dim}: the feature dimension must be a positive integer")
+            raise NCLayersError(f"dim={dim}: the feature dimension must be a positive integer")
         self.views = views
         self.dim = int(dim)
         f64 = dict(dtype=torch.float64, device=views.device)
@@ -206,7 +208,7 @@ class BlockStats:
     def update(self, features: torch.Tensor, plan: LabelPlan) -> BlockStats:
         """Add one batch: `features` B x D (any float dtype, on the views' device)."""
         if features.ndim != 2 or features.shape != (plan.batch, self.dim):
-            raise ValueError(
+            raise NCLayersError(
                 f"features: expected shape ({plan.batch}, {self.dim}) (one pooled vector per "
                 f"sample), got {tuple(features.shape)}"
             )
@@ -236,7 +238,7 @@ class BlockStats:
         k = views.num_classes
         out: dict[str, ClassStats] = {}
         if self.shift is None:
-            raise ValueError("BlockStats: no batch was added")
+            raise NCLayersError("BlockStats: no batch was added")
         counts = views.class_counts()
         invalid = views.invalid()
         cls = slice(2, 2 + k)
@@ -309,11 +311,11 @@ class ClassStats:
         scatter: bool = False,
     ) -> None:
         if int(num_classes) < 2:
-            raise ValueError(
+            raise NCLayersError(
                 f"num_classes={num_classes}: neural-collapse metrics need at least two classes"
             )
         if int(dim) < 1:
-            raise ValueError(f"dim={dim}: the feature dimension must be a positive integer")
+            raise NCLayersError(f"dim={dim}: the feature dimension must be a positive integer")
         self.num_classes = int(num_classes)
         self.dim = int(dim)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -339,18 +341,18 @@ class ClassStats:
     # ------------------------------------------------------------------ updates
     def _check_batch(self, features: torch.Tensor, labels: torch.Tensor):
         if features.ndim != 2 or features.shape[1] != self.dim:
-            raise ValueError(
+            raise NCLayersError(
                 f"features: expected shape (N, {self.dim}), got {tuple(features.shape)}; "
                 "pool block outputs to one vector per sample and build ClassStats with "
                 "that dimension"
             )
         if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
-            raise ValueError(
+            raise NCLayersError(
                 f"labels: expected shape ({features.shape[0]},) to match features, "
                 f"got {tuple(labels.shape)}"
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"labels: expected integer class indices, got dtype {labels.dtype}")
+            raise NCLayersError(f"labels: expected integer class indices, got dtype {labels.dtype}")
         if not features.dtype.is_floating_point:
             features = features.float()
         async_copy = self.device.type != "cpu"
@@ -358,14 +360,14 @@ class ClassStats:
         labels = labels.to(self.device, non_blocking=async_copy).long()
         if self.device.type == "cpu":  # checking costs no device wait here: raise at once
             if not torch.isfinite(features).all():
-                raise ValueError(
+                raise NCLayersError(
                     "features contain NaN or inf; check the model for overflow (try float32 "
                     "instead of float16) or the input normalisation"
                 )
             bad_label = ((labels < SKIP_LABEL) | (labels >= self.num_classes)).nonzero()
             if len(bad_label):
                 bad = labels[bad_label[0, 0]].item()
-                raise ValueError(
+                raise NCLayersError(
                     f"labels: value {bad} is outside [0, {self.num_classes}); pass "
                     "num_classes large enough or fix the labels (-1 marks a sample that "
                     "is not part of this labels view)"
@@ -402,12 +404,12 @@ class ClassStats:
     def merge(self, other: ClassStats) -> ClassStats:
         """Fold another state into this one (exact, order-independent up to rounding)."""
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
-            raise ValueError(
+            raise NCLayersError(
                 f"merge: states differ in shape, (num_classes, dim) = "
                 f"{(self.num_classes, self.dim)} vs {(other.num_classes, other.dim)}"
             )
         if (self.scatter is None) != (other.scatter is None):
-            raise ValueError("merge: one state keeps the within-class scatter and the other not")
+            raise NCLayersError("merge: one state keeps the within-class scatter and the other not")
         dev = self.device
         self._invalid += other._invalid.to(dev)
         self._combine(
@@ -481,19 +483,19 @@ class ClassStats:
             [self._invalid.double(), (torch.isfinite(self.means).all() & self.m2.isfinite().all())]
         ).tolist()
         if invalid:
-            raise ValueError(
+            raise NCLayersError(
                 f"labels: {int(invalid)} values are outside [0, {self.num_classes}) and not -1 "
                 "(which marks a sample that is not part of a labels view); pass num_classes "
                 "large enough or fix the labels"
             )
         if not finite:
-            raise ValueError(
+            raise NCLayersError(
                 "features contain NaN or inf; check the model for overflow (try float32 "
                 "instead of float16) or the input normalisation"
             )
         empty = (self.counts == 0).nonzero().flatten().tolist()
         if empty:
-            raise ValueError(
+            raise NCLayersError(
                 f"class(es) {empty[:10]}{'...' if len(empty) > 10 else ''} have no sample; "
                 "every class needs at least one sample: use a larger or class-balanced "
                 "subset, or set num_classes to the classes present"
@@ -517,13 +519,13 @@ class ClassStats:
         self.check()
         value = float(collapse_metrics([self])[0, 2])
         if not math.isfinite(value):
-            raise ValueError("all class means coincide: nc2 is undefined")
+            raise NCLayersError("all class means coincide: nc2 is undefined")
         return value
 
     def nc1_classic(self) -> float:
         """trace(Sigma_W Sigma_B^+) / K (Papyan et al.); needs `scatter=True`."""
         if self.scatter is None:
-            raise ValueError(
+            raise NCLayersError(
                 "nc1_classic needs the within-class scatter: build ClassStats(..., scatter=True)"
             )
         self.check()
@@ -548,11 +550,11 @@ def _identical_means_error(means: torch.Tensor) -> ValueError:
         same[i] = False
         if same.any():
             j = int(same.nonzero()[0])
-            return ValueError(
+            return NCLayersError(
                 f"classes {i} and {j} have identical feature means, so their CDNV is infinite; "
                 "check that the features depend on the input"
             )
-    return ValueError("nc1 is not finite; check the features for overflow")
+    return NCLayersError("nc1 is not finite; check the features for overflow")
 
 
 def collapse_metrics(states: Sequence[ClassStats]) -> torch.Tensor:
@@ -597,24 +599,24 @@ def _stats_from_arrays(features, labels, num_classes: int | None, scatter: bool 
     feats = _as_tensor(features, "features")
     labs = _as_tensor(labels, "labels")
     if feats.ndim != 2:
-        raise ValueError(
+        raise NCLayersError(
             f"features: expected a 2-D array (N samples x D dims), got shape {tuple(feats.shape)}"
         )
     if labs.ndim != 1 or labs.shape[0] != feats.shape[0]:
-        raise ValueError(
+        raise NCLayersError(
             f"labels: expected shape ({feats.shape[0]},) to match features, got {tuple(labs.shape)}"
         )
     if labs.numel() and (labs.dtype.is_floating_point or labs.dtype == torch.bool):
-        raise ValueError(f"labels: expected integer class indices, got dtype {labs.dtype}")
+        raise NCLayersError(f"labels: expected integer class indices, got dtype {labs.dtype}")
     if labs.numel() and int(labs.min()) < 0:
-        raise ValueError(
+        raise NCLayersError(
             f"labels: value {int(labs.min())} is outside [0, {num_classes or 'K'}); these "
             "functions measure every sample they are given: drop the samples a labels view "
             "leaves out rather than marking them -1"
         )
     if num_classes is None:
         if labs.numel() == 0:
-            raise ValueError("labels: empty; pass at least one sample per class")
+            raise NCLayersError("labels: empty; pass at least one sample per class")
         num_classes = int(labs.max().item()) + 1
     stats = ClassStats(num_classes, feats.shape[1], device="cpu", scatter=scatter)
     stats.update(feats.cpu(), labs.cpu())
@@ -705,7 +707,7 @@ def merge_all(states: Iterable[ClassStats]) -> ClassStats:
     """Merge an iterable of states into a new one (the inputs are left unchanged)."""
     states = list(states)
     if not states:
-        raise ValueError("merge_all: no states given")
+        raise NCLayersError("merge_all: no states given")
     first = states[0]
     out = ClassStats(first.num_classes, first.dim, first.device, scatter=first.scatter is not None)
     for s in states:

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nclayers.analyze import analyze
-from nclayers.report.table import Table
+from nclayers.analysis import analyze
+from nclayers.errors import NCLayersError
+from nclayers.table import Table
 from nclayers.taps import Block, trace_blocks
 
 NONE = "none"  # the unpruned model, the reference of every comparison
@@ -75,7 +76,7 @@ def check_prunable(
             for l in bad
         )
         ok = [i + 1 for i, (x, y) in enumerate(shapes) if x is not None and x == y]
-        raise ValueError(
+        raise NCLayersError(
             f"blocks: {detail} change the shape of their input, so the identity cannot "
             f"replace them; shape-preserving blocks: {_list(ok, blocks)}"
         )
@@ -105,7 +106,7 @@ def resolve_blocks(spec: str | int | Sequence[str | int], blocks: Sequence[Block
         if text.lstrip("-").isdigit():
             layer = int(text)
             if not 1 <= layer <= len(blocks):
-                raise ValueError(
+                raise NCLayersError(
                     f"blocks: {layer} is not a block index; this model has blocks "
                     f"1..{len(blocks)} (see `nclayers blocks`)"
                 )
@@ -114,7 +115,7 @@ def resolve_blocks(spec: str | int | Sequence[str | int], blocks: Sequence[Block
             out.add(names[text])
         else:
             sample = ", ".join(list(names)[:6])
-            raise ValueError(
+            raise NCLayersError(
                 f"blocks: {text!r} is not one of the model's blocks; give indices "
                 f"1..{len(blocks)} or names such as {sample}, ..."
             )
@@ -126,7 +127,7 @@ def baseline_sets(candidates: Sequence[int], k: int, seeds: Sequence[int]) -> di
     from the candidates for every seed (`random0`, `random1`, ...)."""
     candidates = sorted(candidates)
     if not 0 <= k <= len(candidates):
-        raise ValueError(
+        raise NCLayersError(
             f"k={k}: only {len(candidates)} shape-preserving blocks can be removed; choose "
             "fewer blocks"
         )
@@ -144,7 +145,7 @@ def prune_model(model: nn.Module, names: Sequence[str]) -> nn.Module:
     modules = dict(pruned.named_modules())
     for name in names:
         if not name or name not in modules:
-            raise ValueError(f"names: {name!r} is not a module of {type(model).__name__}")
+            raise NCLayersError(f"names: {name!r} is not a module of {type(model).__name__}")
         parent_name, _, child = name.rpartition(".")
         setattr(pruned.get_submodule(parent_name), child, nn.Identity())
     return pruned
@@ -166,16 +167,17 @@ def finetune(
 ) -> list[float]:
     """Fine-tune in place for `epochs` at a constant `lr` with the run's optimiser
     settings (`train_cfg`: a TrainConfig); returns the mean training loss per epoch."""
-    from nclayers.train import image_bar, make_optimizer, train_epoch
+    from nclayers.runtime import counter
+    from nclayers.train import make_optimizer, train_epoch
 
     if epochs < 0:
-        raise ValueError(f"prune.finetune_epochs={epochs}: use 0 (none) or a positive number")
+        raise NCLayersError(f"prune.finetune_epochs={epochs}: use 0 (none) or a positive number")
     optimizer = make_optimizer(model, dataclasses.replace(train_cfg, lr=lr))
     amp = bool(getattr(train_cfg, "amp", False))
     losses = []
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        bar = image_bar(batches.samples_per_epoch, progress, f"fine-tune {epoch + 1}/{epochs}")
+        bar = counter(batches.samples_per_epoch, progress, f"fine-tune {epoch + 1}/{epochs}")
         try:
             loss_sum, _, seen = train_epoch(
                 model, optimizer, batches, amp, train_cfg.label_smoothing, bar=bar
@@ -222,10 +224,10 @@ def prune_experiment(
     check_prunable(model, blocks, chosen, sample)
     candidates = prunable_layers(model, blocks, sample)
     if finetune_epochs and (train_batches is None or train_cfg is None):
-        raise ValueError("finetune_epochs > 0 needs train_batches and train_cfg")
+        raise NCLayersError("finetune_epochs > 0 needs train_batches and train_cfg")
     unknown = set(baselines) - {"last", "random"}
     if unknown:
-        raise ValueError(f"baselines: {sorted(unknown)} unknown; choose from ['last', 'random']")
+        raise NCLayersError(f"baselines: {sorted(unknown)} unknown; choose from ['last', 'random']")
     sets = baseline_sets(candidates, len(chosen), seeds if "random" in baselines else ())
     if "last" not in baselines:
         del sets["last"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nclayers.errors import NCLayersError
+
 # How a block's output is reduced to one vector per sample.
 POOLS = ("nchw", "nhwc", "tokens", "cls", "flat")
 
@@ -51,7 +53,7 @@ def pool_output(output, pool: str, prefix_tokens: int = 0) -> torch.Tensor:
         return output[:, 0].to(f32)
     if pool == "flat":
         return output.flatten(1).to(f32)
-    raise ValueError(
+    raise NCLayersError(
         f"pool={pool!r} does not fit a block output of shape {tuple(output.shape)}; "
         f"choose one of {POOLS}"
     )
@@ -91,7 +93,7 @@ class Taps:
 
 
 def missing_blocks_error(names: Sequence[str]) -> ValueError:
-    return ValueError(
+    return NCLayersError(
         f"blocks {list(names)[:5]} never ran in the forward pass; name modules the model calls"
     )
 

@@ -24,7 +24,6 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from nclayers.analyze import autocast
-from nclayers.config import resolve_device
 from nclayers.data import ArrayDataset, DeviceBatches
-from nclayers.report.table import Table
+from nclayers.errors import NCLayersError
+from nclayers.runtime import Distributed, all_sum, autocast, counter
+from nclayers.table import Table
 
 EVAL_BATCH = 500
 
@@ -73,7 +72,7 @@ def make_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
             param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), **fused
         )
-    raise ValueError(f"train.optimizer={tc.optimizer!r}: expected 'sgd' or 'adamw'")
+    raise NCLayersError(f"train.optimizer={tc.optimizer!r}: expected 'sgd' or 'adamw'")
 
 
 def lr_factor(tc, epoch: int) -> float:
@@ -90,7 +89,7 @@ def lr_factor(tc, epoch: int) -> float:
         return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * t))
     if tc.schedule == "constant":
         return 1.0
-    raise ValueError(f"train.schedule={tc.schedule!r}: expected multistep, cosine or constant")
+    raise NCLayersError(f"train.schedule={tc.schedule!r}: expected multistep, cosine or constant")
 
 
 def is_convnet(model: nn.Module) -> bool:
@@ -152,56 +151,6 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- processes
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place among the training processes (world 1: a plain run)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owned: bool = False  # train() initialised the process group, so it also ends it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join torchrun's process group if the environment names one (or use a group the
-    caller has initialised); pick this rank's device."""
-    device = resolve_device(device_name)
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        proc = Distributed(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise ValueError(
-                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {key} is not set; launch "
-                    "with torchrun (e.g. torchrun --nproc-per-node=2 -m nclayers.cli train ...)"
-                    " or unset WORLD_SIZE"
-                )
-        rank = int(os.environ["RANK"])
-        proc = Distributed(
-            rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank)), True
-        )
-        if device.type == "cuda":
-            torch.cuda.set_device(proc.local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    else:
-        proc = Distributed()
-    if proc.world > 1 and device.type == "cuda":  # one GPU per process
-        device = torch.device("cuda", proc.local_rank)
-        torch.cuda.set_device(device)
-    return proc, device
-
-
-def _all_sum(t: torch.Tensor, proc: Distributed) -> torch.Tensor:
-    if proc.world > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def _sync_buffers(model: nn.Module, proc: Distributed) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics). Each rank's last
     forward updated its own; DDP would broadcast rank 0's at the next forward anyway, so
@@ -266,7 +215,7 @@ def train_epoch(
         if bar is not None:
             bar.update(len(y) * world)
     if loss_sum is None:
-        raise ValueError("the training batches are empty; check data.train_subset")
+        raise NCLayersError("the training batches are empty; check data.train_subset")
     return loss_sum, correct, seen
 
 
@@ -286,13 +235,13 @@ def evaluate(
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
     model.train(was_training)
-    loss_sum, correct, n = _all_sum(sums, proc or Distributed()).tolist()
+    loss_sum, correct, n = all_sum(sums).tolist()
     return loss_sum / n, correct / n
 
 
 def track_nc(model: nn.Module, blocks, batches, num_classes: int, amp: bool, **extra) -> Table:
     """NC1/NC2 of every block on a fixed subset (reduced across ranks by analyze)."""
-    from nclayers.analyze import analyze
+    from nclayers.analysis import analyze
 
     return analyze(
         model, batches, num_classes, blocks, split="test", amp=amp, progress=False, extra=extra
@@ -308,12 +257,12 @@ def check_recipe(tc, world: int = 1) -> None:
     """Refuse a training config that cannot run, naming the key and the fix."""
     for key in ("epochs", "batch_size"):
         if getattr(tc, key) < 1:
-            raise ValueError(f"train.{key}={getattr(tc, key)}: must be a positive integer")
+            raise NCLayersError(f"train.{key}={getattr(tc, key)}: must be a positive integer")
     for key in ("checkpoint_every", "track_nc_every"):
         if getattr(tc, key) < 0:
-            raise ValueError(f"train.{key}={getattr(tc, key)}: use 0 (off) or a positive N")
+            raise NCLayersError(f"train.{key}={getattr(tc, key)}: use 0 (off) or a positive N")
     if tc.batch_size < world:
-        raise ValueError(
+        raise NCLayersError(
             f"train.batch_size={tc.batch_size} is smaller than the {world} processes; each "
             f"needs at least one sample per batch: set train.batch_size >= {world}"
         )
@@ -356,7 +305,7 @@ def fit(
             group["lr"] = lr
         train_batches.set_epoch(epoch)
         t_epoch = time.perf_counter()
-        bar = image_bar(
+        bar = counter(
             train_batches.samples_per_epoch * proc.world, progress,
             f"epoch {epoch + 1}/{tc.epochs}",
         )  # fmt: skip
@@ -371,7 +320,7 @@ def fit(
         _sync_buffers(model, proc)
         sums = torch.stack([loss_sum.double(), correct.double()])
         sums = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=sums.device)])
-        loss_sum, correct, seen = _all_sum(sums, proc).tolist()  # once per epoch
+        loss_sum, correct, seen = all_sum(sums).tolist()  # once per epoch
         train_seconds = time.perf_counter() - t_epoch
         test_loss, test_acc = evaluate(model, test_batches, tc.amp, proc)
         yield {
@@ -384,14 +333,3 @@ def fit(
             "img_per_s": seen / train_seconds,
             "epoch_seconds": time.perf_counter() - t_epoch,
         }
-
-
-def image_bar(total: int, enabled: bool, desc: str):
-    """A progress bar counting images (img/s and the epoch's ETA), or None when off."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True
-    )

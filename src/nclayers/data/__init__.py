@@ -30,6 +30,7 @@ from nclayers.data.noise import (
     shuffle_labels,
     uniform_labels,
 )
+from nclayers.errors import NCLayersError
 
 DATASETS = ("digits", "cifar10", "cifar100", "cifar10c")
 log = logging.getLogger("nclayers.data")
@@ -46,7 +47,7 @@ def load_dataset(cfg, split: str) -> ArrayDataset:
 
         check_corruption(corruption)
         if cfg.severity is None:
-            raise ValueError(
+            raise NCLayersError(
                 f"data.corruption={corruption!r} needs data.severity: 1..5 or the paper's "
                 "level L1, L2, L3 (= 1, 3, 5)"
             )
@@ -57,7 +58,7 @@ def load_dataset(cfg, split: str) -> ArrayDataset:
         ds = load_digits_split(split)
     elif name in ("cifar10", "cifar100", "cifar10c"):
         if not cfg.dir:
-            raise ValueError(
+            raise NCLayersError(
                 f"data.dir is not set: {name} is read from a local folder; pass "
                 "data.dir=PATH (the folder holding cifar-10-batches-py/ or CIFAR-10-C/)"
             )
@@ -70,7 +71,7 @@ def load_dataset(cfg, split: str) -> ArrayDataset:
 
             ds = load_cifar_split(name, split, cfg.dir, download=cfg.download)
     else:
-        raise ValueError(f"data.name={name!r}: expected one of {DATASETS}")
+        raise NCLayersError(f"data.name={name!r}: expected one of {DATASETS}")
 
     if split == "train" and has_label_noise(cfg.noise):
         ds = _with_label_noise(ds, cfg)
@@ -99,7 +100,7 @@ def _with_label_noise(ds: ArrayDataset, cfg) -> ArrayDataset:
     mode = getattr(cfg, "noise_mode", "shuffle")
     if isinstance(noise, str):
         if ds.name not in ("cifar10", "cifar100"):
-            raise ValueError(
+            raise NCLayersError(
                 f"data.noise={noise!r}: human label sets exist for cifar10 (CIFAR-10N) and "
                 f"cifar100 (CIFAR-100N), not {ds.name}; or give a rate in [0, 1]"
             )
@@ -107,7 +108,7 @@ def _with_label_noise(ds: ArrayDataset, cfg) -> ArrayDataset:
         if len(noisy) != len(clean) or (file_clean is not None and not torch.equal(
             file_clean, clean
         )):  # fmt: skip
-            raise ValueError(
+            raise NCLayersError(
                 f"data.noise={noise!r}: the label file's clean labels do not match the "
                 f"training images' labels in data.dir={cfg.dir!r}: the images are not in the "
                 "original CIFAR training order, or the file is for another data set"
@@ -120,7 +121,7 @@ def _with_label_noise(ds: ArrayDataset, cfg) -> ArrayDataset:
         noisy = uniform_labels(clean, float(noise), ds.num_classes, seed=cfg.noise_seed)
         ds.meta["noise_source"] = f"uniform:{float(noise)}"
     else:
-        raise ValueError(f"data.noise_mode={mode!r}: expected one of {NOISE_MODES}")
+        raise NCLayersError(f"data.noise_mode={mode!r}: expected one of {NOISE_MODES}")
     return ds.with_views({"clean": clean, "noisy": noisy})
 
 
@@ -137,7 +138,7 @@ def corrupt_dataset(ds: ArrayDataset, name: str, severity, seed: int = 0) -> Arr
 def with_changed_views(ds: ArrayDataset) -> ArrayDataset:
     """`ds` plus the views changed_clean, changed_noisy and unchanged (-1: left out)."""
     if "noisy" not in ds.labels:
-        raise ValueError(
+        raise NCLayersError(
             f"{ds.name} {ds.split}: no 'noisy' labels view; the changed-sample views exist "
             "for a training split with label noise (data.noise=...)"
         )

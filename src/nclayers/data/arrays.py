@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from nclayers.errors import NCLayersError
+
 
 @dataclass
 class ArrayDataset:
@@ -30,19 +32,21 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(
+            raise NCLayersError(
                 f"images: expected uint8 N x C x H x W, got {self.images.dtype} "
                 f"{tuple(self.images.shape)}"
             )
         for view, y in self.labels.items():
             if y.shape != (len(self.images),):
-                raise ValueError(f"labels view {view!r}: shape {tuple(y.shape)} != ({len(self)},)")
+                raise NCLayersError(
+                    f"labels view {view!r}: shape {tuple(y.shape)} != ({len(self)},)"
+                )
         if self.index is None:
             self.index = torch.arange(len(self))
         if self.index.shape != (len(self),):
-            raise ValueError(f"index: shape {tuple(self.index.shape)} != ({len(self)},)")
+            raise NCLayersError(f"index: shape {tuple(self.index.shape)} != ({len(self)},)")
         if self.clean_images is not None and self.clean_images.shape != self.images.shape:
-            raise ValueError(
+            raise NCLayersError(
                 f"clean_images: shape {tuple(self.clean_images.shape)} != images' "
                 f"{tuple(self.images.shape)}"
             )
@@ -73,7 +77,7 @@ class ArrayDataset:
     def clean_twin(self) -> ArrayDataset:
         """The same samples with their uncorrupted images (a corrupted data set only)."""
         if self.clean_images is None:
-            raise ValueError(
+            raise NCLayersError(
                 f"{self.name or 'data set'} {self.split}: holds no clean images beside the "
                 "corrupted ones; load it with data.corruption=NAME (nclayers keeps the clean "
                 "twin), not from pre-corrupted files"
@@ -97,7 +101,7 @@ def balanced_subset(
         idx = idx[torch.randperm(len(idx), generator=gen)]
         take = per_class + (1 if k < extra else 0)
         if take > len(idx):
-            raise ValueError(
+            raise NCLayersError(
                 f"subset={size}: class {k} has only {len(idx)} samples; ask for at most "
                 f"{len(idx) * num_classes}"
             )

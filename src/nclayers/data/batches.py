@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nclayers.data.arrays import ArrayDataset
+from nclayers.errors import NCLayersError
 
 
 def random_crop_flip(
@@ -64,13 +65,13 @@ class DeviceBatches:
         channels_last: bool = False,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: must be a positive integer")
+            raise NCLayersError(f"batch_size={batch_size}: must be a positive integer")
         self.device = torch.device(device)
         self.images = dataset.images.to(self.device)
         views = views or dataset.views
         missing = [v for v in views if v not in dataset.labels]
         if missing:
-            raise ValueError(f"views {missing}: data set has views {dataset.views}")
+            raise NCLayersError(f"views {missing}: data set has views {dataset.views}")
         self.labels = {v: dataset.labels[v].to(self.device) for v in views}
         self.views = views
         self.mean = torch.tensor(dataset.mean, device=self.device).view(1, -1, 1, 1) * 255.0

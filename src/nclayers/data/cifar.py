@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from nclayers.data.arrays import ArrayDataset
+from nclayers.errors import NCLayersError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -52,12 +53,14 @@ def _unpickle(path: Path, name: str) -> dict:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="latin1")
     except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
-        raise ValueError(
+        raise NCLayersError(
             f"{path}: truncated or unreadable ({type(err).__name__}: {err}); replace it with a "
             f"good copy: {_good_copy(name)}"
         ) from err
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a CIFAR batch (a {type(obj).__name__}); {_good_copy(name)}")
+        raise NCLayersError(
+            f"{path}: not a CIFAR batch (a {type(obj).__name__}); {_good_copy(name)}"
+        )
     return obj
 
 
@@ -67,7 +70,7 @@ def _batch(path: Path, name: str) -> tuple[np.ndarray, list[int]]:
     data = np.asarray(batch.get("data", ()), dtype=np.uint8)
     labels = list(batch.get(key, ()))
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise ValueError(
+        raise NCLayersError(
             f"{path}: not a whole CIFAR batch (data {data.shape}, {len(labels)} labels); "
             f"replace it with a good copy: {_good_copy(name)}"
         )
@@ -92,9 +95,9 @@ def load_cifar_split(
     name: str, split: str, data_dir: str | Path, download: bool = False
 ) -> ArrayDataset:
     if name not in _LAYOUT:
-        raise ValueError(f"dataset={name!r}: expected one of {sorted(_LAYOUT)}")
+        raise NCLayersError(f"dataset={name!r}: expected one of {sorted(_LAYOUT)}")
     if split not in ("train", "test"):
-        raise ValueError(f"split={split!r}: expected 'train' or 'test'")
+        raise NCLayersError(f"split={split!r}: expected 'train' or 'test'")
     layout = _LAYOUT[name]
     try:
         root = find_cifar_root(name, data_dir)
@@ -115,7 +118,7 @@ def load_cifar_split(
     meta_file, meta_key = layout["meta"]
     meta = _unpickle(root / meta_file, name)
     if meta_key not in meta:
-        raise ValueError(f"{root / meta_file}: holds no {meta_key!r}; {_good_copy(name)}")
+        raise NCLayersError(f"{root / meta_file}: holds no {meta_key!r}; {_good_copy(name)}")
     classes = list(meta[meta_key])
     images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
     c10 = name == "cifar10"

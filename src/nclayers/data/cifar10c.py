@@ -19,6 +19,7 @@ import torch
 from nclayers.data.arrays import ArrayDataset
 from nclayers.data.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar_split
 from nclayers.data.corrupt import check_corruption, parse_severity
+from nclayers.errors import NCLayersError
 
 FOLDER = "CIFAR-10-C"
 SEVERITIES = 5
@@ -47,11 +48,11 @@ def _load_npy(path: Path, shape_tail: tuple[int, ...]) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
-        raise ValueError(
+        raise NCLayersError(
             f"{path}: truncated or unreadable ({type(err).__name__}: {err}); {how}"
         ) from err
     if arr.dtype != np.uint8 or arr.shape[1:] != shape_tail or len(arr) % SEVERITIES:
-        raise ValueError(
+        raise NCLayersError(
             f"{path}: expected uint8 of shape (5 x 10000, "
             f"{', '.join(map(str, shape_tail))}), got {arr.dtype} {arr.shape}; {how}"
         )
@@ -68,9 +69,9 @@ def load_cifar10c_split(
         ds.name = "cifar10c"
         return ds
     if split != "test":
-        raise ValueError(f"split={split!r}: expected 'train' or 'test'")
+        raise NCLayersError(f"split={split!r}: expected 'train' or 'test'")
     if not corruption:
-        raise ValueError(
+        raise NCLayersError(
             "data.name=cifar10c needs data.corruption=NAME (e.g. gaussian_noise) and "
             "data.severity=1..5"
         )
@@ -80,7 +81,7 @@ def load_cifar10c_split(
     images = _load_npy(root / f"{corruption}.npy", (32, 32, 3))
     labels = _load_npy(root / "labels.npy", ())
     if len(labels) != len(images):
-        raise ValueError(
+        raise NCLayersError(
             f"{root / 'labels.npy'}: {len(labels)} labels for {len(images)} images in "
             f"{corruption}.npy; replace them with good copies from {SOURCE}"
         )
@@ -89,7 +90,7 @@ def load_cifar10c_split(
     x = torch.from_numpy(np.array(images[rows])).permute(0, 3, 1, 2).contiguous()  # a copy
     y = torch.from_numpy(np.asarray(labels[rows]).astype(np.int64))
     if int(y.min()) < 0 or int(y.max()) >= len(CLASSES):
-        raise ValueError(f"{root / 'labels.npy'}: labels outside 0..9; {SOURCE}")
+        raise NCLayersError(f"{root / 'labels.npy'}: labels outside 0..9; {SOURCE}")
     return ArrayDataset(
         images=x,
         labels={"clean": y},

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from nclayers.errors import NCLayersError
+
 # CIFAR constants of make_cifar_c.py, severities 1..5.
 SEVERITY_CONSTANTS: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
@@ -40,7 +42,7 @@ _CHUNK = 2048  # samples corrupted at once: bounds the float32 working memory
 
 def check_corruption(name: str) -> str:
     if name not in SEVERITY_CONSTANTS:
-        raise ValueError(
+        raise NCLayersError(
             f"data.corruption={name!r}: unknown corruption; valid ones are {', '.join(CORRUPTIONS)}"
         )
     return name
@@ -56,7 +58,7 @@ def parse_severity(value) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
-        raise ValueError(
+        raise NCLayersError(
             f"data.severity={value!r}: expected a severity 1, 2, 3, 4 or 5, or the paper's "
             "level L1, L2 or L3 (= severity 1, 3, 5)"
         )
@@ -71,7 +73,7 @@ def sample_seed(seed: int, index: int) -> int:
     seed), then murmur3's bijective finaliser so that neighbouring keys share no bits.
     """
     if not 0 <= index < 2**32 or seed < 0:
-        raise ValueError(f"seed={seed}, index={index}: need seed >= 0 and 0 <= index < 2**32")
+        raise NCLayersError(f"seed={seed}, index={index}: need seed >= 0 and 0 <= index < 2**32")
     h = (index + seed * 0x9E3779B9) & 0xFFFFFFFF
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & 0xFFFFFFFF
@@ -149,13 +151,13 @@ def corrupt(
     check_corruption(name)
     severity = parse_severity(severity)
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(
+        raise NCLayersError(
             f"images: expected uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}"
         )
     n = images.shape[0]
     index = torch.arange(n) if index is None else torch.as_tensor(index, dtype=torch.long)
     if index.shape != (n,):
-        raise ValueError(f"index: shape {tuple(index.shape)} != ({n},), one per image")
+        raise NCLayersError(f"index: shape {tuple(index.shape)} != ({n},), one per image")
     c = SEVERITY_CONSTANTS[name][severity - 1]
     draw, formula = _KINDS[name]
     flat = images.detach().cpu().reshape(n, -1)

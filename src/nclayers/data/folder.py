@@ -14,6 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from nclayers.errors import NCLayersError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -48,7 +50,7 @@ def image_folder(root: str | Path, split: str, train: bool = False) -> datasets.
     folder = root / split
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        raise ValueError(
+        raise NCLayersError(
             f"split={split!r}: {str(folder)!r} is not a folder (root={str(root)!r} holds "
             f"{found or 'nothing'}); expected root/{split}/<class>/<image>"
         )
@@ -56,7 +58,9 @@ def image_folder(root: str | Path, split: str, train: bool = False) -> datasets.
     try:
         return datasets.ImageFolder(folder, transform=transform)
     except FileNotFoundError as err:  # no class folder or no image in them
-        raise ValueError(f"split={split!r}: {err}; expected root/{split}/<class>/<image>") from err
+        raise NCLayersError(
+            f"split={split!r}: {err}; expected root/{split}/<class>/<image>"
+        ) from err
 
 
 def folder_loader(
@@ -72,9 +76,9 @@ def folder_loader(
     fixed and the images are centre-cropped. Images are float32 N x 3 x 224 x 224, normalised.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be a positive integer")
+        raise NCLayersError(f"batch_size={batch_size}: must be a positive integer")
     if workers < 0:
-        raise ValueError(f"workers={workers}: must be 0 (load in this process) or more")
+        raise NCLayersError(f"workers={workers}: must be 0 (load in this process) or more")
     dataset = image_folder(root, split, train=train)
     loader = DataLoader(
         dataset,

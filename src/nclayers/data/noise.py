@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nclayers.errors import NCLayersError
+
 NOISE_MODES = ("shuffle", "uniform")
 
 # CIFAR-10N label sets by their names in the paper (and the file's own keys).
@@ -46,7 +48,7 @@ def has_label_noise(noise) -> bool:
 
 def _check_rate(rate: float) -> float:
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"data.noise={rate}: a noise rate must lie in [0, 1]")
+        raise NCLayersError(f"data.noise={rate}: a noise rate must lie in [0, 1]")
     return float(rate)
 
 
@@ -80,7 +82,7 @@ def uniform_labels(
     (the "symmetric" noise of e.g. Co-teaching); class counts change a little.
     """
     if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes}: uniform label noise needs >= 2 classes")
+        raise NCLayersError(f"num_classes={num_classes}: uniform label noise needs >= 2 classes")
     chosen = noise_selection(len(labels), rate, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     shift = torch.randint(1, num_classes, (len(chosen),), generator=gen)  # 1..K-1
@@ -106,7 +108,7 @@ def changed_views(clean: torch.Tensor, noisy: torch.Tensor) -> dict[str, torch.T
 
 
 def _bad_file(path: Path, err: Exception, how: str) -> ValueError:
-    return ValueError(
+    return NCLayersError(
         f"{path}: truncated or unreadable ({type(err).__name__}: {err}); replace it with a "
         f"good copy: {how}"
     )
@@ -127,7 +129,7 @@ def _load_label_file(path: Path, keys: dict[str, str], kind: str) -> dict[str, n
     ) as err:  # fmt: skip
         raise _bad_file(path, err, how) from err
     if not isinstance(obj, dict) or keys[kind] not in obj:
-        raise ValueError(f"{path}: expected a dict with {keys[kind]!r}; {how}")
+        raise NCLayersError(f"{path}: expected a dict with {keys[kind]!r}; {how}")
     return {k: np.asarray(v) for k, v in obj.items()}
 
 
@@ -140,7 +142,7 @@ def _human_labels(
             if path.is_file():
                 arrays = _load_label_file(path, keys, kind)
                 if keys[kind] not in arrays:
-                    raise ValueError(
+                    raise NCLayersError(
                         f"{path}: holds no {keys[kind]!r}; download it again from {CIFARN_SOURCE}"
                     )
                 labels = torch.as_tensor(arrays[keys[kind]].astype(np.int64))
@@ -172,9 +174,9 @@ def cifarn_labels(
     elif dataset == "cifar100":
         keys, folder, stem = CIFAR100N_KEYS, "cifar-100n", "CIFAR-100_human"
     else:
-        raise ValueError(f"data.noise={kind!r}: human label sets exist for cifar10 and cifar100")
+        raise NCLayersError(f"data.noise={kind!r}: human label sets exist for cifar10 and cifar100")
     if kind not in keys:
-        raise ValueError(
+        raise NCLayersError(
             f"data.noise={kind!r}: the {dataset.upper()}N label sets are {sorted(keys)} "
             "(or give a rate in [0, 1])"
         )

@@ -12,13 +12,14 @@ import time
 
 from torch import nn
 
-from nclayers.analyze import analyze
-from nclayers.config import Config, resolve_device
+from nclayers.analysis import analyze
+from nclayers.config import Config
 from nclayers.data import DeviceBatches, load_dataset
 from nclayers.jobs.common import load_model
 from nclayers.jobs.folder import SUMMARY, RunFolder
 from nclayers.models import find_blocks
-from nclayers.report.table import Table
+from nclayers.runtime import resolve_device
+from nclayers.table import Table
 
 
 def analyze_run(cfg: Config, model: nn.Module | None = None, progress: bool = True) -> Table:

@@ -24,7 +24,7 @@ from nclayers.jobs.report import describe_memorization, write_report
 from nclayers.jobs.train import train_run
 from nclayers.memorization import memorization_layers, memorization_ratio
 from nclayers.report.figures import plot_layers, plot_layout, plot_metric
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 # A set-up that fits 40% shuffled labels in 12 epochs on 2 CPU cores: a small training set
 # (50 images per class), no augmentation, AdamW with a cosine schedule. With crop/flip

@@ -23,9 +23,10 @@ from nclayers.equality import (
     plot_equality,
     summary_row,
 )
+from nclayers.errors import NCLayersError
 from nclayers.jobs.folder import CONFIG, LAYERS, PRUNE, RunFolder
 from nclayers.prune import prune_summary
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 EQUALITY = "equality"  # equality.csv, equality.json, equality.png (+ "-SPLIT" off test)
 
@@ -59,10 +60,10 @@ def layer_tables(target: str | Path) -> list[Path]:
         found = sorted(p for p in target.rglob(LAYERS) if p.is_file())
         if found:
             return found
-        raise ValueError(
+        raise NCLayersError(
             f"{str(target)!r} holds no {LAYERS}; run `nclayers analyze` on the run first"
         )
-    raise ValueError(f"{str(target)!r} is neither a layers.csv nor a run or sweep folder")
+    raise NCLayersError(f"{str(target)!r} is neither a layers.csv nor a run or sweep folder")
 
 
 def equality_run(target: str | Path, cfg, plot: bool = True) -> list[EqualityResult]:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from nclayers.config import Config, load_config, save_config
-from nclayers.report.table import Table
+from nclayers.errors import NCLayersError
+from nclayers.table import Table
 
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint.pt"
@@ -76,7 +77,7 @@ class RunFolder:
     def load_config(self, overrides: Sequence[str] = ()) -> Config:
         """The run's saved config, with `key=value` overrides; `out` is this folder."""
         if not self.exists(CONFIG):
-            raise ValueError(
+            raise NCLayersError(
                 f"{str(self.path)!r} is not a run folder (no {CONFIG}); pass a folder written "
                 "by `nclayers train` or `nclayers analyze`, or a config file"
             )

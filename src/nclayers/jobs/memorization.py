@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nclayers.analyze import analyze
-from nclayers.config import resolve_device
+from nclayers.analysis import analyze
 from nclayers.data import (
     CHANGED_CLEAN,
     CHANGED_NOISY,
@@ -36,6 +35,7 @@ from nclayers.data import (
     load_dataset,
     with_changed_views,
 )
+from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model
 from nclayers.jobs.folder import MEMORIZATION, SUMMARY, RunFolder
 from nclayers.memorization import (
@@ -48,7 +48,8 @@ from nclayers.memorization import (
 )
 from nclayers.models import find_blocks
 from nclayers.report.figures import plot_metric
-from nclayers.report.table import Table
+from nclayers.runtime import resolve_device
+from nclayers.table import Table
 
 FIGURE = "memorization.png"
 
@@ -70,12 +71,12 @@ def memorization_run(
     corrupted = bool(cfg.data.corruption)
     noisy = has_label_noise(cfg.data.noise)
     if not corrupted and not noisy:
-        raise ValueError(
+        raise NCLayersError(
             f"run {str(folder.path)!r} was trained without label noise (data.noise) or "
             "corrupted inputs (data.corruption): there is nothing to compare"
         )
     if corrupted and noisy:
-        raise ValueError(
+        raise NCLayersError(
             f"run {str(folder.path)!r} has both data.noise and data.corruption; the "
             "memorization ratio compares one kind of noise at a time"
         )
@@ -86,7 +87,7 @@ def memorization_run(
     device = resolve_device(cfg.device)
     if model is None:
         if not folder.exists("checkpoint.pt") and not cfg.model.checkpoint:
-            raise ValueError(
+            raise NCLayersError(
                 f"run {str(folder.path)!r} has no checkpoint.pt; train it first "
                 f"(nclayers train {folder.path / 'config.yaml'})"
             )

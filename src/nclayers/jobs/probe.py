@@ -2,7 +2,7 @@
 
 `probe_run(cfg)` loads the training split (the heads learn its clean labels) and the test
 split of `cfg.data`, the model of `cfg.model` with the run folder's checkpoint, and runs
-`nclayers.probe.probe` with the `cfg.probe` settings. It writes into the run folder:
+`nclayers.probing.probe` with the `cfg.probe` settings. It writes into the run folder:
 
     probe.csv        per epoch and block: lr, training loss and accuracy
     probe_heads.pt   the heads (`heads_state`): re-evaluate with `load_heads` +
@@ -32,15 +32,11 @@ from nclayers.data import load_dataset
 from nclayers.jobs.common import load_model
 from nclayers.jobs.folder import PROBE, PROBE_HEADS, SUMMARY, RunFolder
 from nclayers.models import find_blocks
-from nclayers.probe import heads_state, probe
+from nclayers.probing import heads_state, probe
 from nclayers.report.figures import plot_metric
-from nclayers.report.table import Table
-from nclayers.train import (
-    is_convnet,
-    load_checkpoint,
-    save_checkpoint,
-    setup_distributed,
-)
+from nclayers.runtime import setup_distributed
+from nclayers.table import Table
+from nclayers.train import is_convnet, load_checkpoint, save_checkpoint
 
 PROBE_STATE = "probe_state.pt"
 PROBE_FIGURE = "probe_acc.png"

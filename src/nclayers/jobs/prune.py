@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nclayers.config import resolve_device
 from nclayers.data import DeviceBatches, load_dataset
 from nclayers.equality import analyze_equality
+from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model
 from nclayers.jobs.folder import LAYERS, PRUNE, RunFolder
 from nclayers.models import find_blocks
@@ -27,7 +27,8 @@ from nclayers.prune import (
     prune_summary,
     resolve_blocks,
 )
-from nclayers.report.table import Table
+from nclayers.runtime import resolve_device
+from nclayers.table import Table
 from nclayers.train import train_labels_view
 
 PRUNE_LAYERS_CSV = "prune_layers.csv"
@@ -45,7 +46,7 @@ def plateau_blocks(table: Table, cfg) -> tuple[list[int], str]:
     mine = [r for r in reports if r.key.get("run") in (cfg.run, None, "")] or reports
     if len(mine) != 1:
         runs = sorted(str(r.key.get("run")) for r in reports)
-        raise ValueError(
+        raise NCLayersError(
             f"layers.csv holds {len(mine)} curves ({runs}); set run=NAME to pick this run's"
         )
     return mine[0].plateau.layers, mine[0].plateau.rule

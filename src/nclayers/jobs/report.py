@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nclayers.data.noise import has_label_noise
+from nclayers.errors import NCLayersError
 from nclayers.jobs.folder import (
     CONFIG,
     DYNAMICS,
@@ -28,7 +29,7 @@ from nclayers.jobs.folder import (
     TRAIN_SUMMARY,
 )
 from nclayers.report.html import Figure, Section, render_html
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 LAYER_COLUMNS = ["run", "split", "view", "layer", "block", "dim", "n", "nc1", "cdnv_mean",
                  "nc2", "ncc_acc", "probe_acc"]  # fmt: skip
@@ -41,13 +42,13 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     `nclayers.jobs.sweep.sweep_report`)."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"report: {str(path)!r} is neither a run folder nor a sweep folder")
+        raise NCLayersError(f"report: {str(path)!r} is neither a run folder nor a sweep folder")
     if (path / "sweep.json").is_file():
         title, sections = _sweep_sections(path)
     elif any((path / f).is_file() for f in (LAYERS, TRAIN_SUMMARY, CONFIG)):
         title, sections = _run_sections(path)
     else:
-        raise ValueError(
+        raise NCLayersError(
             f"report: {str(path)!r} holds no layers.csv, train_summary.json, config.yaml or "
             "sweep.json; pass a run folder (train/analyze --out) or a sweep's output folder"
         )
@@ -343,7 +344,7 @@ def plot_paths(
     folder = path if path.is_dir() else path.parent
     layers = _table(folder / LAYERS if path.is_dir() else path)
     if not layers:
-        raise ValueError(f"plot: no rows in {str(folder / 'layers.csv')!r}; run the sweep first")
+        raise NCLayersError(f"plot: no rows in {str(folder / 'layers.csv')!r}; run the sweep first")
     memo = _table(folder / MEMORIZATION)
     info = _json(folder / "sweep.json")
     figures = info.get("figures") or []

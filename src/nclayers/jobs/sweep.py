@@ -53,7 +53,8 @@ import yaml
 
 from nclayers.config import Config, apply_settings, load_config
 from nclayers.data.noise import has_label_noise
-from nclayers.report.table import Table
+from nclayers.errors import NCLayersError
+from nclayers.table import Table
 
 SWEEP_KEYS = ("name", "title", "root", "base", "config", "axes", "stages", "figure", "figures",
               "report", "description")  # fmt: skip
@@ -206,19 +207,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _axis_values(axis: str, values: Any, where: str) -> list[tuple[str, dict]]:
     if not isinstance(values, list) or not values:
-        raise ValueError(f"{where}: axis {axis!r} needs a non-empty list of values")
+        raise NCLayersError(f"{where}: axis {axis!r} needs a non-empty list of values")
     out = []
     for value in values:
         if isinstance(value, dict):
             settings = {k: v for k, v in value.items() if k != "label"}
             if not settings:
-                raise ValueError(f"{where}: axis {axis!r} value {value!r} sets no config key")
+                raise NCLayersError(f"{where}: axis {axis!r} value {value!r} sets no config key")
             label = value.get("label")
             if label is None:
                 label = ", ".join(f"{k}={v}" for k, v in settings.items())
         else:
             if "." not in axis:
-                raise ValueError(
+                raise NCLayersError(
                     f"{where}: axis {axis!r} has plain values ({value!r}); name the axis after "
                     "the config key it sets (e.g. train.seed: [0, 1]) or give each value as a "
                     "mapping {label: ..., key: value}"
@@ -227,7 +228,7 @@ def _axis_values(axis: str, values: Any, where: str) -> list[tuple[str, dict]]:
         out.append((str(label), settings))
     labels = [lab for lab, _ in out]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"{where}: axis {axis!r} has repeated labels {labels}")
+        raise NCLayersError(f"{where}: axis {axis!r} has repeated labels {labels}")
     return out
 
 
@@ -235,14 +236,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     """Read and check a sweep file; every run's config is resolved and validated."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"sweep file {str(path)!r} does not exist")
+        raise NCLayersError(f"sweep file {str(path)!r} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
     where = str(path)
     if not isinstance(spec, dict):
-        raise ValueError(f"{where}: expected a mapping at the top level")
+        raise NCLayersError(f"{where}: expected a mapping at the top level")
     unknown = sorted(set(spec) - set(SWEEP_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
+        raise NCLayersError(f"{where}: unknown keys {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
 
     base_path, base_settings = None, {}
     if isinstance(spec.get("base"), dict):  # the base config written out here
@@ -250,18 +251,18 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     elif spec.get("base"):  # a config file, relative to the sweep file
         base_path = (path.parent / str(spec["base"])).resolve()
         if not base_path.is_file():
-            raise ValueError(f"{where}: base {spec['base']!r} does not exist ({base_path})")
+            raise NCLayersError(f"{where}: base {spec['base']!r} does not exist ({base_path})")
     axes_spec = spec.get("axes") or {}
     if not isinstance(axes_spec, dict):
-        raise ValueError(f"{where}: axes must map an axis name to its values")
+        raise NCLayersError(f"{where}: axes must map an axis name to its values")
     axes = {a: _axis_values(a, v, where) for a, v in axes_spec.items()}
 
     stages = spec.get("stages", ["train", "analyze"])
     if not isinstance(stages, list) or not stages:
-        raise ValueError(f"{where}: stages must be a non-empty list, e.g. [train, analyze]")
+        raise NCLayersError(f"{where}: stages must be a non-empty list, e.g. [train, analyze]")
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise ValueError(f"{where}: unknown stages {bad}; known stages: {', '.join(STAGES)}")
+        raise NCLayersError(f"{where}: unknown stages {bad}; known stages: {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]  # the registry's order: train first
 
     figures = spec.get("figures", [spec["figure"]] if spec.get("figure") else [])
@@ -293,7 +294,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     seen: dict[str, int] = {}
     for r in runs:
         if r.id in seen:
-            raise ValueError(
+            raise NCLayersError(
                 f"{where}: runs {seen[r.id]} and {r.index} resolve to the same config "
                 f"({r.labels} vs {runs[seen[r.id]].labels}); an axis value changes nothing"
             )
@@ -310,25 +311,27 @@ def _check_figure(fig: Any, axes: dict, where: str) -> dict:
     from nclayers.report.figures import LAYOUTS, X_AXES
 
     if not isinstance(fig, dict):
-        raise ValueError(f"{where}: a figure is a mapping, e.g. {{layout: noisy, rows: model}}")
+        raise NCLayersError(f"{where}: a figure is a mapping, e.g. {{layout: noisy, rows: model}}")
     unknown = sorted(set(fig) - set(FIGURE_KEYS))
     if unknown:
-        raise ValueError(f"{where}: figure keys {unknown} unknown; valid: {FIGURE_KEYS}")
+        raise NCLayersError(f"{where}: figure keys {unknown} unknown; valid: {FIGURE_KEYS}")
     fig = dict(fig)
     if "panels" in fig:
         if not isinstance(fig["panels"], list) or not fig["panels"]:
-            raise ValueError(f"{where}: figure panels must list metrics, e.g. [cdnv_mean, nc2]")
+            raise NCLayersError(f"{where}: figure panels must list metrics, e.g. [cdnv_mean, nc2]")
     else:
         fig.setdefault("layout", "clean")
         if fig["layout"] not in LAYOUTS:
-            raise ValueError(f"{where}: figure layout {fig['layout']!r}; one of {sorted(LAYOUTS)}")
+            raise NCLayersError(
+                f"{where}: figure layout {fig['layout']!r}; one of {sorted(LAYOUTS)}"
+            )
     for key in ("rows", "curves"):
         if fig.get(key) is not None and fig[key] not in axes:
-            raise ValueError(
+            raise NCLayersError(
                 f"{where}: figure {key}={fig[key]!r} is not an axis; axes are {list(axes)}"
             )
     if fig.setdefault("x", "block") not in X_AXES:
-        raise ValueError(f"{where}: figure x={fig['x']!r}; one of {sorted(X_AXES)}")
+        raise NCLayersError(f"{where}: figure x={fig['x']!r}; one of {sorted(X_AXES)}")
     return fig
 
 
@@ -349,7 +352,7 @@ def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
     from nclayers.jobs.folder import RunFolder
 
     if not 0 <= index < len(sweep.runs):
-        raise ValueError(f"--index {index}: the sweep has runs 0..{len(sweep.runs) - 1}")
+        raise NCLayersError(f"--index {index}: the sweep has runs 0..{len(sweep.runs) - 1}")
     run = sweep.runs[index]
     run.folder.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(run.folder)

@@ -25,6 +25,7 @@ from torch import nn
 
 from nclayers.config import Config
 from nclayers.data import DeviceBatches, balanced_subset, load_dataset
+from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model
 from nclayers.jobs.folder import (
     CHECKPOINT,
@@ -35,7 +36,8 @@ from nclayers.jobs.folder import (
 )
 from nclayers.memorization import memorized_fraction
 from nclayers.models import find_blocks
-from nclayers.report.table import Table
+from nclayers.runtime import setup_distributed
+from nclayers.table import Table
 from nclayers.train import (
     EVAL_BATCH,
     check_recipe,
@@ -47,7 +49,6 @@ from nclayers.train import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
-    setup_distributed,
     track_nc,
     train_labels_view,
 )
@@ -114,7 +115,8 @@ def _train(cfg, folder, proc, device, resume, stop_after, progress) -> dict:
         def tracker(epoch: int, board) -> None:
             table = track_nc(model, blocks, batches, num_classes, tc.amp, run=cfg.run, epoch=epoch)
             if proc.main:
-                table.to_csv(folder.file(DYNAMICS), append=True)
+                path = folder.file(DYNAMICS)
+                Table([*(Table.from_csv(path) if path.is_file() else ()), *table]).to_csv(path)
                 if board is not None:
                     for row in table:
                         board.add_scalar(f"nc1/layer{row['layer']:02d}", row["nc1"], epoch)
@@ -123,7 +125,7 @@ def _train(cfg, folder, proc, device, resume, stop_after, progress) -> dict:
     start_epoch, history = 0, []
     if resume:
         if not folder.exists(CHECKPOINT):
-            raise ValueError(
+            raise NCLayersError(
                 f"--resume: no {CHECKPOINT} in {str(folder.path)!r}; start without --resume"
             )
         state = load_checkpoint(folder.file(CHECKPOINT))

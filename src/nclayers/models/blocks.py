@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from nclayers.errors import NCLayersError
 from nclayers.taps import Block
 
 # Block classes by name, with the layout of their outputs.
@@ -139,7 +140,7 @@ def find_blocks(
     if spec == "auto":
         names = _auto_names(model)
         if not names:
-            raise ValueError(
+            raise NCLayersError(
                 f"blocks='auto' found no repeated blocks in {type(model).__name__}; name the "
                 "modules to tap, e.g. blocks='layer1.*,layer2.*' (see `nclayers blocks`)"
             )
@@ -150,7 +151,7 @@ def find_blocks(
             hits = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
             if not hits:
                 sample = ", ".join(list(n for n in modules if n)[:8])
-                raise ValueError(
+                raise NCLayersError(
                     f"blocks: {pattern!r} matches no module of {type(model).__name__}; "
                     f"module names look like: {sample}, ..."
                 )

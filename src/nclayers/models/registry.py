@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from nclayers.errors import NCLayersError
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -26,7 +28,7 @@ def register_model(name: str, *, input_size: int = 32, family: str = "", blocks:
 
     def wrap(fn):
         if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is registered twice")
+            raise NCLayersError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelEntry(name, fn, input_size, family, blocks)
         return fn
 
@@ -45,7 +47,7 @@ def get_entry(name: str) -> ModelEntry:
 
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise NCLayersError(
             f"model={name!r} is not registered.{hint} Known: {', '.join(list_models())}; "
             "or pass an entry point 'package.module:function'"
         )
@@ -56,14 +58,16 @@ def load_entry_point(spec: str, **kwargs) -> nn.Module:
     """Build a model from 'package.module:function' (the function returns an nn.Module)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"entry point {spec!r}: expected 'package.module:function'")
+        raise NCLayersError(f"entry point {spec!r}: expected 'package.module:function'")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"entry point {spec!r} cannot be loaded: {err}") from err
+        raise NCLayersError(f"entry point {spec!r} cannot be loaded: {err}") from err
     model = fn(**kwargs)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"entry point {spec!r} returned {type(model).__name__}, not an nn.Module")
+        raise NCLayersError(
+            f"entry point {spec!r} returned {type(model).__name__}, not an nn.Module"
+        )
     return model
 
 
@@ -75,4 +79,4 @@ def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     try:
         return entry.fn(num_classes=num_classes, **options)
     except TypeError as err:
-        raise ValueError(f"model {name!r}: bad option ({err})") from err
+        raise NCLayersError(f"model {name!r}: bad option ({err})") from err

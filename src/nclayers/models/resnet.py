@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from nclayers.errors import NCLayersError
 from nclayers.models.registry import register_model
 
 
@@ -27,7 +28,7 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if width < 1:
-            raise ValueError(f"width={width}: must be a positive integer (64 is standard)")
+            raise NCLayersError(f"width={width}: must be a positive integer (64 is standard)")
         self.inplanes = width
         self.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from timm.models.swin_transformer import SwinTransformer
 
+from nclayers.errors import NCLayersError
 from nclayers.models.registry import register_model
 
 # Architecture per name: embedding width, blocks per stage, heads per stage.
@@ -47,19 +48,21 @@ def swin(
 ) -> SwinTransformer:
     """Build a Swin of `arch` (a key of `_ARCHS`) for square `img_size` inputs."""
     if arch not in _ARCHS:
-        raise ValueError(f"arch={arch!r} is not a Swin architecture; choose one of {list(_ARCHS)}")
+        raise NCLayersError(
+            f"arch={arch!r} is not a Swin architecture; choose one of {list(_ARCHS)}"
+        )
     if not isinstance(img_size, int) or img_size < 1:
-        raise ValueError(f"img_size={img_size!r}: pass the input side in pixels, 32 or 224")
+        raise NCLayersError(f"img_size={img_size!r}: pass the input side in pixels, 32 or 224")
     settings = {**_ARCHS[arch], **(_CIFAR if img_size <= 64 else _IMAGENET), **options}
     patch = settings["patch_size"]
     if img_size % patch:
-        raise ValueError(
+        raise NCLayersError(
             f"img_size={img_size} is not a multiple of patch_size={patch}; pick a patch_size "
             "that divides the image side (2 or 4 for 32x32, 4 for 224x224)"
         )
     grid = img_size // patch
     if grid < 2 ** (len(settings["depths"]) - 1):
-        raise ValueError(
+        raise NCLayersError(
             f"patch_size={patch} leaves a {grid}x{grid} token grid at img_size={img_size}, too "
             f"small for {len(settings['depths'])} stages that each halve it; use a smaller patch"
         )

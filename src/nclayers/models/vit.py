@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer
 
+from nclayers.errors import NCLayersError
 from nclayers.models.registry import register_model
 
 _ARCHS: dict[str, dict] = {
@@ -30,18 +31,20 @@ def vit(
 ) -> VisionTransformer:
     """Build a ViT of `arch` (a key of `_ARCHS`) for square `img_size` inputs."""
     if arch not in _ARCHS:
-        raise ValueError(f"arch={arch!r} is not a ViT architecture; choose one of {list(_ARCHS)}")
+        raise NCLayersError(
+            f"arch={arch!r} is not a ViT architecture; choose one of {list(_ARCHS)}"
+        )
     if token_pool not in TOKEN_POOLS:
-        raise ValueError(
+        raise NCLayersError(
             f"token_pool={token_pool!r}: choose 'mean' (average of the patch tokens) or "
             "'cls' (the class token)"
         )
     if not isinstance(img_size, int) or img_size < 1:
-        raise ValueError(f"img_size={img_size!r}: pass the input side in pixels, 32 or 224")
+        raise NCLayersError(f"img_size={img_size!r}: pass the input side in pixels, 32 or 224")
     settings = {**_ARCHS[arch], "patch_size": 4 if img_size <= 64 else 16, **options}
     patch = settings["patch_size"]
     if img_size % patch:
-        raise ValueError(
+        raise NCLayersError(
             f"img_size={img_size} is not a multiple of patch_size={patch}; pick a patch_size "
             "that divides the image side (4 for 32x32, 16 for 224x224)"
         )

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nclayers.errors import NCLayersError
+
 _WRAPPERS = ("model", "state_dict", "model_state_dict", "module")
 
 
@@ -35,7 +37,7 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
     keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(
+    raise NCLayersError(
         f"checkpoint holds no state_dict (expected tensors at the top level or under one of "
         f"{list(_WRAPPERS)}; found {keys})"
     )
@@ -148,7 +150,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The raw state_dict stored in a checkpoint file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint={str(path)!r} does not exist; pass the path of a .pt file")
+        raise NCLayersError(f"checkpoint={str(path)!r} does not exist; pass the path of a .pt file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -157,7 +159,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
+        raise NCLayersError(
             f"checkpoint={str(path)!r} cannot be read with torch.load(weights_only=True): "
             f"{first}. If it holds Python objects besides tensors (optimizer or logger state), "
             "re-save only its state_dict: torch.save(model.state_dict(), 'weights.pt')"
@@ -212,7 +214,7 @@ def match_state_dict(
             "  build the architecture and options (width, num_classes, img_size) it was saved "
             "from; skip=['fc.*'] (or 'head.*') keeps the model's own classifier"
         )
-        raise ValueError("\n".join(lines))
+        raise NCLayersError("\n".join(lines))
     return state
 
 

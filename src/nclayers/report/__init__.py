@@ -1,5 +1,5 @@
 """Tables, figures and the HTML report."""
 
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 __all__ = ["Table"]

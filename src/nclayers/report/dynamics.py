@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nclayers.errors import NCLayersError
 from nclayers.report.figures import LABELS, LOG_SCALE, _pyplot
-from nclayers.report.table import Table
+from nclayers.table import Table
 
 
 def plot_dynamics(
@@ -23,14 +24,14 @@ def plot_dynamics(
     table = csv_or_table if isinstance(csv_or_table, Table) else Table.from_csv(csv_or_table)
     rows = [r for r in table if r.get("epoch") is not None and r.get("layer") is not None]
     if not rows:
-        raise ValueError(
+        raise NCLayersError(
             f"{csv_or_table if not isinstance(csv_or_table, Table) else 'table'}: no rows with "
             "'epoch' and 'layer'; pass the nc_dynamics.csv of a run trained with "
             "train.track_nc_every=N"
         )
     missing = [m for m in metrics if all(r.get(m) is None for r in rows)]
     if missing:
-        raise ValueError(f"metrics {missing}: not in the table; columns are {table.columns}")
+        raise NCLayersError(f"metrics {missing}: not in the table; columns are {table.columns}")
     plt = _pyplot()
     from matplotlib import cm
     from matplotlib.colors import Normalize

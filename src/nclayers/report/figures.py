@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nclayers.report.table import Table
+from nclayers.errors import NCLayersError
+from nclayers.table import Table
 
 LABELS = {
     "nc1": "NC1 (sum of CDNV)",
@@ -221,14 +222,14 @@ def layout_curves(
     """The numbers behind `plot_layout` (see there), without drawing them."""
     panels = LAYOUTS.get(layout) if isinstance(layout, str) else layout
     if panels is None:
-        raise ValueError(f"layout={layout!r}: expected one of {sorted(LAYOUTS)}")
+        raise NCLayersError(f"layout={layout!r}: expected one of {sorted(LAYOUTS)}")
     if x not in X_AXES:
-        raise ValueError(f"x={x!r}: expected one of {sorted(X_AXES)}")
+        raise NCLayersError(f"x={x!r}: expected one of {sorted(X_AXES)}")
     if not layers:
-        raise ValueError("plot_layout: the layers table is empty; run the analyze stage first")
+        raise NCLayersError("plot_layout: the layers table is empty; run the analyze stage first")
     for name, col in (("rows", rows), ("curves", curves)):
         if col is not None and col not in layers.columns:
-            raise ValueError(
+            raise NCLayersError(
                 f"{name}={col!r}: no such column in the table; columns are {layers.columns}"
             )
     if memorization is None and any(p.metric == "ratio" for p in panels):

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nclayers.report.table import Table
+from nclayers.errors import NCLayersError
+from nclayers.table import Table
 
 MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -38,7 +39,7 @@ class Figure:
             path = Path(self.source)
             mime = MIME.get(path.suffix.lower())
             if mime is None:
-                raise ValueError(
+                raise NCLayersError(
                     f"figure {str(path)!r}: cannot inline a {path.suffix or 'suffix-less'} "
                     f"file; use one of {sorted(MIME)}"
                 )

@@ -14,7 +14,6 @@ A label of -1 leaves the sample out of that view (its statistics and accuracies)
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from nclayers.errors import NCLayersError
 from nclayers.metrics import (
     BlockNCC,
     BlockStats,
@@ -31,7 +31,9 @@ from nclayers.metrics import (
     collapse_metrics,
 )
 from nclayers.models.blocks import find_blocks
-from nclayers.report.table import Table
+from nclayers.runtime import autocast
+from nclayers.runtime import progress as progress_bar
+from nclayers.table import Table
 from nclayers.taps import Block, Taps, missing_blocks_error
 
 
@@ -51,13 +53,6 @@ def _logits(output) -> torch.Tensor:
     if hasattr(output, "logits"):  # e.g. Hugging Face model outputs
         output = output.logits
     return output
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when `amp`; a no-op elsewhere (CPU results never change)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -94,7 +89,7 @@ def analyze(
         blocks = find_blocks(model, blocks)
     blocks = list(blocks)
     if not blocks:
-        raise ValueError("blocks: no block to measure; see `nclayers blocks MODEL`")
+        raise NCLayersError("blocks: no block to measure; see `nclayers blocks MODEL`")
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -110,7 +105,7 @@ def analyze(
         ref_view = "clean" if "clean" in reference.stats[0] else next(iter(reference.stats[0]))
         ref_stats = [layer[ref_view] for layer in reference.stats]
         if len(ref_stats) != len(blocks):
-            raise ValueError(
+            raise NCLayersError(
                 f"reference has {len(ref_stats)} layers but {len(blocks)} blocks are measured; "
                 "analyze the reference with the same blocks"
             )
@@ -134,7 +129,7 @@ def analyze(
 
     was_training = model.training
     model.eval()
-    bar = _progress(loader, progress, f"analyze {split}")
+    bar = progress_bar(loader, progress, f"analyze {split}")
     start = time.perf_counter()
     try:
         with Taps(blocks, sink):
@@ -143,7 +138,7 @@ def analyze(
                 if space is None:
                     space = LabelViews(list(ys), num_classes, device)
                 elif set(ys) != set(space.names):
-                    raise ValueError(
+                    raise NCLayersError(
                         f"loader: a batch has labels views {sorted(ys)}, the first had "
                         f"{sorted(space.names)}; every batch needs the same views"
                     )
@@ -157,7 +152,7 @@ def analyze(
     finally:
         model.train(was_training)
     if space is None or seen == 0:
-        raise ValueError("loader yielded no batch; check the data split and subset sizes")
+        raise NCLayersError("loader yielded no batch; check the data split and subset sizes")
     missing = [b.name for b, s in zip(blocks, block_stats, strict=True) if s is None]
     if missing:
         raise missing_blocks_error(missing)
@@ -214,12 +209,3 @@ def analyze(
     table = Table(rows, split=split, samples=seen, seconds=seconds, accuracy=accuracy)
     table.stats = stats
     return table
-
-
-def _progress(loader, enabled: bool, desc: str):
-    if not enabled:
-        return loader
-    from tqdm.auto import tqdm
-
-    total = len(loader) if hasattr(loader, "__len__") else None
-    return tqdm(loader, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)

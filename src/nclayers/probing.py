@@ -38,10 +38,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from nclayers.analyze import autocast
 from nclayers.data import ArrayDataset, DeviceBatches
+from nclayers.errors import NCLayersError
 from nclayers.models.blocks import find_blocks
-from nclayers.report.table import Table
+from nclayers.runtime import all_sum, autocast, counter
+from nclayers.runtime import world as world_of
+from nclayers.table import Table
 from nclayers.taps import Block, Taps, probe_shapes
 
 MODES = ("auto", "stream", "cache")
@@ -123,40 +125,28 @@ def _resolve_blocks(model: nn.Module, blocks) -> list[Block]:
         blocks = find_blocks(model, blocks)
     blocks = list(blocks)
     if not blocks:
-        raise ValueError("blocks: no block to probe; see `nclayers blocks MODEL`")
+        raise NCLayersError("blocks: no block to probe; see `nclayers blocks MODEL`")
     return blocks
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _check_split(ds: ArrayDataset, name: str, view: str, num_classes: int) -> None:
     if not isinstance(ds, ArrayDataset):
-        raise ValueError(
+        raise NCLayersError(
             f"{name}: expected an ArrayDataset (e.g. nclayers.data.load_dataset(cfg, "
             f"'{name}')), got {type(ds).__name__}"
         )
     if len(ds) == 0:
-        raise ValueError(
+        raise NCLayersError(
             f"{name}: the split is empty; check data.{name}_subset and the data folder"
         )
     if view not in ds.labels:
-        raise ValueError(f"view={view!r}: the {name} split has labels views {ds.views}")
+        raise NCLayersError(f"view={view!r}: the {name} split has labels views {ds.views}")
     y = ds.labels[view]
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise ValueError(
+        raise NCLayersError(
             f"{name}: labels span [{int(y.min())}, {int(y.max())}] but num_classes="
             f"{num_classes}; pass the data set's number of classes"
         )
-
-
-def _sum_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(t)
-    return t
 
 
 class _Moments:
@@ -182,9 +172,9 @@ class _Moments:
     def reduce(self, world: int) -> None:
         if world == 1:
             return
-        total = _sum_ranks(torch.tensor([float(self.n)], device=self.mean.device), world)
-        gmean = _sum_ranks(self.mean * self.n, world) / total
-        self.m2 = _sum_ranks(self.m2 + self.n * (self.mean - gmean) ** 2, world)
+        total = all_sum(torch.tensor([float(self.n)], device=self.mean.device))
+        gmean = all_sum(self.mean * self.n) / total
+        self.m2 = all_sum(self.m2 + self.n * (self.mean - gmean) ** 2)
         self.mean, self.n = gmean, int(total.item())
 
     def variance(self) -> torch.Tensor:
@@ -209,21 +199,13 @@ class _Backbone:
             self.model(x)
         if any(f is None for f in self._out):
             missing = [b.name for b, f in zip(self.blocks, self._out, strict=True) if f is None]
-            raise ValueError(
+            raise NCLayersError(
                 f"blocks {missing[:5]} did not run in the model's forward pass: take the "
                 "blocks from this model (find_blocks(model, ...))"
             )
         out = torch.cat(self._out, dim=1)  # type: ignore[arg-type]
         self._out = [None] * len(self.blocks)
         return out
-
-
-def _bar(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -346,7 +328,7 @@ def _memmap_path(need: int, budget_gb: float, cache_dir, rank: int) -> Path:
         "or more, or use mode='stream' (probe.mode=stream)"
     )
     if cache_dir is None:
-        raise ValueError(
+        raise NCLayersError(
             f"cache: the features need {need / GB:.2f} GB, over cache_budget_gb={budget_gb}, "
             f"and no cache_dir is given for a memory-mapped file: pass cache_dir, or {fix}"
         )
@@ -354,7 +336,7 @@ def _memmap_path(need: int, budget_gb: float, cache_dir, rank: int) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache_dir).free
     if free < need:
-        raise ValueError(
+        raise NCLayersError(
             f"cache: the features need {need / GB:.2f} GB, over cache_budget_gb={budget_gb}, "
             f"and cache_dir={str(cache_dir)!r} has only {free / GB:.2f} GB free: free disk "
             f"space, pass another cache_dir, or {fix}"
@@ -377,7 +359,7 @@ def evaluate_heads(
 ) -> tuple[list[float], int]:
     """Each head's accuracy on `test` (clean labels by default): (accuracies, samples),
     summed over all torch.distributed ranks (each evaluates its disjoint shard)."""
-    rank, world = _world()
+    rank, world = world_of()
     was_training = model.training
     model.eval()
     backbone = _Backbone(model, list(blocks), amp)
@@ -386,7 +368,7 @@ def evaluate_heads(
         channels_last=channels_last,
     )  # fmt: skip
     sums = torch.zeros(len(heads.dims) + 1, dtype=torch.float64, device=backbone.device)
-    bar = _bar(len(batches), progress, "probe test")
+    bar = counter(len(batches), progress, "probe test", unit="batch")
     try:
         with backbone.taps:
             for x, y in batches:
@@ -399,7 +381,7 @@ def evaluate_heads(
         model.train(was_training)
         if bar is not None:
             bar.close()
-    sums = _sum_ranks(sums, world).tolist()
+    sums = all_sum(sums).tolist()
     return [c / sums[-1] for c in sums[:-1]], int(sums[-1])
 
 
@@ -470,30 +452,30 @@ def probe(
     blocks = _resolve_blocks(model, blocks)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if value < 1:
-            raise ValueError(f"{name}={value}: must be a positive integer")
+            raise NCLayersError(f"{name}={value}: must be a positive integer")
     if eval_batch_size < 1:
-        raise ValueError(f"eval_batch_size={eval_batch_size}: must be a positive integer")
+        raise NCLayersError(f"eval_batch_size={eval_batch_size}: must be a positive integer")
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+        raise NCLayersError(f"mode={mode!r}: expected one of {MODES}")
     if mode == "auto":
         mode = "stream" if augment else "cache"
     if mode == "cache" and augment:
-        raise ValueError(
+        raise NCLayersError(
             "mode='cache' computes each feature once, so it cannot augment: set augment=False "
             "(probe.augment=false) or use mode='stream'"
         )
     _check_split(train, "train", view, num_classes)
     _check_split(test, "test", view, num_classes)
-    rank, world = _world()
+    rank, world = world_of()
     if batch_size < world:
-        raise ValueError(
+        raise NCLayersError(
             f"batch_size={batch_size} is smaller than the {world} processes: set "
             f"batch_size >= {world}"
         )
     try:
         device = next(model.parameters()).device
     except StopIteration:
-        raise ValueError("model: has no parameters to find its device by") from None
+        raise NCLayersError("model: has no parameters to find its device by") from None
 
     was_training = model.training
     model.eval()  # frozen: BatchNorm uses (and keeps) its running statistics
@@ -527,7 +509,7 @@ def probe(
     fill = mode == "cache" and todo > 0  # the cache pass (it also gives the moments)
     stats_pass = standardize and state is None and mode == "stream"
     passes = (fill + stats_pass) * -(-len(train) // world // eval_batch_size)
-    bar = _bar(todo * len(source) + passes, progress, "probe")
+    bar = counter(todo * len(source) + passes, progress, "probe", unit="batch")
     t0 = time.perf_counter()
     try:
         with backbone.taps:
@@ -553,7 +535,7 @@ def probe(
                     sums[-1] += len(y)
                     if bar is not None:
                         bar.update(1)
-                sums = _sum_ranks(sums, world).tolist()  # one host sync per epoch
+                sums = all_sum(sums).tolist()  # one host sync per epoch
                 seen = sums[-1]
                 for i, name in enumerate(names):
                     history.append({
@@ -643,13 +625,13 @@ def _state(heads: ProbeHeads, optimizer, epoch: int, history, names, dims) -> di
 def _check_state(state: dict, names, dims, num_classes, epochs) -> None:
     saved = (state.get("blocks"), state.get("dims"), state.get("num_classes"))
     if saved != (list(names), list(dims), num_classes):
-        raise ValueError(
+        raise NCLayersError(
             f"state: saved for blocks {saved[0]} (dims {saved[1]}, {saved[2]} classes), not "
             f"for the probed blocks {list(names)} (dims {list(dims)}, {num_classes} "
             "classes); probe the same model and blocks, or start without the saved state"
         )
     if int(state["epoch"]) > epochs:
-        raise ValueError(
+        raise NCLayersError(
             f"state: {state['epoch']} epochs are already done but epochs={epochs}; raise "
             "epochs or start without the saved state"
         )
