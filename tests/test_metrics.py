@@ -411,3 +411,19 @@ def test_block_ncc_counts_every_view():
         keep = y >= 0
         assert int(ncc.correct[v]) == int((pred[keep] == y[keep]).sum())
         assert int(space.kept()[v]) == keep.sum()
+
+
+def test_state_dict_keeps_the_invalid_count():
+    """A state that saw a bad label stays refused after a save and a load (it was valid
+    again once `state_dict` dropped the count)."""
+    feats, labels = make_data(seed=14)
+    labels = torch.from_numpy(labels)
+    labels[3] = 7  # out of range for 5 classes: counted on the device, raised at compute
+    views = LabelViews(("clean",), 5, torch.device("cpu"))
+    block = BlockStats(views, 12).update(torch.from_numpy(feats).float(), views.plan([labels]))
+    state = block.class_stats()["clean"]
+    with pytest.raises(ValueError, match="label"):
+        state.nc1()
+    loaded = ClassStats.from_state_dict(state.state_dict())
+    with pytest.raises(ValueError, match="label"):
+        loaded.nc1()

@@ -1,204 +1,361 @@
-"""Typed run configuration: dataclasses, YAML files and `key=value` overrides.
+"""Typed run configuration: validated sections, YAML files that compose, `key=value` overrides.
 
-A config is data: `load_config("configs/resnet18-cifar10.yaml", ["train.lr=0.05"])`
-merges defaults <- YAML file <- overrides, checks every key and value type, and returns
-a `Config`. Unknown keys fail with the list of valid ones.
+A config is data. `load_config("configs/resnet18-cifar10.yaml", ["train.lr=0.05"])` merges
+defaults <- the YAML file (after the files its `base:` names) <- the overrides, validates
+every value once (types, choices, ranges, element types of lists) and returns a new,
+frozen `Config`; nothing passed in is changed. A bad value, an unknown key or malformed
+YAML raises `NCLayersError` naming the key, the value, what is valid, and the file and
+line it came from.
+
+Settings that steer how a trained model is measured (`analyze.amp`, `analyze.channels_last`,
+`probe.amp`, batch sizes) are apart from those that define the model (`data`, `model`,
+`train`): `weights_settings(cfg)` lists the latter, which alone name a run.
+
+A config file may start from others: `base: ../resnet18-cifar10.yaml` or a list of files,
+merged in order (relative to the file), then the file's own keys on top. Keys may be
+nested (`train: {lr: 0.1}`) or dotted (`train.lr: 0.1`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nclayers.errors import NCLayersError
 
+Split = Literal["train", "test"]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Unit = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # momentum, beta, smoothing
 
-@dataclass
-class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100 | cifar10c (the official release)
-    dir: str | None = None  # local folder with the data set (e.g. ../shared/data)
+IMAGE_DATASETS = ("digits", "cifar10", "cifar100", "cifar10c", "imagenet", "folder")
+CIFARN_SETS = ("aggre", "random1", "randn1", "random2", "random3", "worse", "worst", "noisy",
+               "noisy100", "clean")  # fmt: skip
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are refused, values are checked, objects are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(Section):
+    # digits | cifar10 | cifar100 | cifar10c | imagenet | folder | hf:PATH_OR_ID
+    name: str = "digits"
+    dir: str | None = None  # the local folder holding the data set
     download: bool = False  # let torchvision download CIFAR when the folder lacks it
-    noise: Any = None  # label noise: a rate in [0, 1] (shuffled labels) or a CIFAR-10N set
+    # Label noise: a rate in [0, 1] (shuffled labels) or a CIFAR-10N/100N label set.
+    noise: Fraction | Literal[CIFARN_SETS] | None = None  # type: ignore[valid-type]
     noise_seed: int = 0
-    noise_mode: str = "shuffle"  # shuffle (among the chosen samples) | uniform (other class)
-    # Corrupted inputs: gaussian_noise | shot_noise | impulse_noise | speckle_noise, at
-    # severity 1..5 or the paper's level L1/L2/L3 (= 1/3/5), on the training split (and on
-    # the test split when corrupt_test); with cifar10c, which of the release's files.
-    corruption: str | None = None
-    severity: Any = None
+    noise_mode: Literal["shuffle", "uniform"] = "shuffle"
+    # Corrupted inputs at severity 1..5 or the paper's level L1/L2/L3 (= 1/3/5), on the
+    # training split (and the test split with corrupt_test); with cifar10c, which files.
+    corruption: Literal[CORRUPTIONS] | None = None  # type: ignore[valid-type]
+    severity: Annotated[int, Field(ge=1, le=5)] | Literal["L1", "L2", "L3"] | None = None
     corrupt_test: bool = False
     corruption_seed: int = 0
-    train_subset: int | None = None  # class-balanced subset sizes (None = all)
-    test_subset: int | None = None
+    train_subset: PositiveInt | None = None  # class-balanced subset sizes (null: all)
+    test_subset: PositiveInt | None = None
     subset_seed: int = 0
+    classes: PositiveInt | None = None  # keep the first N classes (sorted order)
+    # Image folders (imagenet, folder): eval = resize short side, centre crop.
+    image_size: PositiveInt = 224
+    resize: PositiveInt = 256
+    mean: list[float] | None = None  # per-channel, in [0, 1] units (null: ImageNet's)
+    std: list[PositiveFloat] | None = None
+    workers: NonNegativeInt | None = None  # file-reading processes (null: from the CPUs)
+    decoder: str = "auto"
+    skip_bad: bool = False  # skip unreadable image files (and count them) instead of failing
+    # Text and Hugging Face data sets.
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: PositiveInt | None = None  # tokens per sequence (null: the model's limit)
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name in IMAGE_DATASETS or (name.startswith("hf:") and len(name) > 3):
+            return name
+        raise ValueError(f"expected one of {', '.join(IMAGE_DATASETS)} or hf:PATH_OR_ID")
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_channels(cls, value: list | None) -> list | None:
+        if value is not None and len(value) not in (1, 3):
+            raise ValueError("expected one value per channel (3, or 1 for greyscale)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.corruption and self.severity is None:
+            raise ValueError(
+                f"data.corruption={self.corruption!r} needs data.severity: 1..5 or the "
+                "paper's level L1, L2, L3 (= 1, 3, 5)"
+            )
+        if isinstance(self.noise, str) and self.noise != "clean" and self.name not in (
+            "cifar10", "cifar100"
+        ):  # fmt: skip
+            raise ValueError(
+                f"data.noise={self.noise!r}: human label sets exist for cifar10 (CIFAR-10N) "
+                f"and cifar100 (CIFAR-100N), not {self.name}; or give a rate in [0, 1]"
+            )
+        return self
 
 
-@dataclass
-class ModelConfig:
-    name: str = "resnet18"  # registry name or 'package.module:function'
-    width: int | None = None  # CIFAR ResNet width (64 standard)
-    checkpoint: str | None = None  # weights to load before analysis or training
-    blocks: Any = "auto"  # "auto", or module names / glob patterns
-    pool: str | None = None  # force a pooling: nchw | nhwc | tokens | cls | flat
-    options: dict = field(default_factory=dict)  # extra constructor keywords
+class ModelConfig(Section):
+    name: str = "resnet18"  # registry name, 'package.module:function' or hf:PATH_OR_ID
+    width: PositiveInt | None = None  # CIFAR ResNet width (64 standard)
+    checkpoint: str | None = None  # weights to load (else the run folder's checkpoint.pt)
+    # Measure the model as built (its random initialisation), on purpose: a stage that
+    # measures a model otherwise refuses to run without trained weights.
+    untrained: bool = False
+    blocks: str | list[str] = "auto"  # "auto", or module names / glob patterns
+    # Pooling of a block's output: nchw | nhwc | tokens | cls | flat; for sequences mean
+    # (over real tokens) | cls | last (the last real token). null: the model's own.
+    pool: Literal["nchw", "nhwc", "tokens", "cls", "flat", "mean", "last"] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # extra constructor keywords
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _block_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto" and "," in value:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 128
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+class TrainConfig(Section):
+    epochs: PositiveInt = 200
+    batch_size: PositiveInt = 128
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.1
+    momentum: Unit = 0.9
+    betas: tuple[Unit, Unit] = (0.9, 0.999)
     # The paper prints 0.05 for ResNet; 5e-4 is the standard value behind its accuracies.
-    weight_decay: float = 5e-4
-    schedule: str = "multistep"  # multistep | cosine | constant
-    milestones: list = field(default_factory=lambda: [100, 150])
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-4
-    min_lr: float = 1e-5
-    label_smoothing: float = 0.0
+    weight_decay: NonNegativeFloat = 5e-4
+    schedule: Literal["multistep", "cosine", "constant", "linear"] = "multistep"
+    milestones: list[PositiveInt] = Field(default_factory=lambda: [100, 150])
+    gamma: PositiveFloat = 0.1
+    warmup_epochs: NonNegativeInt = 0
+    warmup_lr: PositiveFloat = 1e-4
+    min_lr: NonNegativeFloat = 1e-5
+    label_smoothing: Unit = 0.0
     augment: bool = True
     seed: int = 0
-    checkpoint_every: int = 10
-    track_nc_every: int = 0  # measure every block's NC on a test subset every N epochs
-    track_nc_samples: int = 1000
+    checkpoint_every: NonNegativeInt = 10  # epochs between checkpoints (0: only the last)
+    track_nc_every: NonNegativeInt = 0  # NC of every block on a test subset every N epochs
+    track_nc_samples: PositiveInt = 1000
     amp: bool = True  # bf16 autocast on CUDA (never on CPU)
     channels_last: bool = True  # convnets on CUDA
     compile: bool = False  # torch.compile the model (CUDA only)
-    tensorboard: bool = True  # event files in OUT/tb when tensorboard is installed
+    tensorboard: bool = True  # event files in the run folder when tensorboard is installed
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise ValueError(
+                f"train.warmup_epochs={self.warmup_epochs} leaves no epoch after the "
+                f"warm-up of train.epochs={self.epochs}"
+            )
+        return self
 
 
-@dataclass
-class AnalyzeConfig:
-    split: str = "test"  # the split measured
-    reference: str | None = "train"  # split whose class means define NCC; None for no NCC
-    batch_size: int = 500
+class AnalyzeConfig(Section):
+    split: Split = "test"  # the split measured
+    reference: Split | None = "train"  # split whose class means define NCC; null: no NCC
+    batch_size: PositiveInt = 500
     classic_nc1: bool = False  # also trace(Sigma_W Sigma_B^+)/K (D x D scatter per layer)
+    amp: bool = True  # bf16 autocast on CUDA while measuring (never on CPU)
+    channels_last: bool = True  # convnets on CUDA while measuring
+    task: Literal["classify", "next_token"] = "classify"
+    top_k: PositiveInt = 100  # next_token: the K most frequent next tokens are the classes
 
 
-@dataclass
-class EqualityConfig:
-    split: str = "test"  # the curve fitted (clean-data NC is measured on test, paper A.1)
+class EqualityConfig(Section):
+    split: Split = "test"  # the curve fitted (clean-data NC is measured on test, paper A.1)
     view: str = "clean"
-    plateau_fraction: float = 0.5  # redundant: enhancement < fraction x the mean enhancement
-    plateau_min_run: int = 2  # ... in runs of at least this many consecutive blocks
-    bic_margin: float = 2.0  # the plateau fit must beat geometric decay by this much BIC
+    plateau_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5  # redundant: e < f x mean e
+    plateau_min_run: PositiveInt = 2  # ... in runs of at least this many consecutive blocks
+    bic_margin: NonNegativeFloat = 2.0  # the plateau fit must beat geometric decay by this
 
 
-@dataclass
-class PruneConfig:
-    blocks: Any = "plateau"  # "plateau", or block indices / module names ("10,11,layer3.2")
-    baselines: list = field(default_factory=lambda: ["last", "random"])
-    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one random baseline per seed
-    finetune_epochs: int = 0  # fine-tune every variant (the unpruned one too) this long
-    finetune_lr: float = 0.01  # constant; the optimiser settings are the run's train.*
-    reference: str | None = None  # split for the NCC accuracy (None: one pass per variant)
+class PruneConfig(Section):
+    # "plateau", or block indices / module names ("10,11,layer3.2")
+    blocks: str | list[int | str] = "plateau"
+    baselines: list[Literal["last", "random"]] = Field(default_factory=lambda: ["last", "random"])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])  # one random set per seed
+    finetune_epochs: NonNegativeInt = 0  # fine-tune every variant (the unpruned one too)
+    finetune_lr: PositiveFloat = 0.01  # constant; the optimiser settings are the run's train.*
+    reference: Split | None = None  # split for the NCC accuracy (null: none)
+    amp: bool = True
 
 
-@dataclass
-class ProbeConfig:
+class ProbeConfig(Section):
     """Linear probes on every block (paper A.1): 10 epochs, SGD momentum 0.9, lr 0.1
     divided by 5 at epochs 5 and 7, batch 128, the recipe's crop + flip."""
 
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 0.1
+    momentum: Unit = 0.9
     # "The same SGD parameters as in pre-training": the recipe's 5e-4 (see train.weight_decay).
-    weight_decay: float = 5e-4
-    milestones: list = field(default_factory=lambda: [5, 7])
-    gamma: float = 0.2
+    weight_decay: NonNegativeFloat = 5e-4
+    milestones: list[PositiveInt] = Field(default_factory=lambda: [5, 7])
+    gamma: PositiveFloat = 0.2
     augment: bool = True  # random crop + flip on the training images (stream mode)
     standardize: bool = False  # per-feature mean/std of the training features first
-    mode: str = "auto"  # stream | cache | auto (cache when augment is false)
-    cache_budget_gb: float = 4.0  # beyond it the cache is a memory-mapped file in the run
-    eval_batch_size: int = 500
+    mode: Literal["auto", "stream", "cache"] = "auto"  # auto: cache when augment is false
+    cache_budget_gb: NonNegativeFloat = 4.0  # beyond it the cache is a memory-mapped file
+    eval_batch_size: PositiveInt = 500
     seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA for the backbone (heads stay float32)
+    channels_last: bool = True
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
-    equality: EqualityConfig = field(default_factory=EqualityConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    out: str = "runs/run"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    equality: EqualityConfig = Field(default_factory=EqualityConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "auto"  # auto | cpu | cuda[:N]
     run: str = ""  # a name for the run, written into every CSV row
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
+
+    def updated(self, settings: Mapping[str, Any] | Sequence[str], where: str = "") -> Config:
+        """A new config: this one with `settings` (a mapping of nested or dotted keys, or
+        `key=value` texts) applied and validated."""
+        if isinstance(settings, Mapping):
+            return _validate(_merge(self.to_dict(), _nested(settings, where)), where)
+        return load_config(None, settings, base=self)
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check (and where lossless, convert) a value against a field's annotation."""
-    hint = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if hint in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ValueError as err:
-                errors.append(str(err))
-        raise NCLayersError(errors[0] if errors else f"{key}: bad value {value!r}")
-    target = hint or annotation
-    if target is float and isinstance(value, str):
-        try:  # YAML 1.1 reads '1e-3' as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if target is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if target is list and isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
-        return value
-    raise NCLayersError(
-        f"{key}={value!r}: expected {getattr(target, '__name__', target)}, "
-        f"got {type(value).__name__}"
-    )
+# Sections that define a run's weights; the others only steer how it is measured.
+WEIGHTS_SECTIONS = ("data", "model", "train")
+# Keys of those sections that do not change the weights (where the data lies, how often
+# a checkpoint is written, TensorBoard files).
+NOT_WEIGHTS = ("data.dir", "data.download", "data.workers", "data.decoder",
+               "train.checkpoint_every", "train.tensorboard")  # fmt: skip
 
 
-def _apply(obj: Any, values: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise NCLayersError(
-                f"unknown config key {full!r}; valid keys here: "
-                f"{', '.join(prefix + n for n in sorted(names))}"
-            )
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise NCLayersError(f"{full}: expected a mapping of its keys, got {value!r}")
-            _apply(current, value, f"{full}.")
-        elif isinstance(current, dict) and isinstance(value, dict):
-            setattr(obj, key, {**current, **value})  # model.options.x=1 adds to the others
+def weights_settings(cfg: Config) -> dict[str, Any]:
+    """The flattened settings that define a run's trained weights."""
+    flat = flatten(cfg.to_dict())
+    return {
+        k: v
+        for k, v in flat.items()
+        if k.split(".", 1)[0] in WEIGHTS_SECTIONS and k not in NOT_WEIGHTS
+    }
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1} (model.options stays one value)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and key != "model.options":
+            out.update(flatten(v, f"{key}."))
         else:
-            setattr(obj, key, _coerce(value, hints[key], full))
+            out[key] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    base: Config | None = None,
+) -> Config:
+    """defaults (or `base`) <- YAML file <- `key=value` overrides, validated; a new object."""
+    raw = base.to_dict() if base is not None else {}
+    where = ""
+    if path is not None:
+        raw = _merge(raw, read_config_file(path))
+        where = str(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        raw = _merge(raw, _nested({key: value}, f"override {text!r}"))
+    return _validate(raw, where, overrides=tuple(overrides))
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's settings as a nested mapping, after the files its `base:` names."""
+    path = Path(path)
+    if not path.is_file():
+        raise NCLayersError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise NCLayersError(f"{path}: `base:` files include each other ({path.name} again)")
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise NCLayersError(f"{path}: expected a mapping of config keys at the top level")
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for name in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, read_config_file(path.parent / str(name), (*_seen, path.resolve())))
+    return _merge(merged, _nested(data, str(path)))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; malformed YAML names the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise NCLayersError(f"{path}: unreadable ({err})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise NCLayersError(f"{path}:{line}: not valid YAML ({problem})") from None
+
+
+def key_line(path: str | Path, dotted: str) -> int | None:
+    """The line of `path` where the dotted key is set (nested or dotted spelling)."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    parts = dotted.split(".")
+
+    def find(node, i: int) -> int | None:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        for k, v in node.value:
+            name = str(k.value)
+            if name == ".".join(parts[i:]):
+                return k.start_mark.line + 1
+            if name == parts[i]:
+                return find(v, i + 1) if i + 1 < len(parts) else k.start_mark.line + 1
+            if "." in name and parts[i : i + name.count(".") + 1] == name.split("."):
+                return find(v, i + name.count(".") + 1)
+        return None
+
+    return find(node, 0)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -206,59 +363,147 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise NCLayersError(f"override {text!r}: expected key=value, e.g. train.epochs=15")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str):
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise NCLayersError(f"override {text!r}: the value is not valid YAML") from None
+    if isinstance(value, str) and value.lower() not in ("nan", "inf", "-inf", ".nan", ".inf"):
         try:  # YAML 1.1 reads '1e-3' as a string; a number is meant
-            value = float(value) if value.lower() not in ("nan", "inf", "-inf") else value
+            value = float(value)
         except ValueError:
             pass
     return key.strip(), value
 
 
-def nest(key: str, value: Any) -> dict:
+def save_config(cfg: Config, path: str | Path) -> Path:
+    from nclayers.files import atomic_write
+
+    return atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- helpers
+def _nested(settings: Mapping, where: str) -> dict:
+    """Dotted keys ('train.lr') unfolded into nested mappings, recursively."""
+    if not isinstance(settings, Mapping):
+        raise NCLayersError(f"{where}: expected a mapping of config keys, got {settings!r}")
     out: dict = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    for key, value in settings.items():
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise NCLayersError(f"{where}: {key!r} sets a key inside a value")
+        leaf = parts[-1]
+        if isinstance(value, Mapping) and ".".join(parts) != "model.options":
+            value = _nested(value, where)
+        node[leaf] = _merge(node[leaf], value) if isinstance(node.get(leaf), dict) else value
     return out
 
 
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-    base: Config | None = None,
-) -> Config:
-    """defaults (or `base`) <- YAML file <- `key=value` overrides, all type-checked."""
-    cfg = base or Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise NCLayersError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise NCLayersError(f"config file {str(path)!r}: expected a mapping at the top level")
-        _apply(cfg, loaded)
+def _merge(a: dict, b: Mapping) -> dict:
+    """`b` over `a`, recursively for mappings (so model.options keys add up); new dict."""
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _validate(raw: dict, where: str = "", overrides: tuple = ()) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise NCLayersError(_explain(err.errors(), where, overrides)) from None
+
+
+def _explain(errors: list[dict], where: str, overrides: tuple) -> str:
+    """One line: the key, the value, what is valid, and where the value came from. The
+    errors of one key (a union tried member by member) are told together."""
+    first = errors[0]
+    loc = _field_path(first["loc"])
+    key = ".".join(loc)
+    source = _source(key, where, overrides)
+    if first["type"] == "extra_forbidden":
+        section = _section_of(loc[:-1])
+        valid = ", ".join(".".join([*loc[:-1], name]) for name in section.model_fields)
+        return f"unknown config key {key!r}{source}; valid keys here: {valid}"
+    same = [e for e in errors if _field_path(e["loc"]) == loc]
+    messages = list(dict.fromkeys(_message(e) for e in same))
+    message = "; or ".join(messages)
+    value = first.get("input")
+    if first["type"] != "missing" and key and not isinstance(value, dict):
+        if not isinstance(value, list) or len(str(value)) < 60:
+            return f"{key}={_show(value)}: {message}{source}"
+    return f"{message}{source}" if first["type"] == "value_error" else f"{key}: {message}{source}"
+
+
+def _message(error: dict) -> str:
+    text = error["msg"].removeprefix("Value error, ")
+    return text[0].lower() + text[1:] if text else text
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """The config key of a pydantic error location (union members and tags dropped)."""
+    model: type[BaseModel] | None = Config
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(str(part))
+        elif model is not None and part in model.model_fields:
+            out.append(part)
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif model is not None:  # an unknown key
+            out.append(str(part))
+            model = None
+    return out
+
+
+def _section_of(path: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model = ann
+    return model
+
+
+def _source(key: str, where: str, overrides: tuple) -> str:
     for text in overrides:
-        key, value = parse_override(text)
-        _apply(cfg, nest(key, value))
-    return cfg
+        given = parse_override(text)[0]
+        if given == key or given.startswith(key + ".") or key.startswith(given + "."):
+            return f" (from the override {text!r})"
+    if where and Path(where).is_file():
+        line = key_line(where, key) if key else None
+        return f" (in {where}" + (f", line {line})" if line else ")")
+    return f" (in {where})" if where else ""
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def _show(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return repr(value) if isinstance(value, str) else str(value)
 
 
-def apply_settings(cfg: Config, settings: dict, where: str = "settings") -> Config:
-    """Apply a mapping of settings to `cfg` in place: nested (`{"train": {"lr": 0.1}}`)
-    or dotted (`{"train.lr": 0.1}`) keys, type-checked like overrides. `where` names the
-    source in error messages (e.g. a sweep file)."""
-    if not isinstance(settings, dict):
-        raise NCLayersError(f"{where}: expected a mapping of config keys, got {settings!r}")
-    for key, value in settings.items():
-        try:
-            _apply(cfg, nest(str(key), value))
-        except ValueError as err:
-            raise NCLayersError(f"{where}: {err}") from None
-    return cfg
+__all__ = [
+    "AnalyzeConfig",
+    "Config",
+    "DataConfig",
+    "EqualityConfig",
+    "ModelConfig",
+    "ProbeConfig",
+    "PruneConfig",
+    "TrainConfig",
+    "flatten",
+    "load_config",
+    "parse_override",
+    "read_config_file",
+    "read_yaml",
+    "save_config",
+    "weights_settings",
+]

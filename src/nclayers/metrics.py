@@ -449,7 +449,9 @@ class ClassStats:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"counts": self.counts, "means": self.means, "m2": self.m2}
+        # `invalid` too: a state that saw bad labels or non-finite features stays refused.
+        state = {"counts": self.counts, "means": self.means, "m2": self.m2,
+                 "invalid": self._invalid}  # fmt: skip
         if self.scatter is not None:
             state["scatter"] = self.scatter
         return {k: v.detach().cpu() for k, v in state.items()}
@@ -463,6 +465,8 @@ class ClassStats:
         out.m2 = state["m2"].to(out.device, torch.float64)
         if out.scatter is not None:
             out.scatter = state["scatter"].to(out.device, torch.float64)
+        if "invalid" in state:
+            out._invalid = state["invalid"].to(out.device, torch.int64)
         return out
 
     # ------------------------------------------------------------------ metrics

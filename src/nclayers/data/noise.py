@@ -114,6 +114,19 @@ def _bad_file(path: Path, err: Exception, how: str) -> ValueError:
     )
 
 
+try:  # numpy >= 2 keeps it in numpy._core; pickles name it numpy.core either way
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+
+_NUMPY_ARRAY_GLOBALS = [
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    *(type(np.dtype(t)) for t in ("int64", "int32", "int16", "int8", "uint8", "bool")),
+]
+
+
 def _load_label_file(path: Path, keys: dict[str, str], kind: str) -> dict[str, np.ndarray]:
     """The arrays of a CIFAR-N label file (.npz, or the official pickled .pt)."""
     how = f"download it again from {CIFARN_SOURCE}"
@@ -121,8 +134,10 @@ def _load_label_file(path: Path, keys: dict[str, str], kind: str) -> dict[str, n
         if path.suffix == ".npz":
             with np.load(path) as f:
                 return {k: np.asarray(f[k]) for k in f.files}
-        # The official file is a pickled dict of numpy arrays, not a tensor file.
-        obj = torch.load(path, weights_only=False)
+        # The official file is a pickled dict of numpy arrays: allow exactly those types,
+        # so loading it never runs code from it.
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            obj = torch.load(path, weights_only=True)
     except (
         OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError,
         zipfile.BadZipFile, KeyError,
