@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Stops the one-node cluster started by .ci/slurm-up.sh (no systemd, so by pid files).
-# Leaves packages, key and config in place: slurm-up.sh then only restarts the daemons.
+# Leaves packages, key, config and state in place: slurm-up.sh then only restarts daemons.
 set -euo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "slurm-down: needs root" >&2; exit 1; }
 
-stop() {  # $1 name, $2 pid file: TERM, then wait up to 10 s for it to go
+stop() {  # $1 pid file. TERM first so state is saved; KILL after 15 s (slurmd can hang
+          # on SIGTERM for a long time retrying a controller that is already gone).
     local pid
-    [ -s "$2" ] || return 0
-    pid=$(cat "$2")
-    kill -0 "$pid" 2>/dev/null || { rm -f "$2"; return 0; }
-    kill "$pid"
-    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    kill -0 "$pid" 2>/dev/null && { echo "slurm-down: $1 ($pid) did not stop" >&2; return 1; }
-    rm -f "$2"
+    [ -s "$1" ] || return 0
+    pid=$(cat "$1")
+    if kill "$pid" 2>/dev/null; then
+        for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$1"
 }
 
-# slurmd first: it kills the jobs it still runs, then the controller goes.
-stop slurmd /run/slurmd.pid
-stop slurmctld /run/slurmctld.pid
-# munged last: slurmd and slurmctld authenticate through it while they shut down.
-stop munged /run/munge/munged.pid
+# slurmd first (it kills the jobs it still runs), munged last (the others use it to the end).
+stop /run/slurmd.pid
+stop /run/slurmctld.pid
+stop /run/slurmdbd.pid            # these two only with SLURM_ACCOUNTING=1
+stop /run/mysqld/mysqld.pid
+stop /run/munge/munged.pid
 echo "slurm-down: daemons stopped"

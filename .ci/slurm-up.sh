@@ -3,6 +3,9 @@
 # `--launcher slurm` tests can submit real jobs. No systemd: the daemons are started by
 # hand. Exits non-zero with a message when it cannot, so CI can go on without Slurm.
 # Idempotent: a second run with the cluster already up only re-checks it.
+# SLURM_ACCOUNTING=1 also runs slurmdbd on a local MariaDB (+25 s of apt): without it `sacct`
+# fails, so submitit reports every job as UNKNOWN and waits forever on a job killed before it
+# wrote its result (scancel, node failure).
 set -euo pipefail
 
 die() { echo "slurm-up: $*" >&2; exit 1; }
@@ -10,23 +13,26 @@ die() { echo "slurm-up: $*" >&2; exit 1; }
 CONF=/etc/slurm/slurm.conf
 LOG=/var/log/slurm
 NODE=$(hostname -s)
+ACCT=${SLURM_ACCOUNTING:-0}
+PKGS="slurm-wlm munge"; [ "$ACCT" = 1 ] && PKGS="$PKGS slurmdbd mariadb-server"
 
 [ "$(id -u)" = 0 ] || die "needs root (apt, munge key, daemons)"
 
 node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 # Asking sinfo with no controller costs ~9 s of retries, so look at the pid first.
-if alive /run/slurmctld.pid && alive /run/slurmd.pid && [ "$(node_state)" = idle ]; then
+has_acct() { grep -q '^AccountingStorageType=accounting_storage/slurmdbd' "$CONF" 2>/dev/null && echo 1 || echo 0; }
+if alive /run/slurmctld.pid && alive /run/slurmd.pid && [ "$(has_acct)" = "$ACCT" ] && [ "$(node_state)" = idle ]; then
     echo "slurm-up: cluster already up (node $NODE idle)"; exit 0
 fi
 
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
-    command -v apt-get >/dev/null || die "slurm-wlm/munge missing and no apt-get to install them"
+if ! dpkg -s $PKGS >/dev/null 2>&1; then
+    command -v apt-get >/dev/null || die "$PKGS not all installed and no apt-get to install them"
     # policy-rc.d stops the packages' maintainer scripts from trying to start services.
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends slurm-wlm munge >/dev/null; } || die "apt-get install slurm-wlm munge failed"
+        --no-install-recommends $PKGS >/dev/null; } || die "apt-get install $PKGS failed"
     rm -f /usr/sbin/policy-rc.d
 fi
 
@@ -56,6 +62,8 @@ ClusterName=nclayers-ci
 SlurmctldHost=$NODE
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire+1 s before it may start again (default 120 s): keep tests quick.
+AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
@@ -69,7 +77,7 @@ MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-AccountingStorageType=accounting_storage/none
+AccountingStorageType=accounting_storage/$([ "$ACCT" = 1 ] && echo slurmdbd || echo none)
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # Lets 'scontrol requeue' and submitit's checkpoint/requeue put jobs back in the queue.
@@ -79,11 +87,34 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 # Short poll intervals: tests wait on job state changes.
 SchedulerParameters=sched_interval=2
-MinJobAge=300
 KillWait=5
 NodeName=$NODE CPUs=$(nproc) RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+
+if [ "$ACCT" = 1 ]; then
+    # MariaDB on its socket only (root logs in by unix_socket), then slurmdbd, which
+    # must know the cluster before slurmctld registers with it.
+    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
+    [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql >/dev/null
+    setsid mariadbd --user=mysql --skip-networking --pid-file=/run/mysqld/mysqld.pid \
+        >"$LOG/mariadb.log" 2>&1 </dev/null &
+    for _ in $(seq 50); do mariadb -e 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
+    mariadb -e 'select 1' >/dev/null 2>&1 || die "mariadbd failed to start (see $LOG/mariadb.log)"
+    install -m 600 /dev/stdin /etc/slurm/slurmdbd.conf <<EOF
+DbdHost=localhost
+SlurmUser=root
+PidFile=/run/slurmdbd.pid
+LogFile=$LOG/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=root
+EOF
+    slurmdbd || die "slurmdbd failed to start (see $LOG/slurmdbd.log)"
+    for _ in $(seq 50); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.2; done
+    sacctmgr -n -P list cluster format=cluster | grep -qx nclayers-ci \
+        || sacctmgr -i add cluster nclayers-ci >/dev/null || die "sacctmgr cannot reach slurmdbd"
+fi
 
 started=$(date +%s)
 slurmctld || die "slurmctld failed to start (see $LOG/slurmctld.log)"
@@ -96,11 +127,15 @@ registered() {
     t=$(scontrol show node "$NODE" 2>/dev/null | sed -n 's/.*SlurmdStartTime=\([^ ]*\).*/\1/p')
     [ -n "$t" ] && [ "$(date -d "$t" +%s 2>/dev/null || echo 0)" -ge $((started - 1)) ]
 }
-for _ in $(seq 60); do
+for i in $(seq 60); do
+    if [ "$i" -gt 3 ]; then  # a daemon that died (port taken, bad config) will not come back
+        alive /run/slurmctld.pid || die "slurmctld exited: $(tail -n1 "$LOG/slurmctld.log")"
+        alive /run/slurmd.pid || die "slurmd exited: $(tail -n1 "$LOG/slurmd.log")"
+    fi
     state=$(node_state || true)
     registered || state="unregistered"
     case "$state" in
-        idle) echo "slurm-up: cluster up: node $NODE idle in partition debug ($(nproc) CPUs, ${MEM_MB} MB)"; exit 0 ;;
+        idle) echo "slurm-up: cluster up: node $NODE idle in partition debug ($(nproc) CPUs, ${MEM_MB} MB, accounting=$ACCT)"; exit 0 ;;
         down*|drain*|fail*) scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true ;;
     esac
     sleep 1

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from nclayers.cli import main
 from nclayers.models import build_model
@@ -32,9 +33,10 @@ def test_analyze_with_checkpoint(tmp_path, capsys):
     assert [r["layer"] for r in test] == list(range(1, 9))
     assert all(0.0 <= r["ncc_acc"] <= 1.0 for r in test)
     assert {r["split"] for r in table} == {"train", "test"}
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["analyze"]
     assert summary["samples"] == {"train": 300, "test": 200}
-    assert summary["config"]["model"]["checkpoint"] == str(ckpt)
+    assert summary["weights"]["file"] == str(ckpt.resolve())
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["checkpoint"] == str(ckpt)
     assert "layer4.1" in capsys.readouterr().out
 
 
@@ -50,7 +52,8 @@ def test_wrong_checkpoint_is_refused(tmp_path, capsys):
 def test_entry_point_model(tmp_path):
     out = tmp_path / "ep"
     rc = main(["analyze", *FAST, "model.name=torchvision.models:resnet18", "model.width=null",
-               "analyze.reference=null", "--out", str(out), "-q"])  # fmt: skip
+               "analyze.reference=null", "model.untrained=true", "--out", str(out),
+               "-q"])  # fmt: skip
     assert rc == 0
     rows = Table.from_csv(out / "layers.csv")
     assert len(rows) == 8 and rows[0]["block"] == "layer1.0" and rows[0]["ncc_acc"] is None
@@ -96,7 +99,8 @@ def test_demo_end_to_end(tmp_path):
 
 def test_overrides_after_options(tmp_path):
     out = tmp_path / "o"
-    rc = main(["analyze", "--out", str(out), *FAST, "analyze.reference=null", "-q"])
+    rc = main(["analyze", "--out", str(out), *FAST, "analyze.reference=null",
+               "model.untrained=true", "-q"])  # fmt: skip
     assert rc == 0 and len(Table.from_csv(out / "layers.csv")) == 8
     assert main(["analyze", "--out", str(out), "missing.yaml"]) == 2  # no such config file
     with pytest.raises(SystemExit):

@@ -21,16 +21,18 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 def test_noise_accepts_rate_or_name():
     assert load_config(None, ["data.noise=0.4"]).data.noise == 0.4
-    assert load_config(None, ["data.noise=worse"]).data.noise == "worse"
+    assert load_config(None, ["data.name=cifar10", "data.noise=worse"]).data.noise == "worse"
+    with pytest.raises(ValueError, match=r"human label sets exist for cifar10.*not digits"):
+        load_config(None, ["data.noise=worse"])
 
 
 @pytest.mark.parametrize(
     ("override", "match"),
     [
         ("train.epoch=3", "unknown config key 'train.epoch'.*train.epochs"),
-        ("train.epochs=three", r"train.epochs='three': expected int"),
+        ("train.epochs=three", r"train.epochs='three': input should be a valid integer"),
         ("train.lr=[1]", "train.lr"),
-        ("train=3", "expected a mapping"),
+        ("train=3", "train=3: input should be a valid dictionary"),
         ("noequals", "expected key=value"),
     ],
 )

@@ -138,7 +138,7 @@ def test_cifar10n_views(shared_data):
 
 
 def test_missing_data_dir_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data\.dir"):
+    with pytest.raises(ValueError, match=r"data\.dir"):
         load_dataset(DataConfig(name="cifar10", dir=str(tmp_path)), "test")
     with pytest.raises(ValueError, match=r"data\.dir is not set"):
         load_dataset(DataConfig(name="cifar10"), "test")

@@ -23,7 +23,7 @@ from nclayers.analysis import analyze
 from nclayers.config import DataConfig, load_config
 from nclayers.data import DeviceBatches, load_dataset
 from nclayers.jobs.folder import CHECKPOINT, DYNAMICS
-from nclayers.jobs.train import train_run as train
+from nclayers.jobs.train import train_job
 from nclayers.metrics import ClassStats, NCCAccuracy
 from nclayers.models import build_model
 from nclayers.table import Table
@@ -84,11 +84,11 @@ def worker(rank: int, tmp: Path, ports: tuple[int, int]) -> None:
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]),
     )  # fmt: skip
-    result = train(load_config(None, [*TRAIN, f"out={tmp / 'run'}"]), progress=False)
+    result = train_job(load_config(None, TRAIN), tmp / "run", progress=False)
     assert not dist.is_initialized()
-    torch.save(result["model"].state_dict(), tmp / f"rank{rank}.pt")
+    torch.save(result.model.state_dict(), tmp / f"rank{rank}.pt")
     keep = ("history", "world_size", "per_process_batch")
-    (tmp / f"rank{rank}.json").write_text(json.dumps({k: result[k] for k in keep}))
+    (tmp / f"rank{rank}.json").write_text(json.dumps({k: result.summary[k] for k in keep}))
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=WORLD

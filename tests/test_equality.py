@@ -15,9 +15,9 @@ from nclayers.equality import (
     fit_geometric,
     fit_plateau,
     format_equality,
-    plot_equality,
     summary_row,
 )
+from nclayers.report.equality_figures import plot_equality
 from nclayers.table import Table
 
 

@@ -203,6 +203,34 @@ def test_truncated_label_file_names_the_file_and_its_source(tmp_path, suffix):
         load_dataset(cfg, "train")
 
 
+class _Payload:
+    """A pickled object that runs code when unpickled without weights_only."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_label_file_is_loaded_with_weights_only(tmp_path, monkeypatch):
+    """The CIFAR-N .pt file is read with weights_only=True: arrays load, code does not
+    run (torch.load(weights_only=False) ran the payload)."""
+    _fake_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10n"
+    folder.mkdir()
+    clean = load_dataset(DataConfig(name="cifar10", dir=str(tmp_path)), "train").labels["clean"]
+    labels = (clean.numpy() + 1) % 10
+    torch.save({"clean_label": clean.numpy(), "worse_label": labels, "x": _Payload()},
+               folder / "CIFAR-10_human.pt")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"CIFAR-10_human\.pt: truncated or unreadable"):
+        load_dataset(DataConfig(name="cifar10", dir=str(tmp_path), noise="worse"), "train")
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"clean_label": clean.numpy(), "worse_label": labels}, folder / "CIFAR-10_human.pt")
+    ds = load_dataset(DataConfig(name="cifar10", dir=str(tmp_path), noise="worse"), "train")
+    assert ds.labels["noisy"].tolist() == labels.tolist()
+
+
 def test_label_file_of_other_images_is_refused(tmp_path):
     _fake_cifar10(tmp_path)
     (tmp_path / "cifar-10n").mkdir()
@@ -244,42 +272,30 @@ def test_fitted_random_labels_make_the_last_block_memorize():
     assert ratios[-1]["ratio"] == pytest.approx(ratios[-1]["nc1_clean"] / ratios[-1]["nc1_noisy"])
 
 
-def _supports_left_out_samples() -> bool:
-    from nclayers.metrics import ClassStats
-
-    try:
-        ClassStats(3, 2).update(torch.zeros(2, 2), torch.tensor([-1, 0]))
-    except (ValueError, RuntimeError, IndexError):
-        return False
-    return True
-
-
 def _run_folder(tmp_path, *overrides: str):
     from nclayers.config import load_config
-    from nclayers.jobs.common import load_model
+    from nclayers.jobs.common import build_from_config
     from nclayers.jobs.folder import RunFolder
 
     folder = RunFolder(tmp_path / "run")
     cfg = load_config(None, [
         "data.name=digits", "data.train_subset=60", "model.name=resnet18", "model.width=4",
-        "device=cpu", f"out={folder.path}", "run=r", *overrides,
+        "device=cpu", "run=r", *overrides,
     ])  # fmt: skip
     folder.save_config(cfg)
     torch.manual_seed(0)
-    model = load_model(cfg, 10)
+    model = build_from_config(cfg.model, 10)
     torch.save(model.state_dict(), folder.file("checkpoint.pt"))
     return folder, cfg, model
 
 
 def test_memorization_job_on_a_label_noise_run(tmp_path):
-    if not _supports_left_out_samples():
-        pytest.skip("needs label -1 (sample left out of a view) in ClassStats")
     from nclayers.analysis import analyze
     from nclayers.data import DeviceBatches
-    from nclayers.jobs.memorization import memorization_run
+    from nclayers.jobs.memorization import memorization_job
 
     folder, cfg, model = _run_folder(tmp_path, "data.noise=0.5", "data.train_subset=200")
-    ratios = memorization_run(folder.path, progress=False)
+    ratios = memorization_job(cfg, folder, progress=False)
     assert ratios.meta["changed_views"] is True
     assert [r["layer"] for r in ratios] == list(range(1, 9))
     ds = load_dataset(cfg.data, "train")
@@ -300,10 +316,10 @@ def test_memorization_job_on_a_label_noise_run(tmp_path):
     written = folder.read_json("summary.json")["memorization"]
     assert written["memorization_layers"] == [r["layer"] for r in ratios if r["ratio"] > 1]
     assert folder.exists("memorization.csv") and folder.exists("memorization.png")
-    assert folder.done("memorization")
+    assert folder.done("memorization", cfg)
     # Too few changed samples for every class: those views are left out, not an error.
     few, cfg, model = _run_folder(tmp_path / "few", "data.noise=0.05")
-    ratios = memorization_run(few.path, progress=False)
+    ratios = memorization_job(cfg, few, progress=False)
     assert ratios.meta["changed_views"] is False and "ratio_changed" not in ratios.columns
     ds = load_dataset(cfg.data, "train")
     assert ratios.meta["memorized"] == pytest.approx(memorized_fraction(model, ds)["memorized"])

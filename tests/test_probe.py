@@ -368,7 +368,7 @@ def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
     assert saved["probe_acc"] == [r["probe_acc"] for r in test]
     assert len(saved["linear"]) == 8 and saved["linear"][7]["weight"].shape == (10, 32)
     summary = json.loads((out / "summary.json").read_text())
-    assert "accuracy" in summary and summary["probe"]["mode"] == "stream"
+    assert "accuracy" in summary["analyze"] and summary["probe"]["mode"] == "stream"
     assert summary["probe"]["test_samples"] == 60 and summary["probe"]["train_samples"] == 120
     stages = json.loads((out / "stages.json").read_text())
     assert "probe" in stages and "analyze" in stages
@@ -377,10 +377,10 @@ def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
     # The saved heads re-evaluate to the same accuracies.
     from nclayers.config import load_config
     from nclayers.data import load_dataset
-    from nclayers.jobs import load_model
+    from nclayers.jobs import RunFolder, load_model
 
     cfg = load_config(None, JOB)
-    model = load_model(cfg, 10, out).eval()
+    model = load_model(cfg, RunFolder(out), 10).eval()
     acc, _ = evaluate_heads(model, load_heads(saved), find_blocks(model),
                             load_dataset(cfg.data, "test"))  # fmt: skip
     assert acc == pytest.approx(saved["probe_acc"])
@@ -388,31 +388,31 @@ def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
 
 def test_probe_job_resumes_after_an_interruption(tmp_path, monkeypatch):
     from nclayers.config import load_config
-    from nclayers.jobs import probe as job
+    from nclayers.jobs import probe_job
+    from nclayers.jobs.folder import PROBE_STATE, RunFolder
 
-    whole = job.probe_run(load_config(None, [*JOB, f"out={run_folder(tmp_path, 'a')}"]),
-                          progress=False)  # fmt: skip
-    cfg = load_config(None, [*JOB, f"out={run_folder(tmp_path, 'b')}"])
-    real_save = job.save_checkpoint
+    cfg = load_config(None, JOB)
+    whole = probe_job(cfg, run_folder(tmp_path, "a"), progress=False)
+    out = run_folder(tmp_path, "b")
+    real_save = RunFolder.save_torch
 
     class Stop(Exception):
         pass
 
-    def save_then_stop(path, **state):
-        real_save(path, **state)
-        raise Stop
+    def save_then_stop(self, name, obj):
+        real_save(self, name, obj)
+        if name == PROBE_STATE:
+            raise Stop
 
-    monkeypatch.setattr(job, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(RunFolder, "save_torch", save_then_stop)
     with pytest.raises(Stop):
-        job.probe_run(cfg, progress=False)
+        probe_job(cfg, out, progress=False)
     monkeypatch.undo()
-    assert (Path(cfg.out) / job.PROBE_STATE).is_file()
-    resumed = job.probe_run(cfg, progress=False)
+    assert (out / PROBE_STATE).is_file()
+    resumed = probe_job(cfg, out, progress=False)
     assert resumed.meta["resumed_from"] == 1
     assert torch.equal(resumed.heads.theta, whole.heads.theta)
-    assert (
-        json.loads((Path(cfg.out) / "summary.json").read_text())["probe"]["resumed_from_epoch"] == 1
-    )
+    assert json.loads((out / "summary.json").read_text())["probe"]["resumed_from_epoch"] == 1
 
 
 def test_probe_job_refuses_a_checkpoint_of_another_model(tmp_path, capsys):

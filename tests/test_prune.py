@@ -18,13 +18,13 @@ from nclayers.prune import (
     baseline_sets,
     check_prunable,
     finetune,
-    plot_prune,
     prunable_layers,
     prune_experiment,
     prune_model,
     prune_summary,
     resolve_blocks,
 )
+from nclayers.report.prune_figures import plot_prune
 from nclayers.table import Table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -228,14 +228,14 @@ TINY_RUN = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from nclayers.config import load_config
-    from nclayers.jobs import analyze_run, train_run
+    from nclayers.jobs import analyze_job, train_job
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("prune") / "run"
-    cfg = load_config(None, [*TINY_RUN, f"out={out}"])
-    train_run(cfg, progress=False)
-    analyze_run(cfg, progress=False)
+    cfg = load_config(None, TINY_RUN)
+    train_job(cfg, out, progress=False)
+    analyze_job(cfg, out, progress=False)
     torch.set_num_threads(threads)
     return out
 
@@ -243,7 +243,6 @@ def tiny_run(tmp_path_factory):
 def test_prune_verb_on_a_run_folder(tiny_run, tmp_path, capsys):
     from nclayers.cli import main
     from nclayers.jobs import RunFolder
-    from nclayers.jobs.prune import prune_section
 
     out = tmp_path / "pruned"
     rc = main(["prune", str(tiny_run), "--blocks", "1,layer4.1", "--finetune-epochs", "1",
@@ -251,12 +250,12 @@ def test_prune_verb_on_a_run_folder(tiny_run, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "after a 1-epoch fine-tune" in text
-    table, summary = prune_section(out)
+    table = RunFolder(out).read_table("prune.csv")
     assert [(r["variant"], r["finetune_epochs"]) for r in table] == [
         (v, e) for v in ("none", "list", "last", "random0") for e in (0, 1)
     ]
     assert table[2]["blocks"] == "layer1.0 layer4.1" and table[4]["layers"] == "6 8"
-    assert summary == prune_summary(table)
+    assert prune_summary(table) in text
     assert (out / "prune.png").is_file()
     # prune_layers.csv is a layers table: one curve per variant and fine-tune for equality.
     from nclayers.equality import analyze_equality
@@ -265,8 +264,12 @@ def test_prune_verb_on_a_run_folder(tiny_run, tmp_path, capsys):
     assert sorted((c.key["variant"], c.key["finetune_epochs"]) for c in curves) == sorted(
         (r["variant"], r["finetune_epochs"]) for r in table
     )
-    assert RunFolder(out).done("prune")
-    assert prune_section(tmp_path) is None  # nothing measured there
+    assert RunFolder(out).done(
+        "prune",
+        RunFolder(out).config(
+            ["prune.blocks=1,layer4.1", "prune.finetune_epochs=1", "prune.seeds=[0]"]
+        ),
+    )
     # A downsampling block is refused, by name.
     assert main(["prune", str(tiny_run), "--blocks", "3", "--out", str(out), "-q"]) == 2
     assert "3 layer2.0" in capsys.readouterr().err
@@ -277,21 +280,20 @@ def test_prune_verb_on_a_run_folder(tiny_run, tmp_path, capsys):
 def test_prune_plateau_takes_the_equality_rule_blocks(tiny_run, tmp_path):
     from nclayers.equality import analyze_equality
     from nclayers.jobs import RunFolder
-    from nclayers.jobs.prune import prune_run
+    from nclayers.jobs.prune import prune_job
 
     folder = RunFolder(tiny_run)
-    cfg = folder.load_config(["equality.plateau_fraction=1.0", "equality.plateau_min_run=1",
-                              "prune.seeds=[0]", "prune.baselines=[last]"])  # fmt: skip
-    cfg.out = str(tmp_path / "p")
-    result = prune_run(cfg, run_dir=tiny_run, progress=False)
+    cfg = folder.config(["equality.plateau_fraction=1.0", "equality.plateau_min_run=1",
+                         "prune.seeds=[0]", "prune.baselines=[last]"])  # fmt: skip
+    result = prune_job(cfg, folder, progress=False)
     rule = analyze_equality(folder.layers(), fraction=1.0, min_run=1)[0].plateau
     model = _resnet()
     keep = set(prunable_layers(model, find_blocks(model), X))
     expected = [layer for layer in rule.layers if layer in keep]
     assert rule.layers  # below-mean blocks always exist at fraction 1 and runs of 1
-    row = next(r for r in result["summary"] if r["variant"] == "plateau")
+    row = next(r for r in result.summary if r["variant"] == "plateau")
     assert row["layers"] == " ".join(map(str, expected))
-    assert any(n.startswith("plateau rule: block l is redundant") for n in result["notes"])
+    assert any(n.startswith("plateau rule: block l is redundant") for n in result.notes)
     skipped = [layer for layer in rule.layers if layer not in keep]
-    assert any("change shape" in n for n in result["notes"]) == bool(skipped)
-    assert {r["variant"] for r in result["summary"]} == {"none", "plateau", "last"}
+    assert any("change shape" in n for n in result.notes) == bool(skipped)
+    assert {r["variant"] for r in result.summary} == {"none", "plateau", "last"}

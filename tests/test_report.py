@@ -95,8 +95,7 @@ def test_figure_refuses_what_it_cannot_inline(tmp_path):
 
 def make_run_folder(folder: Path, noise: float = 0.4) -> Path:
     """A run folder as train + analyze + probe leave it (tables written by hand)."""
-    cfg = Config()
-    cfg.run, cfg.data.noise, cfg.model.width = "r40", noise, 8
+    cfg = Config().updated({"run": "r40", "data.noise": noise, "model.width": 8})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     rows = []
@@ -114,11 +113,10 @@ def make_run_folder(folder: Path, noise: float = 0.4) -> Path:
         "config": cfg.to_dict(), "final": {"test_acc": 0.41, "train_acc": 0.97},
         "train_labels": "noisy", "train_seconds": 12.5, "history": history,
     }))  # fmt: skip
-    (folder / "summary.json").write_text(json.dumps({
-        "config": cfg.to_dict(), "accuracy": {"train": {"clean": 0.6, "noisy": 0.97},
-                                              "test": {"clean": 0.41}},
+    (folder / "summary.json").write_text(json.dumps({"analyze": {
+        "accuracy": {"train": {"clean": 0.6, "noisy": 0.97}, "test": {"clean": 0.41}},
         "seconds": {"train": 2.0, "test": 1.0}, "device": "cpu",
-    }))  # fmt: skip
+    }}))  # fmt: skip
     Table([{"layer": 1, "kept": 3, "test_acc": 0.4, "note": EVIL}]).to_csv(folder / "prune.csv")
     return folder
 

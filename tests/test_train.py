@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -13,8 +14,8 @@ import torch
 from nclayers.cli import main
 from nclayers.config import load_config
 from nclayers.data import DATASETS
-from nclayers.jobs.folder import CHECKPOINT, DYNAMICS
-from nclayers.jobs.train import train_run as train
+from nclayers.jobs.folder import CHECKPOINT, DYNAMICS, RunFolder
+from nclayers.jobs.train import train_job
 from nclayers.models import build_model, get_entry
 from nclayers.report.dynamics import plot_dynamics
 from nclayers.table import Table
@@ -38,7 +39,11 @@ TINY = [
 
 
 def tiny(out: Path, *overrides: str):
-    return load_config(None, [*TINY, f"out={out}", *overrides])
+    return load_config(None, [*TINY, *overrides]), out
+
+
+def train(cfg_out: tuple, **kwargs):
+    return train_job(*cfg_out, **kwargs)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -76,7 +81,7 @@ def test_recipes_follow_the_paper():
         assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     for stem in ("swin-tiny-cifar10", "vit-small-cifar10"):
         tc = load_config(CONFIGS / f"{stem}.yaml").train
-        assert (tc.optimizer, tc.betas, tc.weight_decay) == ("adamw", [0.9, 0.999], 0.05)
+        assert (tc.optimizer, tc.betas, tc.weight_decay) == ("adamw", (0.9, 0.999), 0.05)
         assert (tc.batch_size, tc.epochs, tc.augment) == (128, 200, True)
         lr = [tc.lr * lr_factor(tc, e) for e in range(tc.epochs)]
         assert lr[0] == pytest.approx(1e-4) and lr[20] == pytest.approx(1e-3)
@@ -105,19 +110,21 @@ def test_resume_is_exact_and_survives_a_crash(tmp_path):
     after_one = (run / CHECKPOINT).read_bytes()
     train(tiny(run), resume=True, stop_after=2, progress=False)
     # A crash after epoch 2 was measured but before it was checkpointed, in the middle of
-    # writing a checkpoint: the old checkpoint, epoch 2's NC rows, a garbage .tmp file.
-    (run / CHECKPOINT).write_bytes(after_one)
-    (run / (CHECKPOINT + ".tmp")).write_bytes(b"half a checkpoint")
+    # writing a checkpoint: epoch 1's checkpoint, epoch 2's NC rows, a torn temporary file.
+    state = torch.load(io.BytesIO(after_one), weights_only=True)
+    RunFolder(run).save_torch(CHECKPOINT, state)
+    torn = run / f".{CHECKPOINT}.12345.tmp"
+    torn.write_bytes(b"half a checkpoint")
     resumed = train(tiny(run), resume=True, progress=False)
 
-    assert_same_weights(full["model"].state_dict(), resumed["model"].state_dict())
+    assert_same_weights(full.model.state_dict(), resumed.model.state_dict())
     assert_same_weights(
         load_checkpoint(tmp_path / "full" / CHECKPOINT)["model"],
         load_checkpoint(run / CHECKPOINT)["model"],
     )
-    assert scores(resumed["history"]) == scores(full["history"])
-    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    assert not (run / (CHECKPOINT + ".tmp")).exists()
+    assert scores(resumed.summary["history"]) == scores(full.summary["history"])
+    assert [h["epoch"] for h in resumed.summary["history"]] == [1, 2, 3]
+    assert not torn.exists()  # the folder's lock holder clears torn temporary files
     # NC dynamics: epochs 0..3, every block once per epoch, the same numbers as uninterrupted.
     ours, theirs = Table.from_csv(run / DYNAMICS), Table.from_csv(tmp_path / "full" / DYNAMICS)
     assert list(ours) == list(theirs)
@@ -135,7 +142,7 @@ def test_run_folder_log_summary_and_dynamics_figure(tmp_path):
         assert word in epochs[-1]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["epochs_done"] == 2 and summary["world_size"] == 1
-    assert summary["final"]["test_acc"] == result["final"]["test_acc"]
+    assert summary["final"]["test_acc"] == result.summary["final"]["test_acc"]
     assert 0.0 <= summary["final"]["test_acc"] <= 1.0 and summary["final"]["img_per_s"] > 0
 
     table = Table.from_csv(out / DYNAMICS)
@@ -162,7 +169,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
         save_checkpoint(path, weights=torch.zeros(4), epoch=2, bad=lambda: 0)
     state = load_checkpoint(path)  # weights_only=True
     assert state["epoch"] == 1 and torch.equal(state["weights"], torch.arange(4.0))
-    assert not path.with_name(CHECKPOINT + ".tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temporary file left
 
 
 # ----------------------------------------------------------------------------- steps
@@ -172,7 +179,7 @@ def test_speed_switches_do_not_change_cpu_results(tmp_path):
                     "train.compile=true"), progress=False)  # fmt: skip
     off = train(tiny(tmp_path / "off", *base, "train.amp=false", "train.channels_last=false",
                      "train.compile=false"), progress=False)  # fmt: skip
-    assert_same_weights(on["model"].state_dict(), off["model"].state_dict())
+    assert_same_weights(on.model.state_dict(), off.model.state_dict())
 
 
 def test_train_step_is_the_plain_pytorch_step():

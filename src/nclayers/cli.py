@@ -1,39 +1,54 @@
-"""`nclayers <verb>`: parse the command line and call the library; no logic lives here."""
+"""`nclayers <verb>`: parse the command line and call the jobs; no logic lives here.
+
+Every verb takes an optional YAML config or run folder, `key=value` overrides, and
+`--out DIR`, which always means where results go. A bad input (`NCLayersError`) is
+printed as one line and exits with status 2; anything else is a bug and keeps its
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
 from pathlib import Path
-
-from nclayers.errors import NCLayersError
 
 EPILOG = "Settings are key=value overrides of the YAML config, e.g. train.epochs=15 data.dir=DIR."
 
 
-def _config(args, default_out: str):
-    from nclayers.config import Config, load_config
+def _resolve(args, verb: str):
+    """(config, run folder) of a verb: from a run folder (its config.yaml; --out elsewhere
+    reads its weights), a config file, or overrides alone."""
+    from nclayers.config import load_config
+    from nclayers.jobs.common import run_folder
+    from nclayers.jobs.folder import CHECKPOINT
 
     overrides = list(args.overrides)
-    path = getattr(args, "config", None)
-    if path and "=" in path and not Path(path).is_file():  # no file given: an override
-        overrides.insert(0, path)
-        path = None
-    if args.out:
-        overrides.append(f"out={args.out}")
+    target = getattr(args, "config", None)
+    if target and "=" in target and not Path(target).exists():  # no file given: an override
+        overrides.insert(0, target)
+        target = None
     if getattr(args, "data_dir", None):
         overrides.append(f"data.dir={args.data_dir}")
     if getattr(args, "device", None):
         overrides.append(f"device={args.device}")
-    if path and Path(path).is_dir():  # a run folder: its saved config, results written there
-        from nclayers.jobs import RunFolder
+    if target and Path(target).is_dir():
+        source = run_folder(target)
+        cfg = source.config(overrides)
+        folder = run_folder(args.out or target)
+        if folder.path.resolve() != source.path.resolve() and not cfg.model.checkpoint:
+            if source.exists(CHECKPOINT):  # measure the run's weights, write elsewhere
+                cfg = cfg.updated({"model.checkpoint": str(source.file(CHECKPOINT))})
+        return cfg, folder
+    cfg = load_config(target, overrides)
+    default = f"runs/{Path(target).stem}" if target else f"runs/{verb}"
+    return cfg, run_folder(args.out or default)
 
-        return RunFolder(path).load_config(overrides)
-    cfg = load_config(path, overrides)
-    if cfg.out == Config().out:  # neither the file nor the command line chose a folder
-        cfg.out = default_out
-    return cfg
+
+def _main_rank() -> bool:
+    from nclayers.runtime import is_main
+
+    return is_main()
 
 
 def cmd_demo(args) -> None:
@@ -44,44 +59,45 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from nclayers.jobs import train_run
+    from nclayers.jobs import train_job
 
-    cfg = _config(args, "runs/train")
-    summary = train_run(cfg, resume=args.resume, progress=not args.quiet)
-    final = summary["final"] or {}
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
-        print(f"test accuracy {final.get('test_acc', float('nan')):.4f}; run folder {cfg.out}")
+    cfg, folder = _resolve(args, "train")
+    result = train_job(cfg, folder, progress=not args.quiet, resume=args.resume,
+                       force=args.force)  # fmt: skip
+    final = result.summary["final"] or {}
+    if _main_rank():
+        print(f"test accuracy {final.get('test_acc', float('nan')):.4f}; run folder {folder.path}")
 
 
 def cmd_analyze(args) -> None:
-    from nclayers.jobs import analyze_run
+    from nclayers.jobs import analyze_job
 
-    cfg = _config(args, "runs/analyze")
-    table = analyze_run(cfg, progress=not args.quiet)
-    cols = ["split", "view", "layer", "block", "dim", "nc1", "nc2", "ncc_acc"]
-    print(table.format(cols))
-    print(f"wrote {Path(cfg.out) / 'layers.csv'} and summary.json")
+    cfg, folder = _resolve(args, "analyze")
+    table = analyze_job(cfg, folder, progress=not args.quiet)
+    if _main_rank():
+        print(table.format(["split", "view", "layer", "block", "dim", "nc1", "nc2", "ncc_acc"]))
+        print(f"wrote {folder.file('layers.csv')} and summary.json")
 
 
 def cmd_probe(args) -> None:
-    from nclayers.jobs.probe import probe_run
+    from nclayers.jobs import probe_job
 
-    cfg = _config(args, "runs/probe")
-    table = probe_run(cfg, progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
+    cfg, folder = _resolve(args, "probe")
+    table = probe_job(cfg, folder, progress=not args.quiet)
+    if _main_rank():
         print(table.format(["layer", "block", "dim", "probe_acc"]))
-        print(f"wrote probe_acc into {Path(cfg.out) / 'layers.csv'}, probe.csv, probe_heads.pt")
+        print(f"wrote probe_acc into {folder.file('layers.csv')}, probe.csv, probe_heads.pt")
 
 
 def cmd_blocks(args) -> None:
     import torch
 
+    from nclayers.config import load_config
     from nclayers.jobs import build_from_config
     from nclayers.models import find_blocks, get_entry
     from nclayers.taps import probe_shapes
 
-    cfg = _config(args, "runs/blocks")
-    cfg.model.name = args.model
+    cfg = load_config(None, [f"model.name={args.model}", *args.overrides])
     model = build_from_config(cfg.model, args.num_classes).eval()
     size = args.input_size or (get_entry(args.model).input_size if ":" not in args.model else 32)
     blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
@@ -93,7 +109,8 @@ def cmd_blocks(args) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from nclayers.jobs.sweep import commands, describe, load_sweep, run_one, run_sweep
+    from nclayers.jobs.launch import run_sweep
+    from nclayers.jobs.sweep import commands, describe, load_sweep, run_one
 
     sweep = load_sweep(args.file, args.overrides)
     if args.print:
@@ -103,11 +120,18 @@ def cmd_sweep(args) -> int:
     if args.index is not None:
         status = run_one(sweep, args.index, progress=not args.quiet)
         return int(any(s["status"] != "done" for s in status["stages"].values()))
-    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-    summary = run_sweep(sweep, gpus=gpus, progress=not args.quiet, collect_only=args.collect)
+    gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    summary = run_sweep(sweep, launcher=args.launcher, gpus=gpus, progress=not args.quiet,
+                        collect_only=args.collect, wait=not args.no_wait)  # fmt: skip
+    if "submitted" in summary:
+        print(f"submitted Slurm jobs {', '.join(summary['submitted'])}; then: "
+              f"nclayers sweep {args.file} --collect")  # fmt: skip
+        return 0
     print(f"{describe(sweep)}\n  stages: {summary['stages']}")
     for key, path in summary["files"].items():
         print(f"  {key}: {', '.join(path) if isinstance(path, list) else path}")
+    for error in summary.get("figure_errors", []):
+        print(f"  {error}")
     if "report" in summary:
         print(f"  report: {summary['report']}")
     print(f"  {summary['seconds']:.0f} s")
@@ -153,31 +177,22 @@ def cmd_plot(args) -> None:
 
 
 def cmd_memorization(args) -> None:
+    from nclayers.errors import NCLayersError
+
+    if Path(args.csv).is_dir():  # a run folder: measure its training split
+        from nclayers.jobs import memorization_job
+
+        args.config = args.csv
+        cfg, folder = _resolve(args, "memorization")
+        ratios = memorization_job(cfg, folder, progress=not args.quiet)
+        _print_ratios(ratios, folder)
+        return
+    if args.overrides:
+        raise NCLayersError("key=value overrides apply to a run folder, not to a layers.csv")
     from nclayers.memorization import memorization_layers, memorization_ratio
     from nclayers.report.figures import plot_metric
     from nclayers.table import Table
 
-    if Path(args.csv).is_dir():  # a run folder: measure its training split
-        from nclayers.jobs.memorization import memorization_run
-
-        overrides = [*args.overrides] + ([f"device={args.device}"] if args.device else [])
-        ratios = memorization_run(args.csv, overrides, progress=not args.quiet)
-        other = "nc1_corrupted" if ratios.meta["kind"] == "corruption" else "nc1_noisy"
-        cols = ["layer", "block", "nc1_clean", other, "ratio"]
-        if "ratio_changed" in ratios.columns:
-            cols += ["nc1_changed_clean", "nc1_changed_noisy", "ratio_changed"]
-        print(ratios.format(cols))
-        if ratios.meta["kind"] == "label_noise":
-            print(
-                f"changed labels: {ratios.meta['changed']} of {ratios.meta['samples']} "
-                f"({ratios.meta['noise_rate']:.2%}); memorized (fitted to their training "
-                f"label): {ratios.meta['memorized']:.2%}"
-            )
-        print(f"memorization layers (ratio > 1): {ratios.meta['memorization_layers']}")
-        print(f"wrote {Path(args.csv) / 'memorization.csv'}, memorization.png, summary.json")
-        return
-    if args.overrides:
-        raise NCLayersError("key=value overrides apply to a run folder, not to a layers.csv")
     ratios = memorization_ratio(
         Table.from_csv(args.csv), split=args.split, clean=args.clean, noisy=args.noisy,
         key=args.key,
@@ -189,47 +204,65 @@ def cmd_memorization(args) -> None:
     print(f"memorization layers (ratio > 1): {memorization_layers(ratios)}")
 
 
-def _run_config(args):
-    """A run folder's saved config <- overrides; results go to --out or the run folder."""
-    from nclayers.jobs import RunFolder
-
-    overrides = list(args.overrides)
-    if getattr(args, "data_dir", None):
-        overrides.append(f"data.dir={args.data_dir}")
-    if getattr(args, "device", None):
-        overrides.append(f"device={args.device}")
-    cfg = RunFolder(args.run).load_config(overrides)
-    if args.out:
-        cfg.out = args.out
-    return cfg
+def _print_ratios(ratios, folder) -> None:
+    meta = ratios.meta
+    other = "nc1_corrupted" if meta["kind"] == "corruption" else "nc1_noisy"
+    cols = ["layer", "block", "nc1_clean", other, "ratio"]
+    if "ratio_changed" in ratios.columns:
+        cols += ["nc1_changed_clean", "nc1_changed_noisy", "ratio_changed"]
+    print(ratios.format(cols))
+    if meta["kind"] == "label_noise":
+        print(f"changed labels: {meta['changed']} of {meta['samples']} ({meta['noise_rate']:.2%});"
+              f" memorized (fitted to their training label): {meta['memorized']:.2%}")  # fmt: skip
+    print(f"memorization layers (ratio > 1): {meta['memorization_layers']}")
+    print(f"wrote {folder.file('memorization.csv')}, memorization.png, summary.json")
 
 
 def cmd_prune(args) -> None:
-    from nclayers.jobs.prune import prune_run
+    from nclayers.jobs import prune_job
 
-    cfg = _run_config(args)
+    args.config = args.run
+    extra = []
     if args.blocks is not None:
-        cfg.prune.blocks = args.blocks
+        extra.append(f"prune.blocks={args.blocks}")
     if args.finetune_epochs is not None:
-        cfg.prune.finetune_epochs = args.finetune_epochs
-    result = prune_run(cfg, run_dir=args.run, progress=not args.quiet)
-    for note in result["notes"]:
+        extra.append(f"prune.finetune_epochs={args.finetune_epochs}")
+    args.overrides = [*args.overrides, *extra]
+    cfg, folder = _resolve(args, "prune")
+    result = prune_job(cfg, folder, progress=not args.quiet)
+    for note in result.notes:
         print(note)
     cols = ["variant", "finetune_epochs", "n_removed", "layers", "blocks", "test_acc",
             "acc_change", "acc_change_same_finetune", "nc1_last"]  # fmt: skip
-    print(result["summary"].format(cols))
-    print(result["text"])
-    print(f"wrote {Path(cfg.out) / 'prune.csv'}, prune_layers.csv and prune.png")
+    print(result.summary.format(cols))
+    print(result.text)
+    print(f"wrote {folder.file('prune.csv')}, prune_layers.csv and prune.png")
 
 
 def cmd_equality(args) -> None:
     from nclayers.config import load_config
-    from nclayers.jobs.equality import equality_run
+    from nclayers.jobs.equality import equality_job, equality_tables
+    from nclayers.jobs.folder import CONFIG
 
-    cfg = load_config(None, args.overrides).equality
-    for result in equality_run(args.target, cfg, plot=not args.no_plot):
+    target = Path(args.target)
+    if target.is_dir() and (target / CONFIG).is_file():  # a run: its settings, its stage
+        args.config, args.out = args.target, None
+        cfg, folder = _resolve(args, "equality")
+        results = [equality_job(cfg, folder, plot=not args.no_plot)]
+    else:  # a sweep folder or a loose layers.csv
+        results = equality_tables(target, load_config(None, args.overrides).equality,
+                                  plot=not args.no_plot)  # fmt: skip
+    for result in results:
         print(result.format())
         print("wrote " + ", ".join(str(p) for p in result.written))
+
+
+def _common(p: argparse.ArgumentParser, out_help: str = "run folder for results") -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--data-dir", help="local data folder (same as data.dir=...)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (same as device=...)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,107 +273,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, fn, help_text: str, config: bool = True):
+    def verb(name: str, fn, help_text: str, target: str | None = "config", **kw):
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
-        if config:
-            p.add_argument("config", nargs="?", help="YAML config file or run folder (optional)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-        p.add_argument("--out", help="run folder for results")
-        p.add_argument("--data-dir", help="local data folder (same as data.dir=...)")
-        p.add_argument("--device", help="cpu, cuda, cuda:N (same as device=...)")
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        if target:
+            about = kw.get("target_help", "YAML config file or run folder")
+            p.add_argument(target, nargs="?" if target == "config" else None, help=about)
+        _common(p, kw.get("out_help", "run folder for results"))
         p.set_defaults(fn=fn)
         return p
 
     verb("demo", cmd_demo, "Train and measure a small ResNet on the embedded digits, offline.",
-         config=False)  # fmt: skip
+         target=None, out_help="folder for the demo (default runs/demo)")  # fmt: skip
     p = verb("train", cmd_train, "Train a model with a paper recipe.")
-    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
+    p.add_argument("--force", action="store_true", help="train from scratch over a run")
     verb("analyze", cmd_analyze, "Measure NC1, NC2 and NCC accuracy of every block.")
     verb("probe", cmd_probe, "Train a linear probe on every block of the frozen model at once.")
+    p = verb("memorization", cmd_memorization, "Memorization ratio per layer: of a run "
+             "folder (label noise or corrupted inputs), or from a layers.csv.", target="csv",
+             target_help="a run folder trained with data.noise or data.corruption, or a "
+             "layers.csv with clean and noisy rows")  # fmt: skip
+    p.add_argument("--split", default="train")
+    p.add_argument("--key", default="view", help="column telling clean from noisy: view, input")
+    p.add_argument("--clean", default="clean")
+    p.add_argument("--noisy", default="noisy")
+    p = verb("prune", cmd_prune, "Remove a run's plateau (or listed) blocks by identity; "
+             "compare with as many random and last blocks, before and after a fine-tune.",
+             target="run", target_help="a trained run's folder")  # fmt: skip
+    p.add_argument("--blocks", help="plateau (default), or indices / module names: 10,11,layer3.2")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tune every variant (prune.*)")
     p = sub.add_parser("blocks", help="List a model's blocks and their pooled dimensions.")
     p.add_argument("model", help="registry name or package.module:function")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--input-size", type=int, default=None)
-    p.add_argument("--out", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_blocks)
-    p = sub.add_parser(
-        "plot",
-        help="Per-layer figures from a layers.csv, or the paper's "
-        "layouts from a sweep's folder or tidy CSV (--layout).",
-    )
+    p = sub.add_parser("plot", help="Per-layer figures from a layers.csv, or the paper's "
+                       "layouts from a sweep's folder or tidy CSV (--layout).")  # fmt: skip
     p.add_argument("csv", help="a layers.csv written by analyze/demo/sweep, or a sweep's folder")
     p.add_argument("--layout", help="clean, clean-nc, noisy or nc-vs-probe: the paper's panels")
     p.add_argument("--rows", help="column whose values make the rows (e.g. model)")
     p.add_argument("--curves", help="column whose values make the curves (e.g. noise)")
-    p.add_argument("--x", default="block", choices=("block", "depth"),
-                   help="block index or relative depth")  # fmt: skip
+    p.add_argument("--x", default="block", choices=("block", "depth"), help="block or depth")
     p.add_argument("--metric", action="append", help="nc1, nc2, ncc_acc, ... (repeatable)")
     p.add_argument("--split", help="only rows of this split")
     p.add_argument("--out", help="folder for the PNG files (default: beside the CSV)")
     p.set_defaults(fn=cmd_plot)
     p = sub.add_parser(
-        "memorization",
-        help="Memorization ratio per layer: of a run folder (label noise or corrupted "
-        "inputs), or from a layers.csv.",
+        "equality",
+        help="Are all layers equal? Per-block enhancement, the "
+        "law-of-separation fit against a plateau, the redundant blocks.",
+        epilog="Settings: equality.plateau_fraction=0.5 equality.split=test ...",
     )
-    p.add_argument("csv", metavar="RUN_OR_CSV",
-                   help="a run folder trained with data.noise or data.corruption, or a "
-                   "layers.csv with clean and noisy rows")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="changes to the run's config (e.g. device=cpu)")  # fmt: skip
-    p.add_argument("--split", default="train")
-    p.add_argument(
-        "--key", default="view", help="column telling clean from noisy: view, input or run"
-    )
-    p.add_argument("--clean", default="clean")
-    p.add_argument("--noisy", default="noisy")
-    p.add_argument("--out", help="folder for memorization.csv/png (default: beside the CSV)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (same as device=...)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=cmd_memorization)
-    p = sub.add_parser(
-        "prune", epilog=EPILOG,
-        help="Remove a run's plateau (or listed) blocks by identity; compare with as many "
-        "random and last blocks, before and after a fine-tune.",
-    )  # fmt: skip
-    p.add_argument("run", help="a trained run's folder (config.yaml, checkpoint.pt)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--blocks", help="plateau (default), or indices / module names: 10,11,layer3.2")
-    p.add_argument("--finetune-epochs", type=int, help="fine-tune every variant (prune.*)")
-    p.add_argument("--out", help="folder for prune.csv/png (default: the run folder)")
-    p.add_argument("--data-dir", help="local data folder (same as data.dir=...)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (same as device=...)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=cmd_prune)
-    p = sub.add_parser(
-        "equality", epilog="Settings: equality.plateau_fraction=0.5 equality.plateau_min_run=2 "
-        "equality.split=test equality.view=clean equality.bic_margin=2",
-        help="Are all layers equal? Per-block enhancement, the law-of-separation fit against "
-        "a plateau, the redundant blocks, and the pruning result where measured.",
-    )  # fmt: skip
-    p.add_argument("target", help="a layers.csv, a run folder, or a sweep folder of runs")
+    p.add_argument("target", help="a run folder, a sweep folder of runs, or a layers.csv")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="equality.* settings")
     p.add_argument("--no-plot", action="store_true", help="no equality.png")
+    p.add_argument("-q", "--quiet", action="store_true", help="no logs")
     p.set_defaults(fn=cmd_equality)
     p = sub.add_parser(
         "sweep",
-        help="Run a sweep file: a grid of runs and their stages, then "
-        "one tidy table, the figures and the report.",
         epilog=EPILOG,
+        help="Run a sweep file: a grid of runs and "
+        "their stages, then one tidy table, the figures and the report.",
     )
     p.add_argument("file", help="sweep YAML, e.g. configs/paper/fig3-cpu-mini.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings for every run")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="settings for every run; slurm.KEY=VALUE for the launcher",
+    )
     p.add_argument("--print", action="store_true", help="print one command per run and stop")
     p.add_argument("--index", type=int, help="run only entry I (e.g. $SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--gpus", help="spread runs over these GPUs, one run per GPU: 0,1,2,3")
+    p.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: here (default); slurm: one job array through submitit",
+    )
+    p.add_argument("--gpus", help="local: one run per GPU at a time, e.g. 0,1,2,3")
+    p.add_argument("--no-wait", action="store_true", help="slurm: submit and return")
     p.add_argument(
         "--collect",
         action="store_true",
         help="only gather the finished runs, draw the figures and the report",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("report", help="One self-contained HTML report of a run or a sweep.")
     p.add_argument("path", help="a run folder, a sweep's output folder, or a sweep file")
@@ -349,7 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _logging(quiet: bool) -> None:
+    """The jobs' progress lines on stdout (rank 0 only); warnings always."""
+    level = logging.WARNING if quiet or not _main_rank() else logging.INFO
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("nclayers")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    from nclayers.errors import NCLayersError
+
     parser = build_parser()
     # key=value overrides may follow options too (`--out DIR train.epochs=3`).
     args, extra = parser.parse_known_args(argv)
@@ -358,9 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    _logging(getattr(args, "quiet", False))
     try:
         rc = args.fn(args)  # a verb may return an exit status (e.g. a sweep entry failed)
-    except (ValueError, FileNotFoundError) as err:
+    except NCLayersError as err:
         print(f"nclayers {args.verb}: error: {err}", file=sys.stderr)
         return 2
     return rc or 0

@@ -18,11 +18,12 @@ nested (`train: {lr: 0.1}`) or dotted (`train.lr: 0.1`).
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -44,6 +45,7 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Unit = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # momentum, beta, smoothing
 
+_VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("validating", default=False)
 IMAGE_DATASETS = ("digits", "cifar10", "cifar100", "cifar10c", "imagenet", "folder")
 CIFARN_SETS = ("aggre", "random1", "randn1", "random2", "random3", "worse", "worst", "noisy",
                "noisy100", "clean")  # fmt: skip
@@ -52,12 +54,25 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are refused, values are checked, objects are frozen."""
+    """A config section: unknown keys are refused, values are checked, objects are frozen.
+    Built directly (`DataConfig(noise=2)`), a bad value raises the same one-line
+    `NCLayersError` as a config file does."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    _key: ClassVar[str] = ""  # the section's name in a Config ("data", "train", ...)
+
+    def __init__(self, **values: Any) -> None:
+        if _VALIDATING.get():  # a section of a config being validated: keep the locations
+            super().__init__(**values)
+            return
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise NCLayersError(_explain(err.errors(), "", (), type(self))) from None
 
 
 class DataConfig(Section):
+    _key: ClassVar[str] = "data"
     # digits | cifar10 | cifar100 | cifar10c | imagenet | folder | hf:PATH_OR_ID
     name: str = "digits"
     dir: str | None = None  # the local folder holding the data set
@@ -121,6 +136,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    _key: ClassVar[str] = "model"
     name: str = "resnet18"  # registry name, 'package.module:function' or hf:PATH_OR_ID
     width: PositiveInt | None = None  # CIFAR ResNet width (64 standard)
     checkpoint: str | None = None  # weights to load (else the run folder's checkpoint.pt)
@@ -142,6 +158,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
+    _key: ClassVar[str] = "train"
     epochs: PositiveInt = 200
     batch_size: PositiveInt = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -180,6 +197,7 @@ class TrainConfig(Section):
 
 
 class AnalyzeConfig(Section):
+    _key: ClassVar[str] = "analyze"
     split: Split = "test"  # the split measured
     reference: Split | None = "train"  # split whose class means define NCC; null: no NCC
     batch_size: PositiveInt = 500
@@ -191,6 +209,7 @@ class AnalyzeConfig(Section):
 
 
 class EqualityConfig(Section):
+    _key: ClassVar[str] = "equality"
     split: Split = "test"  # the curve fitted (clean-data NC is measured on test, paper A.1)
     view: str = "clean"
     plateau_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5  # redundant: e < f x mean e
@@ -199,6 +218,7 @@ class EqualityConfig(Section):
 
 
 class PruneConfig(Section):
+    _key: ClassVar[str] = "prune"
     # "plateau", or block indices / module names ("10,11,layer3.2")
     blocks: str | list[int | str] = "plateau"
     baselines: list[Literal["last", "random"]] = Field(default_factory=lambda: ["last", "random"])
@@ -208,10 +228,22 @@ class PruneConfig(Section):
     reference: Split | None = None  # split for the NCC accuracy (null: none)
     amp: bool = True
 
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _block_list(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, str) and value != "plateau":
+            return [int(v) if v.strip().isdigit() else v.strip() for v in value.split(",")
+                    if v.strip()]  # fmt: skip
+        return value
+
 
 class ProbeConfig(Section):
     """Linear probes on every block (paper A.1): 10 epochs, SGD momentum 0.9, lr 0.1
     divided by 5 at epochs 5 and 7, batch 128, the recipe's crop + flip."""
+
+    _key: ClassVar[str] = "probe"
 
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
@@ -255,10 +287,11 @@ class Config(Section):
 
 # Sections that define a run's weights; the others only steer how it is measured.
 WEIGHTS_SECTIONS = ("data", "model", "train")
-# Keys of those sections that do not change the weights (where the data lies, how often
-# a checkpoint is written, TensorBoard files).
-NOT_WEIGHTS = ("data.dir", "data.download", "data.workers", "data.decoder",
-               "train.checkpoint_every", "train.tensorboard")  # fmt: skip
+# Keys of those sections that do not change the weights: where the data lies and how it
+# is read, what the model is evaluated on, how often a checkpoint is written, TensorBoard.
+NOT_WEIGHTS = ("data.dir", "data.download", "data.workers", "data.decoder", "data.skip_bad",
+               "data.test_subset", "data.corrupt_test", "train.checkpoint_every",
+               "train.tensorboard", "train.track_nc_every", "train.track_nc_samples")  # fmt: skip
 
 
 def weights_settings(cfg: Config) -> dict[str, Any]:
@@ -299,6 +332,24 @@ def load_config(
         key, value = parse_override(text)
         raw = _merge(raw, _nested({key: value}, f"override {text!r}"))
     return _validate(raw, where, overrides=tuple(overrides))
+
+
+def compose(*layers: str | Path | Mapping | Sequence[str], where: str = "") -> Config:
+    """One config from layers merged in order and validated once: config files (str or
+    Path), mappings of settings (nested or dotted keys), lists of `key=value` texts."""
+    raw: dict = {}
+    overrides: list[str] = []
+    for layer in layers:
+        if isinstance(layer, (str, Path)):
+            raw = _merge(raw, read_config_file(layer))
+        elif isinstance(layer, Mapping):
+            raw = _merge(raw, _nested(layer, where))
+        else:
+            for text in layer:
+                key, value = parse_override(text)
+                raw = _merge(raw, _nested({key: value}, f"override {text!r}"))
+                overrides.append(text)
+    return _validate(raw, where, tuple(overrides))
 
 
 def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -355,7 +406,17 @@ def key_line(path: str | Path, dotted: str) -> int | None:
                 return find(v, i + name.count(".") + 1)
         return None
 
-    return find(node, 0)
+    def anywhere(node) -> int | None:  # e.g. a sweep file's config: or axes: entries
+        found = find(node, 0)
+        children = [v for _, v in node.value] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])  # fmt: skip
+        for child in children if found is None else ():
+            found = anywhere(child)
+            if found is not None:
+                break
+        return found
+
+    return anywhere(node)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -413,24 +474,31 @@ def _merge(a: dict, b: Mapping) -> dict:
 
 
 def _validate(raw: dict, where: str = "", overrides: tuple = ()) -> Config:
+    token = _VALIDATING.set(True)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise NCLayersError(_explain(err.errors(), where, overrides)) from None
+    finally:
+        _VALIDATING.reset(token)
 
 
-def _explain(errors: list[dict], where: str, overrides: tuple) -> str:
+def _explain(
+    errors: list[dict], where: str, overrides: tuple, root: type[BaseModel] | None = None
+) -> str:
     """One line: the key, the value, what is valid, and where the value came from. The
     errors of one key (a union tried member by member) are told together."""
     first = errors[0]
-    loc = _field_path(first["loc"])
+    root = root or Config
+    prefix = [root._key] if getattr(root, "_key", "") else []
+    loc = _field_path(first["loc"], root, prefix)
     key = ".".join(loc)
     source = _source(key, where, overrides)
     if first["type"] == "extra_forbidden":
         section = _section_of(loc[:-1])
         valid = ", ".join(".".join([*loc[:-1], name]) for name in section.model_fields)
         return f"unknown config key {key!r}{source}; valid keys here: {valid}"
-    same = [e for e in errors if _field_path(e["loc"]) == loc]
+    same = [e for e in errors if _field_path(e["loc"], root, prefix) == loc]
     messages = list(dict.fromkeys(_message(e) for e in same))
     message = "; or ".join(messages)
     value = first.get("input")
@@ -445,10 +513,10 @@ def _message(error: dict) -> str:
     return text[0].lower() + text[1:] if text else text
 
 
-def _field_path(loc: tuple) -> list[str]:
+def _field_path(loc: tuple, root: type[BaseModel] | None = None, prefix=()) -> list[str]:
     """The config key of a pydantic error location (union members and tags dropped)."""
-    model: type[BaseModel] | None = Config
-    out: list[str] = []
+    model: type[BaseModel] | None = root or Config
+    out: list[str] = list(prefix)
     for part in loc:
         if isinstance(part, int):
             out.append(str(part))
@@ -499,6 +567,7 @@ __all__ = [
     "ProbeConfig",
     "PruneConfig",
     "TrainConfig",
+    "compose",
     "flatten",
     "load_config",
     "parse_override",

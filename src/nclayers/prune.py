@@ -23,7 +23,6 @@ import dataclasses
 import random
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -172,7 +171,7 @@ def finetune(
 
     if epochs < 0:
         raise NCLayersError(f"prune.finetune_epochs={epochs}: use 0 (none) or a positive number")
-    optimizer = make_optimizer(model, dataclasses.replace(train_cfg, lr=lr))
+    optimizer = make_optimizer(model, train_cfg.model_copy(update={"lr": lr}))
     amp = bool(getattr(train_cfg, "amp", False))
     losses = []
     for epoch in range(epochs):
@@ -288,7 +287,7 @@ def prune_summary(table: Sequence[dict]) -> str:
         which = "unpruned" if epochs == 0 else "unpruned, fine-tuned alike"
         ref = f"{which} {none[0]['test_acc']:.4f}" if none else f"{which}: not measured"
         parts = []
-        for kind in _kinds(rows):
+        for kind in removal_kinds(rows):
             group = [r for r in rows if r["kind"] == kind]
             k = group[0]["n_removed"]
             changes = [_change(r, none) for r in group]
@@ -312,69 +311,9 @@ def _change(row: dict, none: Sequence[dict]) -> float:
     return row["acc_change"]
 
 
-def _kinds(rows: Sequence[dict]) -> list[str]:
+def removal_kinds(rows: Sequence[dict]) -> list[str]:
     seen: dict[str, None] = {}
     for r in rows:
         if r["kind"] != NONE:
             seen.setdefault(r["kind"], None)
     return list(seen)
-
-
-def plot_prune(
-    table: Sequence[dict], path: str | Path, layers: Sequence[dict] | None = None
-) -> Path:
-    """Test accuracy of each kind of removal, without and with the fine-tune; random
-    baselines as mean with their seeds' range. Given the per-block rows (`layers`), a
-    second panel draws NC1 per block of the unpruned, chosen and last variants."""
-    from nclayers.report.figures import _pyplot, save_figure
-
-    plt = _pyplot()
-    table = list(table)
-    kinds = [NONE, *_kinds(table)]
-    rounds = sorted({r["finetune_epochs"] for r in table})
-    if layers:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-        _plot_nc1(ax2, layers, [k for k in kinds if not k.startswith("random")], rounds)
-    else:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-    width = 0.8 / len(rounds)
-    for j, epochs in enumerate(rounds):
-        means, lows, highs = [], [], []
-        for kind in kinds:
-            accs = [
-                r["test_acc"] for r in table if r["kind"] == kind and r["finetune_epochs"] == epochs
-            ]
-            m = statistics.mean(accs) if accs else float("nan")
-            means.append(m)
-            lows.append(m - min(accs) if accs else 0.0)
-            highs.append(max(accs) - m if accs else 0.0)
-        xs = [i + (j - (len(rounds) - 1) / 2) * width for i in range(len(kinds))]
-        label = "no fine-tune" if epochs == 0 else f"{epochs}-epoch fine-tune"
-        ax.bar(xs, means, width, yerr=[lows, highs], capsize=3, label=label)
-    k = max((r["n_removed"] for r in table), default=0)
-    ax.set_xticks(range(len(kinds)))
-    ax.set_xticklabels([f"{kd}" for kd in kinds])
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"removing {k} blocks by identity", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    return save_figure(fig, path)
-
-
-def _plot_nc1(ax, layers: Sequence[dict], variants: Sequence[str], rounds: Sequence[int]) -> None:
-    for variant in variants:
-        for epochs in rounds:
-            pts = sorted(
-                (r["layer"], r["nc1"])
-                for r in layers
-                if r.get("variant") == variant and r.get("finetune_epochs") == epochs
-            )
-            if pts:
-                style = "o-" if epochs == 0 else "x--"
-                label = variant + ("" if epochs == 0 else f" +{epochs} ep")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("block index (a removed block shows its input)")
-    ax.set_ylabel("NC1 (sum of CDNV)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)

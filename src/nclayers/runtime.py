@@ -77,8 +77,11 @@ def world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
-    """Rank 0 (or no process group): the process that writes files and prints."""
-    return world()[0] == 0
+    """Rank 0 (or no process group): the process that writes files and prints. Before the
+    group is joined, torchrun's RANK variable tells."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup_distributed(device_name: str = "auto") -> tuple[Distributed, torch.device]:
@@ -124,6 +127,39 @@ def barrier() -> None:
         dist.barrier()
 
 
+# ----------------------------------------------------------------------------- state
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed Python's, NumPy's and torch's global generators for the block, then give the
+    caller's states back: a library call never leaves the global RNG changed."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()  # noqa: NPY002
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002  the generator third-party code uses
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)  # noqa: NPY002
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cuDNN's autotuner for the block (fixed shapes: fastest kernels once), then as it was."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 # ----------------------------------------------------------------------------- progress
 def progress(iterable: Iterable, enabled: bool, desc: str, unit: str = "batch"):
     """`iterable` with a tqdm bar (rate, ETA) when `enabled`, else `iterable` itself."""
@@ -153,9 +189,11 @@ __all__ = [
     "autocast",
     "barrier",
     "counter",
+    "cudnn_benchmark",
     "is_main",
     "progress",
     "resolve_device",
+    "seeded",
     "setup_distributed",
     "world",
 ]

@@ -20,7 +20,6 @@ no folders (the `nclayers.jobs.train` job owns the run folder, checkpoints and l
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from torch.nn import functional as F
 
 from nclayers.data import ArrayDataset, DeviceBatches
 from nclayers.errors import NCLayersError
+from nclayers.files import atomic_open
 from nclayers.runtime import Distributed, all_sum, autocast, counter
 from nclayers.table import Table
 
@@ -87,22 +87,22 @@ def lr_factor(tc, epoch: int) -> float:
         t = (epoch - tc.warmup_epochs) / span
         low = tc.min_lr / tc.lr
         return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if tc.schedule == "linear":  # linear decay to min_lr (the transformers fine-tuning one)
+        span = max(1, tc.epochs - tc.warmup_epochs)
+        t = (epoch - tc.warmup_epochs) / span
+        low = tc.min_lr / tc.lr
+        return 1.0 - (1.0 - low) * t
     if tc.schedule == "constant":
         return 1.0
-    raise NCLayersError(f"train.schedule={tc.schedule!r}: expected multistep, cosine or constant")
+    raise NCLayersError(
+        f"train.schedule={tc.schedule!r}: expected multistep, cosine, linear or constant"
+    )
 
 
 def is_convnet(model: nn.Module) -> bool:
     """More than one Conv2d. Swin and ViT have one (the patch embedding), and
     channels_last only pays off where convolutions dominate."""
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    # The legacy global generator is the one third-party code draws from; seed and save it.
-    np.random.seed(seed % 2**32)  # noqa: NPY002
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -128,20 +128,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, **state) -> None:
-    """Write atomically: to a temporary file, flushed to disk, then renamed over the old
-    one. A crash at any point leaves the previous checkpoint whole; a failed write
-    removes its temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write atomically (`files.atomic_open`): a crash at any point leaves the previous
+    checkpoint whole; a failed write removes its temporary file."""
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path) -> dict:

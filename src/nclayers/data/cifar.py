@@ -84,7 +84,7 @@ def find_cifar_root(name: str, data_dir: str | Path) -> Path:
     for cand in (data_dir / layout["folder"], data_dir):
         if (cand / layout["test"][0]).is_file():
             return cand
-    raise FileNotFoundError(
+    raise NCLayersError(
         f"data.dir={str(data_dir)!r} holds no {name} batches (looked for "
         f"{layout['folder']}/{layout['test'][0]}); point data.dir at the folder that contains "
         f"{layout['folder']}/, or set data.download=true when online"
@@ -111,7 +111,7 @@ def load_cifar_split(
     data, labels = [], []
     for fname in layout[split]:
         if not (root / fname).is_file():
-            raise FileNotFoundError(f"{root / fname} is missing; {_good_copy(name)}")
+            raise NCLayersError(f"{root / fname} is missing; {_good_copy(name)}")
         batch_data, batch_labels = _batch(root / fname, name)
         data.append(batch_data)
         labels.extend(batch_labels)

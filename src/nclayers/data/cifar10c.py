@@ -34,7 +34,7 @@ def find_cifar10c_root(data_dir: str | Path) -> Path:
     for cand in (data_dir / FOLDER, data_dir):
         if (cand / "labels.npy").is_file():
             return cand
-    raise FileNotFoundError(
+    raise NCLayersError(
         f"data.dir={str(data_dir)!r} holds no {FOLDER}/labels.npy; unpack the CIFAR-10-C "
         f"release ({SOURCE}) there, or point data.dir at the folder holding {FOLDER}/"
     )
@@ -44,7 +44,7 @@ def _load_npy(path: Path, shape_tail: tuple[int, ...]) -> np.ndarray:
     """A memory-mapped .npy of uint8 (N, *shape_tail), checked whole before use."""
     how = f"replace it with a good copy from {SOURCE}"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; {how}")
+        raise NCLayersError(f"{path} is missing; {how}")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:

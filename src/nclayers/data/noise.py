@@ -109,7 +109,8 @@ def changed_views(clean: torch.Tensor, noisy: torch.Tensor) -> dict[str, torch.T
 
 def _bad_file(path: Path, err: Exception, how: str) -> ValueError:
     return NCLayersError(
-        f"{path}: truncated or unreadable ({type(err).__name__}: {err}); replace it with a "
+        f"{path}: truncated or unreadable ({type(err).__name__}: "
+        f"{(str(err).strip().splitlines() or [''])[0]}); replace it with a "
         f"good copy: {how}"
     )
 
@@ -121,6 +122,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 _NUMPY_ARRAY_GLOBALS = [
     (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    _reconstruct,  # the name numpy 2 writes
     np.ndarray,
     np.dtype,
     *(type(np.dtype(t)) for t in ("int64", "int32", "int16", "int8", "uint8", "bool")),
@@ -164,7 +166,7 @@ def _human_labels(
                 clean = arrays.get("clean_label")
                 clean = torch.as_tensor(clean.astype(np.int64)) if clean is not None else None
                 return labels, clean
-    raise FileNotFoundError(
+    raise NCLayersError(
         f"data.dir={str(data_dir)!r} holds no {folder}/{stem}.npz or .pt; put the label file "
         f"there (from {CIFARN_SOURCE})"
     )

@@ -12,16 +12,15 @@ says in words which blocks memorize.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from nclayers.config import Config, load_config, save_config
-from nclayers.jobs.analyze import analyze_run
-from nclayers.jobs.folder import RunFolder
-from nclayers.jobs.probe import probe_run
+from nclayers.config import Config, load_config
+from nclayers.jobs.analyze import analyze_job
+from nclayers.jobs.folder import LAYERS, MEMORIZATION, SUMMARY, RunFolder
+from nclayers.jobs.probe import probe_job
 from nclayers.jobs.report import describe_memorization, write_report
-from nclayers.jobs.train import train_run
+from nclayers.jobs.train import train_job
 from nclayers.memorization import memorization_layers, memorization_ratio
 from nclayers.report.figures import plot_layers, plot_layout, plot_metric
 from nclayers.table import Table
@@ -56,39 +55,55 @@ DEMO_OVERRIDES = [
 NOISE = 0.4
 
 
-def demo_config(out: str | Path = "runs/demo", overrides: list[str] | tuple = ()) -> Config:
-    return load_config(None, [*DEMO_OVERRIDES, f"out={out}", *overrides])
+def demo_config(overrides: list[str] | tuple = ()) -> Config:
+    return load_config(None, [*DEMO_OVERRIDES, *overrides])
 
 
 def run_demo(
     out: str | Path = "runs/demo", overrides: list[str] | tuple = (), progress: bool = True
 ) -> dict:
     out = Path(out)
-    base = demo_config(out, overrides)
+    folder = RunFolder(out)
+    base = demo_config(overrides)
     t0 = time.perf_counter()
     tables, accuracy = [], {}
     for run, noise in (("clean", None), (f"noise{round(NOISE * 100)}", NOISE)):
-        cfg = load_config(
-            None, [f"out={out / run}", f"run={run}", f"data.noise={noise or 0}"], base
-        )
+        cfg = base.updated({"run": run, "data.noise": noise or 0})
         print(
             f"[{run}] training {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name}"
             f" for {cfg.train.epochs} epochs" + (f", {noise:.0%} labels shuffled" if noise else "")
         )
-        result = train_run(cfg, progress=progress)
+        sub = RunFolder(out / run)
+        trained = train_job(cfg, sub, progress=progress, force=True)
         print(f"[{run}] measuring every block")
-        table = analyze_run(cfg, model=result["model"], progress=progress)
+        table = analyze_job(cfg, sub, model=trained.model, progress=progress)
         print(f"[{run}] linear probes on every block")
-        probe_run(cfg, model=result["model"], progress=progress)
-        tables.append(RunFolder(cfg.out).layers())  # the analysis rows, with probe_acc
+        probe_job(cfg, sub, model=trained.model, progress=progress)
+        tables.append(sub.layers())  # the analysis rows, with probe_acc
         accuracy[run] = {"train_" + v: a for v, a in table.meta["accuracy"]["train"].items()} | {
             "test": table.meta["accuracy"]["test"]["clean"]
         }
-
     layers = Table(r for t in tables for r in t)
-    layers.to_csv(out / "layers.csv")
     ratios = memorization_ratio(layers, split="train")
-    ratios.to_csv(out / "memorization.csv")
+    figures = _figures(folder, layers, ratios)
+    folder.write_table(LAYERS, layers)
+    folder.write_table(MEMORIZATION, ratios)
+    folder.save_config(base)  # the demo's own settings, before either run's changes
+    summary = {
+        "config": base.to_dict(),
+        "runs": [t[0]["run"] for t in tables],
+        "accuracy": accuracy,
+        "memorization_layers": memorization_layers(ratios),
+        "seconds": time.perf_counter() - t0,
+    }
+    folder.write_json(SUMMARY, summary)
+    report = write_report(out)
+    _tell(layers, ratios, summary, accuracy, figures, report, out)
+    return summary
+
+
+def _figures(folder: RunFolder, layers: Table, ratios: Table) -> list[Path]:
+    out = folder.path
     labelled = Table({**r, "labels": _labels(r["run"])} for r in layers)
     figures = plot_layout(labelled, out / "demo", "noisy", curves="labels", memorization=Table(
         {**r, "labels": _labels(r["run"])} for r in ratios), formats=("png",),
@@ -99,18 +114,10 @@ def run_demo(
         plot_metric(layers.where(split="train"), "nc1", out / "nc1_train.png",
                     title="NC1 on the training images, by labels view")
     )  # fmt: skip
-    save_config(base, out / "config.yaml")
-    summary = {
-        "config": base.to_dict(),
-        "runs": [t[0]["run"] for t in tables],
-        "accuracy": accuracy,
-        "memorization_layers": memorization_layers(ratios),
-        "seconds": time.perf_counter() - t0,
-        "files": sorted(p.name for p in out.iterdir() if p.is_file()),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    report = write_report(out)
+    return [f for f in figures if f]
 
+
+def _tell(layers, ratios, summary, accuracy, figures, report, out) -> None:
     test = layers.where(split="test", run="clean")
     print()
     print("Clean model, test split, every block:")
@@ -124,9 +131,8 @@ def run_demo(
         print(f"{run}: " + ", ".join(f"{k} acc {v:.3f}" for k, v in acc.items()))
     print(
         f"Results in {out}/: layers.csv, memorization.csv, summary.json, "
-        f"{', '.join(p.name for p in figures if p)}, {report.name}  ({summary['seconds']:.0f} s)"
+        f"{', '.join(p.name for p in figures)}, {report.name}  ({summary['seconds']:.0f} s)"
     )
-    return summary
 
 
 def _labels(run: str) -> str:

@@ -1,12 +1,15 @@
-"""The `nclayers equality` job: are all layers equal, for each run of a folder.
+"""The `nclayers equality` job: are all layers equal, for a run or every run of a folder.
 
-Reads a layers.csv (given, in a run folder, or in each run folder of a sweep), fits the
-law of separation against a decay-flat-decay plateau, applies the plateau rule, and
-writes beside each table: equality.csv (per block: enhancement, fits, residuals,
-redundant), equality.json (per curve: the fit, the verdict, the rule, the redundant
-blocks) and equality[-RUN].png; for a split other than test the names end in -SPLIT
-(equality-train.csv, ...), so fits of both splits live side by side. Where the run
-folder holds a prune.csv, the pruning result is read back too.
+For a run folder (`equality_job(cfg, folder)`, the sweep's stage): reads its layers.csv,
+fits the law of separation against a decay-flat-decay plateau with `cfg.equality`,
+applies the plateau rule, and writes equality.csv (per block: enhancement, fits,
+residuals, redundant), equality.json (per curve: the fit, the verdict, the rule, the
+redundant blocks) and equality[-RUN].png; for a split other than test the names end in
+-SPLIT, so fits of both splits live side by side. `prune --blocks plateau` reads the
+redundant blocks back from equality.json when it is up to date, so the two always agree.
+
+`equality_tables(target, cfg)` does the same beside every layers.csv under a sweep
+folder, or for one loose layers.csv.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nclayers.config import Config, EqualityConfig
 from nclayers.equality import (
     CurveReport,
     analyze_equality,
     equality_table,
     format_equality,
-    plot_equality,
     summary_row,
 )
 from nclayers.errors import NCLayersError
-from nclayers.jobs.folder import CONFIG, LAYERS, PRUNE, RunFolder
+from nclayers.jobs.common import run_folder
+from nclayers.jobs.folder import LAYERS, PRUNE, RunFolder
 from nclayers.prune import prune_summary
+from nclayers.report.equality_figures import plot_equality
 from nclayers.table import Table
 
 EQUALITY = "equality"  # equality.csv, equality.json, equality.png (+ "-SPLIT" off test)
@@ -48,9 +53,51 @@ class EqualityResult:
         return "\n\n".join(parts)
 
 
-def layer_tables(target: str | Path) -> list[Path]:
-    """The layers.csv files `target` names: the file itself, a run folder's, or those of
-    every run folder below a sweep folder."""
+def equality_stem(ec: EqualityConfig) -> str:
+    return EQUALITY if ec.split == "test" else f"{EQUALITY}-{_slug(ec.split)}"
+
+
+def equality_job(
+    cfg: Config, folder: RunFolder | str | Path, *, progress: bool = True, plot: bool = True
+) -> EqualityResult:
+    """Answer "are all layers equal?" for the run in `folder` (its layers.csv)."""
+    folder = run_folder(folder)
+    with folder.lock():
+        if not folder.exists(LAYERS):
+            raise NCLayersError(
+                f"{folder.path} holds no {LAYERS}; run `nclayers analyze {folder.path}` first"
+            )
+        result = _answer(folder, folder.layers(), cfg.equality, plot)
+        verdicts = {str(r.key.get("run")): r.fit.preferred for r in result.reports}
+        folder.mark_done("equality", cfg, verdicts=verdicts)
+    return result
+
+
+def equality_tables(target: str | Path, ec: EqualityConfig, plot: bool = True):
+    """The equality answer beside every layers.csv that `target` names: the file itself,
+    a run folder's, or those of every run folder below a sweep folder."""
+    return [_answer(RunFolder(p.parent), Table.from_csv(p), ec, plot) for p in _tables(target)]
+
+
+def _answer(folder: RunFolder, layers: Table, ec: EqualityConfig, plot: bool) -> EqualityResult:
+    reports = analyze_equality(
+        layers, split=ec.split, view=ec.view, fraction=ec.plateau_fraction,
+        min_run=ec.plateau_min_run, margin=ec.bic_margin,
+    )  # fmt: skip
+    result = EqualityResult(folder.file(LAYERS), reports)
+    if folder.exists(PRUNE):
+        result.prune_text = prune_summary(folder.read_table(PRUNE))
+    stem = equality_stem(ec)
+    result.written.append(folder.write_table(f"{stem}.csv", equality_table(reports)))
+    result.written.append(folder.write_json(f"{stem}.json", [summary_row(r) for r in reports]))
+    for rep in reports if plot else ():
+        name = _slug(rep.key.get("run")) if len(reports) > 1 else ""
+        result.written.append(plot_equality(rep, folder.file(f"{stem}-{name}.png" if name
+                                                              else f"{stem}.png")))  # fmt: skip
+    return result
+
+
+def _tables(target: str | Path) -> list[Path]:
     target = Path(target)
     if target.is_file():
         return [target]
@@ -66,37 +113,8 @@ def layer_tables(target: str | Path) -> list[Path]:
     raise NCLayersError(f"{str(target)!r} is neither a layers.csv nor a run or sweep folder")
 
 
-def equality_run(target: str | Path, cfg, plot: bool = True) -> list[EqualityResult]:
-    """Answer "are all layers equal?" for every layers.csv under `target`.
-
-    cfg: an `EqualityConfig` (split, view, plateau_fraction, plateau_min_run, bic_margin).
-    """
-    results = []
-    for path in layer_tables(target):
-        reports = analyze_equality(
-            Table.from_csv(path), split=cfg.split, view=cfg.view,
-            fraction=cfg.plateau_fraction, min_run=cfg.plateau_min_run,
-            margin=cfg.bic_margin,
-        )  # fmt: skip
-        folder = RunFolder(path.parent)
-        result = EqualityResult(path, reports)
-        if folder.exists(PRUNE):
-            result.prune_text = prune_summary(Table.from_csv(folder.file(PRUNE)))
-        stem = EQUALITY if cfg.split == "test" else f"{EQUALITY}-{_slug(cfg.split)}"
-        result.written.append(equality_table(reports).to_csv(folder.file(f"{stem}.csv")))
-        payload = [summary_row(r) for r in reports]
-        result.written.append(folder.write_json(f"{stem}.json", payload))
-        if plot:
-            for rep in reports:
-                name = _slug(rep.key.get("run")) if len(reports) > 1 else ""
-                png = folder.file(f"{stem}-{name}.png" if name else f"{stem}.png")
-                result.written.append(plot_equality(rep, png))
-        if folder.exists(CONFIG):  # a run folder (not a loose layers.csv): record the stage
-            verdicts = {str(r.key.get("run")): r.fit.preferred for r in reports}
-            folder.mark_done("equality", verdicts=verdicts)
-        results.append(result)
-    return results
-
-
 def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value or "")).strip("_")
+
+
+__all__ = ["EQUALITY", "EqualityResult", "equality_job", "equality_stem", "equality_tables"]

@@ -1,35 +1,50 @@
-"""What a run folder holds, how its files are named, and which stages are finished.
+"""A run folder: every file name, every write, the lock, and which stages are up to date.
 
-Every job (train, analyze, probe, memorization, prune, sweep, demo) reads and writes a
-run folder through `RunFolder`; the library functions below the jobs never see a path.
+Every job reads and writes its run folder through `RunFolder`; the library below the jobs
+never sees a path.
 
     run/
-      config.yaml          the resolved config (written by the first stage that runs)
+      config.yaml          the run: the settings that define its weights (train, or the
+                           first stage that measures a model given by model.checkpoint)
       checkpoint.pt        trained weights, optimiser and RNG states (train)
-      train_summary.json   accuracies, history, timings (train)
+      train_summary.json   accuracies, history, timings, label-noise fit (train)
       train.log            one line per epoch (train)
       nc_dynamics.csv      NC per block during training (train, when tracked)
-      layers.csv           one row per (run, split, view, layer[, input]) (analyze, probe, ...)
-      summary.json         configs, accuracies, timings of the analysis stages
-      probe.csv            per-epoch probe loss/accuracy per block (probe)
-      probe_heads.pt       the trained probe heads (probe)
-      memorization.csv     per block NC1 clean/noisy and the ratio (memorization)
-      prune.csv            accuracy and NC after pruning blocks (prune)
-      report.html          the self-contained report (report)
-      stages.json          finished stages, each with when and what it recorded
+      layers.csv           one row per (run, split, view, input, layer); each stage owns
+                           its columns: analyze nc1 .. ncc_acc, probe probe_acc
+      summary.json         per stage: its settings, accuracies and timings
+      probe.csv, probe_heads.pt, probe_state.pt (a resumable cache)   (probe)
+      memorization.csv, memorization_layers.csv                       (memorization)
+      prune.csv, prune_layers.csv; equality.csv, equality.json        (prune, equality)
+      *.png, figures/      figures, redrawn when their data is newer
+      report.html          the self-contained report
+      stages.json          finished stages: when, which weights, which settings
+      manifest.json        sha256 of every file written here, to tell a damaged file
+      .lock                held by the process working in the folder
+
+Writes are atomic (temporary file, fsync, rename) and recorded in manifest.json; a read
+checks the file against it, so a file cut short or overwritten by anything else is
+refused naming the file and what to do (a cache is dropped instead). Only one process
+works in a folder at a time (`lock()`, a file lock): two sweeps that share a run never
+train it twice nor tear a file. Under torchrun only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
+import logging
 import time
+import uuid
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nclayers.config import Config, load_config, save_config
+from nclayers.config import Config, flatten, load_config, save_config, weights_settings
 from nclayers.errors import NCLayersError
+from nclayers.files import atomic_open, atomic_write, dumps_json
 from nclayers.table import Table
 
 CONFIG = "config.yaml"
@@ -41,20 +56,68 @@ LAYERS = "layers.csv"
 SUMMARY = "summary.json"
 PROBE = "probe.csv"
 PROBE_HEADS = "probe_heads.pt"
+PROBE_STATE = "probe_state.pt"
 MEMORIZATION = "memorization.csv"
+MEMORIZATION_LAYERS = "memorization_layers.csv"
 PRUNE = "prune.csv"
+PRUNE_LAYERS = "prune_layers.csv"
 REPORT = "report.html"
 STAGES = "stages.json"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+ERROR_LOG = "error.log"
 
-# Columns that identify a row of layers.csv; other columns are measurements.
+# Columns that identify a row of layers.csv, those that describe the block, and the
+# measurement columns each stage owns there.
 LAYER_KEYS = ("run", "split", "view", "input", "layer")
+LAYER_DESCRIPTORS = ("block", "dim")
+STAGE_COLUMNS = {
+    "analyze": ("n", "nc1", "cdnv_mean", "nc2", "ncc_acc", "nc1_classic"),
+    "probe": ("probe_acc",),
+}
+# What a stage's result depends on besides its own settings: the run's weights, and the
+# results of other stages.
+NEEDS_WEIGHTS = ("analyze", "probe", "memorization", "prune")
+DEPENDS_ON = {"equality": ("analyze",), "prune": ()}
+# The config keys whose values a stage's result depends on (prefixes); keys that only
+# say where or how fast (data.dir, device, batch sizes) are left out.
+STAGE_SETTINGS = {
+    "analyze": ("data", "model", "analyze.split", "analyze.reference", "analyze.classic_nc1",
+                "analyze.amp", "analyze.task", "analyze.top_k", "run"),
+    "probe": ("data", "model", "probe", "run"),
+    "memorization": ("data", "model", "analyze.amp", "run"),
+    "prune": ("data", "model", "prune", "equality", "train", "run"),
+    "equality": ("equality", "run"),
+}  # fmt: skip
+UNSTEERING = ("data.dir", "data.download", "data.workers", "data.decoder",
+              "probe.eval_batch_size", "model.checkpoint")  # fmt: skip
+
+# What to do about a damaged file, by name.
+REMEDY = {
+    CONFIG: "the run's settings are lost: train it again in a new folder",
+    CHECKPOINT: "the weights are lost: train again (nclayers train RUN --force), or copy a "
+    "good checkpoint.pt back",
+    STAGES: "delete it: every stage then runs again",
+    MANIFEST: "delete it: files are then read without checking them against it",
+    LAYERS: "delete it and run `nclayers analyze RUN` (and probe) again",
+    SUMMARY: "delete it and run the run's stages again",
+    TRAIN_SUMMARY: "train the run again (nclayers train RUN --force)",
+}
+log = logging.getLogger("nclayers.jobs")
 
 
 class RunFolder:
-    """A run folder: file paths, the saved config, finished stages, layers.csv updates."""
+    """A run folder: file names, atomic checked writes, the lock, stages and their state."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, write: bool = True) -> None:
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise NCLayersError(
+                f"{str(self.path)!r} is a file, not a run folder; pass --out a folder path"
+            )
+        # Under torchrun every rank builds the folder, only rank 0 writes to it.
+        self.writes = write
+        self._lock = None
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -66,90 +129,406 @@ class RunFolder:
         return self.file(name).is_file()
 
     def mkdir(self) -> RunFolder:
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.writes:
+            self.path.mkdir(parents=True, exist_ok=True)
         return self
 
-    # ----------------------------------------------------------------- config
-    def save_config(self, cfg: Config) -> None:
-        self.mkdir()
-        save_config(cfg, self.file(CONFIG))
+    # ----------------------------------------------------------------- lock
+    @contextmanager
+    def lock(self, wait_message: bool = True):
+        """Hold the folder's file lock (re-entrant within this process). Another process
+        that wants the folder waits until this one is done."""
+        if not self.writes:
+            yield self
+            return
+        from filelock import FileLock, Timeout
 
-    def load_config(self, overrides: Sequence[str] = ()) -> Config:
-        """The run's saved config, with `key=value` overrides; `out` is this folder."""
+        self.mkdir()
+        if self._lock is None:
+            self._lock = FileLock(str(self.file(LOCK)), is_singleton=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            if wait_message:
+                log.warning("%s is in use by another process; waiting for it", self.path)
+            self._lock.acquire()
+        if self._lock.lock_counter == 1:  # the first holder: clear writes torn by a kill
+            for torn in self.path.glob(".*.tmp"):
+                torn.unlink(missing_ok=True)
+        try:
+            yield self
+        finally:
+            self._lock.release()
+
+    # ----------------------------------------------------------------- writes
+    def write(self, name: str, data: str | bytes) -> Path:
+        """Write a file atomically and record its checksum."""
+        if not self.writes:
+            return self.file(name)
+        with self.lock(wait_message=False):
+            path = atomic_write(self.mkdir().file(name), data)
+            raw = data.encode() if isinstance(data, str) else data
+            self._record(name, hashlib.sha256(raw).hexdigest(), len(raw))
+        return path
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return self.write(name, dumps_json(obj))
+
+    def write_table(self, name: str, table: Table) -> Path:
+        return self.write(name, table.to_csv_text())
+
+    def save_torch(self, name: str, obj: Any) -> Path:
+        """torch.save atomically, hashing the bytes as they are written."""
+        import torch
+
+        if not self.writes:
+            return self.file(name)
+        with self.lock(wait_message=False):
+            path = self.mkdir().file(name)
+            with atomic_open(path, "wb") as f:
+                hashing = _HashingWriter(f)
+                torch.save(obj, hashing)
+            self._record(name, hashing.sha.hexdigest(), hashing.size)
+        return path
+
+    def save_figure(self, name: str, fig) -> Path:
+        """A matplotlib Figure saved atomically (by its file name's format)."""
+        buf = io.BytesIO()
+        fig.savefig(buf, format=Path(name).suffix.lstrip(".") or "png", dpi=150,
+                    bbox_inches="tight")  # fmt: skip
+        return self.write(name, buf.getvalue())
+
+    def remove(self, *names: str) -> None:
+        if not self.writes:
+            return
+        with self.lock(wait_message=False):
+            for name in names:
+                self.file(name).unlink(missing_ok=True)
+            manifest = self._manifest()
+            if any(n in manifest for n in names):
+                self._write_manifest({k: v for k, v in manifest.items() if k not in names})
+
+    def _record(self, name: str, sha: str, size: int) -> None:
+        if name == MANIFEST:
+            return
+        manifest = self._manifest()
+        manifest[name] = {"sha256": sha, "bytes": size}
+        self._write_manifest(manifest)
+
+    def _manifest(self) -> dict:
+        if not self.exists(MANIFEST):
+            return {}
+        try:
+            obj = json.loads(self.file(MANIFEST).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            obj = None
+        if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+            raise self.damaged(MANIFEST, "not the checksum list nclayers writes")
+        return obj
+
+    def _write_manifest(self, manifest: dict) -> None:
+        atomic_write(self.file(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+
+    # ----------------------------------------------------------------- checked reads
+    def damaged(self, name: str, why: str) -> NCLayersError:
+        remedy = REMEDY.get(name, "delete it and run the stage that writes it again")
+        return NCLayersError(f"{self.file(name)} is damaged ({why}); {remedy}")
+
+    def verify(self, name: str) -> Path:
+        """The file's path, after checking it against the checksum written with it."""
+        path = self.file(name)
+        entry = self._manifest().get(name)
+        if entry is None or not path.is_file():
+            return path
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise self.damaged(name, f"{size} bytes, {entry.get('bytes')} were written")
+        if file_sha256(path) != entry.get("sha256"):
+            raise self.damaged(name, "its contents differ from what nclayers wrote")
+        return path
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.verify(name).read_bytes()
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """A JSON file's object (`default` when the file does not exist)."""
+        if not self.exists(name):
+            return {} if default is None else default
+        try:
+            obj = json.loads(self.read_bytes(name).decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise self.damaged(name, f"not valid JSON: {err}") from None
+        if not isinstance(obj, type(default) if default is not None else dict):
+            raise self.damaged(name, f"expected a JSON object, found {type(obj).__name__}")
+        return obj
+
+    def read_table(self, name: str, schema: dict | None = None) -> Table:
+        """A CSV of the folder (an empty Table when it does not exist)."""
+        if not self.exists(name):
+            return Table(schema=schema)
+        data = self.read_bytes(name)
+        try:
+            return Table.from_csv_text(data.decode("utf-8"), str(self.file(name)), schema)
+        except UnicodeDecodeError:
+            raise self.damaged(name, "not text") from None
+        except NCLayersError as err:
+            remedy = REMEDY.get(name, "delete it and run the stage that writes it again")
+            raise NCLayersError(f"{err}; {remedy}") from None
+
+    def load_torch(self, name: str, cache: bool = False) -> Any:
+        """A torch file (weights_only). A damaged cache (`cache=True`) is removed and None
+        returned; any other damaged file is refused."""
+        import pickle
+
+        import torch
+
+        try:
+            self.verify(name)
+            return torch.load(self.file(name), map_location="cpu", weights_only=True)
+        except (NCLayersError, RuntimeError, OSError, EOFError, pickle.UnpicklingError,
+                ValueError, KeyError, AttributeError, TypeError) as err:  # fmt: skip
+            if cache:
+                log.warning("%s is damaged (%s); it is only a cache: starting over",
+                            self.file(name), _first_line(err))  # fmt: skip
+                self.remove(name)
+                return None
+            if isinstance(err, NCLayersError):
+                raise
+            raise self.damaged(name, f"torch.load failed: {_first_line(err)}") from None
+
+    # ----------------------------------------------------------------- the run's config
+    def has_run(self) -> bool:
+        return self.exists(CONFIG)
+
+    def config(self, overrides: Sequence[str] = ()) -> Config:
+        """The run's saved config with `key=value` overrides (for this call only)."""
         if not self.exists(CONFIG):
             raise NCLayersError(
                 f"{str(self.path)!r} is not a run folder (no {CONFIG}); pass a folder written "
                 "by `nclayers train` or `nclayers analyze`, or a config file"
             )
-        cfg = load_config(self.file(CONFIG), overrides)
-        cfg.out = str(self.path)
-        return cfg
+        self.verify(CONFIG)
+        return load_config(self.file(CONFIG), overrides)
+
+    def save_config(self, cfg: Config) -> None:
+        if self.writes:
+            with self.lock(wait_message=False):
+                save_config(cfg, self.mkdir().file(CONFIG))
+                self._record(
+                    CONFIG, file_sha256(self.file(CONFIG)), self.file(CONFIG).stat().st_size
+                )
+
+    def adopt(self, cfg: Config) -> None:
+        """Make this folder `cfg`'s run: write config.yaml if there is none (call it once the
+        stage succeeded; `check_run` first)."""
+        self.check_run(cfg)
+        if not self.has_run():
+            self.save_config(cfg)
+
+    def check_run(self, cfg: Config) -> None:
+        """Refuse when the folder holds another run (other data, model or training
+        settings) than `cfg` describes."""
+        if not self.has_run():
+            return
+        mine = weights_settings(self.config())
+        theirs = weights_settings(cfg)
+        # Which weights a stage measures is its own record (stages.json), not the run's.
+        chosen = ("model.checkpoint", "model.untrained")
+        diff = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k)
+                      and k not in chosen)  # fmt: skip
+        if diff:
+            shown = ", ".join(
+                f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} asked" for k in diff[:4]
+            )
+            raise NCLayersError(
+                f"{self.path} holds another run ({shown}); pass the run folder itself "
+                "(nclayers VERB RUN), or --out a new folder"
+            )
 
     # ----------------------------------------------------------------- stages
     def stages(self) -> dict[str, dict]:
-        if not self.exists(STAGES):
-            return {}
-        return json.loads(self.file(STAGES).read_text())
+        stages = self.read_json(STAGES)
+        if not all(isinstance(v, dict) for v in stages.values()):
+            raise self.damaged(STAGES, "expected one object per stage")
+        return stages
 
-    def done(self, stage: str) -> bool:
-        return stage in self.stages()
-
-    def mark_done(self, stage: str, **info: Any) -> None:
-        """Record a finished stage (atomically, so a kill never leaves half a file)."""
+    def mark_done(self, stage: str, cfg: Config, **info: Any) -> dict:
+        """Record a finished stage: when, the weights and settings it used, its inputs."""
         stages = self.stages()
-        stages[stage] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        record = {
+            "id": uuid.uuid4().hex[:12],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "settings": stage_settings(stage, cfg),
+            "inputs": {d: stages.get(d, {}).get("id") for d in DEPENDS_ON.get(stage, ())},
+            **info,
+        }
+        if stage in NEEDS_WEIGHTS:
+            record["weights"] = self.weights(cfg)
+        stages[stage] = record
         self.write_json(STAGES, stages)
+        return record
 
     def forget(self, *stages: str) -> None:
-        """Mark stages unfinished (e.g. analysis after the model was trained further)."""
         current = self.stages()
         if any(s in current for s in stages):
             self.write_json(STAGES, {k: v for k, v in current.items() if k not in stages})
 
-    # ----------------------------------------------------------------- files
-    def write_json(self, name: str, obj: Any) -> Path:
-        self.mkdir()
-        path = self.file(name)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+    def status(self, stage: str, cfg: Config) -> str:
+        """ "done", "missing", or "out of date: why" for `stage` run with `cfg` now."""
+        stages = self.stages()
+        record = stages.get(stage)
+        if record is None:
+            return "missing"
+        if stage == "train":
+            if not self.exists(CHECKPOINT):
+                return "out of date: checkpoint.pt is missing"
+            if record.get("weights", {}).get("sha256") != self.checkpoint_sha():
+                return "out of date: checkpoint.pt changed since training finished"
+        if stage in NEEDS_WEIGHTS:
+            try:
+                now = self.weights(cfg)
+            except NCLayersError:
+                return "out of date: no trained weights now"
+            then = record.get("weights") or {}
+            if then.get("sha256") != now.get("sha256"):
+                was, new = then.get("epoch"), now.get("epoch")
+                epochs = f" (epoch {was} then, {new} now)" if was != new else ""
+                return f"out of date: the weights changed{epochs}"
+        for dep in DEPENDS_ON.get(stage, ()):
+            if (record.get("inputs") or {}).get(dep) != stages.get(dep, {}).get("id"):
+                return f"out of date: {dep} ran again since"
+        settings = stage_settings(stage, cfg)
+        if record.get("settings") != settings:
+            then = record.get("settings") or {}
+            keys = sorted(k for k in {*then, *settings} if then.get(k) != settings.get(k))
+            return f"out of date: settings changed ({', '.join(keys[:4])})"
+        return "done"
 
-    def read_json(self, name: str) -> dict:
-        return json.loads(self.file(name).read_text()) if self.exists(name) else {}
+    def done(self, stage: str, cfg: Config) -> bool:
+        return self.status(stage, cfg) == "done"
 
-    def update_json(self, name: str, **values: Any) -> dict:
-        """Merge top-level keys into a JSON file (summary.json is shared by the stages)."""
-        obj = self.read_json(name)
-        obj.update(values)
-        self.write_json(name, obj)
-        return obj
+    # ----------------------------------------------------------------- weights
+    def checkpoint_sha(self) -> str | None:
+        entry = self._manifest().get(CHECKPOINT)
+        if entry is not None:
+            return entry.get("sha256")
+        return file_sha256(self.file(CHECKPOINT)) if self.exists(CHECKPOINT) else None
 
+    def weights(self, cfg: Config) -> dict[str, Any]:
+        """Which weights `cfg` measures in this folder: model.checkpoint, the folder's
+        checkpoint.pt, a Hugging Face model folder, or (model.untrained) none on purpose.
+        Refuses when there are no trained weights."""
+        mc = cfg.model
+        if mc.untrained:
+            return {"untrained": True, "sha256": "untrained"}
+        if mc.checkpoint:
+            path = Path(mc.checkpoint)
+            if not path.is_file():
+                raise NCLayersError(
+                    f"model.checkpoint={mc.checkpoint!r}: no such file; pass the path of a "
+                    "weights file (nclayers, torchvision, timm or mmpretrain)"
+                )
+            return {"file": str(path.resolve()), "sha256": file_sha256(path)}
+        if self.exists(CHECKPOINT):
+            train = self.stages().get("train") or {}
+            sha = self.checkpoint_sha()
+            epoch = (train.get("weights") or {}).get("epoch")
+            return {"file": CHECKPOINT, "sha256": sha, "epoch": epoch}
+        if mc.name.startswith("hf:") and Path(mc.name[3:]).is_dir():
+            return {"hf": mc.name, "sha256": _folder_stamp(Path(mc.name[3:]))}
+        if mc.name.startswith("hf:"):  # a hub id: from_pretrained's weights
+            return {"hf": mc.name, "sha256": mc.name}
+        raise NCLayersError(
+            f"{self.path} has no trained weights (no {CHECKPOINT}): train it first "
+            f"(nclayers train ... --out {self.path}), pass model.checkpoint=FILE, or "
+            "model.untrained=true to measure the model as initialised"
+        )
+
+    # ----------------------------------------------------------------- layers.csv
     def layers(self) -> Table:
-        return Table.from_csv(self.file(LAYERS)) if self.exists(LAYERS) else Table()
+        return self.read_table(LAYERS)
 
-    def upsert_layers(self, rows: Iterable[dict], keys: Sequence[str] = LAYER_KEYS) -> Table:
-        """Merge rows into layers.csv: a row whose key columns match an existing row fills
-        in its columns (e.g. `probe_acc` into the analyze rows); other rows are appended."""
+    def merge_layers(self, stage: str, rows: Iterable[dict]) -> Table:
+        """Put a stage's rows into layers.csv: its columns are cleared everywhere first, so
+        running a stage again replaces what it wrote and never mixes two runs of it."""
+        owned = STAGE_COLUMNS[stage]
         table = self.layers()
-
-        def key(row: dict) -> tuple:
-            return tuple(row.get(k) for k in keys)
-
-        index = {key(r): r for r in table}
-        for row in rows:
-            old = index.get(key(row))
-            if old is None:
-                table.append(dict(row))
-                index[key(row)] = table[-1]
+        for row in table:
+            for col in owned:
+                row.pop(col, None)
+        index = {_row_key(r): r for r in table}
+        for new in rows:
+            key = _row_key(new)
+            kept = {k: new.get(k) for k in (*LAYER_KEYS, *LAYER_DESCRIPTORS) if k in new}
+            values = {k: v for k, v in new.items() if k in owned}
+            if key in index:
+                index[key].update(values)
+                for k, v in kept.items():
+                    index[key].setdefault(k, v)
             else:
-                old.update({k: v for k, v in row.items() if v is not None})
-        table.to_csv(self.file(LAYERS))
+                index[key] = {**kept, **values}
+                table.append(index[key])
+        measured = {c for cols in STAGE_COLUMNS.values() for c in cols}
+        table = Table(r for r in table if any(r.get(c) is not None for c in measured))
+        self.write_table(LAYERS, table)
         return table
 
-    def replace_layers(self, rows: Iterable[dict], **match: Any) -> Table:
-        """Replace the rows matching `match` (e.g. split="train") by `rows`, keep the rest."""
-        kept = [r for r in self.layers() if not all(r.get(k) == v for k, v in match.items())]
-        table = Table([*kept, *rows])
-        table.to_csv(self.file(LAYERS))
-        return table
+
+def stage_settings(stage: str, cfg: Config) -> dict[str, Any]:
+    """The settings a stage's result depends on, flattened (for train: the weights')."""
+    if stage == "train":
+        return weights_settings(cfg)
+    flat = flatten(cfg.to_dict())
+    prefixes = STAGE_SETTINGS.get(stage, ())
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if k not in UNSTEERING and any(k == p or k.startswith(p + ".") for p in prefixes)
+    }
+
+
+def file_sha256(path: str | Path, _cache: dict = {}) -> str:  # noqa: B006
+    """The file's sha256 (remembered per path, size and modification time)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        _cache[key] = sha.hexdigest()
+    return _cache[key]
+
+
+def _folder_stamp(path: Path) -> str:
+    """A cheap identity of a model folder: names, sizes and times of its files."""
+    parts = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.iterdir())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _row_key(row: dict) -> tuple:
+    return tuple("" if row.get(k) is None else row.get(k) for k in LAYER_KEYS)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through (for torch.save)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+__all__ = ["RunFolder", "file_sha256", "stage_settings"]

@@ -1,20 +1,22 @@
 """The `nclayers memorization RUN` job: memorization ratio per block of a trained run.
 
 It measures the run's training split (the images the model was trained on) with its
-trained model:
+trained model, with the settings it is given (so a sweep's `data.dir` or `device` reach
+it like every other stage):
 
 - label noise (`data.noise`): one pass with the views clean, noisy, changed_clean,
-  changed_noisy and unchanged; Delta = nc1(clean) / nc1(noisy), and the same ratio on the
+  changed_noisy and unchanged; Δ = nc1(clean) / nc1(noisy), and the same ratio on the
   changed samples alone; the memorized fraction (train accuracy of the changed samples
   under their training labels) from the same pass. When some class has no changed (or
   no unchanged) sample, NC1 of those views is undefined: they are left out
   (summary: changed_views false) and the memorized fraction takes a pass of its own;
 - corrupted inputs (`data.corruption`): two passes, the clean images and the corrupted
-  images (column input = clean / corrupted), true labels; Delta = nc1(clean) /
+  images (column input = clean / corrupted), true labels; Δ = nc1(clean) /
   nc1(corrupted).
 
-Writes memorization.csv (per block both NC1 values, Delta, memorizing), memorization.png
-(the line at 1), the rows into layers.csv, and a "memorization" entry in summary.json.
+Writes memorization.csv (per block both NC1 values, Δ, memorizing),
+memorization_layers.csv (every view's per-block rows), memorization.png (the line at
+1) and a "memorization" entry in summary.json.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from nclayers.analysis import analyze
+from nclayers.config import Config
 from nclayers.data import (
     CHANGED_CLEAN,
     CHANGED_NOISY,
@@ -36,8 +39,8 @@ from nclayers.data import (
     with_changed_views,
 )
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import load_model
-from nclayers.jobs.folder import MEMORIZATION, SUMMARY, RunFolder
+from nclayers.jobs.common import load_model, run_folder
+from nclayers.jobs.folder import MEMORIZATION, MEMORIZATION_LAYERS, SUMMARY, RunFolder
 from nclayers.memorization import (
     CLEAN_INPUT,
     CORRUPTED_INPUT,
@@ -48,113 +51,108 @@ from nclayers.memorization import (
 )
 from nclayers.models import find_blocks
 from nclayers.report.figures import plot_metric
-from nclayers.runtime import resolve_device
+from nclayers.runtime import barrier, resolve_device
 from nclayers.table import Table
 
 FIGURE = "memorization.png"
 
 
-def memorization_run(
-    run: str | Path | RunFolder,
-    overrides: list[str] | tuple[str, ...] = (),
-    model: nn.Module | None = None,
+def memorization_job(
+    cfg: Config,
+    folder: RunFolder | str | Path,
+    *,
     progress: bool = True,
+    model: nn.Module | None = None,
 ) -> Table:
-    """Measure the memorization ratio of the run in folder `run` (see the module doc).
-
-    overrides: key=value changes to the run's saved config (e.g. device=cpu).
-    model: the trained model (default: the run's model with its checkpoint.pt).
-    Returns the per-block ratios; `table.meta` holds the summary entry.
-    """
-    folder = run if isinstance(run, RunFolder) else RunFolder(run)
-    cfg = folder.load_config(list(overrides))
-    corrupted = bool(cfg.data.corruption)
-    noisy = has_label_noise(cfg.data.noise)
-    if not corrupted and not noisy:
+    """Measure the memorization ratio of the run in `folder` (see the module doc).
+    Returns the per-block ratios; `table.meta` holds the summary entry."""
+    folder = run_folder(folder)
+    corrupted, noisy = bool(cfg.data.corruption), has_label_noise(cfg.data.noise)
+    if corrupted == noisy:
+        what = "both data.noise and data.corruption" if noisy else "neither data.noise nor "
         raise NCLayersError(
-            f"run {str(folder.path)!r} was trained without label noise (data.noise) or "
-            "corrupted inputs (data.corruption): there is nothing to compare"
+            f"run {str(folder.path)!r} was trained with {what}"
+            + ("" if noisy else "data.corruption: there is nothing to compare")
+            + ("; the ratio compares one kind of noise at a time" if noisy else "")
         )
-    if corrupted and noisy:
-        raise NCLayersError(
-            f"run {str(folder.path)!r} has both data.noise and data.corruption; the "
-            "memorization ratio compares one kind of noise at a time"
-        )
-    t0 = time.perf_counter()
-    ds = load_dataset(cfg.data, "train")
-    if corrupted:
-        clean_ds = ds.clean_twin()  # fails here, before any pass, when it is missing
-    device = resolve_device(cfg.device)
-    if model is None:
-        if not folder.exists("checkpoint.pt") and not cfg.model.checkpoint:
-            raise NCLayersError(
-                f"run {str(folder.path)!r} has no checkpoint.pt; train it first "
-                f"(nclayers train {folder.path / 'config.yaml'})"
-            )
-        model = load_model(cfg, ds.num_classes, folder)
-    model = model.to(device)
-    blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
+    with folder.lock():
+        folder.check_run(cfg)
+        ds = load_dataset(cfg.data, "train")
+        clean_ds = ds.clean_twin() if corrupted else None  # fails here, before any pass
+        weights = folder.weights(cfg)
+        device = resolve_device(cfg.device)
+        model = (model or load_model(cfg, folder, ds.num_classes)).to(device)
+        blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
 
-    def measure(data, extra: dict | None = None) -> Table:
-        batches = DeviceBatches(data, cfg.analyze.batch_size, device)
-        return analyze(
-            model, batches, ds.num_classes, blocks, split="train", amp=cfg.train.amp,
-            progress=progress, run=cfg.run, extra=extra,
-        )  # fmt: skip
+        def measure(data, extra: dict | None = None) -> Table:
+            batches = DeviceBatches(data, cfg.analyze.batch_size, device)
+            return analyze(
+                model, batches, ds.num_classes, blocks, split="train", amp=cfg.analyze.amp,
+                progress=progress, run=cfg.run, extra=extra,
+            )  # fmt: skip
 
-    info: dict = {"samples": len(ds), "blocks": [b.name for b in blocks]}
-    if corrupted:
-        passes = [
-            measure(clean_ds, {"input": CLEAN_INPUT}),
-            measure(ds, {"input": CORRUPTED_INPUT}),
-        ]
-        rows = Table(r for t in passes for r in t)
-        ratios = corruption_ratio(rows)
-        info.update(
-            kind="corruption",
-            corruption=ds.meta["corruption"],
-            severity=ds.meta["corruption_severity"],
-            train_acc={
-                CLEAN_INPUT: passes[0].meta["accuracy"]["clean"],
-                CORRUPTED_INPUT: passes[1].meta["accuracy"]["clean"],
-            },
-        )
-    else:
-        full = with_changed_views(ds)
-        # NC1 needs every class in a view: with few changed samples, skip those views.
-        complete = all(
-            bool((torch.bincount(y[y >= 0], minlength=ds.num_classes) > 0).all())
-            for v, y in full.labels.items()
-            if v in (CHANGED_CLEAN, CHANGED_NOISY, UNCHANGED)
-        )
-        info["changed_views"] = complete
-        ds = full if complete else ds
-        rows = measure(ds)
-        ratios = memorization_ratio(rows)
-        acc = rows.meta["accuracy"]
-        changed = ds.meta["noise_changed"]
-        if complete:  # the accuracy of a view counts only its samples (label != -1)
-            memorized = acc[CHANGED_NOISY]
+        t0 = time.perf_counter()
+        if corrupted:
+            rows, ratios, info = _corrupted(measure, ds, clean_ds)
         else:
-            memorized = memorized_fraction(model, ds, cfg.analyze.batch_size, cfg.train.amp)
-            memorized = memorized["memorized"]
-        info.update(
-            kind="label_noise",
-            noise=cfg.data.noise,
-            noise_rate=ds.meta["noise_rate"],
-            changed=changed,
-            memorized=memorized,
-            train_acc={v: acc[v] for v in ("clean", "noisy")},
-        )
-    info["memorization_layers"] = memorization_layers(ratios)
-    info["seconds"] = time.perf_counter() - t0
-
-    ratios.to_csv(folder.file(MEMORIZATION))
-    plot_metric(ratios, "ratio", folder.file(FIGURE), group=("run",),
-                title="memorization ratio Δ = NC1(clean) / NC1(" +
-                ("corrupted" if corrupted else "noisy") + ")")  # fmt: skip
-    folder.upsert_layers(rows)
-    folder.update_json(SUMMARY, memorization=info)
-    folder.mark_done("memorization", seconds=info["seconds"])
+            rows, ratios, info = _label_noise(measure, ds, model, cfg)
+        info.update(samples=len(ds), blocks=[b.name for b in blocks], weights=weights,
+                    memorization_layers=memorization_layers(ratios),
+                    seconds=time.perf_counter() - t0)  # fmt: skip
+        folder.write_table(MEMORIZATION, ratios)
+        folder.write_table(MEMORIZATION_LAYERS, rows)
+        kind = "corrupted" if corrupted else "noisy"
+        plot_metric(ratios, "ratio", folder.file(FIGURE), group=("run",),
+                    title=f"memorization ratio Δ = NC1(clean) / NC1({kind})")  # fmt: skip
+        folder.write_json(SUMMARY, {**folder.read_json(SUMMARY), "memorization": info})
+        folder.adopt(cfg)
+        folder.mark_done("memorization", cfg, seconds=info["seconds"])
+    barrier()
     ratios.meta.update(info)
     return ratios
+
+
+def _corrupted(measure, ds, clean_ds) -> tuple[Table, Table, dict]:
+    passes = [measure(clean_ds, {"input": CLEAN_INPUT}), measure(ds, {"input": CORRUPTED_INPUT})]
+    rows = Table(r for t in passes for r in t)
+    info = {
+        "kind": "corruption",
+        "corruption": ds.meta["corruption"],
+        "severity": ds.meta["corruption_severity"],
+        "train_acc": {
+            CLEAN_INPUT: passes[0].meta["accuracy"]["clean"],
+            CORRUPTED_INPUT: passes[1].meta["accuracy"]["clean"],
+        },
+    }
+    return rows, corruption_ratio(rows), info
+
+
+def _label_noise(measure, ds, model, cfg) -> tuple[Table, Table, dict]:
+    full = with_changed_views(ds)
+    # NC1 needs every class in a view: with few changed samples, skip those views.
+    complete = all(
+        bool((torch.bincount(y[y >= 0], minlength=ds.num_classes) > 0).all())
+        for v, y in full.labels.items()
+        if v in (CHANGED_CLEAN, CHANGED_NOISY, UNCHANGED)
+    )
+    ds = full if complete else ds
+    rows = measure(ds)
+    acc = rows.meta["accuracy"]
+    if complete:  # the accuracy of a view counts only its samples (label != -1)
+        memorized = acc[CHANGED_NOISY]
+    else:
+        memorized = memorized_fraction(model, ds, cfg.analyze.batch_size, cfg.analyze.amp)
+        memorized = memorized["memorized"]
+    info = {
+        "kind": "label_noise",
+        "changed_views": complete,
+        "noise": cfg.data.noise,
+        "noise_rate": ds.meta["noise_rate"],
+        "changed": ds.meta["noise_changed"],
+        "memorized": memorized,
+        "train_acc": {v: acc[v] for v in ("clean", "noisy")},
+    }
+    return rows, memorization_ratio(rows), info
+
+
+__all__ = ["FIGURE", "memorization_job"]

@@ -1,11 +1,13 @@
 """`nclayers report RUN_OR_SWEEP`: one self-contained HTML file for a run or a sweep.
 
-For a run folder: its data conditions, accuracies, timings, memorization layers, the
-figures (drawn into FOLDER/figures/ when missing), the per-layer table, every other
-table the run holds (probe.csv, memorization.csv, prune.csv, ...), its training history
-and its config. For a sweep's output folder (it holds sweep.json): the sweep's figures,
-one row per run (labels, stage status, accuracies, memorization layers, errors), the
-tidy tables and each run's settings. Figures are inlined as base64; values are escaped.
+For a run folder: its data conditions, accuracies, timings, which stages are done and
+which are out of date with respect to the weights, whether its figures can be read
+(`readability`: a clean model well above chance, a noisy one that fits its changed
+labels), the memorization layers, the figures (redrawn when their data is newer), the
+per-layer table, every other table the run holds, its training history and its config.
+For a sweep's output folder (it holds sweep.json): the sweep's figures, one row per run
+(labels, stage status, accuracies, memorization layers, errors), the tidy tables and
+each run's settings. Figures are inlined as base64; values are escaped.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from nclayers.errors import NCLayersError
 from nclayers.jobs.folder import (
     CONFIG,
     DYNAMICS,
+    ERROR_LOG,
     LAYERS,
     MEMORIZATION,
     PROBE,
     PRUNE,
     REPORT,
-    STAGES,
     SUMMARY,
     TRAIN_SUMMARY,
+    RunFolder,
 )
 from nclayers.report.html import Figure, Section, render_html
 from nclayers.table import Table
@@ -35,54 +38,77 @@ LAYER_COLUMNS = ["run", "split", "view", "layer", "block", "dim", "n", "nc1", "c
                  "nc2", "ncc_acc", "probe_acc"]  # fmt: skip
 RATIO_COLUMNS = ["run", "layer", "block", "nc1_clean", "nc1_noisy", "ratio", "memorizing"]
 KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
+STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
+# A figure can be read when a clean model is well above chance (this many times it) and
+# a noisy one fits this share of its changed labels (Δ needs memorization to mean anything).
+ABOVE_CHANCE = 3.0
+FITS_NOISE = 0.9
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write report.html for a run folder or a sweep's output folder (for a sweep file:
-    `nclayers.jobs.sweep.sweep_report`)."""
+    """Write report.html for a run folder or a sweep's output folder."""
     path = Path(path)
     if not path.is_dir():
         raise NCLayersError(f"report: {str(path)!r} is neither a run folder nor a sweep folder")
     if (path / "sweep.json").is_file():
         title, sections = _sweep_sections(path)
     elif any((path / f).is_file() for f in (LAYERS, TRAIN_SUMMARY, CONFIG)):
-        title, sections = _run_sections(path)
+        title, sections = _run_sections(RunFolder(path))
     else:
         raise NCLayersError(
             f"report: {str(path)!r} holds no layers.csv, train_summary.json, config.yaml or "
             "sweep.json; pass a run folder (train/analyze --out) or a sweep's output folder"
         )
+    from nclayers.files import atomic_write
+
     target = Path(out) if out else path / REPORT
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_html(title, sections, subtitle=f"nclayers report of {path}"))
-    return target
+    return atomic_write(target, render_html(title, sections, subtitle=f"nclayers report of {path}"))
+
+
+# ----------------------------------------------------------------------------- readability
+def readability(config: dict | None, train: dict) -> list[str]:
+    """Why a run's figures cannot be read, in words (empty when they can): a clean model
+    not well above chance, or a noisy model that did not fit its changed labels."""
+    notes = []
+    final = train.get("final") or {}
+    data = (config or {}).get("data") or {}
+    noise = train.get("label_noise") or {}
+    if has_label_noise(data.get("noise")) and noise.get("memorized") is not None:
+        if noise["memorized"] < FITS_NOISE:
+            notes.append(
+                f"Δ not interpretable: the model fits {noise['memorized']:.0%} of its changed "
+                f"labels (Δ needs ≥ {FITS_NOISE:.0%}; train longer or on fewer images)"
+            )
+    elif final.get("test_acc") is not None and train.get("num_classes"):
+        chance = 1.0 / train["num_classes"]
+        if final["test_acc"] < ABOVE_CHANCE * chance:
+            notes.append(
+                f"NC curves of an undertrained model: test accuracy {final['test_acc']:.0%} "
+                f"(chance {chance:.0%}); train longer before reading them"
+            )
+    return notes
 
 
 # ----------------------------------------------------------------------------- a run
-def _run_sections(folder: Path) -> tuple[str, list[Section]]:
-    summary = _json(folder / SUMMARY)
-    train = _json(folder / TRAIN_SUMMARY)
-    config = summary.get("config") or train.get("config") or _yaml(folder / CONFIG)
-    layers = _table(folder / LAYERS)
+def _run_sections(folder: RunFolder) -> tuple[str, list[Section]]:
+    summary, train = folder.read_json(SUMMARY), folder.read_json(TRAIN_SUMMARY)
+    config = _config_dict(folder) or train.get("config") or {}
+    layers = folder.layers()
     ratios = _ratios(folder, layers)
-    name = (config or {}).get("run") or folder.name
-
+    name = config.get("run") or folder.path.name
     runs = list(dict.fromkeys(r.get("run") for r in layers))
-    subruns = [p for p in sorted(folder.iterdir()) if (p / CONFIG).is_file()]
-    if len(runs) > 1:  # e.g. the demo: several runs' tables, each run in a subfolder
+    subruns = [p for p in sorted(folder.path.iterdir()) if (p / CONFIG).is_file()]
+    if len(runs) > 1 and subruns:  # e.g. the demo: several runs, each in a subfolder
         overview = {"runs": ", ".join(map(str, runs)), **model_description(config)}
-        if summary.get("seconds") is not None and not isinstance(summary["seconds"], dict):
-            overview["total time"] = f"{summary['seconds']:.1f} s"
     else:
-        overview = {**data_conditions(config), **model_description(config)}
-        overview.update(accuracies(summary, train, layers))
-        overview.update(timings(summary, train, _json(folder / STAGES)))
-    sections = [Section("Overview", items=overview)]
+        overview = run_items(folder, config, summary, train)
+    notes = readability(config, train) if not subruns else []
+    sections = [Section("Overview", text=" ".join(notes), items=overview)]
     if subruns:
-        sections.append(Section("Each run", subsections=[_subrun(p) for p in subruns]))
+        sections.append(Section("Each run", subsections=[_subrun(RunFolder(p)) for p in subruns]))
     if ratios:
-        sections.append(memorization_section(ratios))
-    figures = run_figures(folder, layers, ratios)
+        sections.append(memorization_section(ratios, notes))
+    figures = run_figures(folder, layers, ratios, notes)
     if figures:
         sections.append(Section("Figures", figures=figures))
     if layers:
@@ -90,58 +116,99 @@ def _run_sections(folder: Path) -> tuple[str, list[Section]]:
         cols += [c for c in layers.columns if c not in cols]
         sections.append(Section("Per-layer table (layers.csv)", table=layers, columns=cols))
     sections += other_tables(folder)
-    history = train.get("history")
-    if history:
-        sections.append(Section("Training history", table=Table(history), collapsed=True))
-    if (folder / CONFIG).is_file():
-        sections.append(Section("Config (config.yaml)", code=(folder / CONFIG).read_text(),
+    if train.get("history"):
+        sections.append(Section("Training history", table=Table(train["history"]), collapsed=True))
+    if folder.exists(CONFIG):
+        sections.append(Section("Config (config.yaml)", code=folder.file(CONFIG).read_text(),
                                 collapsed=True))  # fmt: skip
     return f"nclayers run {name}", sections
 
 
-def _subrun(folder: Path) -> Section:
-    summary, train = _json(folder / SUMMARY), _json(folder / TRAIN_SUMMARY)
-    config = summary.get("config") or train.get("config") or _yaml(folder / CONFIG)
-    items = {"folder": str(folder), **data_conditions(config), **model_description(config)}
-    items.update(accuracies(summary, train, Table()))
-    items.update(timings(summary, train, _json(folder / STAGES)))
-    return Section(f"run {config.get('run') or folder.name}", items=items)
+def run_items(folder: RunFolder, config: dict, summary: dict, train: dict) -> dict[str, Any]:
+    """The key facts of one run: data, model, accuracies, timings, stage status."""
+    items = {**data_conditions(config), **model_description(config)}
+    items.update(accuracies(summary, train))
+    items.update(timings(summary, train, folder.stages()))
+    items.update(stage_status(folder, config))
+    return items
 
 
-def run_figures(folder: Path, layers: Table, ratios: Table) -> list[Figure]:
-    """The run's PNG figures; the paper's layout is drawn into figures/ when missing."""
+def stage_status(folder: RunFolder, config: dict) -> dict[str, str]:
+    """Per recorded stage: "done" or "out of date: why" against the run's weights now."""
+    from nclayers.config import Config
+
+    try:
+        cfg = Config.model_validate(config)
+    except ValueError:
+        return {}
+    stages = folder.stages()
+    return {f"stage {s}": folder.status(s, cfg) for s in STAGE_ORDER if s in stages}
+
+
+def _subrun(folder: RunFolder) -> Section:
+    summary, train = folder.read_json(SUMMARY), folder.read_json(TRAIN_SUMMARY)
+    config = _config_dict(folder) or train.get("config") or {}
+    items = {"folder": str(folder.path), **run_items(folder, config, summary, train)}
+    notes = readability(config, train)
+    return Section(f"run {config.get('run') or folder.path.name}", text=" ".join(notes),
+                   items=items)  # fmt: skip
+
+
+def run_figures(folder: RunFolder, layers: Table, ratios: Table, notes: list[str]) -> list[Figure]:
+    """The run's figures: the paper's layout and the NC dynamics, drawn into figures/ when
+    missing or older than their data, and the stages' own PNGs that are whole."""
     from nclayers.report.figures import plot_layout
 
-    figs = [Figure(p, p.name) for p in sorted(folder.glob("*.png"))]
-    drawn = folder / "figures" / "layers.png"
-    if layers and not drawn.is_file():
+    figs = [Figure(p, p.name) for p in sorted(folder.path.glob("*.png")) if _whole_png(p)]
+    drawn = folder.file("figures/layers.png")
+    sources = [folder.file(n) for n in (LAYERS, MEMORIZATION)]
+    if layers and _older(drawn, sources):
         noisy = any(r.get("view") == "noisy" for r in layers)
         several = len({r.get("run") for r in layers}) > 1  # one curve per run
         plot_layout(layers, drawn.with_suffix(""), "noisy" if noisy else "clean",
-                    curves="run" if several else None,
-                    memorization=ratios if noisy else None, formats=("png",))  # fmt: skip
+                    curves="run" if several else None, memorization=ratios if noisy else None,
+                    formats=("png",), notes=notes)  # fmt: skip
     if drawn.is_file():
         figs.insert(0, Figure(drawn, "NC per block (the paper's layout)"))
-    if (folder / DYNAMICS).is_file():
+    if folder.exists(DYNAMICS):
         from nclayers.report.dynamics import plot_dynamics
 
-        dyn = folder / "figures" / "nc_dynamics.png"
-        if not dyn.is_file():
-            plot_dynamics(folder / DYNAMICS, dyn)
+        dyn = folder.file("figures/nc_dynamics.png")
+        if _older(dyn, [folder.file(DYNAMICS)]):
+            plot_dynamics(folder.read_table(DYNAMICS), dyn)
         figs.append(Figure(dyn, "NC per block during training"))
     return figs
 
 
-def memorization_section(ratios: Table) -> Section:
+def _older(target: Path, sources: list[Path]) -> bool:
+    """Whether `target` is missing, damaged or older than any of `sources`."""
+    if not target.is_file() or not _whole_png(target):
+        return True
+    mtime = target.stat().st_mtime_ns
+    return any(s.is_file() and s.stat().st_mtime_ns > mtime for s in sources)
+
+
+def _whole_png(path: Path) -> bool:
+    """A PNG with its signature and its end chunk (a cut or overwritten file is not)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, path.stat().st_size - 12))
+            tail = f.read()
+    except OSError:
+        return False
+    return head == b"\x89PNG\r\n\x1a\n" and tail[4:8] == b"IEND"
+
+
+def memorization_section(ratios: Table, notes: list[str] = ()) -> Section:
     from nclayers.memorization import memorization_layers
 
     runs = list(dict.fromkeys(r.get("run") for r in ratios))
-    text = []
+    text = [*notes]
     for run in runs:
-        mine = Table(r for r in ratios if r.get("run") == run)
-        layers = memorization_layers(mine)
+        mine = ratios.where(run=run)
         who = f"run {run}: " if len(runs) > 1 else ""
-        text.append(who + describe_memorization(mine, layers))
+        text.append(who + describe_memorization(mine, memorization_layers(mine)))
     cols = [c for c in RATIO_COLUMNS if c in ratios.columns]
     cols += [c for c in ratios.columns if c not in cols]
     return Section("Memorization layers", text=" ".join(text), table=ratios, columns=cols)
@@ -163,15 +230,14 @@ def describe_memorization(ratios: Table, layers: list[int]) -> str:
             f"{top['layer']}.")  # fmt: skip
 
 
-def other_tables(folder: Path) -> list[Section]:
-    """Every other CSV of the folder (probe.csv, prune.csv, ...) as a collapsed section."""
+def other_tables(folder: RunFolder) -> list[Section]:
+    """Every other CSV of the folder (probe.csv, prune.csv, ...) as a section."""
     out = []
-    for path in sorted(folder.glob("*.csv")):
+    for path in sorted(folder.path.glob("*.csv")):
         if path.name in KNOWN_TABLES:
             continue
-        table = _table(path)
         title = {PROBE: "Linear probes (probe.csv)", PRUNE: "Pruning (prune.csv)"}
-        out.append(Section(title.get(path.name, path.name), table=table,
+        out.append(Section(title.get(path.name, path.name), table=folder.read_table(path.name),
                            collapsed=path.name not in title))  # fmt: skip
     return out
 
@@ -182,15 +248,14 @@ def data_conditions(config: dict | None) -> dict[str, Any]:
     noise = data.get("noise")
     if has_label_noise(noise):
         shuffled = isinstance(noise, (int, float))
+        how = "shuffled" if data.get("noise_mode", "shuffle") == "shuffle" else "changed"
         out["label noise"] = (
-            f"{float(noise):.0%} of the training labels shuffled"
-            if shuffled
-            else f"CIFAR-10N {noise}"
+            f"{float(noise):.0%} of the training labels {how}" if shuffled else f"CIFAR-N {noise}"
         )
         out["noise seed"] = data.get("noise_seed")
     else:
         out["label noise"] = "none (clean labels)"
-    for key in ("corruption", "severity", "noise_mode"):
+    for key in ("corruption", "severity"):
         if data.get(key) not in (None, ""):
             out[key] = data[key]
     if data.get("train_subset") or data.get("test_subset"):
@@ -207,6 +272,8 @@ def model_description(config: dict | None) -> dict[str, Any]:
     out = {"model": model.get("name")}
     if model.get("width"):
         out["width"] = model["width"]
+    if model.get("checkpoint"):
+        out["weights"] = model["checkpoint"]
     if train:
         out["recipe"] = (
             f"{train.get('optimizer')} lr {train.get('lr')} ({train.get('schedule')}), "
@@ -216,14 +283,17 @@ def model_description(config: dict | None) -> dict[str, Any]:
     return out
 
 
-def accuracies(summary: dict, train: dict, layers: Table) -> dict[str, Any]:
+def accuracies(summary: dict, train: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     final = train.get("final") or {}
     if final:
         out["final test accuracy"] = final.get("test_acc")
         view = train.get("train_labels", "clean")
         out[f"final train accuracy ({view} labels)"] = final.get("train_acc")
-    for split, views in (summary.get("accuracy") or {}).items():
+    noise = train.get("label_noise") or {}
+    if noise.get("memorized") is not None:
+        out["changed labels fitted (memorized)"] = noise["memorized"]
+    for split, views in ((summary.get("analyze") or {}).get("accuracy") or {}).items():
         for view, acc in (views or {}).items():
             out[f"accuracy, {split} split, {view} labels"] = acc
     return out
@@ -233,13 +303,14 @@ def timings(summary: dict, train: dict, stages: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if train.get("train_seconds") is not None:
         out["training time"] = f"{train['train_seconds']:.1f} s"
-    for split, s in (summary.get("seconds") or {}).items():
+    for split, s in ((summary.get("analyze") or {}).get("seconds") or {}).items():
         out[f"analysis time ({split})"] = f"{s:.1f} s"
     for name, info in (stages or {}).items():
         if isinstance(info, dict) and info.get("seconds") is not None:
-            out[f"stage {name}"] = f"{info['seconds']:.1f} s"
-    if summary.get("device") or train.get("device"):
-        out["device"] = summary.get("device") or train.get("device")
+            out[f"time of stage {name}"] = f"{info['seconds']:.1f} s"
+    device = (summary.get("analyze") or {}).get("device") or train.get("device")
+    if device:
+        out["device"] = device
     return out
 
 
@@ -247,14 +318,13 @@ def timings(summary: dict, train: dict, stages: dict) -> dict[str, Any]:
 def _sweep_sections(out: Path) -> tuple[str, list[Section]]:
     info = _json(out / "sweep.json")
     summary = info.get("summary") or {}
-    runs = _table(out / "runs.csv")
-    layers = _table(out / LAYERS)
-    ratios = _table(out / MEMORIZATION)
-    axes = info.get("axes", {})
+    runs, layers, ratios = (_table(out / n) for n in ("runs.csv", LAYERS, MEMORIZATION))
     overview = {
         "sweep file": info.get("file"),
         "overrides": " ".join(info.get("overrides") or []) or None,
-        "axes": "; ".join(f"{a}: {', '.join(map(str, v))}" for a, v in axes.items()),
+        "axes": "; ".join(
+            f"{a}: {', '.join(map(str, v))}" for a, v in info.get("axes", {}).items()
+        ),
         "stages": ", ".join(info.get("stages", [])),
         "runs": len(info.get("runs", [])),
         "stage status": ", ".join(f"{k}: {v}" for k, v in (summary.get("stages") or {}).items()),
@@ -262,37 +332,21 @@ def _sweep_sections(out: Path) -> tuple[str, list[Section]]:
     }
     if summary.get("seconds") is not None:
         overview["sweep time (this invocation)"] = f"{summary['seconds']:.1f} s"
-    sections = [Section("Overview", text=info.get("description", ""), items=overview)]
+    notes = [f"run {r['index']}: {r['notes']}" for r in runs if r.get("notes")]
+    text = " ".join([info.get("description", ""), *notes]).strip()
+    sections = [Section("Overview", text=text, items=overview)]
     figures = [Figure(p, p.name) for p in _sweep_pngs(out, info)]
-    if figures:
-        sections.append(Section("Figures", figures=figures))
+    errors = summary.get("figure_errors") or []
+    if figures or errors:
+        sections.append(Section("Figures", text=" ".join(errors), figures=figures))
     if runs:
         sections.append(Section("Runs", table=runs))
     if ratios:
         sections.append(memorization_section(ratios))
     if layers:
         sections.append(Section("Per-layer table (layers.csv)", table=layers, collapsed=True))
-    sections += other_tables(out)
-    details = []
-    for r in info.get("runs", []):
-        folder = Path(r["folder"])
-        config = _yaml(folder / CONFIG)
-        train = _json(folder / TRAIN_SUMMARY)
-        summary = _json(folder / SUMMARY)
-        items = {
-            "id": r["id"],
-            "folder": str(folder),
-            **r.get("labels", {}),
-            **data_conditions(config),
-            **model_description(config),
-            **accuracies(summary, train, Table()),
-            **timings(summary, train, _json(folder / STAGES)),
-        }
-        err = folder / "error.log"
-        details.append(Section(
-            f"run {r['index']}: " + ", ".join(f"{k}={v}" for k, v in r.get("labels", {}).items()),
-            items=items, code=err.read_text()[-4000:] if err.is_file() else "", collapsed=True,
-        ))  # fmt: skip
+    sections += other_tables(RunFolder(out))
+    details = [_sweep_run(r) for r in info.get("runs", [])]
     if details:
         sections.append(Section("Each run", subsections=details))
     sweep_file = Path(info.get("file", ""))
@@ -302,16 +356,32 @@ def _sweep_sections(out: Path) -> tuple[str, list[Section]]:
     return str(info.get("title") or f"nclayers sweep {out.name}"), sections
 
 
+def _sweep_run(r: dict) -> Section:
+    folder = RunFolder(r["folder"])
+    title = f"run {r['index']}: " + ", ".join(f"{k}={v}" for k, v in r.get("labels", {}).items())
+    try:
+        summary, train = folder.read_json(SUMMARY), folder.read_json(TRAIN_SUMMARY)
+        config = _config_dict(folder) or {}
+        items = {"id": r["id"], "folder": str(folder.path), **r.get("labels", {}),
+                 **run_items(folder, config, summary, train)}  # fmt: skip
+    except NCLayersError as err:  # a damaged run costs its own section, not the report
+        items = {"id": r["id"], "folder": str(folder.path), "error": str(err)}
+    err_log = folder.file(ERROR_LOG)
+    code = err_log.read_text(errors="replace")[-4000:] if err_log.is_file() else ""
+    return Section(title, items=items, code=code, collapsed=True)
+
+
 def _sweep_pngs(out: Path, info: dict) -> list[Path]:
     files = (info.get("summary") or {}).get("files", {}).get("figures", [])
-    pngs = [Path(f) for f in files if str(f).endswith(".png") and Path(f).is_file()]
-    return pngs or sorted(out.glob("*.png"))
+    pngs = [Path(f) for f in files if str(f).endswith(".png") and _whole_png(Path(f))]
+    return pngs or sorted(p for p in out.glob("*.png") if _whole_png(p))
 
 
 # ----------------------------------------------------------------------------- figures
 def draw_figures(
-    figures: list[dict], out: Path, layers: Table, memo: Table, title: str, name: str
-) -> list[Path]:
+    figures: list[dict], out: Path, layers: Table, memo: Table, title: str, name: str,
+    notes: list[str] = (), mathtext: bool = False,
+) -> list[Path]:  # fmt: skip
     from nclayers.report.figures import Panel, plot_layout
 
     if not layers:
@@ -325,11 +395,11 @@ def draw_figures(
         paths += plot_layout(
             layers, out / stem, layout, rows=fig.get("rows"), curves=fig.get("curves"),
             x=fig.get("x", "block"), memorization=memo, title=fig.get("title") or title,
+            notes=notes, mathtext=mathtext,
         )  # fmt: skip
     return paths
 
 
-# ----------------------------------------------------------------------------- plot verb
 def plot_paths(
     path: str | Path,
     layout: str | None = None,
@@ -356,8 +426,8 @@ def plot_paths(
 
 
 # ----------------------------------------------------------------------------- files
-def _ratios(folder: Path, layers: Table) -> Table:
-    ratios = _table(folder / MEMORIZATION)
+def _ratios(folder: RunFolder, layers: Table) -> Table:
+    ratios = folder.read_table(MEMORIZATION)
     if ratios or not any(r.get("view") == "noisy" for r in layers):
         return ratios
     from nclayers.memorization import memorization_ratio
@@ -368,21 +438,20 @@ def _ratios(folder: Path, layers: Table) -> Table:
         return Table()
 
 
+def _config_dict(folder: RunFolder) -> dict:
+    return folder.config().to_dict() if folder.exists(CONFIG) else {}
+
+
 def _table(path: Path) -> Table:
     return Table.from_csv(path) if Path(path).is_file() else Table()
 
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
         return {}
-
-
-def _yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except (FileNotFoundError, yaml.YAMLError):
-        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NCLayersError(f"{path} is damaged (not valid JSON: {err}); delete it and run "
+                            "the sweep again (finished runs are kept)") from None  # fmt: skip
+    return obj if isinstance(obj, dict) else {}

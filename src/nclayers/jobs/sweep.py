@@ -5,7 +5,7 @@ A sweep file (YAML) holds
     name: fig3-cpu-mini            # default: the file's stem
     title: "..."                   # shown on the figure and the report
     root: runs/paper               # run folders: ROOT/runs/<id>; outputs: ROOT/<name>/
-    base: ../resnet18-cifar10.yaml # optional config file (relative to this file) or mapping
+    base: ../resnet18-cifar10.yaml # config file(s) (relative to this file) or a mapping
     config: {train.epochs: 30}     # settings on top of base (nested or dotted keys)
     axes:                          # the grid: the product of every axis, in file order
       model:                       # a value is a mapping of settings with a label ...
@@ -15,138 +15,122 @@ A sweep file (YAML) holds
     figures:                       # or `figure:` with one mapping
       - {layout: noisy, rows: model, curves: noise, x: block}
     report: true
+    mathtext: false                # labels are plain text unless true
+    slurm: {partition: gpu, gpus_per_run: 1, time_min: 600, array_parallelism: 8}
 
 Every run's config is resolved (defaults <- base <- config <- command-line overrides <-
-its axis values) and type-checked up front, so `--print` validates the whole file. A run
-lives in ROOT/runs/<id>, where <id> is a short hash of its resolved config (without the
-keys that do not change its results: out, run, device, data.dir, checkpoint cadence,
-TensorBoard), so two sweeps that contain the same run share its folder and its work.
+its axis values, validated once) up front, so `--print` checks the whole file. A run
+lives in ROOT/runs/<id>, <id> a short hash of the settings that define its weights
+(`config.weights_settings`), so sweeps that contain the same run share its folder and its
+work; how a run is measured (analyze.*, probe.*) is recorded per stage instead.
 
-Running a sweep runs every unfinished stage of every run and skips finished ones; an
-interrupted training resumes from its checkpoint. A failing stage is recorded (status
-and traceback) and the sweep goes on with the next run. Then the runs' tables are
-gathered into tidy CSVs (one row per run, split, view and block, with a column per axis),
-the figures are drawn and the report written, all in ROOT/<name>/.
+A stage is a job, `job(cfg, folder, *, progress)`. Running a sweep runs every stage that
+is not done or is out of date (other weights or settings, see `RunFolder.status`), under
+the run folder's lock, and skips the others; an interrupted training resumes from its
+checkpoint. A user error (`NCLayersError`) is recorded against the run and the sweep goes
+on; any other exception is a bug: recorded with its traceback (error.log), printed, and
+the sweep goes on too. Then the runs' tables are gathered into tidy CSVs (a column per
+axis), the figures are drawn (a figure that fails costs itself, not the report) and the
+report written, all in ROOT/<name>/.
 
-Stages come from a registry (`STAGES`): a stage whose job has not landed in this
-nclayers is reported as such when a run reaches it, not as a crash.
+Launchers: in this process (default); `--gpus 0,1` one run per GPU through submitit's
+local executor; `--launcher slurm` one Slurm job array through submitit, each task
+requeued on preemption or timeout and continuing from its checkpoint; `--print` and
+`--index I` for any other scheduler.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
-import os
+import logging
 import shlex
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from nclayers.config import Config, apply_settings, load_config
-from nclayers.data.noise import has_label_noise
+from nclayers.config import Config, compose, weights_settings
 from nclayers.errors import NCLayersError
+from nclayers.files import atomic_write, dumps_json
 from nclayers.table import Table
 
-SWEEP_KEYS = ("name", "title", "root", "base", "config", "axes", "stages", "figure", "figures",
-              "report", "description")  # fmt: skip
-FIGURE_KEYS = ("layout", "panels", "rows", "curves", "x", "name", "title")
-# Config keys that do not change a run's results: left out of its id.
-UNHASHED = ("out", "run", "device", "data.dir", "data.download", "train.checkpoint_every",
-            "train.tensorboard")  # fmt: skip
 ID_LENGTH = 12
+StageName = Literal["train", "analyze", "probe", "memorization", "prune", "equality"]
+STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
+# A stage runs after these (when they are in the sweep) and is blocked when they fail.
+NEEDS = {"analyze": ("train",), "probe": ("train",), "memorization": ("train",),
+         "prune": ("train",), "equality": ("analyze",)}  # fmt: skip
+log = logging.getLogger("nclayers.sweep")
 
 
-# ----------------------------------------------------------------------------- stages
-@dataclass(frozen=True)
-class Stage:
-    """A job a run may need. `target` is "module:function"; `call` adapts the sweep's
-    arguments (config, run folder, resume, progress) to the job's signature."""
+def stage_jobs() -> dict[str, Callable]:
+    """The sweep's stages: each is the plain job of its verb."""
+    from nclayers.jobs.analyze import analyze_job
+    from nclayers.jobs.equality import equality_job
+    from nclayers.jobs.memorization import memorization_job
+    from nclayers.jobs.probe import probe_job
+    from nclayers.jobs.prune import prune_job
+    from nclayers.jobs.train import train_job
 
-    name: str
-    target: str
-    needs: tuple[str, ...] = ()
-    call: Callable[..., Any] | None = None
-    lands_with: str = ""  # where the job comes from when it is not there yet
-
-    def load(self) -> Callable:
-        module, _, function = self.target.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), function, None)
-        except ModuleNotFoundError as err:
-            if err.name and module.startswith(err.name):
-                fn = None
-            else:
-                raise
-        if fn is None:
-            raise StageUnavailable(
-                f"stage {self.name!r} is not available in this nclayers: {self.target} is "
-                f"missing{' (it lands with ' + self.lands_with + ')' if self.lands_with else ''}"
-                f"; drop {self.name!r} from the sweep's stages or update nclayers, then rerun "
-                "the sweep: finished stages are skipped"
-            )
-        return fn
-
-
-class StageUnavailable(RuntimeError):
-    pass
-
-
-def _call_train(fn, cfg: Config, folder: Path, progress: bool):
-    from nclayers.jobs.folder import CHECKPOINT
-
-    # An interrupted training continues from its checkpoint.
-    return fn(cfg, resume=(folder / CHECKPOINT).is_file(), progress=progress)
-
-
-def _call_plain(fn, cfg: Config, folder: Path, progress: bool):
-    return fn(cfg, progress=progress)
-
-
-def _call_folder(fn, cfg: Config, folder: Path, progress: bool):
-    # Jobs that read their config back from the run folder (e.g. memorization).
-    return fn(folder, progress=progress)
-
-
-def _call_target(fn, cfg: Config, folder: Path, progress: bool):
-    # Jobs that take the folder to read and the settings (e.g. equality).
-    return fn(folder, cfg)
-
-
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in (
-        Stage("train", "nclayers.jobs.train:train_run", call=_call_train),
-        Stage("analyze", "nclayers.jobs.analyze:analyze_run", ("train",), _call_plain),
-        Stage("probe", "nclayers.jobs.probe:probe_run", ("train",), _call_plain,
-              "the probe issue"),
-        Stage("memorization", "nclayers.jobs.memorization:memorization_run", ("train",),
-              _call_folder, "the corruption issue"),
-        Stage("prune", "nclayers.jobs.prune:prune_run", ("train",), _call_plain,
-              "the equality issue"),
-        Stage("equality", "nclayers.jobs.equality:equality_run", ("analyze",), _call_target,
-              "the equality issue"),
-    )
-}  # fmt: skip
-
-
-def stage_available(name: str) -> bool:
-    try:
-        STAGES[name].load()
-    except StageUnavailable:
-        return False
-    return True
+    return {"train": train_job, "analyze": analyze_job, "probe": probe_job,
+            "memorization": memorization_job, "prune": prune_job,
+            "equality": equality_job}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the file
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FigureSpec(_Spec):
+    layout: str = "clean"
+    panels: list[str] | None = None
+    rows: str | None = None
+    curves: str | None = None
+    x: Literal["block", "depth"] = "block"
+    name: str | None = None
+    title: str | None = None
+
+
+class SlurmSpec(_Spec):
+    """Where and how a sweep's runs go on Slurm (keys of `slurm:`, or slurm.KEY=VALUE)."""
+
+    partition: str | None = None
+    gpus_per_run: int = Field(0, ge=0)
+    cpus_per_run: PositiveInt = 4
+    mem_gb: float | None = Field(None, gt=0)
+    time_min: PositiveInt = 600  # per run; a run cut off by it is requeued and resumes
+    array_parallelism: PositiveInt = 32
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    setup: list[str] = Field(default_factory=list)  # shell lines before each task
+    max_requeues: int = Field(3, ge=0)
+
+
+class SweepSpec(_Spec):
+    name: str | None = None
+    title: str | None = None
+    description: str = ""
+    root: str = "runs/sweeps"
+    base: str | list[str] | dict[str, Any] | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    axes: dict[str, list[Any]] = Field(default_factory=dict)
+    stages: list[StageName] = Field(default_factory=lambda: ["train", "analyze"], min_length=1)
+    figure: FigureSpec | None = None
+    figures: list[FigureSpec] = Field(default_factory=list)
+    report: bool = True
+    mathtext: bool = False
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+
+
 @dataclass
 class Run:
     """One point of the grid: its axis labels, its settings and its resolved config."""
@@ -172,6 +156,8 @@ class Sweep:
     runs: list[Run]
     overrides: list[str] = field(default_factory=list)
     description: str = ""
+    mathtext: bool = False
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
 
     @property
     def out(self) -> Path:
@@ -179,38 +165,97 @@ class Sweep:
 
 
 def run_id(cfg: Config) -> str:
-    """A short hash of the settings that define a run's results: those that differ from
+    """A short hash of the settings that define a run's weights: those that differ from
     the defaults, so a config key added to nclayers later (at its default) leaves every
     existing run's id, and folder, as it was."""
-    defaults = _flatten(Config().to_dict())
-    flat = _flatten(cfg.to_dict())
-    if not has_label_noise(flat.get("data.noise")):  # every spelling of clean labels alike
-        flat["data.noise"] = defaults["data.noise"]
-    kept = {
-        k: v
-        for k, v in flat.items()
-        if k not in UNHASHED and (k not in defaults or v != defaults[k])
-    }
+    from nclayers.data.noise import has_label_noise
+
+    defaults = weights_settings(Config())
+    mine = weights_settings(cfg)
+    if not has_label_noise(mine.get("data.noise")):  # every spelling of clean labels alike
+        mine["data.noise"] = defaults["data.noise"]
+    kept = {k: v for k, v in mine.items() if k not in defaults or v != defaults[k]}
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:ID_LENGTH]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not (prefix + k).endswith("options"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
+    """Read and check a sweep file; every run's config is resolved and validated."""
+    from nclayers.config import read_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise NCLayersError(f"sweep file {str(path)!r} does not exist")
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise NCLayersError(f"{path}: expected a mapping at the top level")
+    run_overrides, sweep_overrides = _split_overrides(overrides)
+    spec = _spec(raw, path, sweep_overrides)
+    axes = {a: _axis_values(a, v, str(path)) for a, v in spec.axes.items()}
+    bases = _bases(spec, path)
+    runs = []
+    for index, combo in enumerate(itertools.product(*axes.values())):
+        labels = {a: lab for a, (lab, _) in zip(axes, combo, strict=True)}
+        settings = {k: v for _, s in combo for k, v in s.items()}
+        cfg = compose(*bases, spec.config, run_overrides, settings, where=str(path))
+        rid = run_id(cfg)
+        cfg = cfg.updated({"run": rid})
+        runs.append(Run(index, labels, settings, cfg, rid, Path(spec.root) / "runs" / rid))
+    _check_distinct(runs, path)
+    figures = [spec.figure] if spec.figure else list(spec.figures)
+    return Sweep(
+        name=spec.name or path.stem, title=spec.title or spec.name or path.stem, path=path,
+        root=Path(spec.root), axes={a: [lab for lab, _ in v] for a, v in axes.items()},
+        stages=[s for s in STAGE_ORDER if s in spec.stages],
+        figures=[_check_figure(f, axes, path) for f in figures], report=spec.report,
+        runs=runs, overrides=list(overrides), description=spec.description,
+        mathtext=spec.mathtext, slurm=spec.slurm,
+    )  # fmt: skip
 
 
-def _axis_values(axis: str, values: Any, where: str) -> list[tuple[str, dict]]:
-    if not isinstance(values, list) or not values:
+def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line key=value: slurm.* set the sweep's launcher, the rest every run."""
+    sweep = [o for o in overrides if o.startswith("slurm.")]
+    return [o for o in overrides if not o.startswith("slurm.")], sweep
+
+
+def _spec(raw: dict, path: Path, sweep_overrides: list[str]) -> SweepSpec:
+    from nclayers.config import _merge, _nested, parse_override
+
+    for text in sweep_overrides:
+        key, value = parse_override(text)
+        raw = _merge(raw, _nested({key: value}, f"override {text!r}"))
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            valid = ", ".join(SweepSpec.model_fields)
+            raise NCLayersError(f"{path}: unknown key {key!r}; valid keys: {valid}") from None
+        raise NCLayersError(f"{path}: {key}: {e['msg']} (got {e.get('input')!r})") from None
+
+
+def _bases(spec: SweepSpec, path: Path) -> list:
+    """The base config files (relative to the sweep file) or mapping, in order."""
+    if spec.base is None:
+        return []
+    if isinstance(spec.base, dict):
+        return [spec.base]
+    names = [spec.base] if isinstance(spec.base, str) else spec.base
+    files = [(path.parent / n).resolve() for n in names]
+    for name, f in zip(names, files, strict=True):
+        if not f.is_file():
+            raise NCLayersError(f"{path}: base {name!r} does not exist ({f})")
+    return files
+
+
+def _axis_values(axis: str, values: list, where: str) -> list[tuple[str, dict]]:
+    if not values:
         raise NCLayersError(f"{where}: axis {axis!r} needs a non-empty list of values")
     out = []
     for value in values:
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             settings = {k: v for k, v in value.items() if k != "label"}
             if not settings:
                 raise NCLayersError(f"{where}: axis {axis!r} value {value!r} sets no config key")
@@ -232,291 +277,202 @@ def _axis_values(axis: str, values: Any, where: str) -> list[tuple[str, dict]]:
     return out
 
 
-def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
-    """Read and check a sweep file; every run's config is resolved and validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise NCLayersError(f"sweep file {str(path)!r} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
-    where = str(path)
-    if not isinstance(spec, dict):
-        raise NCLayersError(f"{where}: expected a mapping at the top level")
-    unknown = sorted(set(spec) - set(SWEEP_KEYS))
-    if unknown:
-        raise NCLayersError(f"{where}: unknown keys {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
-
-    base_path, base_settings = None, {}
-    if isinstance(spec.get("base"), dict):  # the base config written out here
-        base_settings = spec["base"]
-    elif spec.get("base"):  # a config file, relative to the sweep file
-        base_path = (path.parent / str(spec["base"])).resolve()
-        if not base_path.is_file():
-            raise NCLayersError(f"{where}: base {spec['base']!r} does not exist ({base_path})")
-    axes_spec = spec.get("axes") or {}
-    if not isinstance(axes_spec, dict):
-        raise NCLayersError(f"{where}: axes must map an axis name to its values")
-    axes = {a: _axis_values(a, v, where) for a, v in axes_spec.items()}
-
-    stages = spec.get("stages", ["train", "analyze"])
-    if not isinstance(stages, list) or not stages:
-        raise NCLayersError(f"{where}: stages must be a non-empty list, e.g. [train, analyze]")
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise NCLayersError(f"{where}: unknown stages {bad}; known stages: {', '.join(STAGES)}")
-    stages = [s for s in STAGES if s in stages]  # the registry's order: train first
-
-    figures = spec.get("figures", [spec["figure"]] if spec.get("figure") else [])
-    figures = [_check_figure(f, axes, where) for f in figures]
-
-    def resolved(settings: dict) -> Config:
-        cfg = load_config(base_path, [])
-        apply_settings(cfg, base_settings, f"{where}: base")
-        apply_settings(cfg, spec.get("config") or {}, f"{where}: config")
-        load_config(None, list(overrides), base=cfg)
-        return apply_settings(cfg, settings, f"{where}: axes")
-
-    name = str(spec.get("name") or path.stem)
-    root = Path(spec.get("root") or "runs/sweeps")
-    runs = []
-    for index, combo in enumerate(itertools.product(*axes.values())):
-        labels = {a: lab for a, (lab, _) in zip(axes, combo, strict=True)}
-        settings = {k: v for _, s in combo for k, v in s.items()}
-        cfg = resolved(settings)
-        rid = run_id(cfg)
-        folder = root / "runs" / rid
-        cfg.out, cfg.run = str(folder), rid
-        runs.append(Run(index, labels, settings, cfg, rid, folder))
-    if not runs:  # no axes: one run
-        cfg = resolved({})
-        rid = run_id(cfg)
-        cfg.out, cfg.run = str(root / "runs" / rid), rid
-        runs.append(Run(0, {}, {}, cfg, rid, root / "runs" / rid))
-    seen: dict[str, int] = {}
+def _check_distinct(runs: list[Run], path: Path) -> None:
+    seen: dict[str, Run] = {}
     for r in runs:
         if r.id in seen:
             raise NCLayersError(
-                f"{where}: runs {seen[r.id]} and {r.index} resolve to the same config "
-                f"({r.labels} vs {runs[seen[r.id]].labels}); an axis value changes nothing"
+                f"{path}: runs {seen[r.id].index} and {r.index} resolve to the same run "
+                f"({seen[r.id].labels} vs {r.labels}); an axis value changes nothing"
             )
-        seen[r.id] = r.index
-    return Sweep(
-        name=name, title=str(spec.get("title") or name), path=path, root=root,
-        axes={a: [lab for lab, _ in v] for a, v in axes.items()}, stages=stages,
-        figures=figures, report=bool(spec.get("report", True)), runs=runs,
-        overrides=list(overrides), description=str(spec.get("description") or ""),
-    )  # fmt: skip
+        seen[r.id] = r
 
 
-def _check_figure(fig: Any, axes: dict, where: str) -> dict:
-    from nclayers.report.figures import LAYOUTS, X_AXES
+def _check_figure(fig: FigureSpec, axes: dict, path: Path) -> dict:
+    from nclayers.report.figures import LAYOUTS
 
-    if not isinstance(fig, dict):
-        raise NCLayersError(f"{where}: a figure is a mapping, e.g. {{layout: noisy, rows: model}}")
-    unknown = sorted(set(fig) - set(FIGURE_KEYS))
-    if unknown:
-        raise NCLayersError(f"{where}: figure keys {unknown} unknown; valid: {FIGURE_KEYS}")
-    fig = dict(fig)
-    if "panels" in fig:
-        if not isinstance(fig["panels"], list) or not fig["panels"]:
-            raise NCLayersError(f"{where}: figure panels must list metrics, e.g. [cdnv_mean, nc2]")
-    else:
-        fig.setdefault("layout", "clean")
-        if fig["layout"] not in LAYOUTS:
-            raise NCLayersError(
-                f"{where}: figure layout {fig['layout']!r}; one of {sorted(LAYOUTS)}"
-            )
+    out = fig.model_dump(exclude_none=True)
+    if fig.panels is None and fig.layout not in LAYOUTS:
+        raise NCLayersError(f"{path}: figure layout {fig.layout!r}; one of {sorted(LAYOUTS)}")
     for key in ("rows", "curves"):
-        if fig.get(key) is not None and fig[key] not in axes:
+        if out.get(key) is not None and out[key] not in axes:
             raise NCLayersError(
-                f"{where}: figure {key}={fig[key]!r} is not an axis; axes are {list(axes)}"
+                f"{path}: figure {key}={out[key]!r} is not an axis; axes are {list(axes)}"
             )
-    if fig.setdefault("x", "block") not in X_AXES:
-        raise NCLayersError(f"{where}: figure x={fig['x']!r}; one of {sorted(X_AXES)}")
-    return fig
+    return out
 
 
-# ----------------------------------------------------------------------------- running
+# ----------------------------------------------------------------------------- one run
 def commands(sweep: Sweep) -> list[str]:
     """One shell command per run, for a cluster scheduler (e.g. a Slurm job array)."""
     base = ["nclayers", "sweep", str(sweep.path), *sweep.overrides]
     return [shlex.join([*base, "--index", str(r.index)]) for r in sweep.runs]
 
 
-def _status_path(sweep: Sweep, run: Run) -> Path:
+def status_path(sweep: Sweep, run: Run) -> Path:
     return sweep.out / "status" / f"{run.index:04d}-{run.id}.json"
 
 
 def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
-    """Run every unfinished stage of run `index`; never raises for a failing stage:
-    the failure (and its traceback, in the run folder's error.log) is recorded."""
+    """Run every stage of run `index` that is not done and up to date; a failing stage is
+    recorded (never raised) and the stages that need it are blocked."""
     from nclayers.jobs.folder import RunFolder
 
     if not 0 <= index < len(sweep.runs):
         raise NCLayersError(f"--index {index}: the sweep has runs 0..{len(sweep.runs) - 1}")
     run = sweep.runs[index]
-    run.folder.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(run.folder)
+    jobs = stage_jobs()
     status = {"index": run.index, "id": run.id, "labels": run.labels,
               "folder": str(run.folder), "stages": {}}  # fmt: skip
     failed: set[str] = set()
     for name in sweep.stages:
-        stage = STAGES[name]
-        record: dict[str, Any] = {}
-        blocked = [n for n in stage.needs if n in failed]
+        blocked = [n for n in NEEDS.get(name, ()) if n in failed]
         if blocked:
             record = {"status": "blocked", "error": f"needs {blocked}, which failed"}
             failed.add(name)
-        elif folder.done(name):
-            record = {"status": "done", "skipped": True}
         else:
-            t0 = time.perf_counter()
-            try:
-                fn = stage.load()
-                (stage.call or _call_plain)(fn, run.config, run.folder, progress)
-                if not folder.done(name):  # jobs mark themselves; this covers any that don't
-                    folder.mark_done(name, seconds=time.perf_counter() - t0)
-                record = {"status": "done", "seconds": time.perf_counter() - t0}
-            except Exception as err:  # recorded; the sweep goes on with the next run
+            with folder.lock():
+                record = _run_stage(jobs[name], name, run, folder, progress)
+            if record["status"] == "failed":
                 failed.add(name)
-                record = {"status": "failed", "seconds": time.perf_counter() - t0,
-                          "error": f"{type(err).__name__}: {err}"}  # fmt: skip
-                with open(run.folder / "error.log", "a") as log:
-                    log.write(f"--- stage {name}, {time.ctime()}\n{traceback.format_exc()}\n")
-        if progress or record["status"] != "done":
-            state = "skipped (finished before)" if record.get("skipped") else record["status"]
-            why = f": {record['error']}" if "error" in record else ""
-            where = f"[sweep {sweep.name}] run {run.index} ({_describe(run)})"
-            print(f"{where}: {name} {state}{why}", file=sys.stderr)
+        _say(sweep, run, name, record, progress)
         status["stages"][name] = record
-    path = _status_path(sweep, run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(status, indent=2))
+    atomic_write(status_path(sweep, run), dumps_json(status))
     return status
+
+
+def _run_stage(job: Callable, name: str, run: Run, folder, progress: bool) -> dict:
+    state = folder.status(name, run.config)
+    if state == "done":
+        return {"status": "done", "skipped": True}
+    t0 = time.perf_counter()
+    try:
+        job(run.config, folder, progress=progress)
+        return {"status": "done", "seconds": time.perf_counter() - t0, "was": state}
+    except NCLayersError as err:  # the user's to fix: one line, recorded
+        error, trace = str(err), traceback.format_exc()
+    except Exception as err:  # a bug: recorded with its traceback, and printed
+        error = f"{type(err).__name__}: {err} (a bug in nclayers; traceback in error.log)"
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr)
+    folder.mkdir()
+    with open(folder.file("error.log"), "a") as f:
+        f.write(f"--- stage {name}, {time.ctime()}\n{trace}\n")
+    return {"status": "failed", "seconds": time.perf_counter() - t0, "error": error}
+
+
+def _say(sweep: Sweep, run: Run, name: str, record: dict, progress: bool) -> None:
+    if not progress and record["status"] == "done":
+        return
+    state = "skipped (done and up to date)" if record.get("skipped") else record["status"]
+    why = f": {record['error']}" if "error" in record else ""
+    print(f"[sweep {sweep.name}] run {run.index} ({_describe(run)}): {name} {state}{why}",
+          file=sys.stderr)  # fmt: skip
 
 
 def _describe(run: Run) -> str:
     return ", ".join(f"{a}={lab}" for a, lab in run.labels.items()) or run.id
 
 
-def run_sweep(
-    sweep: Sweep,
-    gpus: list[str] | None = None,
-    progress: bool = True,
-    collect_only: bool = False,
-) -> dict:
-    """Run the whole sweep (in this process, or one subprocess per GPU), then gather,
-    plot and report. Returns the gathered summary."""
-    t0 = time.perf_counter()
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    if not collect_only:
-        if gpus:
-            _run_on_gpus(sweep, gpus, progress)
-        else:
-            for run in sweep.runs:
-                run_one(sweep, run.index, progress)
-    summary = collect(sweep)
-    summary["seconds"] = time.perf_counter() - t0
-    (sweep.out / "sweep.json").write_text(json.dumps(_sweep_json(sweep, summary), indent=2))
-    if sweep.report:
-        from nclayers.jobs.report import write_report
-
-        summary["report"] = str(write_report(sweep.out))
-    return summary
-
-
-def _run_on_gpus(sweep: Sweep, gpus: list[str], progress: bool) -> None:
-    """One subprocess per run, one run per GPU at a time (CUDA_VISIBLE_DEVICES)."""
-    pending = list(sweep.runs)
-    busy: dict[str, tuple[subprocess.Popen, Run, Any]] = {}
-    logs = sweep.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "nclayers.cli", "sweep", str(sweep.path), *sweep.overrides,
-            "device=cuda", "-q"]  # fmt: skip
-    while pending or busy:
-        for gpu in gpus:
-            if gpu not in busy and pending:
-                run = pending.pop(0)
-                log = open(logs / f"{run.index:04d}-{run.id}.log", "w")
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-                proc = subprocess.Popen([*base, "--index", str(run.index)], env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-                busy[gpu] = (proc, run, log)
-                print(f"[sweep {sweep.name}] run {run.index} ({_describe(run)}) on GPU {gpu}")
-        for gpu, (proc, run, log) in list(busy.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del busy[gpu]
-            if proc.returncode != 0 and not _status_path(sweep, run).is_file():
-                # The child died before recording anything (e.g. killed): record it here.
-                status = {"index": run.index, "id": run.id, "labels": run.labels,
-                          "folder": str(run.folder), "stages": {s: {
-                              "status": "failed",
-                              "error": f"process exited with {proc.returncode}; see {log.name}"}
-                              for s in sweep.stages}}  # fmt: skip
-                _status_path(sweep, run).parent.mkdir(parents=True, exist_ok=True)
-                _status_path(sweep, run).write_text(json.dumps(status, indent=2))
-            print(f"[sweep {sweep.name}] run {run.index} finished (exit {proc.returncode})")
-        time.sleep(0.5)
-
-
 # ----------------------------------------------------------------------------- gathering
 def collect(sweep: Sweep) -> dict:
     """Gather every run's tables into ROOT/<name>/: layers.csv, memorization.csv,
     probe.csv (when any run has one), runs.csv; then draw the figures."""
-    from nclayers.jobs.folder import MEMORIZATION, PROBE, TRAIN_SUMMARY, RunFolder
-    from nclayers.memorization import memorization_layers, memorization_ratio
+    from nclayers.jobs.folder import MEMORIZATION, PROBE, RunFolder
+    from nclayers.jobs.report import draw_figures
 
     out = sweep.out
-    out.mkdir(parents=True, exist_ok=True)
-    layers, memo, probe, runs = Table(), Table(), Table(), Table()
+    schema = dict.fromkeys(sweep.axes, str)
+    tables = {n: Table(schema=schema) for n in ("layers", "memorization", "probe", "runs")}
+    notes: list[str] = []
     for run in sweep.runs:
-        folder = RunFolder(run.folder)
-        tag = {"run": run.id, **run.labels}
-        status = _read_json(_status_path(sweep, run))
-        row: dict[str, Any] = {"index": run.index, **tag}
+        folder, tag = RunFolder(run.folder), {"run": run.id, **run.labels}
+        row = _run_row(sweep, run, folder)
+        tables["runs"].append(row)
+        if row.get("notes"):
+            notes.append(f"{_describe(run)}: {row['notes']}")
+        try:
+            rows = folder.layers()
+            ratios = folder.read_table(MEMORIZATION) or _ratios(rows)
+            probe = folder.read_table(PROBE)
+        except NCLayersError as err:  # a damaged run is reported, the others gathered
+            row["errors"] = "; ".join(filter(None, [row.get("errors"), str(err)]))
+            continue
+        tables["layers"].extend({**r, **tag} for r in rows)
+        tables["memorization"].extend({**r, **tag} for r in ratios)
+        tables["probe"].extend({**r, **tag} for r in probe)
+    written = _write_tables(out, tables)
+    errors: list[str] = []
+    try:
+        figures = draw_figures(sweep.figures, out, tables["layers"], tables["memorization"],
+                               sweep.title, sweep.name, notes, sweep.mathtext)  # fmt: skip
+    except Exception as err:  # a figure that cannot be drawn costs itself, not the report
+        figures, errors = [], [f"the figure could not be drawn: {type(err).__name__}: {err}"]
+        log.warning(errors[0])
+    written["figures"] = [str(p) for p in figures]
+    counts: dict[str, int] = {}
+    for r in tables["runs"]:
+        for name in sweep.stages:
+            state = str(r[name]).split(":")[0]
+            counts[f"{name} {state}"] = counts.get(f"{name} {state}", 0) + 1
+    return {"files": written, "stages": counts, "runs": len(sweep.runs), "figure_errors": errors}
+
+
+def _run_row(sweep: Sweep, run: Run, folder) -> dict:
+    """One row of runs.csv: labels, each stage's state now, accuracies, notes, errors."""
+    from nclayers.jobs.folder import TRAIN_SUMMARY
+    from nclayers.jobs.report import readability
+    from nclayers.memorization import memorization_layers
+
+    status = _read_status(status_path(sweep, run))
+    row: dict[str, Any] = {"index": run.index, "run": run.id, **run.labels}
+    errors = [f"{n}: {rec['error']}" for n, rec in (status.get("stages") or {}).items()
+              if rec.get("error")]  # fmt: skip
+    try:
         for name in sweep.stages:
             rec = (status.get("stages") or {}).get(name) or {}
-            row[name] = rec.get("status") or ("done" if folder.done(name) else "pending")
-        rows = folder.layers()
-        layers.extend({**r, **tag} for r in rows)
-        ratios = _table(folder.file(MEMORIZATION))
-        if not ratios and rows:
-            try:
-                ratios = memorization_ratio(rows, split="train")
-            except ValueError:  # a clean run: no noisy view
-                ratios = Table()
-        memo.extend({**r, **tag} for r in ratios)
-        probe.extend({**r, **tag} for r in _table(folder.file(PROBE)))
+            now = folder.status(name, run.config)
+            row[name] = rec["status"] if rec.get("status") in ("failed", "blocked") else now
         train = folder.read_json(TRAIN_SUMMARY)
         final = train.get("final") or {}
+        from nclayers.jobs.folder import MEMORIZATION
+
+        ratios = folder.read_table(MEMORIZATION) or _ratios(folder.layers())
         row.update(
             test_acc=final.get("test_acc"), train_acc=final.get("train_acc"),
+            memorized=(train.get("label_noise") or {}).get("memorized"),
             epochs=train.get("epochs_done"), train_seconds=train.get("train_seconds"),
-            memorization_layers=" ".join(map(str, memorization_layers(ratios))) if ratios else None,
-            errors="; ".join(f"{n}: {rec.get('error')}" for n, rec in
-                             (status.get("stages") or {}).items() if rec.get("error")) or None,
-            folder=str(run.folder),
+            memorization_layers=" ".join(map(str, memorization_layers(ratios))) if ratios
+            else None, notes=" ".join(readability(run.config.to_dict(), train)) or None,
         )  # fmt: skip
-        runs.append(row)
-    runs.to_csv(out / "runs.csv")
-    written = {"runs": str(out / "runs.csv")}
-    for name, table in (("layers", layers), ("memorization", memo), ("probe", probe)):
+    except NCLayersError as err:
+        errors.append(str(err))
+    row.update(errors="; ".join(errors) or None, folder=str(run.folder))
+    return row
+
+
+def _ratios(rows: Table) -> Table:
+    from nclayers.memorization import memorization_ratio
+
+    if not any(r.get("view") == "noisy" for r in rows):
+        return Table()
+    try:
+        return memorization_ratio(rows, split="train")
+    except ValueError:
+        return Table()
+
+
+def _write_tables(out: Path, tables: dict[str, Table]) -> dict:
+    written = {}
+    for name, table in tables.items():
         path = out / f"{name}.csv"
-        if table:
+        if table or name == "runs":
             table.to_csv(path)
             written[name] = str(path)
         else:
             path.unlink(missing_ok=True)
-    from nclayers.jobs.report import draw_figures
-
-    written["figures"] = [str(p) for p in draw_figures(sweep.figures, out, layers, memo,
-                                                       sweep.title, sweep.name)]  # fmt: skip
-    counts: dict[str, int] = {}
-    for r in runs:
-        for name in sweep.stages:
-            counts[f"{name} {r[name]}"] = counts.get(f"{name} {r[name]}", 0) + 1
-    return {"files": written, "stages": counts, "runs": len(runs)}
+    return written
 
 
 def sweep_report(path: str | Path, out: str | Path | None = None) -> Path:
@@ -526,7 +482,7 @@ def sweep_report(path: str | Path, out: str | Path | None = None) -> Path:
     return write_report(load_sweep(path).out, out)
 
 
-def _sweep_json(sweep: Sweep, summary: dict) -> dict:
+def sweep_json(sweep: Sweep, summary: dict) -> dict:
     return {
         "name": sweep.name, "title": sweep.title, "description": sweep.description,
         "file": str(sweep.path), "overrides": sweep.overrides, "root": str(sweep.root),
@@ -537,15 +493,12 @@ def _sweep_json(sweep: Sweep, summary: dict) -> dict:
     }  # fmt: skip
 
 
-def _read_json(path: Path) -> dict:
+def _read_status(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _table(path: Path) -> Table:
-    return Table.from_csv(path) if Path(path).is_file() else Table()
+        obj = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # a missing or torn status only means the stages run (or show) again
+    return obj if isinstance(obj, dict) else {}
 
 
 def describe(sweep: Sweep) -> str:
@@ -553,11 +506,8 @@ def describe(sweep: Sweep) -> str:
     lines = [f"sweep {sweep.name}: {len(sweep.runs)} runs, stages {', '.join(sweep.stages)}"]
     lines += [f"  axis {a}: {', '.join(v)}" for a, v in sweep.axes.items()]
     lines.append(f"  runs in {sweep.root / 'runs'}/<id>, outputs in {sweep.out}/")
-    missing = [s for s in sweep.stages if not stage_available(s)]
-    if missing:
-        lines.append(f"  not yet available in this nclayers: {', '.join(missing)}")
     return "\n".join(lines)
 
 
-__all__ = ["STAGES", "Run", "Stage", "Sweep", "collect", "commands", "load_sweep", "run_id",
-           "run_one", "run_sweep"]  # fmt: skip
+__all__ = ["Run", "Sweep", "collect", "commands", "describe", "load_sweep", "run_id",
+           "run_one", "stage_jobs", "sweep_json"]  # fmt: skip

@@ -1,260 +1,351 @@
 """The `nclayers train` job: a run folder around the training loop.
 
-`train_run(cfg)` builds the data and model a config describes, runs `nclayers.train.fit`
-and, between epochs, logs, tracks NC and checkpoints into `cfg.out`:
+`train_job(cfg, folder)` builds the data and model `cfg` describes, runs
+`nclayers.train.fit` and, between epochs, logs, tracks NC and checkpoints into `folder`:
 
+- a folder that already holds a run is never retrained silently: `resume=True`
+  continues it exactly (model, optimiser, epoch, history, every rank's RNG state; on CPU
+  the final weights equal an uninterrupted run's bit for bit), `force=True` starts over,
+  and `resume=None` (the sweep's way) continues an interrupted run of the same settings;
 - checkpoints every `train.checkpoint_every` epochs and at the end, atomically;
-- `resume=True` continues exactly from checkpoint.pt (model, optimiser, epoch, history,
-  every rank's RNG state): on CPU the final weights equal an uninterrupted run's bit for bit;
-- under torchrun every rank calls it; only rank 0 prints and writes files;
+- training that diverges (a non-finite loss, checked once per epoch) stops with an error
+  and leaves the last good checkpoint; the stage is not marked done;
+- under torchrun every rank calls it; only rank 0 writes;
 - `train.track_nc_every=N` measures NC1 and NC2 of every block on a fixed class-balanced
   test subset before training and every N epochs, into nc_dynamics.csv.
 
 Files: config.yaml, train.log, checkpoint.pt, train_summary.json, nc_dynamics.csv,
-tb/ (when tensorboard is installed); stages.json records "train" once all epochs ran.
+tb/ (when tensorboard is installed); stages.json records "train" with the weights'
+checksum once all epochs ran, so the stages measured on older weights are out of date.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from nclayers.config import Config
+from nclayers.config import Config, weights_settings
 from nclayers.data import DeviceBatches, balanced_subset, load_dataset
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import load_model
-from nclayers.jobs.folder import (
-    CHECKPOINT,
-    DYNAMICS,
-    TRAIN_LOG,
-    TRAIN_SUMMARY,
-    RunFolder,
-)
+from nclayers.jobs.common import build_from_config, run_folder
+from nclayers.jobs.folder import CHECKPOINT, DYNAMICS, TRAIN_LOG, TRAIN_SUMMARY, RunFolder
 from nclayers.memorization import memorized_fraction
 from nclayers.models import find_blocks
-from nclayers.runtime import setup_distributed
+from nclayers.runtime import Distributed, cudnn_benchmark, seeded, setup_distributed
 from nclayers.table import Table
 from nclayers.train import (
     EVAL_BATCH,
-    check_recipe,
     fit,
     gather_rng_states,
     is_convnet,
-    load_checkpoint,
     make_optimizer,
-    save_checkpoint,
-    seed_everything,
     set_rng_state,
     track_nc,
     train_labels_view,
 )
 
+log = logging.getLogger("nclayers.train")
 
-def train_run(
+
+@dataclass
+class TrainResult:
+    """What `train_job` returns: the summary (also in train_summary.json) and the model."""
+
+    summary: dict
+    model: nn.Module
+
+
+@dataclass
+class _Start:
+    epoch: int = 0
+    history: list | None = None
+    state: dict | None = None  # the checkpoint resumed from
+
+
+def train_job(
     cfg: Config,
-    resume: bool = False,
-    stop_after: int | None = None,
+    folder: RunFolder | str | Path,
+    *,
     progress: bool = True,
-) -> dict:
-    """Train per `cfg` into `cfg.out`; returns the summary (also in train_summary.json)
-    with the trained (unwrapped) model under "model".
+    resume: bool | None = None,
+    force: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train per `cfg` into `folder` (see the module doc for resume/force).
 
-    resume: continue from `cfg.out/checkpoint.pt` exactly. stop_after: stop after this
-    many epochs in total (tests, time-boxed runs); the checkpoint then allows `resume`.
+    stop_after: stop after this many epochs in total (tests, time-boxed runs); the
+    checkpoint then allows a resume.
     """
     proc, device = setup_distributed(cfg.device)
+    folder = run_folder(folder)
     try:
-        return _train(cfg, RunFolder(cfg.out), proc, device, resume, stop_after, progress)
+        with folder.lock(), seeded(cfg.train.seed), cudnn_benchmark(device.type == "cuda"):
+            start = _start(cfg, folder, resume, force)
+            return _train(cfg, folder, proc, device, start, stop_after, progress and proc.main)
     finally:
-        if proc.owned:
-            dist.destroy_process_group()
+        proc.close()
 
 
-def _train(cfg, folder, proc, device, resume, stop_after, progress) -> dict:
+def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> _Start:
+    """Where training starts: a new run, or the folder's checkpoint. Refuses to overwrite
+    a run unless asked (force), and to resume one with other data or model settings."""
+    if force or not folder.exists(CHECKPOINT):
+        if resume:
+            raise NCLayersError(
+                f"--resume: no {CHECKPOINT} in {str(folder.path)!r}; start without --resume"
+            )
+        return _Start()
+    state = folder.load_torch(CHECKPOINT)
+    saved = Config.model_validate(state["config"]) if "config" in state else folder.config()
+    mine, theirs = weights_settings(saved), weights_settings(cfg)
+    changed = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
+    other_run = [k for k in changed if not k.startswith("train.")]
+    if other_run:
+        raise NCLayersError(
+            f"{folder.path} holds a run with other settings ({', '.join(other_run[:4])}); "
+            "pick another --out, or --force to train this config there from scratch"
+        )
+    finished = state["epoch"] >= saved.train.epochs
+    if resume is None and (finished or changed):
+        resume = False  # the sweep resumes only an interrupted run of the same settings
+    if not resume:
+        what = f"a finished run ({state['epoch']} epochs)" if finished else (
+            f"an interrupted run (checkpoint at epoch {state['epoch']} of "
+            f"{saved.train.epochs})"
+        )  # fmt: skip
+        raise NCLayersError(
+            f"{folder.path} holds {what}; --resume to continue it (train.epochs=N to train "
+            "longer), or --force to start over"
+        )
+    if state["epoch"] >= cfg.train.epochs:
+        raise NCLayersError(
+            f"--resume: {folder.path} is already trained for {state['epoch']} epochs; "
+            f"set train.epochs above {state['epoch']} to train longer"
+        )
+    if changed:
+        log.warning("resuming with changed settings: %s", ", ".join(changed))
+    return _Start(state["epoch"], state["history"], state)
+
+
+@dataclass
+class _Setup:
+    model: nn.Module
+    train_model: nn.Module  # what the steps call: the DDP wrapper or the compiled model
+    optimizer: torch.optim.Optimizer
+    train_batches: DeviceBatches
+    test_batches: DeviceBatches
+    train_ds: object
+    test_ds: object
+    view: str
+    tracker: object
+
+
+def _setup(cfg: Config, proc: Distributed, device: torch.device, folder: RunFolder) -> _Setup:
     tc = cfg.train
-    progress = progress and proc.main
-    check_recipe(tc, proc.world)
-    if proc.main:
-        folder.mkdir()
-    seed_everything(tc.seed)  # the same on every rank: DDP starts from equal weights anyway
+    if tc.batch_size < proc.world:
+        raise NCLayersError(
+            f"train.batch_size={tc.batch_size} is smaller than the {proc.world} processes; each "
+            f"needs at least one sample per batch: set train.batch_size >= {proc.world}"
+        )
+    train_ds, test_ds = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
+    model = build_from_config(cfg.model, train_ds.num_classes)
+    if cfg.model.checkpoint:  # fine-tune from given weights
+        from nclayers.jobs.common import load_model
 
-    train_ds = load_dataset(cfg.data, "train")
-    test_ds = load_dataset(cfg.data, "test")
-    num_classes = train_ds.num_classes
-    model = load_model(cfg, num_classes).to(device)
-    on_cuda = device.type == "cuda"
-    if on_cuda:  # fixed input shapes: let cuDNN pick its fastest kernels once
-        torch.backends.cudnn.benchmark = True
-    channels_last = tc.channels_last and on_cuda and is_convnet(model)
+        model = load_model(cfg, folder, train_ds.num_classes)
+    model = model.to(device)
+    channels_last = tc.channels_last and device.type == "cuda" and is_convnet(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, tc)
     view = train_labels_view(train_ds)
-    rank_batch = tc.batch_size // proc.world
     shard = (proc.rank, proc.world)
     train_batches = DeviceBatches(
-        train_ds, rank_batch, device, train=tc.augment, shuffle=True, seed=tc.seed,
-        views=[view], shard=shard, channels_last=channels_last,
+        train_ds, tc.batch_size // proc.world, device, train=tc.augment, shuffle=True,
+        seed=tc.seed, views=[view], shard=shard, channels_last=channels_last,
     )  # fmt: skip
     test_batches = DeviceBatches(
         test_ds, EVAL_BATCH, device, views=["clean"], shard=shard, channels_last=channels_last
     )
-    tracker = None
-    if tc.track_nc_every:
-        keep = balanced_subset(test_ds.labels["clean"], tc.track_nc_samples, num_classes, tc.seed)
-        batches = DeviceBatches(
-            test_ds.subset(keep), EVAL_BATCH, device, views=["clean"], shard=shard,
-            channels_last=channels_last,
-        )  # fmt: skip
-        blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
-
-        def tracker(epoch: int, board) -> None:
-            table = track_nc(model, blocks, batches, num_classes, tc.amp, run=cfg.run, epoch=epoch)
-            if proc.main:
-                path = folder.file(DYNAMICS)
-                Table([*(Table.from_csv(path) if path.is_file() else ()), *table]).to_csv(path)
-                if board is not None:
-                    for row in table:
-                        board.add_scalar(f"nc1/layer{row['layer']:02d}", row["nc1"], epoch)
-                        board.add_scalar(f"nc2/layer{row['layer']:02d}", row["nc2"], epoch)
-
-    start_epoch, history = 0, []
-    if resume:
-        if not folder.exists(CHECKPOINT):
-            raise NCLayersError(
-                f"--resume: no {CHECKPOINT} in {str(folder.path)!r}; start without --resume"
-            )
-        state = load_checkpoint(folder.file(CHECKPOINT))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
-        states = state["rng"]
-        set_rng_state(states[proc.rank] if len(states) == proc.world else states[0])
-        if proc.main:
-            _trim_dynamics(folder.file(DYNAMICS), start_epoch)
-    elif proc.main:
-        folder.file(DYNAMICS).unlink(missing_ok=True)
-    if proc.main:  # on resume too: e.g. train.epochs may have grown
-        folder.save_config(cfg)
-        folder.forget("train")
-
     train_model: nn.Module = model
     if proc.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if on_cuda else None
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if tc.compile and on_cuda:
+    if tc.compile and device.type == "cuda":
         # Static shapes: train_epoch runs the epoch's last, smaller batch eagerly, so one
         # graph serves every step (a dynamic-shape recompile made compiled runs slower).
         train_model = torch.compile(train_model, dynamic=False)
+    tracker = _tracker(cfg, model, test_ds, proc, device, channels_last, folder)
+    return _Setup(model, train_model, make_optimizer(model, tc), train_batches, test_batches,
+                  train_ds, test_ds, view, tracker)  # fmt: skip
 
-    end_epoch = tc.epochs if stop_after is None else min(tc.epochs, stop_after)
-    log = open(folder.file(TRAIN_LOG), "a" if resume else "w") if proc.main else None
-    board = _tensorboard(folder, tc.tensorboard and proc.main, start_epoch + 1 if resume else None)
-    say = _printer(log, progress)
+
+def _tracker(cfg, model, test_ds, proc, device, channels_last, folder: RunFolder):
+    """`track(epoch, board)`: NC of every block on a fixed test subset, or None."""
+    tc = cfg.train
+    if not tc.track_nc_every:
+        return None
+    keep = balanced_subset(test_ds.labels["clean"], tc.track_nc_samples, test_ds.num_classes,
+                           tc.seed)  # fmt: skip
+    batches = DeviceBatches(
+        test_ds.subset(keep), EVAL_BATCH, device, views=["clean"],
+        shard=(proc.rank, proc.world), channels_last=channels_last,
+    )  # fmt: skip
+    blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
+
+    def track(epoch: int, board) -> None:
+        table = track_nc(model, blocks, batches, test_ds.num_classes, tc.amp, run=cfg.run,
+                         epoch=epoch)  # fmt: skip
+        if proc.main:
+            folder.write_table(DYNAMICS, Table([*folder.read_table(DYNAMICS), *table]))
+            for row in table if board is not None else ():
+                board.add_scalar(f"nc1/layer{row['layer']:02d}", row["nc1"], epoch)
+                board.add_scalar(f"nc2/layer{row['layer']:02d}", row["nc2"], epoch)
+
+    return track
+
+
+def _train(cfg, folder, proc, device, start: _Start, stop_after, progress) -> TrainResult:
+    tc = cfg.train
+    s = _setup(cfg, proc, device, folder)
+    history = list(start.history or [])
+    if start.state is not None:
+        s.model.load_state_dict(start.state["model"])
+        s.optimizer.load_state_dict(start.state["optimizer"])
+        states = start.state["rng"]
+        set_rng_state(states[proc.rank] if len(states) == proc.world else states[0])
+        _trim_dynamics(folder, start.epoch)
+    else:
+        folder.remove(DYNAMICS, CHECKPOINT, TRAIN_SUMMARY)
+    folder.save_config(cfg)  # on resume too: e.g. train.epochs may have grown
+    folder.forget("train")
+    end = tc.epochs if stop_after is None else min(tc.epochs, stop_after)
+    say, board, close = _outputs(folder, proc, start, tc.tensorboard)
     say(
-        f"{cfg.model.name} on {cfg.data.name} ({len(train_ds)} train / {len(test_ds)} test), "
-        f"{device}, {proc.world} process(es), per-process batch {rank_batch} "
-        f"(train.batch_size={tc.batch_size} // {proc.world}), epochs {start_epoch + 1}.."
-        f"{end_epoch} of {tc.epochs}"
+        f"{cfg.model.name} on {cfg.data.name} ({len(s.train_ds)} train / "
+        f"{len(s.test_ds)} test), {device}, {proc.world} process(es), per-process "
+        f"batch {tc.batch_size // proc.world}, epochs {start.epoch + 1}..{end} of {tc.epochs}"
     )
     t0 = time.perf_counter()
     try:
-        if tracker is not None and not resume:
-            tracker(0, board)
-        epochs = range(start_epoch, end_epoch)
-        for record in fit(
-            model, optimizer, train_batches, test_batches, tc, epochs, proc, train_model,
-            progress,
-        ):  # fmt: skip
-            epoch = record["epoch"]
-            record["seconds"] = time.perf_counter() - t0
-            history.append(record)
-            eta = record["seconds"] / (epoch - start_epoch) * (end_epoch - epoch)
-            say(
-                f"epoch {epoch:>3}/{tc.epochs}  loss {record['train_loss']:.4f}  "
-                f"train {record['train_acc']:.4f}  test {record['test_acc']:.4f}  "
-                f"lr {record['lr']:.3g}  {record['img_per_s']:.0f} img/s  "
-                f"{record['epoch_seconds']:.1f} s  eta {_duration(eta)}"
-            )
-            if board is not None:
-                for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s"):
-                    board.add_scalar(key, record[key], epoch)
-            if tracker is not None and (epoch % tc.track_nc_every == 0 or epoch == tc.epochs):
-                tracker(epoch, board)
-            if epoch == end_epoch or (tc.checkpoint_every and epoch % tc.checkpoint_every == 0):
-                states = gather_rng_states(proc)  # every rank takes part
-                if proc.main:
-                    save_checkpoint(
-                        folder.file(CHECKPOINT),
-                        model=model.state_dict(),
-                        optimizer=optimizer.state_dict(),
-                        epoch=epoch,
-                        history=history,
-                        rng=states,
-                        world=proc.world,
-                        config=cfg.to_dict(),
-                    )
+        if s.tracker is not None and start.state is None:
+            s.tracker(0, board)
+        records = fit(s.model, s.optimizer, s.train_batches, s.test_batches, tc,
+                      range(start.epoch, end), proc, s.train_model, progress)  # fmt: skip
+        for record in records:
+            _after_epoch(cfg, folder, proc, s, record, history, t0, start.epoch, end, say, board)
     finally:
-        if log is not None:
-            log.close()
-        if board is not None:
-            board.close()
+        close()
+    return _finish(cfg, folder, proc, device, s, history, time.perf_counter() - t0, progress)
 
+
+def _after_epoch(cfg, folder, proc, s: _Setup, record, history, t0, first, end, say, board):
+    tc, epoch = cfg.train, record["epoch"]
+    if not all(math.isfinite(record[k]) for k in ("train_loss", "test_loss")):
+        last = f"epoch {history[-1]['epoch']}" if history else "none"
+        raise NCLayersError(
+            f"training diverged at epoch {epoch}: training loss {record['train_loss']}, test "
+            f"loss {record['test_loss']}; lower train.lr (now {tc.lr}) and train again "
+            f"(--force); the last good checkpoint ({last}) is kept in {folder.path}"
+        )
+    record["seconds"] = time.perf_counter() - t0
+    history.append(record)
+    eta = record["seconds"] / (epoch - first) * (end - epoch)
+    say(
+        f"epoch {epoch:>3}/{tc.epochs}  loss {record['train_loss']:.4f}  "
+        f"train {record['train_acc']:.4f}  test {record['test_acc']:.4f}  "
+        f"lr {record['lr']:.3g}  {record['img_per_s']:.0f} img/s  "
+        f"{record['epoch_seconds']:.1f} s  eta {_duration(eta)}"
+    )
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s"):
+        if board is not None:
+            board.add_scalar(key, record[key], epoch)
+    if s.tracker is not None and (epoch % tc.track_nc_every == 0 or epoch == tc.epochs):
+        s.tracker(epoch, board)
+    if epoch == end or (tc.checkpoint_every and epoch % tc.checkpoint_every == 0):
+        states = gather_rng_states(proc)  # every rank takes part
+        folder.save_torch(CHECKPOINT, {
+            "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "epoch": epoch, "history": history, "rng": states, "world": proc.world,
+            "config": cfg.to_dict(),
+        })  # fmt: skip
+
+
+def _finish(cfg, folder, proc, device, s: _Setup, history, seconds, progress) -> TrainResult:
+    tc = cfg.train
     summary = {
         "config": cfg.to_dict(),
         "epochs_done": len(history),
-        "train_labels": view,
+        "train_labels": s.view,
+        "num_classes": s.train_ds.num_classes,
         "final": history[-1] if history else None,
         "best_test_acc": max((h["test_acc"] for h in history), default=None),
-        "train_seconds": time.perf_counter() - t0,
+        "train_seconds": seconds,
         "device": str(device),
         "world_size": proc.world,
-        "per_process_batch": rank_batch,
+        "per_process_batch": tc.batch_size // proc.world,
         "history": history,
     }
-    if proc.main and "noisy" in train_ds.labels:
+    if "noisy" in s.train_ds.labels:
         # Whether the model fitted its noisy labels decides whether Δ can be judged at all.
-        meta = train_ds.meta
+        meta = s.train_ds.meta
         summary["label_noise"] = {
             "source": meta.get("noise_source"),
             "changed": meta.get("noise_changed"),
             "rate": meta.get("noise_rate"),
-            **memorized_fraction(model, train_ds, amp=tc.amp),
+            **memorized_fraction(s.model, s.train_ds, amp=tc.amp),
         }
-        if progress:
-            noise = summary["label_noise"]
-            rate, fitted = noise["rate"], noise["memorized"]
-            print(f"{rate:.2%} of the training labels changed; the model fits {fitted:.2%} of them")
-    if proc.main:
-        folder.write_json(TRAIN_SUMMARY, summary)
-        if len(history) == tc.epochs:
-            folder.mark_done("train", epochs=tc.epochs, test_acc=summary["final"]["test_acc"])
-    summary["model"] = model
-    return summary
+        noise = summary["label_noise"]
+        log.info("%.2f%% of the training labels changed; the model fits %.2f%% of them",
+                 100 * noise["rate"], 100 * noise["memorized"])  # fmt: skip
+    folder.write_json(TRAIN_SUMMARY, summary)
+    if history and history[-1]["epoch"] == tc.epochs:
+        weights = {"file": CHECKPOINT, "sha256": folder.checkpoint_sha(), "epoch": tc.epochs}
+        folder.mark_done("train", cfg, weights=weights, test_acc=history[-1]["test_acc"],
+                         seconds=seconds)  # fmt: skip
+    return TrainResult(summary, s.model)
 
 
-def _trim_dynamics(path: Path, epoch: int) -> None:
+def _trim_dynamics(folder: RunFolder, epoch: int) -> None:
     """Drop rows measured after the checkpoint's epoch: the resumed run measures them
     again (a crash between measuring and checkpointing would otherwise leave twins)."""
-    if not path.is_file():
-        return
-    rows = Table(
-        r for r in Table.from_csv(path) if r.get("epoch") is not None and r["epoch"] <= epoch
-    )
+    rows = Table(r for r in folder.read_table(DYNAMICS) if (r.get("epoch") or 0) <= epoch)
     if rows:
-        rows.to_csv(path)
+        folder.write_table(DYNAMICS, rows)
     else:
-        path.unlink()
+        folder.remove(DYNAMICS)
 
 
-def _tensorboard(folder: RunFolder, enabled: bool, purge_step: int | None):
-    if not enabled:
-        return None
+def _outputs(folder: RunFolder, proc: Distributed, start: _Start, tensorboard: bool):
+    """(say, board, close): the epoch lines to train.log and the log, TensorBoard."""
+    logfile, board = None, None
+    if proc.main and folder.writes:
+        logfile = open(folder.mkdir().file(TRAIN_LOG), "a" if start.state else "w")
+        if tensorboard:
+            board = _tensorboard(folder, start.epoch + 1 if start.state else None)
+
+    def say(line: str) -> None:
+        if logfile is not None:
+            print(line, file=logfile, flush=True)
+        if proc.main:
+            log.info(line)
+
+    def close() -> None:
+        if logfile is not None:
+            logfile.close()
+        if board is not None:
+            board.close()
+
+    return say, board, close
+
+
+def _tensorboard(folder: RunFolder, purge_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional (pip install nclayers[tensorboard])
@@ -262,18 +353,11 @@ def _tensorboard(folder: RunFolder, enabled: bool, purge_step: int | None):
     return SummaryWriter(str(folder.file("tb")), purge_step=purge_step)
 
 
-def _printer(log, progress: bool):
-    def say(line: str) -> None:
-        if log is not None:
-            print(line, file=log, flush=True)
-        if progress:
-            print(line, flush=True)
-
-    return say
-
-
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+__all__ = ["TrainResult", "train_job"]

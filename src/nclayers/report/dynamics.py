@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nclayers.errors import NCLayersError
-from nclayers.report.figures import LABELS, LOG_SCALE, _pyplot
+from nclayers.report.figures import LABELS, LOG_SCALE, new_figure, save_figure
 from nclayers.table import Table
 
 
@@ -32,7 +32,6 @@ def plot_dynamics(
     missing = [m for m in metrics if all(r.get(m) is None for r in rows)]
     if missing:
         raise NCLayersError(f"metrics {missing}: not in the table; columns are {table.columns}")
-    plt = _pyplot()
     from matplotlib import cm
     from matplotlib.colors import Normalize
 
@@ -40,7 +39,7 @@ def plot_dynamics(
     names = {r["layer"]: r.get("block") for r in rows}
     colours = cm.viridis
     norm = Normalize(vmin=min(layers), vmax=max(max(layers), min(layers) + 1))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    fig, axes = new_figure(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for layer in layers:
             pts = sorted((r["epoch"], r[metric]) for r in rows if r["layer"] == layer)
@@ -59,10 +58,4 @@ def plot_dynamics(
         bar.set_label("block index")
     if title:
         fig.suptitle(title)
-    path = Path(out_png)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if len(layers) <= 12:
-        fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_png, layout=len(layers) <= 12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +20,37 @@ LABELS = {
 LOG_SCALE = {"nc1", "cdnv_mean"}
 
 
-def _pyplot():
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """(figure, axes) on a `matplotlib.figure.Figure`: no pyplot, so drawing never switches
+    a notebook's backend nor keeps figures alive in pyplot's registry."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+@contextlib.contextmanager
+def text_style(mathtext: bool = False):
+    """Labels are plain text ("cost $5") unless mathtext is asked for."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    with matplotlib.rc_context({"text.parse_math": mathtext}):
+        yield
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write (creating the folder) and close a figure; return its path."""
-    fig.tight_layout()
+def save_figure(fig, path: str | Path, layout: bool = True, dpi: int = 120) -> Path:
+    """Lay out and write a figure atomically, in the format its suffix names."""
+    import io
+
+    from nclayers.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
-    return path
+    buf = io.BytesIO()
+    with text_style(False):
+        if layout:
+            fig.tight_layout()
+        fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    return atomic_write(path, buf.getvalue())
 
 
 def plot_metric(
@@ -49,8 +64,7 @@ def plot_metric(
     rows = [r for r in table if r.get(metric) not in (None, "")]
     if not rows:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     lines: dict[tuple, list] = {}
     for r in rows:
         lines.setdefault(tuple(r.get(g) for g in group), []).append(r)
@@ -265,6 +279,8 @@ def plot_layout(
     memorization: Table | None = None,
     title: str | None = None,
     formats: tuple[str, ...] = ("png", "pdf"),
+    mathtext: bool = False,
+    notes: list[str] | tuple[str, ...] = (),
 ) -> list[Path]:
     """Draw one of the paper's layouts from tidy tables; returns the files written.
 
@@ -277,13 +293,20 @@ def plot_layout(
         clean and noisy views of the training split.
     out: the file name without suffix; one file per format ("png", "pdf").
     A panel without data is drawn empty with a note, so a sweep whose probe stage has
-    not run yet still gets its figure.
+    not run yet still gets its figure. `notes` (e.g. "Δ not interpretable: ...") are
+    printed under the figure. Labels are plain text unless `mathtext`.
     """
+    with text_style(mathtext):
+        fig = _draw_layout(layers, layout, rows, curves, x, memorization, title, notes)
+    out = Path(out)
+    return [save_figure(fig, out.with_name(f"{out.name}.{fmt}"), False, 130) for fmt in formats]
+
+
+def _draw_layout(layers, layout, rows, curves, x, memorization, title, notes):
     lay = layout_curves(layers, layout, rows, curves, x, memorization)
     styles = dict(zip(lay.curve_values, curve_styles(len(lay.curve_values)), strict=True))
     n_rows, panels = len(lay.row_values), lay.panels
-    plt = _pyplot()
-    fig, axes = plt.subplots(
+    fig, axes = new_figure(
         n_rows, len(panels), figsize=(3.6 * len(panels), 2.9 * n_rows + 0.6), squeeze=False
     )
     handles: dict = {}
@@ -325,20 +348,13 @@ def plot_layout(
     if curves and handles:
         fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(8, len(handles)),
                    frameon=False, title=curves, fontsize=9)  # fmt: skip
-    if title:
-        fig.suptitle(title, y=0.01, va="bottom", fontsize=10)
+    caption = "\n".join([*([title] if title else []), *notes])
+    if caption:
+        fig.suptitle(caption, y=0.01, va="bottom", fontsize=9 if notes else 10)
     top = 1 - 0.6 / fig.get_figheight() if curves and handles else 0.98
-    bottom = 0.45 / fig.get_figheight() if title else 0.0
+    bottom = (0.3 + 0.2 * caption.count("\n") + 0.15) / fig.get_figheight() if caption else 0.0
     fig.tight_layout(rect=(0, bottom, 1, top))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in formats:
-        path = out.with_name(f"{out.name}.{fmt}")
-        fig.savefig(path, dpi=130)
-        written.append(path)
-    plt.close(fig)
-    return written
+    return fig
 
 
 def _panel_title(panel: Panel) -> str:

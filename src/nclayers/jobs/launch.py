@@ -1,0 +1,177 @@
+"""Running a sweep: here, or elsewhere through submitit (one run per GPU of this machine,
+or one Slurm job array), then gathering it (`run_sweep`).
+
+Each run is a `SweepTask(index)`: it loads the sweep file again (in the submitting
+directory, with the same overrides) and runs `run_one` for its run, which skips the
+stages that are done and up to date and resumes an interrupted training from its
+checkpoint. So a task can be started again at any time: on Slurm, a task that is
+preempted or reaches its time limit is requeued by submitit (`Checkpointable`) and
+continues where its run stopped; `scontrol requeue` of a running task does the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from nclayers.errors import NCLayersError
+from nclayers.files import atomic_write, dumps_json
+from nclayers.jobs.sweep import Sweep, collect, load_sweep, run_one, status_path, sweep_json
+
+log = logging.getLogger("nclayers.sweep")
+POLL_S = 2.0
+LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # a run on this machine is never cut off
+
+
+def run_sweep(
+    sweep: Sweep,
+    launcher: str = "local",
+    gpus: list[int] | None = None,
+    progress: bool = True,
+    collect_only: bool = False,
+    wait: bool = True,
+) -> dict:
+    """Run the whole sweep (here, one run per GPU, or on Slurm), then gather, plot and
+    report. Returns the gathered summary."""
+    t0 = time.perf_counter()
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    if not collect_only:
+        if launcher == "slurm":
+            jobs = submit_slurm(sweep)
+            if not wait:
+                return {"submitted": [j.job_id for j in jobs], "files": {}, "stages": {}}
+            wait(sweep, jobs)
+        elif gpus:
+            run_on_gpus(sweep, gpus)
+        else:
+            for run in sweep.runs:
+                run_one(sweep, run.index, progress)
+    summary = collect(sweep)
+    summary["seconds"] = time.perf_counter() - t0
+    atomic_write(sweep.out / "sweep.json", dumps_json(sweep_json(sweep, summary)))
+    if sweep.report:
+        from nclayers.jobs.report import write_report
+
+        summary["report"] = str(write_report(sweep.out))
+    return summary
+
+
+def _checkpointable():
+    try:
+        from submitit.helpers import Checkpointable
+    except ImportError as err:  # pragma: no cover - submitit is a dependency
+        raise NCLayersError("launching runs needs submitit: pip install submitit") from err
+    return Checkpointable
+
+
+class SweepTask(_checkpointable()):
+    """One run of a sweep, as a requeueable submitit callable."""
+
+    def __init__(self, sweep_file: str | Path, overrides: list[str]) -> None:
+        self.sweep_file = str(Path(sweep_file).resolve())
+        self.overrides = list(overrides)
+        self.cwd = os.getcwd()  # relative roots and data folders mean the submitter's
+
+    def __call__(self, index: int) -> dict:
+        os.chdir(self.cwd)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        sweep = load_sweep(self.sweep_file, self.overrides)
+        status = run_one(sweep, index, progress=False)
+        failed = [n for n, s in status["stages"].items() if s["status"] != "done"]
+        log.info("run %d: %s", index, f"failed stages {failed}" if failed else "every stage done")
+        return status
+
+
+def submit_slurm(sweep: Sweep) -> list:
+    """Submit every run as one Slurm job array; returns submitit's jobs."""
+    import submitit
+
+    s = sweep.slurm
+    executor = submitit.AutoExecutor(folder=sweep.out / "slurm" / "%j", cluster="slurm",
+                                     slurm_max_num_timeout=s.max_requeues)  # fmt: skip
+    params: dict[str, Any] = {
+        "name": f"nclayers-{sweep.name}",
+        "timeout_min": s.time_min,
+        "cpus_per_task": s.cpus_per_run,
+        "gpus_per_node": s.gpus_per_run,
+        "slurm_array_parallelism": s.array_parallelism,
+        "slurm_setup": list(s.setup),
+    }
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(s, key):
+            params[f"slurm_{key}"] = getattr(s, key)
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
+    executor.update_parameters(**params)
+    task = SweepTask(sweep.path, sweep.overrides)
+    jobs = executor.map_array(task, [r.index for r in sweep.runs])
+    log.info("[sweep %s] submitted %d runs as Slurm array %s (logs in %s)", sweep.name,
+             len(jobs), jobs[0].job_id.split("_")[0] if jobs else "-",
+             sweep.out / "slurm")  # fmt: skip
+    return jobs
+
+
+def wait(sweep: Sweep, jobs: list) -> None:
+    """Wait for submitted jobs; a job that died without recording its run is recorded."""
+    pending = dict(zip((r.index for r in sweep.runs), jobs, strict=True))
+    while pending:
+        for index, job in list(pending.items()):
+            if job.done():
+                del pending[index]
+                _record_crash(sweep, index, job)
+        if pending:
+            time.sleep(POLL_S)
+
+
+def run_on_gpus(sweep: Sweep, gpus: list[int]) -> None:
+    """One run per GPU at a time, each in its own process (submitit's local executor,
+    CUDA_VISIBLE_DEVICES set per run). Ctrl-C stops every running child."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=sweep.out / "local" / "%j")
+    task = SweepTask(sweep.path, sweep.overrides)
+    todo = [r.index for r in sweep.runs]
+    busy: dict[int, tuple[int, Any]] = {}  # gpu -> (run index, job)
+    try:
+        while todo or busy:
+            for gpu in [g for g in gpus if g not in busy and todo]:
+                index = todo.pop(0)
+                executor.update_parameters(gpus_per_node=1, visible_gpus=(gpu,),
+                                           timeout_min=LOCAL_TIMEOUT_MIN)  # fmt: skip
+                busy[gpu] = (index, executor.submit(task, index))
+                log.info("[sweep %s] run %d on GPU %d", sweep.name, index, gpu)
+            for gpu, (index, job) in list(busy.items()):
+                if job.done():
+                    del busy[gpu]
+                    _record_crash(sweep, index, job)
+            time.sleep(POLL_S if busy else 0)
+    except KeyboardInterrupt:
+        for _, job in busy.values():
+            job.cancel(check=False)
+        raise
+
+
+def _record_crash(sweep: Sweep, index: int, job) -> None:
+    """A task that raised or died before `run_one` wrote its status: record it failed."""
+    try:
+        error = job.exception()
+    except Exception as err:  # submitit could not even read the job's result
+        error = err
+    run = sweep.runs[index]
+    path = status_path(sweep, run)
+    if error is None and path.is_file():
+        return
+    text = f"the run's process failed ({type(error).__name__}: {str(error)[-300:]}); see " + str(
+        getattr(job.paths, "stderr", "the submitit logs"))  # fmt: skip
+    log.warning("[sweep %s] run %d: %s", sweep.name, index, text)
+    if not path.is_file():
+        stages = {s: {"status": "failed", "error": text} for s in sweep.stages}
+        status = {"index": index, "id": run.id, "labels": run.labels,
+                  "folder": str(run.folder), "stages": stages}  # fmt: skip
+        atomic_write(path, dumps_json(status))
+
+
+__all__ = ["SweepTask", "run_on_gpus", "run_sweep", "submit_slurm", "wait"]
