@@ -17,7 +17,13 @@ stop() {  # $1 pid file. TERM first so state is saved; KILL after 15 s (slurmd c
     rm -f "$1"
 }
 
-# slurmd first (it kills the jobs it still runs), munged last (the others use it to the end).
+# Jobs outlive slurmd (each slurmstepd carries on alone): cancel them while the controller is up.
+if [ -s /run/slurmctld.pid ] && kill -0 "$(cat /run/slurmctld.pid)" 2>/dev/null; then
+    squeue -h -o %A 2>/dev/null | xargs -r scancel 2>/dev/null || true
+    for _ in $(seq 30); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
+fi
+
+# munged last: the other daemons authenticate through it until they are gone.
 stop /run/slurmd.pid
 stop /run/slurmctld.pid
 stop /run/slurmdbd.pid            # these two only with SLURM_ACCOUNTING=1

@@ -13,27 +13,31 @@ die() { echo "slurm-up: $*" >&2; exit 1; }
 CONF=/etc/slurm/slurm.conf
 LOG=/var/log/slurm
 NODE=$(hostname -s)
-ACCT=${SLURM_ACCOUNTING:-0}
+WANT=${SLURM_ACCOUNTING:-}   # unset: a running cluster is kept whichever way it was started
+ACCT=${WANT:-0}
 PKGS="slurm-wlm munge"; [ "$ACCT" = 1 ] && PKGS="$PKGS slurmdbd mariadb-server"
 
 [ "$(id -u)" = 0 ] || die "needs root (apt, munge key, daemons)"
 
 node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-# Asking sinfo with no controller costs ~9 s of retries, so look at the pid first.
 has_acct() { grep -q '^AccountingStorageType=accounting_storage/slurmdbd' "$CONF" 2>/dev/null && echo 1 || echo 0; }
-if alive /run/slurmctld.pid && alive /run/slurmd.pid && [ "$(has_acct)" = "$ACCT" ] && [ "$(node_state)" = idle ]; then
-    echo "slurm-up: cluster already up (node $NODE idle)"; exit 0
+# Asking sinfo with no controller costs ~9 s of retries, so look at the pids first.
+if alive /run/slurmctld.pid && alive /run/slurmd.pid && { [ -z "$WANT" ] || [ "$(has_acct)" = "$WANT" ]; } && [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]; then
+    # Busy counts as up: restarting would cancel the jobs running now.
+    echo "slurm-up: cluster already up (node $NODE $(node_state), accounting=$(has_acct))"; exit 0
 fi
 
 if ! dpkg -s $PKGS >/dev/null 2>&1; then
     command -v apt-get >/dev/null || die "$PKGS not all installed and no apt-get to install them"
-    # policy-rc.d stops the packages' maintainer scripts from trying to start services.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    # A policy-rc.d that says 101 keeps the packages' scripts from starting services
+    # themselves (Docker images ship one; leave theirs in place).
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         --no-install-recommends $PKGS >/dev/null; } || die "apt-get install $PKGS failed"
-    rm -f /usr/sbin/policy-rc.d
 fi
 
 # Stop whatever is half-up so every daemon starts fresh on the config written below.
@@ -59,7 +63,8 @@ mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG"
 cat > "$CONF" <<EOF
 # Written by .ci/slurm-up.sh: a one-node test cluster, not for production.
 ClusterName=nclayers-ci
-SlurmctldHost=$NODE
+# Loopback addresses: no reliance on the runner's DNS for its own hostname.
+SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 # A requeued job waits cred_expire+1 s before it may start again (default 120 s): keep tests quick.
@@ -85,10 +90,14 @@ JobRequeue=1
 # Trust slurm.conf over what slurmd detects, and bring the node back by itself after a restart.
 SlurmdParameters=config_overrides
 ReturnToService=2
-# Short poll intervals: tests wait on job state changes.
+# Full scheduling pass every 2 s, not 60: a requeued job starts again as soon as it may.
 SchedulerParameters=sched_interval=2
+# SIGKILL 5 s after the SIGTERM of a cancel/requeue (default 30 s), so tests wait less.
 KillWait=5
-NodeName=$NODE CPUs=$(nproc) RealMemory=$MEM_MB State=UNKNOWN
+# Refuse at sbatch time a job that can never fit (e.g. more CPUs than this node), instead of
+# leaving it PENDING (PartitionConfig) forever.
+EnforcePartLimits=ALL
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 

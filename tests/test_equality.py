@@ -241,39 +241,6 @@ def test_equality_verb_on_a_sweep_of_run_folders(tmp_path, capsys):
     assert "neither a layers.csv nor" in capsys.readouterr().err
 
 
-def test_paper_sweep_file_gives_a_valid_config_per_model():
-    from pathlib import Path
-
-    import yaml
-
-    from nclayers.config import load_config
-    from nclayers.models import get_entry
-
-    path = Path(__file__).resolve().parents[1] / "configs" / "paper" / "equality-resnets.yaml"
-    sweep = yaml.safe_load(path.read_text())
-    assert set(sweep) == {"base", "axes", "stages"}
-    assert sweep["stages"] == ["train", "analyze", "probe", "prune", "equality"]
-    ((key, values),) = sweep["axes"].items()
-    assert key == "model.name" and values == ["resnet18", "resnet50", "resnet101", "resnet152"]
-    for value in values:
-        base = load_config(None, [f"{k}={v}" for k, v in _flat(sweep["base"]).items()])
-        cfg = load_config(None, [f"{key}={value}"], base=base)
-        get_entry(cfg.model.name)
-        assert (cfg.train.epochs, cfg.train.lr, cfg.train.milestones) == (200, 0.1, [100, 150])
-        assert cfg.prune.blocks == "plateau" and cfg.prune.finetune_epochs == 1
-        assert cfg.data.name == "cifar10" and cfg.model.width == 64
-
-
-def _flat(mapping: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in mapping.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def test_equality_of_another_split_writes_beside_the_test_split(tmp_path):
     from nclayers.cli import main
 

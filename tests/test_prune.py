@@ -297,3 +297,30 @@ def test_prune_plateau_takes_the_equality_rule_blocks(tiny_run, tmp_path):
     skipped = [layer for layer in rule.layers if layer not in keep]
     assert any("change shape" in n for n in result.notes) == bool(skipped)
     assert {r["variant"] for r in result.summary} == {"none", "plateau", "last"}
+
+
+def test_equality_and_prune_plateau_agree(tiny_run, tmp_path, capsys):
+    """14.8: `equality RUN` and `prune RUN --blocks plateau` use the same equality settings
+    (the run's, e.g. a sweep's equality.*), so they name the same blocks."""
+    import json
+    import shutil
+
+    from nclayers.cli import main
+    from nclayers.jobs import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    folder = RunFolder(run)
+    folder.save_config(folder.config(["equality.plateau_fraction=1.0",
+                                      "equality.plateau_min_run=1"]))  # fmt: skip
+    assert main(["equality", str(run), "--no-plot"]) == 0
+    redundant = json.loads((run / "equality.json").read_text())[0]["redundant_blocks"]
+    assert redundant  # at fraction 1 some block is below the mean
+    assert main(["prune", str(run), "--blocks", "plateau", "prune.seeds=[0]",
+                 "prune.baselines=[last]", "-q"]) == 0  # fmt: skip
+    notes = capsys.readouterr().out
+    assert "plateau blocks from equality.json" in notes
+    model = _resnet()
+    keep = set(prunable_layers(model, find_blocks(model), X))
+    row = next(r for r in folder.read_table("prune.csv") if r["variant"] == "plateau")
+    assert row["layers"] == " ".join(str(b) for b in redundant if b in keep)

@@ -14,7 +14,7 @@ import yaml
 
 from nclayers.cli import main
 from nclayers.config import load_config
-from nclayers.jobs import RunFolder, analyze_job, load_model, probe_job, train_job
+from nclayers.jobs import RunFolder, analyze_job, load_model, train_job
 from nclayers.jobs.folder import CHECKPOINT, CONFIG, LAYERS, SUMMARY, TRAIN_SUMMARY
 from nclayers.table import Table
 
@@ -209,8 +209,12 @@ def test_training_that_diverges_stops_and_is_not_done(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "training diverged at epoch" in err and "lower train.lr" in err
     assert "train" not in RunFolder(run).stages()
+
+    def strict(constant):
+        raise AssertionError(f"bare {constant} in a JSON file")
+
     for path in run.glob("*.json"):
-        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c}"))
+        json.loads(path.read_text(), parse_constant=strict)
     assert main(["analyze", str(run), "-q"]) == 2  # nothing trained to measure
 
 

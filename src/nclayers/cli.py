@@ -367,10 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stdout(logging.StreamHandler):
+    """A handler writing to whatever sys.stdout is when a line is logged."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def _logging(quiet: bool) -> None:
     """The jobs' progress lines on stdout (rank 0 only); warnings always."""
     level = logging.WARNING if quiet or not _main_rank() else logging.INFO
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Stdout()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("nclayers")
     root.handlers[:] = [handler]

@@ -112,8 +112,8 @@ def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> 
             "pick another --out, or --force to train this config there from scratch"
         )
     finished = state["epoch"] >= saved.train.epochs
-    if resume is None and (finished or changed):
-        resume = False  # the sweep resumes only an interrupted run of the same settings
+    if resume is None:  # the sweep's way: resume only an interrupted run of the same settings
+        resume = not (finished or changed)
     if not resume:
         what = f"a finished run ({state['epoch']} epochs)" if finished else (
             f"an interrupted run (checkpoint at epoch {state['epoch']} of "
