@@ -43,7 +43,7 @@ def run_sweep(
             jobs = submit_slurm(sweep)
             if not wait:
                 return {"submitted": [j.job_id for j in jobs], "files": {}, "stages": {}}
-            wait(sweep, jobs)
+            wait_for(sweep, jobs)
         elif gpus:
             run_on_gpus(sweep, gpus)
         else:
@@ -77,6 +77,11 @@ class SweepTask(_checkpointable()):
 
     def __call__(self, index: int) -> dict:
         os.chdir(self.cwd)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:  # as many threads as the task was given: no oversubscribed node
+            import torch
+
+            torch.set_num_threads(int(cpus))
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         sweep = load_sweep(self.sweep_file, self.overrides)
         status = run_one(sweep, index, progress=False)
@@ -114,16 +119,35 @@ def submit_slurm(sweep: Sweep) -> list:
     return jobs
 
 
-def wait(sweep: Sweep, jobs: list) -> None:
-    """Wait for submitted jobs; a job that died without recording its run is recorded."""
+def wait_for(sweep: Sweep, jobs: list) -> None:
+    """Wait for submitted jobs; a job that died without recording its run is recorded.
+    Without Slurm accounting submitit cannot tell a killed job from a running one, so a
+    job that squeue no longer knows (twice in a row) counts as ended too."""
     pending = dict(zip((r.index for r in sweep.runs), jobs, strict=True))
+    gone: dict[int, int] = {}
     while pending:
+        queued = _squeue() if pending else set()
         for index, job in list(pending.items()):
-            if job.done():
+            ended = queued is not None and job.job_id not in queued
+            gone[index] = gone.get(index, 0) + 1 if ended else 0
+            if job.done() or gone[index] >= 2:
                 del pending[index]
                 _record_crash(sweep, index, job)
         if pending:
             time.sleep(POLL_S)
+
+
+def _squeue() -> set[str] | None:
+    """Ids (array tasks as ARRAY_TASK) of this user's jobs Slurm still holds; None when
+    squeue cannot say."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(out.split())
 
 
 def run_on_gpus(sweep: Sweep, gpus: list[int]) -> None:
@@ -157,7 +181,7 @@ def run_on_gpus(sweep: Sweep, gpus: list[int]) -> None:
 def _record_crash(sweep: Sweep, index: int, job) -> None:
     """A task that raised or died before `run_one` wrote its status: record it failed."""
     try:
-        error = job.exception()
+        error = job.exception() if job.done() else RuntimeError("the job left the queue")
     except Exception as err:  # submitit could not even read the job's result
         error = err
     run = sweep.runs[index]
@@ -174,4 +198,4 @@ def _record_crash(sweep: Sweep, index: int, job) -> None:
         atomic_write(path, dumps_json(status))
 
 
-__all__ = ["SweepTask", "run_on_gpus", "run_sweep", "submit_slurm", "wait"]
+__all__ = ["SweepTask", "run_on_gpus", "run_sweep", "submit_slurm", "wait_for"]
