@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +38,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_FOLDERS = {"train": "train", "test": "val", "val": "val"}
 DECODERS = ("auto", "torchvision", "pil", "device")
+# torchvision 0.29 warns on every decode that its decoders will move to TorchCodec; they
+# are what nclayers measured fastest and PIL is the fallback, so one warning is enough.
+warnings.filterwarnings(
+    "once", message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)  # fmt: skip
 _VAL_HINT = (
     "ImageNet's official validation tarball unpacks flat (ILSVRC2012_val_*.JPEG); move "
     "each image into val/<wnid>/ by the ground truth (e.g. with the widely used "

@@ -125,19 +125,18 @@ def _probe_run(cfg, model, progress, proc, device) -> Table:
     plot_metric(table, "probe_acc", folder.file(PROBE_FIGURE), group=("run",))
     summary = {
         "accuracy": {r["block"]: r["probe_acc"] for r in table},
-        "mode": table.meta["mode"],
+        "mode": table.mode,
         "epochs": pc.epochs,
-        "resumed_from_epoch": table.meta["resumed_from"],
+        "resumed_from_epoch": table.resumed_from,
         "train_samples": len(train),
         "test_samples": table[0]["n"],
         "world_size": proc.world,
-        "seconds": table.meta["seconds"],
+        "seconds": table.seconds,
         "device": str(device),
     }
     folder.update_json(SUMMARY, probe=summary)
-    folder.mark_done("probe", seconds=table.meta["seconds"], mode=table.meta["mode"])
+    folder.mark_done("probe", seconds=table.seconds, mode=table.mode)
     folder.file(PROBE_STATE).unlink(missing_ok=True)
-    table.meta.update(summary)
     return table
 
 
