@@ -39,9 +39,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 SPLIT_FOLDERS = {"train": "train", "test": "val", "val": "val"}
 DECODERS = ("auto", "torchvision", "pil", "device")
 # torchvision 0.29 warns on every decode that its decoders will move to TorchCodec; they
-# are what nclayers measured fastest and PIL is the fallback, so one warning is enough.
+# are what nclayers measured fastest and PIL is the fallback (used if they go away).
 warnings.filterwarnings(
-    "once", message="The image decoding and encoding capabilities of TorchVision",
+    "ignore", message="The image decoding and encoding capabilities of TorchVision",
     category=DeprecationWarning,
 )  # fmt: skip
 _VAL_HINT = (
