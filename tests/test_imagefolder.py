@@ -23,6 +23,7 @@ from nclayers.data import (
 )
 from nclayers.data.batches import epoch_order
 from nclayers.data.corrupt import corrupt
+from nclayers.data.folderbatches import to_arrays
 from nclayers.data.imagefolder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -291,9 +292,9 @@ def test_folder_and_array_paths_give_the_same_metrics(folder):
     kw = dict(progress=False, amp=False)
     ref = nclayers.analyze(model, FolderBatches(train, 6, workers=2), 4, **kw)
     by_folder = nclayers.analyze(model, FolderBatches(test, 3), 4, reference=ref, **kw)
-    arrays = test.to_arrays()
+    arrays = to_arrays(test)
     assert arrays.images.shape == (8, 3, SIZE, SIZE) and torch.equal(arrays.index, test.index)
-    ref_arrays = nclayers.analyze(model, DeviceBatches(train.to_arrays(), 6), 4, **kw)
+    ref_arrays = nclayers.analyze(model, DeviceBatches(to_arrays(train), 6), 4, **kw)
     by_array = nclayers.analyze(model, DeviceBatches(arrays, 3), 4, reference=ref_arrays, **kw)
     assert len(by_folder) == len(by_array) == 8
     for a, b in zip(by_folder, by_array, strict=True):

@@ -364,4 +364,23 @@ class FolderBatches:
         return images
 
 
-__all__ = ["FolderBatches", "default_workers"]
+def to_arrays(ds: FolderDataset, workers: int = 0, batch_size: int = 64):
+    """Every image of `ds` through the evaluation transform, in memory: an `ArrayDataset`
+    of uint8 N x 3 x image_size x image_size with the same labels, index and constants
+    (for small folders: tests, the K = 1000 check)."""
+    from nclayers.data.arrays import ArrayDataset
+
+    batches = FolderBatches(ds, batch_size, "cpu", workers=workers, decoder="torchvision")
+    images, kept = [], []
+    for x, positions in batches.raw():
+        images.append(x.to(torch.uint8))
+        kept.append(positions)
+    keep = torch.cat(kept)
+    return ArrayDataset(
+        images=torch.cat(images), labels={k: v[keep] for k, v in ds.labels.items()},
+        classes=list(ds.classes), mean=ds.mean, std=ds.std, name=ds.name, split=ds.split,
+        meta=dict(ds.meta), index=ds.index[keep],
+    )  # fmt: skip
+
+
+__all__ = ["FolderBatches", "default_workers", "to_arrays"]

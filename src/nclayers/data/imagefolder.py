@@ -142,25 +142,6 @@ class FolderDataset:
         meta = {k: v for k, v in self.meta.items() if not k.startswith("corruption")}
         return replace(self, corruption=None, meta=meta)
 
-    def to_arrays(self, workers: int = 0, batch_size: int = 64):
-        """Every image through the evaluation transform, in memory: an `ArrayDataset` of
-        uint8 N x 3 x image_size x image_size with the same labels, index and constants
-        (for small folders: tests, the K = 1000 check)."""
-        from nclayers.data.arrays import ArrayDataset
-        from nclayers.data.folderbatches import FolderBatches
-
-        batches = FolderBatches(self, batch_size, "cpu", workers=workers, decoder="torchvision")
-        images, kept = [], []
-        for x, positions in batches.raw():
-            images.append(x.to(torch.uint8))
-            kept.append(positions)
-        keep = torch.cat(kept)
-        return ArrayDataset(
-            images=torch.cat(images), labels={k: v[keep] for k, v in self.labels.items()},
-            classes=list(self.classes), mean=self.mean, std=self.std, name=self.name,
-            split=self.split, meta=dict(self.meta), index=self.index[keep],
-        )  # fmt: skip
-
 
 def check_sizes(image_size: int, resize: int) -> None:
     if int(image_size) < 1 or int(resize) < int(image_size):
