@@ -24,7 +24,7 @@ CASES = {
         64,
         12,
         "EncoderBlock",
-        "tokens",
+        "cls",  # torchvision's ViT classifies its class token
         [768],
     ),
     "tv_swin_t": (lambda: tvm.swin_t(weights=None), 64, 12, "SwinTransformerBlock", "nhwc", [96]),
@@ -58,7 +58,7 @@ CASES = {
         64,
         12,
         "Block",
-        "tokens",
+        "cls",  # timm's global_pool="token": the head reads the class token
         [192],
     ),
     "timm_swin_tiny": (
@@ -119,6 +119,16 @@ def test_vit_blocks_skip_the_class_token():
         tv = find_blocks(tvm.vit_b_16(weights=None, image_size=32))
         tm = find_blocks(timm.create_model("vit_tiny_patch16_224", img_size=32))
     assert tv[0].prefix_tokens == 1 and tm[0].prefix_tokens == 1
+
+
+@pytest.mark.parametrize(("global_pool", "pool"), [("token", "cls"), ("avg", "tokens")])
+def test_vit_blocks_are_pooled_as_the_head_pools(global_pool, pool):
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, global_pool=global_pool)
+        assert {b.pool for b in find_blocks(model)} == {pool}
+        wrapped = torch.nn.Sequential(torch.nn.Identity(), model)  # a ViT inside a wrapper
+        assert {b.pool for b in find_blocks(wrapped)} == {pool}
+        assert {b.pool for b in find_blocks(model, pool="tokens")} == {"tokens"}  # override
 
 
 def test_timm_blocks_of_the_same_name_as_torchvision_ones_are_found_in_order():

@@ -122,8 +122,9 @@ def test_heads_equal_hand_derived_descent(resnet, standardize):
     train, test = images(40), images(16, seed=1)
     blocks = find_blocks(resnet)
     table = probe(resnet, train, test, K, blocks, augment=False, batch_size=64,
-                  standardize=standardize, weight_decay=5e-3, **FAST)  # fmt: skip
-    assert table.meta["mode"] == "cache"
+                  standardize=standardize, weight_decay=5e-3, cache_dtype=torch.float32,
+                  **FAST)  # fmt: skip
+    assert table.mode == "cache"
     x, y = next(iter(DeviceBatches(train, 40)))
     feats = []
     with torch.no_grad(), Taps(blocks, lambda i, f: feats.append(f.double())):
@@ -143,7 +144,7 @@ def test_joint_heads_equal_heads_trained_one_at_a_time(resnet):
     train, test = images(48), images(16, seed=1)
     opts = dict(epochs=3, milestones=(1, 2), batch_size=16, weight_decay=1e-3, **FAST)
     joint = probe(resnet, train, test, K, **opts)
-    assert joint.meta["mode"] == "stream" and len(joint) == 8
+    assert joint.mode == "stream" and len(joint) == 8
     for i, block in enumerate(find_blocks(resnet)):
         alone = probe(resnet, train, test, K, [block.name], **opts)
         (w, b), (w1, b1) = linear_weights(joint)[i], linear_weights(alone)[0]
@@ -161,8 +162,8 @@ def test_cache_and_stream_without_augmentation_train_the_same_heads(resnet, stan
     train, test = images(48), images(16, seed=1)
     opts = dict(epochs=2, batch_size=16, augment=False, standardize=standardize, **FAST)
     stream = probe(resnet, train, test, K, mode="stream", **opts)
-    cache = probe(resnet, train, test, K, mode="cache", **opts)
-    assert (stream.meta["mode"], cache.meta["mode"]) == ("stream", "cache")
+    cache = probe(resnet, train, test, K, mode="cache", cache_dtype=torch.float32, **opts)
+    assert (stream.mode, cache.mode) == ("stream", "cache")
     for (w, b), (w1, b1) in zip(linear_weights(stream), linear_weights(cache), strict=True):
         torch.testing.assert_close(w, w1, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b, b1, rtol=1e-4, atol=1e-5)
@@ -228,7 +229,7 @@ def test_interrupted_probe_resumes_to_the_uninterrupted_heads(resnet):
     with pytest.raises(Stop):
         probe(resnet, train, test, K, on_epoch=checkpoint, **opts)
     resumed = probe(resnet, train, test, K, state=saved[-1], **opts)
-    assert resumed.meta["resumed_from"] == 2
+    assert resumed.resumed_from == 2
     assert torch.equal(resumed.heads.theta, whole.heads.theta)
     assert torch.equal(resumed.heads.scale, whole.heads.scale)
     assert resumed.history == whole.history
@@ -410,7 +411,7 @@ def test_probe_job_resumes_after_an_interruption(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (out / PROBE_STATE).is_file()
     resumed = probe_job(cfg, out, progress=False)
-    assert resumed.meta["resumed_from"] == 1
+    assert resumed.resumed_from == 1
     assert torch.equal(resumed.heads.theta, whole.heads.theta)
     assert json.loads((out / "summary.json").read_text())["probe"]["resumed_from_epoch"] == 1
 
@@ -423,3 +424,30 @@ def test_probe_job_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     torch.save(build_model("resnet18", 10, width=8).state_dict(), out / "checkpoint.pt")
     assert main(["probe", *JOB, "--out", str(out), "-q"]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- image folders
+def test_probe_on_an_image_folder_streams_caches_in_bf16_and_skips_bad_files(tmp_path):
+    from nclayers.data.imagefolder import load_folder_split
+    from nclayers.data.make_folder import make_image_folder
+
+    make_image_folder(tmp_path / "f", per_class=6, val_per_class=2, size=40, classes=K)
+    victim = sorted((tmp_path / "f" / "train").glob("*/*_3.JPEG"))[0]
+    victim.write_bytes(victim.read_bytes()[:300])  # truncated
+    opts = dict(image_size=32, resize=36, workers=0, skip_bad=True)
+    train = load_folder_split(tmp_path / "f", "train", **opts)
+    test = load_folder_split(tmp_path / "f", "test", **opts)
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=K, width=4).eval()
+    kw = dict(epochs=2, batch_size=8, milestones=(1,), **FAST)
+    stream = probe(model, train, test, K, augment=True, **kw)  # random resized crops
+    assert stream.mode == "stream" and stream.skipped == 1 and stream.train_samples == 24
+    assert len(stream.history) == 2 * 8 and stream.test_samples == 8
+    bf16 = probe(model, train, test, K, augment=False, **kw)
+    f32 = probe(model, train, test, K, augment=False, cache_dtype=torch.float32, **kw)
+    assert bf16.mode == f32.mode == "cache" and bf16.skipped == f32.skipped == 1
+    # bf16 keeps 8 significant bits of every feature: heads agree to about that.
+    for (w, b), (w1, b1) in zip(linear_weights(bf16), linear_weights(f32), strict=True):
+        torch.testing.assert_close(w, w1, rtol=0.05, atol=0.02)
+        torch.testing.assert_close(b, b1, rtol=0.05, atol=0.02)
+    assert bf16.summary()["skipped"] == 1 and heads_state(bf16)["meta"]["mode"] == "cache"

@@ -100,21 +100,25 @@ def test_every_model_runs_with_its_blocks_found(name):
     torch.manual_seed(0)
     entry = get_entry(name)
     options = FAST.get(name, {})
-    model = build_model(name, num_classes=10, **options)
-    blocks = find_blocks(model, "auto")
-    assert len(blocks) == entry.blocks, (
-        f"{name}: {len(blocks)} blocks, registry says {entry.blocks}"
-    )
-    if name in ZOO:
-        assert len(blocks) == ZOO[name][1]
-    sample = torch.randn(2, 3, entry.input_size, entry.input_size)
-    shapes = probe_shapes(model, blocks, sample)
-    assert all(raw[0] == 2 for raw, _ in shapes)
-    dims = expected_dims(name, options)
-    if dims is not None:
-        assert [d for _, d in shapes] == dims
-    with torch.no_grad():
-        assert model.eval()(sample).shape == (2, 10)
+    # The 224-px ImageNet forms are checked on the meta device (shapes, no arithmetic);
+    # tests/test_imagenet_models.py runs them.
+    place = torch.device("meta") if entry.input_size > 64 else torch.device("cpu")
+    with place:
+        model = build_model(name, num_classes=10, **options)
+        blocks = find_blocks(model, "auto")
+        assert len(blocks) == entry.blocks, (
+            f"{name}: {len(blocks)} blocks, registry says {entry.blocks}"
+        )
+        if name in ZOO:
+            assert len(blocks) == ZOO[name][1]
+        sample = torch.randn(2, 3, entry.input_size, entry.input_size)
+        shapes = probe_shapes(model, blocks, sample)
+        assert all(raw[0] == 2 for raw, _ in shapes)
+        dims = expected_dims(name, options)
+        if dims is not None:
+            assert [d for _, d in shapes] == dims
+        with torch.no_grad():
+            assert model.eval()(sample).shape == (2, 10)
 
 
 def test_resnet18_standard_width_block_dims():
@@ -163,10 +167,16 @@ def test_swin_deep_variants_have_the_papers_heads():
     assert [layer.blocks[0].attn.num_heads for layer in model.layers] == [3, 6, 12, 24]
 
 
-@pytest.mark.parametrize(("token_pool", "pool"), [("mean", "tokens"), ("cls", "cls")])
-def test_vit_pools_patch_tokens_by_default_and_class_token_on_request(token_pool, pool):
+@pytest.mark.parametrize(
+    ("options", "pool"),
+    [({}, "cls"), ({"global_pool": "avg"}, "tokens"), ({"token_pool": "mean"}, "tokens"),
+     ({"global_pool": "avg", "token_pool": "cls"}, "cls")],
+)  # fmt: skip
+def test_vit_pools_as_its_head_by_default_or_as_asked(options, pool):
+    """The class token where the head reads it (timm's default global_pool="token"), the
+    patch-token mean where it averages; token_pool overrides either."""
     torch.manual_seed(0)
-    model = build_model("vit_small", token_pool=token_pool, embed_dim=96, **_QUICK_INIT).eval()
+    model = build_model("vit_small", embed_dim=96, **options, **_QUICK_INIT).eval()
     blocks = find_blocks(model)
     assert len(blocks) == 12 and {b.pool for b in blocks} == {pool}
     assert blocks[0].prefix_tokens == 1  # the class token is not a patch
@@ -176,7 +186,7 @@ def test_vit_pools_patch_tokens_by_default_and_class_token_on_request(token_pool
         model(torch.randn(2, 3, 32, 32))
     handle.remove()
     assert raw["x"].shape == (2, 65, 96)  # 8x8 patches of 4x4 pixels, plus the class token
-    want = raw["x"][:, 1:].mean(1) if token_pool == "mean" else raw["x"][:, 0]
+    want = raw["x"][:, 1:].mean(1) if pool == "tokens" else raw["x"][:, 0]
     torch.testing.assert_close(pooled[3], want)
 
 

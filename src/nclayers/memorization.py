@@ -97,7 +97,7 @@ def memorized_fraction(
     number) and unchanged_acc. NaN where a group is empty. The model runs in eval mode on
     its own device; one host sync at the end.
     """
-    from nclayers.data import DeviceBatches
+    from nclayers.data import make_batches
     from nclayers.runtime import autocast
 
     if "noisy" not in dataset.labels:
@@ -109,7 +109,7 @@ def memorized_fraction(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    batches = DeviceBatches(dataset, batch_size, device, views=["clean", "noisy"])
+    batches = make_batches(dataset, batch_size, device, views=["clean", "noisy"])
     # counts: changed, changed & pred == noisy, changed & pred == clean, unchanged, hits
     counts = torch.zeros(5, dtype=torch.long, device=device)
     was_training = model.training

@@ -51,8 +51,6 @@ __all__ = [
     "ncc_accuracy",
 ]
 
-# Pairwise mean differences are formed in chunks of at most this many float64 elements.
-_CHUNK_ELEMENTS = 1 << 24
 # Spare rows per view in the stacked index space: labels < -1, label -1, labels >= K.
 _LOW, _SKIP, _SPARE = 0, 1, 3
 SKIP_LABEL = -1
@@ -572,16 +570,10 @@ def collapse_metrics(states: Sequence[ClassStats]) -> torch.Tensor:
     m2 = torch.stack([s.m2 for s in states])
     invalid = torch.stack([s._invalid for s in states])
     variances = m2 / counts.clamp_min(1.0)
-    # nc1: exact pairwise differences (no Gram trick), in chunks of rows
-    nv, _, d = means.shape
-    rows = max(1, _CHUNK_ELEMENTS // max(1, nv * k * d))
-    dists = torch.cat(
-        [
-            (means[:, i : i + rows, None] - means[:, None]).square().sum(-1)
-            for i in range(0, k, rows)
-        ],
-        dim=1,
-    )
+    # nc1: every squared distance between class means in one call (K = 1000: 999,000
+    # ordered pairs), from exact differences, not the Gram trick ||a||^2 + ||b||^2 - 2ab,
+    # which cancels for close means far from the origin and never gives exact zeros.
+    dists = torch.cdist(means, means, compute_mode="donot_use_mm_for_euclid_dist").square()
     eye = torch.eye(k, dtype=torch.bool, device=means.device)
     ratio = (variances[:, :, None] + variances[:, None, :]) / (2.0 * dists)
     nc1_ = ratio.masked_fill(eye, 0.0).sum((1, 2))

@@ -10,16 +10,22 @@ torch.distributed one all_reduce. The loss is the sum of the heads' own mean los
 each head receives exactly the gradient it would get if it were trained alone; SGD's
 momentum and weight decay act element-wise, so each head also has its own optimiser state.
 
-Two modes end in the same table:
-- "stream": the backbone runs on every training batch of every epoch, with the recipe's
-  augmentation (random crop, flip) when `augment=True`;
-- "cache": every block's pooled training features are computed once (one pass, no
-  augmentation) and held on the device, or in a memory-mapped file under `cache_dir`
-  when they exceed `cache_budget_gb`; the heads then train on them. The default when
-  `augment=False`.
+The splits are what the data layer gives: in-memory `ArrayDataset`s (CIFAR, digits) or
+`FolderDataset`s (ImageNet and other image folders), batched by `make_batches`.
 
-Both draw the same batches (the seeded per-epoch permutation of `DeviceBatches`), so
-without augmentation they train the same heads up to float rounding.
+Two modes end in the same `ProbeResult`:
+- "stream": the backbone runs on every training batch of every epoch, with the data
+  set's augmentation when `augment=True` (CIFAR: random crop and flip; image folders:
+  mmpretrain's random resized crop and flip);
+- "cache": every block's pooled training features are computed once (one pass, no
+  augmentation) and stored in bf16 (`cache_dtype`): on the device up to
+  `cache_budget_gb`, beyond it in a memory-mapped file under `cache_dir` (a ResNet50's
+  16 blocks are 15,104 values per image: about 39 GB for ImageNet's training split);
+  the heads then train on them in float32. The default when `augment=False`.
+
+Both draw the same batches (the seeded per-epoch permutation that `DeviceBatches` and
+`FolderBatches` share), so without augmentation and with a float32 cache they train the
+same heads up to float rounding.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from nclayers.data import ArrayDataset, DeviceBatches
+from nclayers.data import ArrayDataset, DeviceBatches, FolderDataset, make_batches
 from nclayers.errors import NCLayersError
 from nclayers.models.blocks import find_blocks
 from nclayers.runtime import all_sum, autocast, counter
@@ -47,6 +53,7 @@ from nclayers.table import Table
 from nclayers.taps import Block, Taps, probe_shapes
 
 MODES = ("auto", "stream", "cache")
+Split = ArrayDataset | FolderDataset
 GB = 1e9
 _EPS = 1e-8  # added to each feature's variance before standardising (constant features)
 
@@ -129,11 +136,11 @@ def _resolve_blocks(model: nn.Module, blocks) -> list[Block]:
     return blocks
 
 
-def _check_split(ds: ArrayDataset, name: str, view: str, num_classes: int) -> None:
-    if not isinstance(ds, ArrayDataset):
+def _check_split(ds: Split, name: str, view: str, num_classes: int) -> None:
+    if not isinstance(ds, (ArrayDataset, FolderDataset)):
         raise NCLayersError(
-            f"{name}: expected an ArrayDataset (e.g. nclayers.data.load_dataset(cfg, "
-            f"'{name}')), got {type(ds).__name__}"
+            f"{name}: expected an ArrayDataset or a FolderDataset (what "
+            f"nclayers.data.load_dataset(cfg, '{name}') returns), got {type(ds).__name__}"
         )
     if len(ds) == 0:
         raise NCLayersError(
@@ -213,17 +220,21 @@ class _Stream:
     """Training features recomputed by the backbone on every batch (with augmentation)."""
 
     def __init__(
-        self, backbone, train, view, batch_size, augment, seed, rank, world, channels_last
+        self, backbone, train, view, batch_size, augment, seed, shard, channels_last
     ) -> None:
         self.backbone = backbone
-        self.batches = DeviceBatches(
-            train, batch_size, backbone.device, train=True, shuffle=True,
-            crop_padding=4 if augment else 0, flip=augment, seed=seed, views=[view],
-            shard=(rank, world), channels_last=channels_last,
+        self.batches = make_batches(
+            train, batch_size, backbone.device, train=True, shuffle=True, augment=augment,
+            seed=seed, views=[view], shard=shard, channels_last=channels_last,
         )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable files left out (image folders with skip_bad)."""
+        return getattr(self.batches, "skipped", 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.batches.set_epoch(epoch)
@@ -233,75 +244,92 @@ class _Stream:
             yield self.backbone.features(x), y
 
 
+_NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
 class _Cache:
-    """Every training sample's pooled features, N x width float32, computed once: on the
-    device within `budget_gb`, else in a memory-mapped file under `cache_dir` (on the
-    CPU). Batches are drawn in stream mode's order: `DeviceBatches` over a 1-pixel
-    stand-in data set whose labels view is the sample index (no image work)."""
+    """Every training sample's pooled features, N x width in `dtype` (bf16 by default),
+    computed once: on the device within `budget_gb`, else in a memory-mapped file under
+    `cache_dir` (on the CPU). Batches are drawn in stream mode's order: `DeviceBatches`
+    over a 1-pixel stand-in data set whose labels view is the sample's row (no image
+    work). Rows of files skipped as unreadable are never drawn."""
 
     def __init__(
-        self, backbone, train, view, width, batch_size, seed, rank, world, channels_last,
-        budget_gb: float, cache_dir: str | Path | None,
+        self, backbone, train, view, width, batch_size, seed, shard, channels_last,
+        budget_gb: float, cache_dir: str | Path | None, dtype: torch.dtype,
     ) -> None:  # fmt: skip
-        self.backbone, self.train, self.view = backbone, train, view
-        self.rank, self.world, self.channels_last = rank, world, channels_last
-        n = len(train)
-        need = n * width * 4
+        if dtype not in _NUMPY_STORAGE:
+            raise NCLayersError(f"cache_dtype={dtype}: use torch.bfloat16, float16 or float32")
+        self.backbone, self.train, self.view, self.dtype = backbone, train, view, dtype
+        self.shard, self.channels_last, self.seed = shard, channels_last, seed
+        self.n, self.width, self.batch_size = len(train), width, batch_size
+        need = self.n * width * dtype.itemsize
         self.path: Path | None = None
-        if need <= budget_gb * GB:
-            where = backbone.device
-        else:
-            where = torch.device("cpu")
-            self.path = _memmap_path(need, budget_gb, cache_dir, rank)
-        self.where, self.n, self.width = where, n, width
+        self.where = backbone.device
+        if need > budget_gb * GB:
+            self.where = torch.device("cpu")
+            self.path = _memmap_path(need, budget_gb, cache_dir, shard[0])
         self.features: torch.Tensor | None = None
-        self.labels = train.labels[view].to(where)
+        self.labels = train.labels[view].to(self.where)
+        self.rows = torch.arange(self.n)
+        self.batches = self._draws(self.rows)
+        self.skipped = 0
+
+    def _draws(self, rows: torch.Tensor) -> DeviceBatches:
         stand_in = ArrayDataset(
-            images=torch.zeros(n, 1, 1, 1, dtype=torch.uint8),
-            labels={"index": torch.arange(n)},
-            classes=["index"],
-            mean=(0.0,),
-            std=(1.0,),
-        )
-        self.batches = DeviceBatches(
-            stand_in, batch_size, where, train=True, shuffle=True, crop_padding=0,
-            flip=False, seed=seed, shard=(rank, world),
+            images=torch.zeros(len(rows), 1, 1, 1, dtype=torch.uint8), labels={"row": rows},
+            classes=["row"], mean=(0.0,), std=(1.0,),
         )  # fmt: skip
+        return DeviceBatches(
+            stand_in, self.batch_size, self.where, train=True, shuffle=True, crop_padding=0,
+            flip=False, seed=self.seed, shard=self.shard,
+        )  # fmt: skip
+
+    def _allocate(self) -> torch.Tensor:
+        if self.path is None:
+            return torch.zeros(self.n, self.width, dtype=self.dtype, device=self.where)
+        storage = _NUMPY_STORAGE[self.dtype]
+        array = np.memmap(self.path, dtype=storage, mode="w+", shape=(self.n, self.width))
+        cache = torch.from_numpy(array)  # a new file reads as zeros
+        return cache.view(self.dtype) if storage is np.uint16 else cache
 
     def fill(self, batch_size: int, bar) -> None:
         """One pass: each rank computes a disjoint strided part; an all_reduce of the
         zero-filled rest gives every rank all rows (x + 0 + 0 is exact)."""
-        if self.path is None:
-            cache = torch.zeros(self.n, self.width, device=self.where)
-        else:
-            array = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(self.n, self.width))
-            cache = torch.from_numpy(array)  # a new file reads as zeros
-        self.features = cache
+        self.features = cache = self._allocate()
+        filled = torch.zeros(self.n, dtype=torch.int32, device=self.where)
         indexed = self.train.with_views(
-            {self.view: self.train.labels[self.view], "index": torch.arange(self.n)}
+            {self.view: self.train.labels[self.view], "row": torch.arange(self.n)}
         )
-        batches = DeviceBatches(
-            indexed, batch_size, self.backbone.device, views=[self.view, "index"],
-            shard=(self.rank, self.world), channels_last=self.channels_last,
+        batches = make_batches(
+            indexed, batch_size, self.backbone.device, views=[self.view, "row"],
+            shard=self.shard, channels_last=self.channels_last,
         )  # fmt: skip
         for x, ys in batches:
-            feats, idx = self.backbone.features(x), ys["index"]
-            cache[idx.to(self.where)] = feats.to(self.where)
+            rows = ys["row"].to(self.where)
+            cache[rows] = self.backbone.features(x).to(self.where, self.dtype)
+            filled[rows] = 1
             if bar is not None:
                 bar.update(1)
-        if self.world > 1:  # row chunks: bounded memory, and a memory-mapped cache works
-            rows = max(1, (1 << 26) // max(self.width, 1))
-            for start in range(0, self.n, rows):
-                chunk = cache[start : start + rows].to(self.backbone.device)
+        if self.shard[1] > 1:  # row chunks: bounded memory, and a memory-mapped cache works
+            step = max(1, (1 << 26) // max(self.width, 1))
+            for start in range(0, self.n, step):
+                chunk = cache[start : start + step].to(self.backbone.device, torch.float32)
                 dist.all_reduce(chunk)
-                cache[start : start + rows] = chunk.to(self.where)
+                cache[start : start + step] = chunk.to(self.where, self.dtype)
+            filled = all_sum(filled.to(self.backbone.device)).to(self.where)
+        self.rows = filled.nonzero().flatten().cpu()  # once per probe, after the pass
+        self.skipped = self.n - len(self.rows)
+        if self.skipped:  # unreadable files (skip_bad): never drawn
+            self.batches = self._draws(self.rows)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-feature mean and variance over the cache (every rank holds all rows)."""
         moments = _Moments(self.width, self.backbone.device)
-        rows = max(1, (1 << 24) // max(self.width, 1))
-        for start in range(0, self.n, rows):
-            moments.update(self.features[start : start + rows].to(self.backbone.device))
+        step = max(1, (1 << 24) // max(self.width, 1))
+        for start in range(0, len(self.rows), step):
+            rows = self.rows[start : start + step].to(self.where)
+            moments.update(self.features[rows].to(self.backbone.device))
         return moments.mean, moments.variance()
 
     def __len__(self) -> int:
@@ -312,9 +340,9 @@ class _Cache:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.backbone.device
-        for _, idx in self.batches:
-            feats = self.features[idx].to(device, non_blocking=True)
-            yield feats, self.labels[idx].to(device, non_blocking=True)
+        for _, rows in self.batches:
+            feats = self.features[rows].to(device, non_blocking=True).float()
+            yield feats, self.labels[rows].to(device, non_blocking=True)
 
     def close(self) -> None:
         self.features = None
@@ -341,7 +369,7 @@ def _memmap_path(need: int, budget_gb: float, cache_dir, rank: int) -> Path:
             f"and cache_dir={str(cache_dir)!r} has only {free / GB:.2f} GB free: free disk "
             f"space, pass another cache_dir, or {fix}"
         )
-    return cache_dir / f"probe_features.rank{rank}.f32"
+    return cache_dir / f"probe_features.rank{rank}.bin"
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -350,7 +378,7 @@ def evaluate_heads(
     model: nn.Module,
     heads: ProbeHeads,
     blocks: Sequence[Block],
-    test: ArrayDataset,
+    test: Split,
     view: str = "clean",
     batch_size: int = 500,
     amp: bool = True,
@@ -363,7 +391,7 @@ def evaluate_heads(
     was_training = model.training
     model.eval()
     backbone = _Backbone(model, list(blocks), amp)
-    batches = DeviceBatches(
+    batches = make_batches(
         test, batch_size, backbone.device, views=[view], shard=(rank, world),
         channels_last=channels_last,
     )  # fmt: skip
@@ -385,11 +413,44 @@ def evaluate_heads(
     return [c / sums[-1] for c in sums[:-1]], int(sums[-1])
 
 
+# ----------------------------------------------------------------------------- result
+class ProbeResult(Table):
+    """What `probe` returns: one row per block (run, split "test", view, layer, block,
+    dim, n = test samples, probe_acc), and
+
+    history: a Table, per epoch and block: epoch, layer, block, lr, loss and train_acc
+        (mean loss and accuracy on that epoch's training batches);
+    heads: the trained `ProbeHeads` (`heads.linear()`: one nn.Linear per block);
+    state: the final state, as given to `on_epoch` (`heads_state(result)` is what to save);
+    mode ("stream" or "cache"), epochs, resumed_from (epochs done before this call),
+    train_samples, test_samples, world (processes), seconds (all), train_seconds (the
+    passes and epochs before testing), skipped (unreadable files left out, image folders
+    with skip_bad).
+    """
+
+    def __init__(
+        self, rows, *, history: Table, heads: ProbeHeads, state: dict, mode: str,
+        epochs: int, resumed_from: int, train_samples: int, test_samples: int, world: int,
+        seconds: float, train_seconds: float, skipped: int = 0,
+    ) -> None:  # fmt: skip
+        super().__init__(rows)
+        self.history, self.heads, self.state = history, heads, state
+        self.mode, self.epochs, self.resumed_from = mode, epochs, resumed_from
+        self.train_samples, self.test_samples, self.world = train_samples, test_samples, world
+        self.seconds, self.train_seconds, self.skipped = seconds, train_seconds, skipped
+
+    def summary(self) -> dict:
+        """The numbers of the run (no tensors), e.g. for summary.json."""
+        keys = ("mode", "epochs", "resumed_from", "train_samples", "test_samples", "world",
+                "seconds", "train_seconds", "skipped")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+
 # ----------------------------------------------------------------------------- probe
 def probe(
     model: nn.Module,
-    train: ArrayDataset,
-    test: ArrayDataset,
+    train: Split,
+    test: Split,
     num_classes: int,
     blocks: str | Sequence[str] | Sequence[Block] = "auto",
     *,
@@ -405,6 +466,7 @@ def probe(
     mode: str = "auto",
     cache_budget_gb: float = 4.0,
     cache_dir: str | Path | None = None,
+    cache_dtype: torch.dtype = torch.bfloat16,
     eval_batch_size: int = 500,
     view: str = "clean",
     seed: int = 0,
@@ -414,15 +476,15 @@ def probe(
     on_epoch: Callable[[dict], Any] | None = None,
     progress: bool = True,
     run: str = "",
-) -> Table:
+) -> ProbeResult:
     """Train one linear probe per block of the frozen `model`; accuracy on `test`.
 
-    train, test: `ArrayDataset`s (uint8 images on any device, labels views; what
-        `nclayers.data.load_dataset` returns). They are batched with `DeviceBatches` on
-        the model's device: training batches with the seeded per-epoch permutation (and
-        crop + flip when `augment`), test batches in order without augmentation. The
-        heads learn the `view` labels (the clean ones, as in the paper) and are scored
-        on the test split's `view` labels.
+    train, test: `ArrayDataset`s or `FolderDataset`s (what `nclayers.data.load_dataset`
+        returns), batched by `make_batches` on the model's device: training batches with
+        the seeded per-epoch permutation (and the data set's augmentation when
+        `augment`), test batches in order with the evaluation transform. The heads learn
+        the `view` labels (the clean ones, as in the paper) and are scored on the test
+        split's `view` labels.
     blocks: "auto", module names / glob patterns, or `Block`s from `find_blocks`.
     Defaults follow the paper (A.1): 10 epochs, SGD momentum 0.9, learning rate 0.1
         divided by 5 (gamma 0.2) at epochs 5 and 7, batch 128. weight_decay: the
@@ -430,8 +492,9 @@ def probe(
     standardize: shift and scale every feature by its training mean and std (one
         unaugmented pass, or the cache) before the heads; folded into `linear()`.
     mode: "stream", "cache" or "auto" (cache when not `augment`). Cache mode holds
-        N x sum(dims) float32 features on the device up to `cache_budget_gb`, beyond it
-        in a memory-mapped file under `cache_dir` (removed at the end).
+        N x sum(dims) features in `cache_dtype` (bf16: half of float32's memory, 8
+        significant bits) on the device up to `cache_budget_gb`, beyond it in a
+        memory-mapped file under `cache_dir` (removed at the end).
     amp: bf16 autocast for the backbone on CUDA (never on CPU); the heads are float32.
         channels_last: convnet inputs in channels_last (give the model that format too).
     state, on_epoch: resume and checkpoint. After every finished epoch `on_epoch(state)`
@@ -440,21 +503,53 @@ def probe(
         uninterrupted run (every epoch's batches and augmentation are seeded by epoch).
     Under torch.distributed every rank calls this: each trains on its shard with the
         per-rank batch `batch_size // world`, head gradients are averaged with one
-        all_reduce per step, test counts are summed, and every rank returns the table.
-
-    Returns a Table, one row per block: run, split ("test"), view, layer (1-based),
-    block, dim, n (test samples), probe_acc. Also `table.history` (a Table: epoch,
-    layer, block, lr, loss, train_acc: the mean loss and accuracy on that epoch's
-    training batches), `table.heads` (the `ProbeHeads`), `table.state` (the final state,
-    as given to `on_epoch`; `heads_state(table)` is what to save) and `table.meta`
-    (mode, epochs, seconds, samples).
+        all_reduce per step, test counts are summed, and every rank returns the result.
     """
     blocks = _resolve_blocks(model, blocks)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+    rank, world = world_of()
+    mode = _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world)
+    _check_split(train, "train", view, num_classes)
+    _check_split(test, "test", view, num_classes)
+    if not any(True for _ in model.parameters()):
+        raise NCLayersError("model: has no parameters to find its device by")
+    was_training = model.training
+    model.eval()  # frozen: BatchNorm uses (and keeps) its running statistics
+    try:
+        fit = _Fit(model, blocks, train, num_classes, amp, lr, momentum, weight_decay)
+        if state is not None:
+            fit.resume(state, epochs)
+        t0 = time.perf_counter()
+        source = fit.source(
+            mode, view, batch_size // world, augment, seed, (rank, world), channels_last,
+            cache_budget_gb, cache_dir, cache_dtype,
+        )  # fmt: skip
+        fit.run(source, epochs, lr, gamma, milestones, standardize and state is None,
+                eval_batch_size, view, channels_last, world, on_epoch, progress)  # fmt: skip
+        train_seconds = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    accuracy, n_test = evaluate_heads(
+        model, fit.heads, blocks, test, view, eval_batch_size, amp, channels_last, progress
+    )
+    rows = [
+        {"run": run, "split": "test", "view": view, "layer": i + 1, "block": name,
+         "dim": d, "n": n_test, "probe_acc": acc}
+        for i, (name, d, acc) in enumerate(zip(fit.names, fit.dims, accuracy, strict=True))
+    ]  # fmt: skip
+    return ProbeResult(
+        rows, history=Table(fit.history), heads=fit.heads, state=fit.snapshot(epochs),
+        mode=mode, epochs=epochs, resumed_from=fit.start, train_samples=len(train),
+        test_samples=n_test, world=world, seconds=time.perf_counter() - t0,
+        train_seconds=train_seconds, skipped=fit.skipped,
+    )  # fmt: skip
+
+
+def _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world) -> str:
+    """The validated mode ("stream" or "cache")."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                        ("eval_batch_size", eval_batch_size)):  # fmt: skip
         if value < 1:
             raise NCLayersError(f"{name}={value}: must be a positive integer")
-    if eval_batch_size < 1:
-        raise NCLayersError(f"eval_batch_size={eval_batch_size}: must be a positive integer")
     if mode not in MODES:
         raise NCLayersError(f"mode={mode!r}: expected one of {MODES}")
     if mode == "auto":
@@ -464,110 +559,95 @@ def probe(
             "mode='cache' computes each feature once, so it cannot augment: set augment=False "
             "(probe.augment=false) or use mode='stream'"
         )
-    _check_split(train, "train", view, num_classes)
-    _check_split(test, "test", view, num_classes)
-    rank, world = world_of()
     if batch_size < world:
         raise NCLayersError(
             f"batch_size={batch_size} is smaller than the {world} processes: set "
             f"batch_size >= {world}"
         )
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        raise NCLayersError("model: has no parameters to find its device by") from None
+    return mode
 
-    was_training = model.training
-    model.eval()  # frozen: BatchNorm uses (and keeps) its running statistics
-    backbone = _Backbone(model, blocks, amp)
-    sample = DeviceBatches(train.subset(torch.arange(min(2, len(train)))), 2, device)
-    dims = [d for _, d in probe_shapes(model, blocks, next(iter(sample))[0])]
-    width = sum(dims)
-    heads = ProbeHeads(dims, num_classes).to(device)
-    optimizer = torch.optim.SGD(
-        heads.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
-    names = [b.name for b in blocks]
-    start, history = 0, []
-    if state is not None:
-        _check_state(state, names, dims, num_classes, epochs)
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["epoch"]), list(state["history"])
 
-    rank_batch = batch_size // world
-    if mode == "stream":
-        source: _Stream | _Cache = _Stream(
-            backbone, train, view, rank_batch, augment, seed, rank, world, channels_last
+class _Fit:
+    """The heads, their optimiser and history, and the epochs that train them."""
+
+    def __init__(self, model, blocks, train, num_classes, amp, lr, momentum, weight_decay):
+        self.backbone = _Backbone(model, blocks, amp)
+        self.train, self.device = train, self.backbone.device
+        sample = make_batches(train.subset(torch.arange(min(2, len(train)))), 2, self.device,
+                              workers=0)  # fmt: skip
+        self.dims = [d for _, d in probe_shapes(model, blocks, next(iter(sample))[0])]
+        self.heads = ProbeHeads(self.dims, num_classes).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.heads.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
         )
-    else:
-        source = _Cache(
-            backbone, train, view, width, rank_batch, seed, rank, world, channels_last,
-            cache_budget_gb, cache_dir,
-        )  # fmt: skip
-    todo = epochs - start
-    fill = mode == "cache" and todo > 0  # the cache pass (it also gives the moments)
-    stats_pass = standardize and state is None and mode == "stream"
-    passes = (fill + stats_pass) * -(-len(train) // world // eval_batch_size)
-    bar = counter(todo * len(source) + passes, progress, "probe", unit="batch")
-    t0 = time.perf_counter()
-    try:
-        with backbone.taps:
-            if fill:
-                source.fill(eval_batch_size, bar)
-            if standardize and state is None:
-                mean, var = (
-                    source.moments() if mode == "cache"
-                    else _stream_moments(backbone, train, view, width, eval_batch_size,
-                                         channels_last, rank, world, bar)
-                )  # fmt: skip
-                heads.set_standardization(mean, var)
-            for epoch in range(start, epochs):
-                rate = lr * gamma ** sum(epoch >= m for m in milestones)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
-                source.set_epoch(epoch)
-                sums = torch.zeros(2 * len(dims) + 1, dtype=torch.float64, device=device)
-                for feats, y in source:
-                    loss, hits = _step(heads, optimizer, feats, y, world)
-                    sums[: len(dims)] += loss * len(y)
-                    sums[len(dims) : -1] += hits
-                    sums[-1] += len(y)
-                    if bar is not None:
-                        bar.update(1)
-                sums = all_sum(sums).tolist()  # one host sync per epoch
-                seen = sums[-1]
-                for i, name in enumerate(names):
-                    history.append({
-                        "epoch": epoch + 1, "layer": i + 1, "block": name, "lr": rate,
-                        "loss": sums[i] / seen, "train_acc": sums[len(dims) + i] / seen,
-                    })  # fmt: skip
-                if on_epoch is not None:
-                    on_epoch(_state(heads, optimizer, epoch + 1, history, names, dims))
-    finally:
-        if isinstance(source, _Cache):
-            source.close()
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    train_seconds = time.perf_counter() - t0
+        self.names = [b.name for b in blocks]
+        self.start, self.history, self.skipped = 0, [], 0
 
-    accuracy, n_test = evaluate_heads(
-        model, heads, blocks, test, view, eval_batch_size, amp, channels_last, progress
-    )
-    rows = [
-        {"run": run, "split": "test", "view": view, "layer": i + 1, "block": name,
-         "dim": d, "n": n_test, "probe_acc": acc}
-        for i, (name, d, acc) in enumerate(zip(names, dims, accuracy, strict=True))
-    ]  # fmt: skip
-    table = Table(
-        rows, mode=mode, epochs=epochs, resumed_from=start, samples=len(train), world=world,
-        seconds=time.perf_counter() - t0, train_seconds=train_seconds,
-    )  # fmt: skip
-    table.history = Table(history)
-    table.heads = heads
-    table.state = _state(heads, optimizer, epochs, history, names, dims)
-    return table
+    def resume(self, state: dict, epochs: int) -> None:
+        _check_state(state, self.names, self.dims, self.heads.num_classes, epochs)
+        self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start, self.history = int(state["epoch"]), list(state["history"])
+
+    def source(self, mode, view, batch, augment, seed, shard, channels_last, budget, cache_dir,
+               dtype) -> _Stream | _Cache:  # fmt: skip
+        if mode == "stream":
+            return _Stream(self.backbone, self.train, view, batch, augment, seed, shard,
+                           channels_last)  # fmt: skip
+        return _Cache(self.backbone, self.train, view, sum(self.dims), batch, seed, shard,
+                      channels_last, budget, cache_dir, dtype)  # fmt: skip
+
+    def run(self, source, epochs, lr, gamma, milestones, standardize, eval_batch, view,
+            channels_last, world, on_epoch, progress) -> None:  # fmt: skip
+        """The cache pass (cache mode), the standardisation pass, then the epochs."""
+        todo = epochs - self.start
+        fill = isinstance(source, _Cache) and todo > 0  # the cache pass gives the moments too
+        passes = (fill + (standardize and not fill)) * -(-len(self.train) // world // eval_batch)
+        bar = counter(todo * len(source) + passes, progress, "probe", unit="batch")
+        try:
+            with self.backbone.taps:
+                if fill:
+                    source.fill(eval_batch, bar)
+                if standardize:
+                    mean, var = (source.moments() if fill else _stream_moments(
+                        self.backbone, self.train, view, sum(self.dims), eval_batch,
+                        channels_last, world, bar))  # fmt: skip
+                    self.heads.set_standardization(mean, var)
+                for epoch in range(self.start, epochs):
+                    rate = lr * gamma ** sum(epoch >= m for m in milestones)
+                    self._epoch(source, epoch, rate, world, bar)
+                    if on_epoch is not None:
+                        on_epoch(self.snapshot(epoch + 1))
+        finally:
+            if isinstance(source, _Cache):
+                source.close()
+            if bar is not None:
+                bar.close()
+        self.skipped = source.skipped
+
+    def _epoch(self, source, epoch: int, rate: float, world: int, bar) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        source.set_epoch(epoch)
+        h = len(self.dims)
+        sums = torch.zeros(2 * h + 1, dtype=torch.float64, device=self.device)
+        for feats, y in source:
+            loss, hits = _step(self.heads, self.optimizer, feats, y, world)
+            sums[:h] += loss * len(y)
+            sums[h:-1] += hits
+            sums[-1] += len(y)
+            if bar is not None:
+                bar.update(1)
+        sums = all_sum(sums).tolist()  # one host sync per epoch
+        seen = sums[-1]
+        for i, name in enumerate(self.names):
+            self.history.append({
+                "epoch": epoch + 1, "layer": i + 1, "block": name, "lr": rate,
+                "loss": sums[i] / seen, "train_acc": sums[h + i] / seen,
+            })  # fmt: skip
+
+    def snapshot(self, epoch: int) -> dict:
+        return _state(self.heads, self.optimizer, epoch, self.history, self.names, self.dims)
 
 
 def _step(
@@ -593,10 +673,11 @@ def _step(
 
 
 def _stream_moments(
-    backbone, train, view, width, batch_size, channels_last, rank, world, bar
+    backbone, train, view, width, batch_size, channels_last, world, bar
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and variance of the unaugmented training features, one pass."""
-    batches = DeviceBatches(
+    rank, _ = world_of()
+    batches = make_batches(
         train, batch_size, backbone.device, views=[view], shard=(rank, world),
         channels_last=channels_last,
     )  # fmt: skip
@@ -637,19 +718,20 @@ def _check_state(state: dict, names, dims, num_classes, epochs) -> None:
         )
 
 
-def heads_state(table: Table) -> dict:
+def heads_state(result: ProbeResult) -> dict:
     """What to save of a probe result: blocks, dims, classes, heads (with the folded
-    `nn.Linear` weights per block for use without nclayers) and the history."""
-    heads: ProbeHeads = table.heads
+    `nn.Linear` weights per block for use without nclayers), accuracies and the run's
+    numbers."""
+    heads = result.heads
     linear = heads.linear()
     return {
-        "blocks": [r["block"] for r in table],
+        "blocks": [r["block"] for r in result],
         "dims": list(heads.dims),
         "num_classes": heads.num_classes,
         "heads": {k: v.detach().cpu() for k, v in heads.state_dict().items()},
         "linear": [{k: v.detach().cpu() for k, v in h.state_dict().items()} for h in linear],
-        "probe_acc": [r["probe_acc"] for r in table],
-        "meta": {k: v for k, v in table.meta.items() if isinstance(v, (int, float, str))},
+        "probe_acc": [r["probe_acc"] for r in result],
+        "meta": result.summary(),
     }
 
 
@@ -660,4 +742,4 @@ def load_heads(saved: dict, device: torch.device | str = "cpu") -> ProbeHeads:
     return heads.to(device)
 
 
-__all__ = ["ProbeHeads", "evaluate_heads", "heads_state", "load_heads", "probe"]
+__all__ = ["ProbeHeads", "ProbeResult", "evaluate_heads", "heads_state", "load_heads", "probe"]

@@ -1,6 +1,9 @@
-"""Data sets, labels views, corruptions and device-resident batches.
+"""Data sets, labels views, corruptions and batches.
 
-`load_dataset(data_cfg, split)` returns an `ArrayDataset` whose labels views are
+`load_dataset(data_cfg, split)` returns an `ArrayDataset` (images in memory: digits,
+CIFAR) or a `FolderDataset` (file paths: ImageNet and other image folders, `data.name`
+imagenet or folder), both with the same API; `make_batches(ds, batch_size, device, ...)`
+batches either (`DeviceBatches` or `FolderBatches`). Their labels views are
 "clean" (the true labels) and, on the training split with label noise, "noisy" (the
 labels the model is trained on). `with_changed_views` adds the views that single out
 the samples whose label was changed. With `data.corruption`, the training split's images
@@ -17,6 +20,8 @@ import torch
 from nclayers.data.arrays import ArrayDataset, balanced_subset
 from nclayers.data.batches import DeviceBatches
 from nclayers.data.corrupt import CORRUPTIONS, corrupt, parse_severity
+from nclayers.data.folderbatches import FolderBatches
+from nclayers.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, FolderDataset
 from nclayers.data.noise import (
     CHANGED_CLEAN,
     CHANGED_NOISY,
@@ -32,14 +37,20 @@ from nclayers.data.noise import (
 )
 from nclayers.errors import NCLayersError
 
-DATASETS = ("digits", "cifar10", "cifar100", "cifar10c")
+DATASETS = ("digits", "cifar10", "cifar100", "cifar10c", "imagenet", "folder")
+Dataset = ArrayDataset | FolderDataset
 log = logging.getLogger("nclayers.data")
 
 
-def load_dataset(cfg, split: str) -> ArrayDataset:
+def load_dataset(cfg, split: str) -> Dataset:
     """Load `split` of the data set described by a `DataConfig`: the images, label noise
     (on the full training split, so a subset keeps each image's own label), the subset,
-    then the corruption (per sample, by its index in the full split)."""
+    then the corruption (per sample, by its index in the full split).
+
+    Image folders (`data.name` imagenet or folder) read `data.dir`/train and /val (the
+    test split) and the keys `data.classes` (first N sorted classes), `data.image_size`,
+    `data.resize`, `data.mean`, `data.std` (None: ImageNet's), `data.skip_bad`,
+    `data.workers` and `data.decoder` (see `load_folder_split` and `FolderBatches`)."""
     name = cfg.name
     corruption = getattr(cfg, "corruption", None)
     if corruption:  # bad names fail before any file is read
@@ -70,6 +81,8 @@ def load_dataset(cfg, split: str) -> ArrayDataset:
             from nclayers.data.cifar import load_cifar_split
 
             ds = load_cifar_split(name, split, cfg.dir, download=cfg.download)
+    elif name in ("imagenet", "folder"):
+        ds = _load_folder(cfg, split)
     else:
         raise NCLayersError(f"data.name={name!r}: expected one of {DATASETS}")
 
@@ -95,7 +108,46 @@ def load_dataset(cfg, split: str) -> ArrayDataset:
     return ds
 
 
-def _with_label_noise(ds: ArrayDataset, cfg) -> ArrayDataset:
+def _load_folder(cfg, split: str) -> FolderDataset:
+    from nclayers.data.imagefolder import load_folder_split
+
+    return load_folder_split(
+        cfg.dir, split, name=cfg.name, classes=getattr(cfg, "classes", None),
+        image_size=getattr(cfg, "image_size", 224), resize=getattr(cfg, "resize", 256),
+        mean=getattr(cfg, "mean", None), std=getattr(cfg, "std", None),
+        skip_bad=getattr(cfg, "skip_bad", False), workers=getattr(cfg, "workers", None),
+        decoder=getattr(cfg, "decoder", "auto"),
+    )  # fmt: skip
+
+
+def make_batches(
+    ds: Dataset, batch_size: int, device: torch.device | str = "cpu", *,
+    augment: bool | None = None, **kwargs,
+) -> DeviceBatches | FolderBatches:  # fmt: skip
+    """The batches for any data set: `DeviceBatches` for an `ArrayDataset` (held on the
+    device), `FolderBatches` for a `FolderDataset` (read from its files). Both take the
+    same keywords (train, shuffle, seed, views, drop_last, shard, channels_last, dtype,
+    ...) and yield (normalised images on the device, labels or a dict of views).
+
+    augment: the training augmentation of the data set's recipe, or none: CIFAR's
+    random crop (padding 4) and flip, ImageNet's random resized crop and flip; None
+    leaves it to `train` (and `crop_padding`/`flip`)."""
+    if isinstance(ds, FolderDataset):
+        return FolderBatches(ds, batch_size, device, augment=augment, **kwargs)
+    if not isinstance(ds, ArrayDataset):
+        raise NCLayersError(
+            f"dataset: expected an ArrayDataset or a FolderDataset (what "
+            f"nclayers.data.load_dataset returns), got {type(ds).__name__}"
+        )
+    for key in ("workers", "decoder", "prefetch"):
+        kwargs.pop(key, None)  # folder settings: an array set is already in memory
+    if augment is not None:
+        kwargs.setdefault("crop_padding", 4 if augment else 0)
+        kwargs.setdefault("flip", augment)
+    return DeviceBatches(ds, batch_size, device, **kwargs)
+
+
+def _with_label_noise(ds: Dataset, cfg) -> Dataset:
     clean, noise = ds.labels["clean"], cfg.noise
     mode = getattr(cfg, "noise_mode", "shuffle")
     if isinstance(noise, str):
@@ -125,17 +177,20 @@ def _with_label_noise(ds: ArrayDataset, cfg) -> ArrayDataset:
     return ds.with_views({"clean": clean, "noisy": noisy})
 
 
-def corrupt_dataset(ds: ArrayDataset, name: str, severity, seed: int = 0) -> ArrayDataset:
-    """`ds` with corrupted images (by each sample's `index`) and its clean images kept."""
+def corrupt_dataset(ds: Dataset, name: str, severity, seed: int = 0) -> Dataset:
+    """`ds` with corrupted images (by each sample's `index`) and its clean images kept
+    (an image folder: each image corrupted as it is decoded, see `FolderDataset`)."""
     from dataclasses import replace
 
     severity = parse_severity(severity)
+    if isinstance(ds, FolderDataset):
+        return ds.corrupted(name, severity, seed)
     images = corrupt(ds.images, name, severity, seed=seed, index=ds.index)
     meta = dict(ds.meta, corruption=name, corruption_severity=severity, corruption_seed=seed)
     return replace(ds, images=images, clean_images=ds.images, meta=meta)
 
 
-def with_changed_views(ds: ArrayDataset) -> ArrayDataset:
+def with_changed_views(ds: Dataset) -> Dataset:
     """`ds` plus the views changed_clean, changed_noisy and unchanged (-1: left out)."""
     if "noisy" not in ds.labels:
         raise NCLayersError(
@@ -150,10 +205,15 @@ __all__ = [
     "CHANGED_NOISY",
     "CORRUPTIONS",
     "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "NOISE_MODES",
     "UNCHANGED",
     "ArrayDataset",
+    "Dataset",
     "DeviceBatches",
+    "FolderBatches",
+    "FolderDataset",
     "balanced_subset",
     "changed_views",
     "cifar10n_labels",
@@ -162,6 +222,7 @@ __all__ = [
     "corrupt_dataset",
     "has_label_noise",
     "load_dataset",
+    "make_batches",
     "shuffle_labels",
     "uniform_labels",
     "with_changed_views",

@@ -41,11 +41,44 @@ def random_crop_flip(
     return images
 
 
+def epoch_order(
+    n: int, shuffle: bool, seed: int, epoch: int, shard: tuple[int, int], train: bool
+) -> torch.Tensor:
+    """The positions one rank visits in one epoch (on the CPU): a permutation drawn from
+    (seed, epoch) when `shuffle`, else 0..n-1; under torch.distributed every `world`-th
+    of them from `rank` on. Training shards are padded by wrapping so that ranks step in
+    lockstep; evaluation shards are disjoint and unpadded, so reduced statistics are exact.
+    Shared by `DeviceBatches` and `FolderBatches`: both draw the same batches."""
+    rank, world = shard
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+    else:
+        order = torch.arange(n)
+    if world > 1:
+        if train:
+            per = -(-n // world)
+            order = torch.cat([order, order[: per * world - n]])
+        order = order[rank::world]
+    return order
+
+
+def shard_size(n: int, shard: tuple[int, int], train: bool) -> int:
+    """Samples one rank draws per epoch (see `epoch_order`)."""
+    rank, world = shard
+    if world == 1:
+        return n
+    if train:
+        return -(-n // world)
+    return len(range(rank, n, world))
+
+
 class DeviceBatches:
     """Iterate (images, labels) batches of an `ArrayDataset` held on `device`.
 
-    images: float32 (or `dtype`), normalised; labels: the tensor of the single view, or a
-    dict view -> tensor when the data set has several views (or `views` names them).
+    images: float32 (or `dtype`, e.g. bfloat16), normalised; labels: the tensor of the
+    single view, or a dict view -> tensor when the data set has several views (or `views`
+    names them).
     Set `epoch` (or call `set_epoch`) before iterating to draw that epoch's permutation.
     """
 
@@ -63,6 +96,7 @@ class DeviceBatches:
         drop_last: bool = False,
         shard: tuple[int, int] = (0, 1),
         channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if batch_size < 1:
             raise NCLayersError(f"batch_size={batch_size}: must be a positive integer")
@@ -85,6 +119,7 @@ class DeviceBatches:
         self.drop_last = drop_last
         self.rank, self.world = shard
         self.channels_last = channels_last
+        self.dtype = dtype
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -92,28 +127,15 @@ class DeviceBatches:
 
     def _order(self) -> torch.Tensor:
         n = len(self.images)
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(n, generator=gen)
-        else:
-            order = torch.arange(n)
-        if self.world > 1:
-            if self.train:  # DDP steps in lockstep: equal shards, padded by wrapping
-                per = -(-n // self.world)
-                order = torch.cat([order, order[: per * self.world - n]])
-            # Evaluation shards are disjoint and unpadded, so reduced statistics are exact.
-            order = order[self.rank :: self.world]
+        order = epoch_order(
+            n, self.shuffle, self.seed, self.epoch, (self.rank, self.world), self.train
+        )
         return order.to(self.device)
 
     @property
     def shard_size(self) -> int:
         """Samples this rank draws per epoch (training shards are padded to equal size)."""
-        n = len(self.images)
-        if self.world == 1:
-            return n
-        if self.train:
-            return -(-n // self.world)
-        return len(range(self.rank, n, self.world))
+        return shard_size(len(self.images), (self.rank, self.world), self.train)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -137,6 +159,8 @@ class DeviceBatches:
             if self.train:
                 x = random_crop_flip(x, self.crop_padding, self.flip, gen)
             x = (x.float() - self.mean) / self.std
+            if self.dtype != torch.float32:
+                x = x.to(self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             labels = {v: y[idx] for v, y in self.labels.items()}

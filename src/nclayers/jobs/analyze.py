@@ -18,7 +18,7 @@ from torch import nn
 
 from nclayers.analysis import analyze
 from nclayers.config import Config
-from nclayers.data import DeviceBatches, load_dataset
+from nclayers.data import load_dataset, make_batches
 from nclayers.jobs.common import load_model, run_folder
 from nclayers.jobs.folder import SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
@@ -54,7 +54,7 @@ def analyze_job(
         tables: dict[str, Table] = {}
         t0 = time.perf_counter()
         for s in splits:
-            batches = DeviceBatches(data[s], ac.batch_size, device, channels_last=channels_last)
+            batches = make_batches(data[s], ac.batch_size, device, channels_last=channels_last)
             ref = tables.get(ac.reference) if s == ac.split else None
             if s == ac.split and ac.reference == ac.split:
                 # NCC needs the class means before the pass that classifies: a first pass,

@@ -33,9 +33,9 @@ from nclayers.data import (
     CHANGED_CLEAN,
     CHANGED_NOISY,
     UNCHANGED,
-    DeviceBatches,
     has_label_noise,
     load_dataset,
+    make_batches,
     with_changed_views,
 )
 from nclayers.errors import NCLayersError
@@ -85,7 +85,7 @@ def memorization_job(
         blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
 
         def measure(data, extra: dict | None = None) -> Table:
-            batches = DeviceBatches(data, cfg.analyze.batch_size, device)
+            batches = make_batches(data, cfg.analyze.batch_size, device)
             return analyze(
                 model, batches, ds.num_classes, blocks, split="train", amp=cfg.analyze.amp,
                 progress=progress, run=cfg.run, extra=extra,

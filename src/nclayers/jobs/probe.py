@@ -124,19 +124,18 @@ def _write(cfg: Config, folder: RunFolder, table: Table, weights, train_samples,
         "settings": stage_settings("probe", cfg),
         "weights": weights,
         "accuracy": {r["block"]: r["probe_acc"] for r in table},
-        "mode": table.meta["mode"],
+        "mode": table.mode,
         "epochs": pc.epochs,
-        "resumed_from_epoch": table.meta["resumed_from"],
+        "resumed_from_epoch": table.resumed_from,
         "train_samples": train_samples,
         "test_samples": table[0]["n"],
-        "seconds": table.meta["seconds"],
+        "seconds": table.seconds,
         "device": str(device),
     }
     folder.write_json(SUMMARY, {**folder.read_json(SUMMARY), "probe": entry})
     folder.adopt(cfg)
-    folder.mark_done("probe", cfg, seconds=table.meta["seconds"], mode=table.meta["mode"])
+    folder.mark_done("probe", cfg, seconds=table.seconds, mode=table.mode)
     folder.remove(PROBE_STATE)
-    table.meta.update(entry)
 
 
 __all__ = ["PROBE_FIGURE", "probe_job"]

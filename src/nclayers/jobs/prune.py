@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nclayers.config import Config
-from nclayers.data import DeviceBatches, load_dataset
+from nclayers.data import load_dataset, make_batches
 from nclayers.equality import analyze_equality
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model, run_folder
@@ -61,7 +61,7 @@ def _prune(cfg: Config, folder: RunFolder, progress: bool) -> PruneResult:
     test = load_dataset(cfg.data, "test")
     model = load_model(cfg, folder, test.num_classes).to(device).eval()
     blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
-    test_batches = DeviceBatches(test, EVAL_BATCH, device, views=["clean"])
+    test_batches = make_batches(test, EVAL_BATCH, device, views=["clean"])
     sample = next(iter(test_batches))[0][:2]
     notes: list[str] = []
     if pc.blocks == "plateau":
@@ -81,13 +81,13 @@ def _prune(cfg: Config, folder: RunFolder, progress: bool) -> PruneResult:
     train_batches = None
     if pc.finetune_epochs:
         train_ds = load_dataset(cfg.data, "train")
-        train_batches = DeviceBatches(
+        train_batches = make_batches(
             train_ds, cfg.train.batch_size, device, train=cfg.train.augment, shuffle=True,
             seed=cfg.train.seed, views=[train_labels_view(train_ds)],
         )  # fmt: skip
     reference = None
     if pc.reference:
-        reference = DeviceBatches(load_dataset(cfg.data, pc.reference), EVAL_BATCH, device)
+        reference = make_batches(load_dataset(cfg.data, pc.reference), EVAL_BATCH, device)
     summary, layers = prune_experiment(
         model, blocks, chosen, test_batches, test.num_classes, label=label, seeds=pc.seeds,
         baselines=pc.baselines, train_batches=train_batches, train_cfg=cfg.train,

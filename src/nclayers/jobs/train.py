@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from nclayers.config import Config, weights_settings
-from nclayers.data import DeviceBatches, balanced_subset, load_dataset
+from nclayers.data import balanced_subset, load_dataset, make_batches
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import build_from_config, run_folder
 from nclayers.jobs.folder import CHECKPOINT, DYNAMICS, TRAIN_LOG, TRAIN_SUMMARY, RunFolder
@@ -138,8 +139,8 @@ class _Setup:
     model: nn.Module
     train_model: nn.Module  # what the steps call: the DDP wrapper or the compiled model
     optimizer: torch.optim.Optimizer
-    train_batches: DeviceBatches
-    test_batches: DeviceBatches
+    train_batches: Iterable  # make_batches: DeviceBatches or FolderBatches
+    test_batches: Iterable
     train_ds: object
     test_ds: object
     view: str
@@ -165,11 +166,11 @@ def _setup(cfg: Config, proc: Distributed, device: torch.device, folder: RunFold
         model = model.to(memory_format=torch.channels_last)
     view = train_labels_view(train_ds)
     shard = (proc.rank, proc.world)
-    train_batches = DeviceBatches(
+    train_batches = make_batches(
         train_ds, tc.batch_size // proc.world, device, train=tc.augment, shuffle=True,
         seed=tc.seed, views=[view], shard=shard, channels_last=channels_last,
     )  # fmt: skip
-    test_batches = DeviceBatches(
+    test_batches = make_batches(
         test_ds, EVAL_BATCH, device, views=["clean"], shard=shard, channels_last=channels_last
     )
     train_model: nn.Module = model
@@ -193,7 +194,7 @@ def _tracker(cfg, model, test_ds, proc, device, channels_last, folder: RunFolder
         return None
     keep = balanced_subset(test_ds.labels["clean"], tc.track_nc_samples, test_ds.num_classes,
                            tc.seed)  # fmt: skip
-    batches = DeviceBatches(
+    batches = make_batches(
         test_ds.subset(keep), EVAL_BATCH, device, views=["clean"],
         shard=(proc.rank, proc.world), channels_last=channels_last,
     )  # fmt: skip

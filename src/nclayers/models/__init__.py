@@ -21,6 +21,7 @@ from nclayers.models import resnet  # noqa: F401  isort: skip
 from nclayers.models import swin  # noqa: F401  isort: skip
 from nclayers.models import vit  # noqa: F401  isort: skip
 from nclayers.models import vgg  # noqa: F401  isort: skip
+from nclayers.models import imagenet  # noqa: F401  isort: skip
 
 __all__ = [
     "build_model",

@@ -75,9 +75,25 @@ def _pool_for(model: nn.Module, module: nn.Module) -> tuple[str, int]:
         prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         if prefix == 0 and hasattr(model, "class_token"):  # torchvision ViT
             prefix = 1
-        if getattr(model, "nclayers_token_pool", "mean") == "cls":
-            pool = "cls"
+        pool = _token_pool(model)
     return pool, prefix
+
+
+def _token_pool(model: nn.Module) -> str:
+    """How a token block is pooled: as the model's head pools the last block, so the last
+    block measures the feature the classifier reads. An explicit `nclayers_token_pool`
+    ("mean" or "cls") wins; timm's `global_pool` "token" reads the class token, "avg"
+    (and others) the token mean; torchvision's ViT (`class_token`) reads the class token."""
+    for m in model.modules():  # the model itself, or the ViT it wraps
+        chosen = getattr(m, "nclayers_token_pool", None)
+        if chosen is not None:
+            return "cls" if chosen == "cls" else "tokens"
+        head_pool = getattr(m, "global_pool", None)
+        if isinstance(head_pool, str) and hasattr(m, "num_prefix_tokens"):
+            return "cls" if head_pool == "token" else "tokens"
+        if isinstance(getattr(m, "class_token", None), nn.Parameter):
+            return "cls"
+    return "tokens"
 
 
 def _outermost(names: list[str]) -> list[str]:
@@ -131,7 +147,8 @@ def find_blocks(
 
     spec: "auto", or module names / glob patterns (a comma-separated string or a list).
     pool: force one pooling for every block ("nchw", "nhwc", "tokens", "cls", "flat");
-    by default each block's class decides, and "cls" on a ViT takes the class token.
+    by default each block's class decides, and a ViT's blocks are pooled as its head pools
+    (the class token under timm's global_pool="token", else the token mean).
     """
     modules = dict(model.named_modules())
     # A registry model may carry its own block list (e.g. VGG's conv units).

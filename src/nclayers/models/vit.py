@@ -3,9 +3,11 @@
 At `img_size=32` (any side up to 64) the patches are 4x4 (an 8x8 grid of 64 tokens plus
 the class token), at 224 (any larger side) the standard 16x16. Module names are timm's,
 so timm state_dicts of the same architecture load as they are. Blocks are the 12
-transformer `Block`s; each is pooled as the mean over its patch tokens, or as its class
-token with `token_pool="cls"`. Every other option of timm's `VisionTransformer` passes
-through (embed_dim, depth, num_heads, drop_path_rate, global_pool, ...).
+transformer `Block`s, each pooled as the model's head pools the last one (`find_blocks`
+follows timm's `global_pool`): the class token by default (`global_pool="token"`), the
+mean of the patch tokens with `global_pool="avg"`; `token_pool="mean"` or `"cls"`
+overrides it. Every other option of timm's `VisionTransformer` passes through
+(embed_dim, depth, num_heads, drop_path_rate, global_pool, ...).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def vit(
     arch: str,
     num_classes: int = 10,
     img_size: int = 32,
-    token_pool: str = "mean",
+    token_pool: str | None = None,
     **options,
 ) -> VisionTransformer:
     """Build a ViT of `arch` (a key of `_ARCHS`) for square `img_size` inputs."""
@@ -34,10 +36,10 @@ def vit(
         raise NCLayersError(
             f"arch={arch!r} is not a ViT architecture; choose one of {list(_ARCHS)}"
         )
-    if token_pool not in TOKEN_POOLS:
+    if token_pool is not None and token_pool not in TOKEN_POOLS:
         raise NCLayersError(
-            f"token_pool={token_pool!r}: choose 'mean' (average of the patch tokens) or "
-            "'cls' (the class token)"
+            f"token_pool={token_pool!r}: choose 'mean' (average of the patch tokens), "
+            "'cls' (the class token) or null (as the model's global_pool)"
         )
     if not isinstance(img_size, int) or img_size < 1:
         raise NCLayersError(f"img_size={img_size!r}: pass the input side in pixels, 32 or 224")
@@ -49,8 +51,8 @@ def vit(
             "that divides the image side (4 for 32x32, 16 for 224x224)"
         )
     model = VisionTransformer(img_size=img_size, num_classes=num_classes, **settings)
-    # find_blocks reads this: pool the class token instead of the patch-token mean.
-    model.nclayers_token_pool = token_pool
+    if token_pool is not None:  # find_blocks reads this before the model's global_pool
+        model.nclayers_token_pool = token_pool
     return model
 
 
@@ -59,14 +61,14 @@ def _register(arch: str) -> None:
 
     @register_model(arch, input_size=32, family="vit", blocks=depth)
     def build(
-        num_classes: int = 10, img_size: int = 32, token_pool: str = "mean", **options
+        num_classes: int = 10, img_size: int = 32, token_pool: str | None = None, **options
     ) -> VisionTransformer:
         return vit(arch, num_classes, img_size=img_size, token_pool=token_pool, **options)
 
     build.__name__ = arch
     build.__doc__ = (
-        f"{arch}: timm ViT, {depth} blocks; img_size 32 (patch 4) or 224 (patch 16); "
-        "token_pool 'mean' or 'cls'."
+        f"{arch}: timm ViT, {depth} blocks; img_size 32 (patch 4) or 224 (patch 16); blocks "
+        "pooled as its global_pool (class token by default), or token_pool 'mean' / 'cls'."
     )
 
 

@@ -5,9 +5,15 @@ Formats read (always with `torch.load(..., weights_only=True)`, or safetensors):
   usual wrappers ("state_dict", "model_state_dict", "module");
 - timm and torchvision state_dicts, as they are, into a model of the same architecture
   (nclayers' Swin and ViT use timm's module names, its CIFAR ResNets torchvision's);
-- mmpretrain (and mmcls) checkpoints, `{"state_dict": {"backbone.…", "head.fc.…"},
-  "meta": …}`: ResNet keys map to torchvision's names, Swin keys to timm's (blocks,
-  patch merging with its channel order, final norm, head).
+- mmpretrain (and mmcls) checkpoints, `{"state_dict": {"backbone.…", "head.…"},
+  "meta": …}`: ResNet keys map to torchvision's names, VGG keys (ConvModule units
+  `features.J.conv/bn`, the classifier inside the backbone) to torchvision's VGG-BN, Swin
+  keys to timm's (blocks, patch merging with its channel order, final norm, head), ViT
+  keys (`layers.I.ln1/attn/ffn`, `ln1`, `head.layers.head`) to timm's.
+
+Pretrained ImageNet weights come from files the user downloads once: mmpretrain's model
+zoo (the paper's weights), torchvision (`ResNet50_Weights.IMAGENET1K_V2.url`, ...) or timm
+(the Hugging Face hub); `model.checkpoint=FILE` loads them. Nothing is downloaded here.
 
 Whatever does not match after that raises a ValueError naming the keys and shapes.
 """
@@ -113,26 +119,84 @@ def _swin_from_mmpretrain(
     return key, value
 
 
+_VIT_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^patch_embed\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^layers\.(\d+)\.ln1\."), r"blocks.\1.norm1."),
+    (re.compile(r"^layers\.(\d+)\.ln2\."), r"blocks.\1.norm2."),
+    (re.compile(r"^layers\.(\d+)\.attn\.(qkv|proj)\."), r"blocks.\1.attn.\2."),
+    (re.compile(r"^layers\.(\d+)\.ffn\.layers\.0\.0\."), r"blocks.\1.mlp.fc1."),
+    (re.compile(r"^layers\.(\d+)\.ffn\.layers\.1\."), r"blocks.\1.mlp.fc2."),
+    (re.compile(r"^ln1\."), "norm."),  # the final norm (final_norm=True)
+]
+_VIT_MARK = re.compile(r"^backbone\.layers\.\d+\.ln1\.")
+_VGG_UNIT = re.compile(r"^backbone\.features\.(\d+)\.(conv|bn)\.(\w+)$")
+
+
+def _vit_from_mmpretrain(key: str) -> str:
+    """One mmpretrain ViT backbone key (prefix removed) as timm's (cls_token and pos_embed
+    keep their names)."""
+    for pattern, repl in _VIT_RULES:
+        if pattern.match(key):
+            return pattern.sub(repl, key)
+    return key
+
+
+def _vgg_units(state: dict, own: set[str]) -> dict[tuple[int, str], str]:
+    """(mmpretrain unit J, "conv" | "bn") -> torchvision's `features.I`: the k-th ConvModule
+    of the checkpoint is the k-th Conv2d of the model (and its batch norm the k-th one).
+    The model's kinds show in its keys: a batch norm has running statistics."""
+    mm = sorted({int(m[1]) for k in state if (m := _VGG_UNIT.match(k))})
+    index = sorted({int(k.split(".")[1]) for k in own if re.match(r"^features\.\d+\.", k)})
+    bns = [i for i in index if f"features.{i}.running_mean" in own]
+    convs = [i for i in index if i not in bns]
+    names: dict[tuple[int, str], str] = {}
+    for k, unit in enumerate(mm):
+        if k < len(convs):
+            names[unit, "conv"] = f"features.{convs[k]}"
+        if k < len(bns):
+            names[unit, "bn"] = f"features.{bns[k]}"
+    return names
+
+
 _NORM_AS_BN = re.compile(r"(^|\.)norm(\d)\.")
+
+
+def _mm_kind(state: dict[str, torch.Tensor]) -> str:
+    if any(_SWIN_STAGE.match(k) for k in state):
+        return "Swin"
+    if any(_VIT_MARK.match(k) for k in state) or "backbone.cls_token" in state:
+        return "ViT"
+    if any(_VGG_UNIT.match(k) for k in state):
+        return "VGG"
+    return "ResNet-style"
 
 
 def convert_mmpretrain(
     state: dict[str, torch.Tensor], own: set[str]
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Rename an mmpretrain classifier's keys to the model's; returns (state, what was done)."""
+    kind = _mm_kind(state)
     stages = [int(m[1]) for k in state if (m := _SWIN_STAGE.match(k))]
-    swin = bool(stages)
+    vgg = _vgg_units(state, own) if kind == "VGG" else {}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith(("data_preprocessor.", "neck.")):
             continue  # normalisation constants and a parameter-free pooling neck
         if key.startswith("backbone."):
+            unit = _VGG_UNIT.match(key) if kind == "VGG" else None
+            if unit is not None and (int(unit[1]), unit[2]) in vgg:
+                out[f"{vgg[int(unit[1]), unit[2]]}.{unit[3]}"] = value
+                continue
             key = key[len("backbone.") :]
-            if swin:
+            if kind == "Swin":
                 converted = _swin_from_mmpretrain(key, value, max(stages))
                 if converted is None:
                     continue
                 key, value = converted
+            elif kind == "ViT":
+                key = _vit_from_mmpretrain(key)
+        elif key.startswith("head.layers.head.") and kind == "ViT":
+            key = "head." + key[len("head.layers.head.") :]  # VisionTransformerClsHead
         elif key.startswith("head.") and key not in own and key[len("head.") :] in own:
             key = key[len("head.") :]  # LinearClsHead's head.fc -> torchvision's fc
         if key not in own:
@@ -141,7 +205,6 @@ def convert_mmpretrain(
             if alias in own:
                 key = alias
         out[key] = value
-    kind = "Swin" if swin else "ResNet-style"
     return out, f"read as an mmpretrain checkpoint, {kind} keys renamed to the model's"
 
 
@@ -150,7 +213,13 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The raw state_dict stored in a checkpoint file."""
     path = Path(path)
     if not path.is_file():
-        raise NCLayersError(f"checkpoint={str(path)!r} does not exist; pass the path of a .pt file")
+        raise NCLayersError(
+            f"checkpoint={str(path)!r} does not exist; pass the path of a weights file "
+            "(model.checkpoint=FILE). nclayers downloads nothing: pretrained ImageNet "
+            "weights are files from mmpretrain's model zoo (the paper's), torchvision "
+            "(e.g. torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url) or timm (its "
+            "Hugging Face hub pages), fetched once by hand"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
