@@ -257,6 +257,23 @@ def cmd_equality(args) -> None:
         print("wrote " + ", ".join(str(p) for p in result.written))
 
 
+def cmd_make_folder(args) -> None:
+    from nclayers.data.make_folder import make_image_folder, make_k1000_folder
+
+    if args.k1000:
+        manifest = make_k1000_folder(args.out, per_class=args.per_class or 2,
+                                     val_per_class=args.val_per_class or 1,
+                                     size=args.size or 16, seed=args.seed)  # fmt: skip
+    else:
+        manifest = make_image_folder(
+            args.out, source=args.source, data_dir=args.data_dir, per_class=args.per_class or 20,
+            val_per_class=args.val_per_class, size=args.size or 64, classes=args.classes,
+            grain=args.grain, seed=args.seed,
+        )  # fmt: skip
+    counts = {k: v for k, v in manifest.items() if isinstance(v, (int, str))}
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 def _common(p: argparse.ArgumentParser, out_help: str = "run folder for results") -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--out", help=out_help)
@@ -272,34 +289,62 @@ def build_parser() -> argparse.ArgumentParser:
         "separate the classes, and which memorize noise.",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _run_verbs(sub)
+    _table_verbs(sub)
+    _sweep_verbs(sub)
+    return parser
 
-    def verb(name: str, fn, help_text: str, target: str | None = "config", **kw):
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
-        if target:
-            about = kw.get("target_help", "YAML config file or run folder")
-            p.add_argument(target, nargs="?" if target == "config" else None, help=about)
-        _common(p, kw.get("out_help", "run folder for results"))
-        p.set_defaults(fn=fn)
-        return p
 
-    verb("demo", cmd_demo, "Train and measure a small ResNet on the embedded digits, offline.",
-         target=None, out_help="folder for the demo (default runs/demo)")  # fmt: skip
-    p = verb("train", cmd_train, "Train a model with a paper recipe.")
+def _verb(sub, name: str, fn, help_text: str, target: str | None = "config", **kw):
+    """A verb on a run: its target (config file or run folder), overrides and options."""
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+    if target:
+        about = kw.get("target_help", "YAML config file or run folder")
+        p.add_argument(target, nargs="?" if target == "config" else None, help=about)
+    _common(p, kw.get("out_help", "run folder for results"))
+    p.set_defaults(fn=fn)
+    return p
+
+
+def _run_verbs(sub) -> None:
+    _verb(
+        sub,
+        "demo",
+        cmd_demo,
+        "Train and measure a small ResNet on the embedded digits, offline.",
+        target=None,
+        out_help="folder for the demo (default runs/demo)",
+    )
+    p = _verb(sub, "train", cmd_train, "Train a model with a paper recipe.")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     p.add_argument("--force", action="store_true", help="train from scratch over a run")
-    verb("analyze", cmd_analyze, "Measure NC1, NC2 and NCC accuracy of every block.")
-    verb("probe", cmd_probe, "Train a linear probe on every block of the frozen model at once.")
-    p = verb("memorization", cmd_memorization, "Memorization ratio per layer: of a run "
-             "folder (label noise or corrupted inputs), or from a layers.csv.", target="csv",
-             target_help="a run folder trained with data.noise or data.corruption, or a "
-             "layers.csv with clean and noisy rows")  # fmt: skip
+    _verb(sub, "analyze", cmd_analyze, "Measure NC1, NC2 and NCC accuracy of every block.")
+    _verb(
+        sub, "probe", cmd_probe, "Train a linear probe on every block of the frozen model at once."
+    )
+    p = _verb(
+        sub,
+        "memorization",
+        cmd_memorization,
+        "Memorization ratio per layer: of a run "
+        "folder (label noise or corrupted inputs), or from a layers.csv.",
+        target="csv",
+        target_help="a run folder trained with data.noise or data.corruption, or a "
+        "layers.csv with clean and noisy rows",
+    )
     p.add_argument("--split", default="train")
     p.add_argument("--key", default="view", help="column telling clean from noisy: view, input")
     p.add_argument("--clean", default="clean")
     p.add_argument("--noisy", default="noisy")
-    p = verb("prune", cmd_prune, "Remove a run's plateau (or listed) blocks by identity; "
-             "compare with as many random and last blocks, before and after a fine-tune.",
-             target="run", target_help="a trained run's folder")  # fmt: skip
+    p = _verb(
+        sub,
+        "prune",
+        cmd_prune,
+        "Remove a run's plateau (or listed) blocks by identity; "
+        "compare with as many random and last blocks, before and after a fine-tune.",
+        target="run",
+        target_help="a trained run's folder",
+    )
     p.add_argument("--blocks", help="plateau (default), or indices / module names: 10,11,layer3.2")
     p.add_argument("--finetune-epochs", type=int, help="fine-tune every variant (prune.*)")
     p = sub.add_parser("blocks", help="List a model's blocks and their pooled dimensions.")
@@ -308,8 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--input-size", type=int, default=None)
     p.set_defaults(fn=cmd_blocks)
-    p = sub.add_parser("plot", help="Per-layer figures from a layers.csv, or the paper's "
-                       "layouts from a sweep's folder or tidy CSV (--layout).")  # fmt: skip
+
+
+def _table_verbs(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="Per-layer figures from a layers.csv, or the paper's "
+        "layouts from a sweep's folder or tidy CSV (--layout).",
+    )
     p.add_argument("csv", help="a layers.csv written by analyze/demo/sweep, or a sweep's folder")
     p.add_argument("--layout", help="clean, clean-nc, noisy or nc-vs-probe: the paper's panels")
     p.add_argument("--rows", help="column whose values make the rows (e.g. model)")
@@ -330,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="no equality.png")
     p.add_argument("-q", "--quiet", action="store_true", help="no logs")
     p.set_defaults(fn=cmd_equality)
+    p = sub.add_parser("report", help="One self-contained HTML report of a run or a sweep.")
+    p.add_argument("path", help="a run folder, a sweep's output folder, or a sweep file")
+    p.add_argument("--out", help="the HTML file (default: PATH/report.html)")
+    p.set_defaults(fn=cmd_report)
+
+
+def _sweep_verbs(sub) -> None:
     p = sub.add_parser(
         "sweep",
         epilog=EPILOG,
@@ -360,11 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(fn=cmd_sweep)
-    p = sub.add_parser("report", help="One self-contained HTML report of a run or a sweep.")
-    p.add_argument("path", help="a run folder, a sweep's output folder, or a sweep file")
-    p.add_argument("--out", help="the HTML file (default: PATH/report.html)")
-    p.set_defaults(fn=cmd_report)
-    return parser
+    p = sub.add_parser(
+        "make-folder",
+        help="Write an ImageNet-style image folder (train/ and "
+        "val/ class folders of JPEGs) from digits or CIFAR-10, for tests and the "
+        "mini sweeps; --k1000 writes a 1,000-class one.",
+    )
+    p.add_argument("out", help="the folder to write (new or empty)")
+    p.add_argument("--source", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--data-dir", help="cifar10: the folder holding cifar-10-batches-py/")
+    p.add_argument("--per-class", type=int, help="training images per class")
+    p.add_argument("--val-per-class", type=int, help="validation images per class")
+    p.add_argument("--size", type=int, help="image side in pixels (upscaled)")
+    p.add_argument("--classes", type=int, help="the first N classes only")
+    p.add_argument("--grain", type=float, default=0.0, help="film grain (bigger JPEGs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k1000", action="store_true", help="1,000 classes of tiny images")
+    p.set_defaults(fn=cmd_make_folder)
 
 
 class _Stdout(logging.StreamHandler):

@@ -97,7 +97,7 @@ class DataConfig(Section):
     mean: list[float] | None = None  # per-channel, in [0, 1] units (null: ImageNet's)
     std: list[PositiveFloat] | None = None
     workers: NonNegativeInt | None = None  # file-reading processes (null: from the CPUs)
-    decoder: str = "auto"
+    decoder: Literal["auto", "torchvision", "pil", "device"] = "auto"  # JPEG decoding
     skip_bad: bool = False  # skip unreadable image files (and count them) instead of failing
     # Text and Hugging Face data sets.
     text_column: str = "text"

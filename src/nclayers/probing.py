@@ -479,31 +479,20 @@ def probe(
 ) -> ProbeResult:
     """Train one linear probe per block of the frozen `model`; accuracy on `test`.
 
-    train, test: `ArrayDataset`s or `FolderDataset`s (what `nclayers.data.load_dataset`
-        returns), batched by `make_batches` on the model's device: training batches with
-        the seeded per-epoch permutation (and the data set's augmentation when
-        `augment`), test batches in order with the evaluation transform. The heads learn
-        the `view` labels (the clean ones, as in the paper) and are scored on the test
-        split's `view` labels.
-    blocks: "auto", module names / glob patterns, or `Block`s from `find_blocks`.
-    Defaults follow the paper (A.1): 10 epochs, SGD momentum 0.9, learning rate 0.1
-        divided by 5 (gamma 0.2) at epochs 5 and 7, batch 128. weight_decay: the
-        pretraining recipe's 5e-4 (the paper prints 0.05; see configs/).
-    standardize: shift and scale every feature by its training mean and std (one
-        unaugmented pass, or the cache) before the heads; folded into `linear()`.
-    mode: "stream", "cache" or "auto" (cache when not `augment`). Cache mode holds
-        N x sum(dims) features in `cache_dtype` (bf16: half of float32's memory, 8
-        significant bits) on the device up to `cache_budget_gb`, beyond it in a
-        memory-mapped file under `cache_dir` (removed at the end).
-    amp: bf16 autocast for the backbone on CUDA (never on CPU); the heads are float32.
-        channels_last: convnet inputs in channels_last (give the model that format too).
-    state, on_epoch: resume and checkpoint. After every finished epoch `on_epoch(state)`
-        gets a dict of tensors and numbers (heads, optimiser, history, epoch); passing
-        it back as `state` continues from that epoch with the same result as an
-        uninterrupted run (every epoch's batches and augmentation are seeded by epoch).
-    Under torch.distributed every rank calls this: each trains on its shard with the
-        per-rank batch `batch_size // world`, head gradients are averaged with one
-        all_reduce per step, test counts are summed, and every rank returns the result.
+    train, test: data sets of `nclayers.data.load_dataset`, batched by `make_batches`
+        (training: seeded per-epoch permutation, the data set's augmentation when
+        `augment`); the heads learn and are scored on the `view` labels (clean, A.1).
+    Defaults follow A.1: 10 epochs, SGD momentum 0.9, lr 0.1 divided by 5 at epochs 5
+        and 7, batch 128; weight_decay the pretraining recipe's 5e-4.
+    standardize: each feature shifted and scaled by its training mean and std first.
+    mode: "stream", "cache" or "auto" (cache when not `augment`): the cache holds every
+        block's features once in `cache_dtype`, on the device up to `cache_budget_gb`,
+        beyond it memory-mapped under `cache_dir`.
+    amp: bf16 autocast for the backbone on CUDA only; the heads are float32.
+    state, on_epoch: after every epoch `on_epoch(state)` gets the heads, optimiser and
+        history; passed back as `state` it continues exactly (batches seeded by epoch).
+    Under torch.distributed each rank trains on its shard (batch `batch_size // world`),
+        head gradients are averaged with one all_reduce per step.
     """
     blocks = _resolve_blocks(model, blocks)
     rank, world = world_of()
@@ -531,17 +520,21 @@ def probe(
     accuracy, n_test = evaluate_heads(
         model, fit.heads, blocks, test, view, eval_batch_size, amp, channels_last, progress
     )
-    rows = [
-        {"run": run, "split": "test", "view": view, "layer": i + 1, "block": name,
-         "dim": d, "n": n_test, "probe_acc": acc}
-        for i, (name, d, acc) in enumerate(zip(fit.names, fit.dims, accuracy, strict=True))
-    ]  # fmt: skip
     return ProbeResult(
-        rows, history=Table(fit.history), heads=fit.heads, state=fit.snapshot(epochs),
+        _rows(fit, accuracy, n_test, view, run), history=Table(fit.history), heads=fit.heads,
+        state=fit.snapshot(epochs),
         mode=mode, epochs=epochs, resumed_from=fit.start, train_samples=len(train),
         test_samples=n_test, world=world, seconds=time.perf_counter() - t0,
         train_seconds=train_seconds, skipped=fit.skipped,
     )  # fmt: skip
+
+
+def _rows(fit, accuracy: list[float], n_test: int, view: str, run: str) -> list[dict]:
+    return [
+        {"run": run, "split": "test", "view": view, "layer": i + 1, "block": name,
+         "dim": d, "n": n_test, "probe_acc": acc}
+        for i, (name, d, acc) in enumerate(zip(fit.names, fit.dims, accuracy, strict=True))
+    ]  # fmt: skip
 
 
 def _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world) -> str:
