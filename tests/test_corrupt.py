@@ -215,8 +215,9 @@ def test_memorization_job_on_a_corruption_run(tmp_path, capsys):
     torch.manual_seed(0)
     model = build_from_config(cfg.model, 10).eval()
     torch.save(model.state_dict(), folder.file("checkpoint.pt"))
-    ratios = memorization_job(cfg, folder, progress=False)
-    assert ratios.meta["kind"] == "corruption" and ratios.meta["severity"] == 5
+    result = memorization_job(cfg, folder, progress=False)
+    ratios, info = result.ratios, result.info
+    assert info["kind"] == "corruption" and info["severity"] == 5
 
     def nc1s(ds):
         t = analyze(model, DeviceBatches(ds, 500), 10, split="train", progress=False)

@@ -295,8 +295,9 @@ def test_memorization_job_on_a_label_noise_run(tmp_path):
     from nclayers.jobs.memorization import memorization_job
 
     folder, cfg, model = _run_folder(tmp_path, "data.noise=0.5", "data.train_subset=200")
-    ratios = memorization_job(cfg, folder, progress=False)
-    assert ratios.meta["changed_views"] is True
+    result = memorization_job(cfg, folder, progress=False)
+    ratios, info = result.ratios, result.info
+    assert info["changed_views"] is True
     assert [r["layer"] for r in ratios] == list(range(1, 9))
     ds = load_dataset(cfg.data, "train")
     ref = analyze(model.eval(), DeviceBatches(ds, 500), 10, split="train", progress=False)
@@ -311,18 +312,19 @@ def test_memorization_job_on_a_label_noise_run(tmp_path):
     last = ratios[-1]
     assert last["nc1_changed_clean"] == pytest.approx(alone.where(view="clean", layer=8)[0]["nc1"])
     assert last["nc1_changed_noisy"] == pytest.approx(alone.where(view="noisy", layer=8)[0]["nc1"])
-    assert ratios.meta["memorized"] == pytest.approx(memorized_fraction(model, ds)["memorized"])
-    assert ratios.meta["changed"] == len(changed)
+    assert info["memorized"] == pytest.approx(memorized_fraction(model, ds)["memorized"])
+    assert info["changed"] == len(changed)
     written = folder.read_json("summary.json")["memorization"]
     assert written["memorization_layers"] == [r["layer"] for r in ratios if r["ratio"] > 1]
     assert folder.exists("memorization.csv") and folder.exists("memorization.png")
     assert folder.done("memorization", cfg)
     # Too few changed samples for every class: those views are left out, not an error.
     few, cfg, model = _run_folder(tmp_path / "few", "data.noise=0.05")
-    ratios = memorization_job(cfg, few, progress=False)
-    assert ratios.meta["changed_views"] is False and "ratio_changed" not in ratios.columns
+    result = memorization_job(cfg, few, progress=False)
+    ratios, info = result.ratios, result.info
+    assert info["changed_views"] is False and "ratio_changed" not in ratios.columns
     ds = load_dataset(cfg.data, "train")
-    assert ratios.meta["memorized"] == pytest.approx(memorized_fraction(model, ds)["memorized"])
+    assert info["memorized"] == pytest.approx(memorized_fraction(model, ds)["memorized"])
 
 
 def test_every_spelling_of_clean_labels_means_no_noise():

@@ -55,7 +55,8 @@ def cmd_demo(args) -> None:
     from nclayers.jobs.demo import run_demo
 
     overrides = [*args.overrides] + ([f"device={args.device}"] if args.device else [])
-    run_demo(args.out or "runs/demo", overrides, progress=not args.quiet)
+    summary = run_demo(args.out or "runs/demo", overrides, progress=not args.quiet)
+    print(summary["text"])
 
 
 def cmd_train(args) -> None:
@@ -184,8 +185,8 @@ def cmd_memorization(args) -> None:
 
         args.config = args.csv
         cfg, folder = _resolve(args, "memorization")
-        ratios = memorization_job(cfg, folder, progress=not args.quiet)
-        _print_ratios(ratios, folder)
+        result = memorization_job(cfg, folder, progress=not args.quiet)
+        _print_ratios(result.ratios, result.info, folder)
         return
     if args.overrides:
         raise NCLayersError("key=value overrides apply to a run folder, not to a layers.csv")
@@ -204,8 +205,7 @@ def cmd_memorization(args) -> None:
     print(f"memorization layers (ratio > 1): {memorization_layers(ratios)}")
 
 
-def _print_ratios(ratios, folder) -> None:
-    meta = ratios.meta
+def _print_ratios(ratios, meta: dict, folder) -> None:
     other = "nc1_corrupted" if meta["kind"] == "corruption" else "nc1_noisy"
     cols = ["layer", "block", "nc1_clean", other, "ratio"]
     if "ratio_changed" in ratios.columns:

@@ -29,6 +29,7 @@ from torch import nn
 
 from nclayers.analysis import analyze
 from nclayers.errors import NCLayersError
+from nclayers.runtime import seeded
 from nclayers.table import Table
 from nclayers.taps import Block, trace_blocks
 
@@ -240,8 +241,9 @@ def prune_experiment(
         pruned = prune_model(model, [blocks[l - 1].name for l in layers])
         for epochs in rounds:
             if epochs:
-                torch.manual_seed(0)  # every variant sees the same fine-tune randomness
-                losses = finetune(pruned, train_batches, epochs, train_cfg, finetune_lr, progress)
+                with seeded(0):  # every variant sees the same fine-tune randomness
+                    losses = finetune(pruned, train_batches, epochs, train_cfg, finetune_lr,
+                                      progress)  # fmt: skip
             table = analyze(
                 pruned, test_batches, num_classes, rebind(blocks, pruned), reference=reference,
                 amp=amp, progress=progress, run=run,

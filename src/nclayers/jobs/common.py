@@ -11,7 +11,7 @@ from nclayers.config import Config
 from nclayers.errors import NCLayersError
 from nclayers.jobs.folder import CHECKPOINT, RunFolder
 from nclayers.models import build_model, load_weights
-from nclayers.runtime import is_main
+from nclayers.runtime import is_main, seeded
 
 
 def run_folder(folder: RunFolder | str | Path) -> RunFolder:
@@ -34,7 +34,8 @@ def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
     the folder's checkpoint.pt (checked against what train wrote). Refuses a model with
     no trained weights unless `model.untrained` says so on purpose."""
     weights = folder.weights(cfg)
-    model = build_from_config(cfg.model, num_classes)
+    with seeded(cfg.train.seed):  # the initialisation is reproducible; the caller's RNG kept
+        model = build_from_config(cfg.model, num_classes)
     if cfg.model.checkpoint:
         path = Path(cfg.model.checkpoint)
     elif weights.get("file") == CHECKPOINT:

@@ -12,6 +12,7 @@ says in words which blocks memorize.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ DEMO_OVERRIDES = [
     "device=cpu",
 ]
 NOISE = 0.4
+log = logging.getLogger("nclayers.demo")
 
 
 def demo_config(overrides: list[str] | tuple = ()) -> Config:
@@ -69,15 +71,16 @@ def run_demo(
     tables, accuracy = [], {}
     for run, noise in (("clean", None), (f"noise{round(NOISE * 100)}", NOISE)):
         cfg = base.updated({"run": run, "data.noise": noise or 0})
-        print(
-            f"[{run}] training {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name}"
-            f" for {cfg.train.epochs} epochs" + (f", {noise:.0%} labels shuffled" if noise else "")
-        )
+        log.info(
+            "[%s] training %s (width %s) on %s for %d epochs%s", run, cfg.model.name,
+            cfg.model.width, cfg.data.name, cfg.train.epochs,
+            f", {noise:.0%} labels shuffled" if noise else "",
+        )  # fmt: skip
         sub = RunFolder(out / run)
         trained = train_job(cfg, sub, progress=progress, force=True)
-        print(f"[{run}] measuring every block")
+        log.info("[%s] measuring every block", run)
         table = analyze_job(cfg, sub, model=trained.model, progress=progress)
-        print(f"[{run}] linear probes on every block")
+        log.info("[%s] linear probes on every block", run)
         probe_job(cfg, sub, model=trained.model, progress=progress)
         tables.append(sub.layers())  # the analysis rows, with probe_acc
         accuracy[run] = {"train_" + v: a for v, a in table.meta["accuracy"]["train"].items()} | {
@@ -98,7 +101,7 @@ def run_demo(
     }
     folder.write_json(SUMMARY, summary)
     report = write_report(out)
-    _tell(layers, ratios, summary, accuracy, figures, report, out)
+    summary["text"] = _story(layers, ratios, summary, accuracy, figures, report, out)
     return summary
 
 
@@ -117,22 +120,21 @@ def _figures(folder: RunFolder, layers: Table, ratios: Table) -> list[Path]:
     return [f for f in figures if f]
 
 
-def _tell(layers, ratios, summary, accuracy, figures, report, out) -> None:
+def _story(layers, ratios, summary, accuracy, figures, report, out) -> str:
+    """What the demo found, in words and tables, for the terminal."""
     test = layers.where(split="test", run="clean")
-    print()
-    print("Clean model, test split, every block:")
-    print(test.format(["layer", "block", "dim", "nc1", "nc2", "ncc_acc", "probe_acc"]))
-    print()
-    print(f"Noisy model ({NOISE:.0%} shuffled), training images, memorization ratio:")
-    print(ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]))
-    print("In words: " + describe_memorization(ratios, summary["memorization_layers"]))
-    print()
-    for run, acc in accuracy.items():
-        print(f"{run}: " + ", ".join(f"{k} acc {v:.3f}" for k, v in acc.items()))
-    print(
+    lines = [
+        "", "Clean model, test split, every block:",
+        test.format(["layer", "block", "dim", "nc1", "nc2", "ncc_acc", "probe_acc"]), "",
+        f"Noisy model ({NOISE:.0%} shuffled), training images, memorization ratio:",
+        ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]),
+        "In words: " + describe_memorization(ratios, summary["memorization_layers"]), "",
+        *(f"{run}: " + ", ".join(f"{k} acc {v:.3f}" for k, v in acc.items())
+          for run, acc in accuracy.items()),
         f"Results in {out}/: layers.csv, memorization.csv, summary.json, "
-        f"{', '.join(p.name for p in figures)}, {report.name}  ({summary['seconds']:.0f} s)"
-    )
+        f"{', '.join(p.name for p in figures)}, {report.name}  ({summary['seconds']:.0f} s)",
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _labels(run: str) -> str:

@@ -22,6 +22,7 @@ memorization_layers.csv (every view's per-block rows), memorization.png (the lin
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,15 +58,24 @@ from nclayers.table import Table
 FIGURE = "memorization.png"
 
 
+@dataclass
+class MemorizationResult:
+    """What `memorization_job` returns: the ratios (memorization.csv), every view's rows
+    (memorization_layers.csv) and the summary entry (kind, memorized fraction, layers)."""
+
+    ratios: Table
+    rows: Table
+    info: dict
+
+
 def memorization_job(
     cfg: Config,
     folder: RunFolder | str | Path,
     *,
     progress: bool = True,
     model: nn.Module | None = None,
-) -> Table:
-    """Measure the memorization ratio of the run in `folder` (see the module doc).
-    Returns the per-block ratios; `table.meta` holds the summary entry."""
+) -> MemorizationResult:
+    """Measure the memorization ratio of the run in `folder` (see the module doc)."""
     folder = run_folder(folder)
     corrupted, noisy = bool(cfg.data.corruption), has_label_noise(cfg.data.noise)
     if corrupted == noisy:
@@ -108,8 +118,7 @@ def memorization_job(
         folder.adopt(cfg)
         folder.mark_done("memorization", cfg, seconds=info["seconds"])
     barrier()
-    ratios.meta.update(info)
-    return ratios
+    return MemorizationResult(ratios, rows, info)
 
 
 def _corrupted(measure, ds, clean_ds) -> tuple[Table, Table, dict]:
@@ -155,4 +164,4 @@ def _label_noise(measure, ds, model, cfg) -> tuple[Table, Table, dict]:
     return rows, memorization_ratio(rows), info
 
 
-__all__ = ["FIGURE", "memorization_job"]
+__all__ = ["FIGURE", "MemorizationResult", "memorization_job"]

@@ -46,7 +46,6 @@ import itertools
 import json
 import logging
 import shlex
-import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -355,7 +354,7 @@ def _run_stage(job: Callable, name: str, run: Run, folder, progress: bool) -> di
     except Exception as err:  # a bug: recorded with its traceback, and printed
         error = f"{type(err).__name__}: {err} (a bug in nclayers; traceback in error.log)"
         trace = traceback.format_exc()
-        print(trace, file=sys.stderr)
+        log.error("%s", trace)
     folder.mkdir()
     with open(folder.file("error.log"), "a") as f:
         f.write(f"--- stage {name}, {time.ctime()}\n{trace}\n")
@@ -367,8 +366,9 @@ def _say(sweep: Sweep, run: Run, name: str, record: dict, progress: bool) -> Non
         return
     state = "skipped (done and up to date)" if record.get("skipped") else record["status"]
     why = f": {record['error']}" if "error" in record else ""
-    print(f"[sweep {sweep.name}] run {run.index} ({_describe(run)}): {name} {state}{why}",
-          file=sys.stderr)  # fmt: skip
+    level = logging.INFO if record["status"] == "done" else logging.WARNING
+    log.log(level, "[sweep %s] run %d (%s): %s %s%s", sweep.name, run.index, _describe(run),
+            name, state, why)  # fmt: skip
 
 
 def _describe(run: Run) -> str:
