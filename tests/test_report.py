@@ -170,3 +170,47 @@ def test_every_figure_loads_in_a_real_browser(tmp_path):
     assert Page(dom).body.get("data-figures") == f"loaded {n}/{n}"
     dom = chromium_dom(broken, tmp_path / "profile2")
     assert Page(dom).body.get("data-figures") == "broken 0/1"
+
+
+def test_report_redraws_a_figure_whose_data_is_newer(tmp_path):
+    """14.5: figures were drawn only when missing, so a report after a new analysis or a
+    probe showed the old figure; now a figure older than its data is drawn again."""
+    import os
+
+    folder = make_run_folder(tmp_path / "run")
+    write_report(folder)
+    png = folder / "figures" / "layers.png"
+    first = png.read_bytes()
+    write_report(folder)
+    assert png.read_bytes() == first  # nothing changed: not redrawn
+    rows = Table.from_csv(folder / "layers.csv")
+    Table({**r, "nc1": r["nc1"] * 10} for r in rows).to_csv(folder / "layers.csv")
+    later = png.stat().st_mtime_ns + 1_000_000_000
+    os.utime(folder / "layers.csv", ns=(later, later))
+    write_report(folder)
+    assert png.read_bytes() != first
+    png.write_bytes(first[: len(first) // 2])  # a cut figure is drawn again, not inlined
+    write_report(folder)
+    assert png.read_bytes()[-8:-4] == b"IEND"
+
+
+def test_report_says_when_a_figure_cannot_be_read(tmp_path):
+    """17.12: a noisy run that did not fit its changed labels: the report says Δ is not
+    interpretable, and so does the figure's caption (drawn with the note)."""
+    import json as _json
+
+    folder = make_run_folder(tmp_path / "run")
+    summary = _json.loads((folder / "train_summary.json").read_text())
+    summary["label_noise"] = {"memorized": 0.11, "changed": 40, "rate": 0.4}
+    (folder / "train_summary.json").write_text(_json.dumps(summary))
+    text = " ".join(Page(write_report(folder).read_text()).text)
+    assert "Δ not interpretable: the model fits 11% of its changed labels" in text
+    from nclayers.jobs.report import readability
+
+    clean = {"data": {"noise": None}}
+    low = {"final": {"test_acc": 0.15}, "num_classes": 10}
+    assert readability(clean, low) == [
+        "NC curves of an undertrained model: test accuracy 15% (chance 10%); train longer "
+        "before reading them"
+    ]
+    assert readability(clean, {"final": {"test_acc": 0.9}, "num_classes": 10}) == []

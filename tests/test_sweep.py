@@ -182,7 +182,12 @@ def test_a_tiny_sweep_end_to_end(tmp_path, capsys):
         n = next(r for r in train_rows if r["view"] == "noisy" and r["layer"] == m["layer"])
         assert m["ratio"] == pytest.approx(c["nc1"] / n["nc1"])
     assert (out / "tiny.png").is_file() and (out / "tiny.pdf").is_file()
+    # 17.12: two epochs fit few of the changed labels: runs.csv, the report and the
+    # figure's caption say that Δ cannot be read.
+    assert "Δ not interpretable: the model fits" in runs[1]["notes"]
+    assert f"noise=r=40%: {runs[1]['notes']}" in summary["notes"]
     html = (out / "report.html").read_text()
+    assert "Δ not interpretable" in html
     assert "r=40%" in html and "data:image/png;base64," in html
     info = json.loads((out / "sweep.json").read_text())
     assert [r["id"] for r in info["runs"]] == [clean.id, noisy.id]

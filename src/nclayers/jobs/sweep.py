@@ -416,7 +416,8 @@ def collect(sweep: Sweep) -> dict:
         for name in sweep.stages:
             state = str(r[name]).split(":")[0]
             counts[f"{name} {state}"] = counts.get(f"{name} {state}", 0) + 1
-    return {"files": written, "stages": counts, "runs": len(sweep.runs), "figure_errors": errors}
+    return {"files": written, "stages": counts, "runs": len(sweep.runs), "figure_errors": errors,
+            "notes": notes}  # fmt: skip
 
 
 def _run_row(sweep: Sweep, run: Run, folder) -> dict:
