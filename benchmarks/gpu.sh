@@ -84,13 +84,13 @@ step analyze_resnet152 75 "$PYTHON" benchmarks/analyze_overhead.py --device "$DE
 step train_compile 110 "$PYTHON" -m nclayers.cli train configs/resnet18-cifar10.yaml \
   "data.dir=$DATA" "device=$DEVICE" "model.width=$WIDTH" train.epochs=2 train.batch_size=128 \
   train.compile=true train.amp=true train.channels_last=true train.checkpoint_every=0 \
-  train.tensorboard=false ${TRAIN_SIZES[@]+"${TRAIN_SIZES[@]}"} "out=$WORK/run" --quiet
+  train.tensorboard=false ${TRAIN_SIZES[@]+"${TRAIN_SIZES[@]}"} --out "$WORK/run" --quiet
 step train_overhead 40 "$PYTHON" benchmarks/train_overhead.py --device "$DEVICE" \
   --data-dir "$DATA" --width "$WIDTH" --batch-size 128 --workers 8 --repeats 3 \
   ${TRAIN_STEPS[@]+"${TRAIN_STEPS[@]}"} --json "$WORK/train_overhead.json"
 step analyze_run 40 "$PYTHON" -m nclayers.cli analyze configs/resnet18-cifar10.yaml \
   "data.dir=$DATA" "device=$DEVICE" "model.width=$WIDTH" \
-  "model.checkpoint=$WORK/run/checkpoint.pt" ${TRAIN_SIZES[@]+"${TRAIN_SIZES[@]}"} "out=$WORK/analyze" --quiet
+  "model.checkpoint=$WORK/run/checkpoint.pt" ${TRAIN_SIZES[@]+"${TRAIN_SIZES[@]}"} --out "$WORK/analyze" --quiet
 
 "$PYTHON" - "$WORK" "$OUT_JSON" "$START" <<'PY'
 import json

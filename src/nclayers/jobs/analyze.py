@@ -75,8 +75,9 @@ def analyze_job(
             "seconds": {s: tables[s].meta["seconds"] for s in splits},
             "device": str(device),
         }
+        summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
         folder.merge_layers("analyze", table)
-        folder.write_json(SUMMARY, {**folder.read_json(SUMMARY), "analyze": entry})
+        folder.write_json(SUMMARY, {**summary, "analyze": entry})
         folder.adopt(cfg)  # the run's config.yaml, once the stage succeeded
         folder.mark_done("analyze", cfg, seconds=time.perf_counter() - t0)
     barrier()  # the other ranks return once rank 0 has written

@@ -109,12 +109,13 @@ def memorization_job(
         info.update(samples=len(ds), blocks=[b.name for b in blocks], weights=weights,
                     memorization_layers=memorization_layers(ratios),
                     seconds=time.perf_counter() - t0)  # fmt: skip
+        summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
         folder.write_table(MEMORIZATION, ratios)
         folder.write_table(MEMORIZATION_LAYERS, rows)
         kind = "corrupted" if corrupted else "noisy"
         plot_metric(ratios, "ratio", folder.file(FIGURE), group=("run",),
                     title=f"memorization ratio Δ = NC1(clean) / NC1({kind})")  # fmt: skip
-        folder.write_json(SUMMARY, {**folder.read_json(SUMMARY), "memorization": info})
+        folder.write_json(SUMMARY, {**summary, "memorization": info})
         folder.adopt(cfg)
         folder.mark_done("memorization", cfg, seconds=info["seconds"])
     barrier()

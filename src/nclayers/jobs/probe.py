@@ -114,6 +114,7 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
 
 def _write(cfg: Config, folder: RunFolder, table: Table, weights, train_samples, device) -> None:
     pc = cfg.probe
+    summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
     folder.write_table(PROBE, Table({"run": cfg.run, **r} for r in table.history))
     # the heads: tensors, numbers and strings only (loads with weights_only=True)
     folder.save_torch(PROBE_HEADS, {**heads_state(table), "config": cfg.to_dict()})
@@ -132,7 +133,7 @@ def _write(cfg: Config, folder: RunFolder, table: Table, weights, train_samples,
         "seconds": table.seconds,
         "device": str(device),
     }
-    folder.write_json(SUMMARY, {**folder.read_json(SUMMARY), "probe": entry})
+    folder.write_json(SUMMARY, {**summary, "probe": entry})
     folder.adopt(cfg)
     folder.mark_done("probe", cfg, seconds=table.seconds, mode=table.mode)
     folder.remove(PROBE_STATE)
