@@ -248,7 +248,7 @@ def prune_experiment(
                 amp=amp, progress=progress, run=run,
                 extra={"variant": name, "finetune_epochs": epochs},
             )  # fmt: skip
-            acc = table.meta["accuracy"].get("clean", next(iter(table.meta["accuracy"].values())))
+            acc = table.accuracy.get("clean", next(iter(table.accuracy.values())))
             last = table.where(view=table[0]["view"])[-1]
             kind = "random" if name.startswith("random") else name
             summary.append({

@@ -57,9 +57,9 @@ def analyze_run(cfg: Config, model: nn.Module | None = None, progress: bool = Tr
     summary = {
         "config": cfg.to_dict(),
         "blocks": [b.name for b in blocks],
-        "accuracy": {s: tables[s].meta["accuracy"] for s in splits},
-        "samples": {s: tables[s].meta["samples"] for s in splits},
-        "seconds": {s: tables[s].meta["seconds"] for s in splits},
+        "accuracy": {s: tables[s].accuracy for s in splits},
+        "samples": {s: tables[s].samples for s in splits},
+        "seconds": {s: tables[s].seconds for s in splits},
         "device": str(device),
     }
     folder.update_json(SUMMARY, **summary)

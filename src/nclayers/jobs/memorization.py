@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nclayers.analysis import analyze
+from nclayers.analysis import AnalysisResult, analyze
 from nclayers.data import (
     CHANGED_CLEAN,
     CHANGED_NOISY,
@@ -95,7 +95,7 @@ def memorization_run(
     model = model.to(device)
     blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
 
-    def measure(data, extra: dict | None = None) -> Table:
+    def measure(data, extra: dict | None = None) -> AnalysisResult:
         batches = DeviceBatches(data, cfg.analyze.batch_size, device)
         return analyze(
             model, batches, ds.num_classes, blocks, split="train", amp=cfg.train.amp,
@@ -115,8 +115,8 @@ def memorization_run(
             corruption=ds.meta["corruption"],
             severity=ds.meta["corruption_severity"],
             train_acc={
-                CLEAN_INPUT: passes[0].meta["accuracy"]["clean"],
-                CORRUPTED_INPUT: passes[1].meta["accuracy"]["clean"],
+                CLEAN_INPUT: passes[0].accuracy["clean"],
+                CORRUPTED_INPUT: passes[1].accuracy["clean"],
             },
         )
     else:
@@ -131,7 +131,7 @@ def memorization_run(
         ds = full if complete else ds
         rows = measure(ds)
         ratios = memorization_ratio(rows)
-        acc = rows.meta["accuracy"]
+        acc = rows.accuracy
         changed = ds.meta["noise_changed"]
         if complete:  # the accuracy of a view counts only its samples (label != -1)
             memorized = acc[CHANGED_NOISY]
