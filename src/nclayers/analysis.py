@@ -43,7 +43,15 @@ from nclayers.models.blocks import find_blocks
 from nclayers.runtime import autocast
 from nclayers.runtime import progress as progress_bar
 from nclayers.table import Table
-from nclayers.taps import Block, Taps, batch_rows, missing_blocks_error, run_model, to_device
+from nclayers.taps import (
+    Block,
+    Taps,
+    batch_rows,
+    missing_blocks_error,
+    output_logits,
+    run_model,
+    to_device,
+)
 
 # Keys of a mapping batch that hold labels, not model inputs.
 _LABEL_KEYS = ("label", "labels", "y")
@@ -98,14 +106,6 @@ def _split_batch(batch, default_view: str) -> tuple[Any, dict[str, torch.Tensor]
         )
     views = dict(y) if isinstance(y, Mapping) else {default_view: y}
     return x, views
-
-
-def _logits(output) -> torch.Tensor:
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    if hasattr(output, "logits"):  # e.g. Hugging Face model outputs
-        output = output.logits
-    return output
 
 
 def _resolve_blocks(model: nn.Module, blocks) -> list[Block]:
@@ -230,7 +230,7 @@ def _run(model: nn.Module, loader: Iterable, acc: _Pass, amp: bool, progress: bo
                 acc.labels(ys)
                 x = to_device(x, acc.device)
                 with autocast(acc.device, amp):
-                    logits = _logits(run_model(model, x, taps))
+                    logits = output_logits(run_model(model, x, taps))
                 acc.outputs(logits, batch_rows(x))
     finally:
         model.train(was_training)

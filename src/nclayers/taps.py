@@ -195,6 +195,16 @@ def run_model(model: nn.Module, inputs, taps: Taps | None = None):
     return model(inputs)
 
 
+def output_logits(output) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, a tuple's first entry, or the
+    `.logits` of a model-output object (Hugging Face)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if hasattr(output, "logits"):
+        output = output.logits
+    return output
+
+
 def to_device(inputs, device: torch.device):
     """A batch's inputs (a tensor or a mapping of tensors) on `device`, copied without
     waiting where the copy allows it."""
