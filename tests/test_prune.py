@@ -18,13 +18,13 @@ from nclayers.prune import (
     baseline_sets,
     check_prunable,
     finetune,
-    plot_prune,
     prunable_layers,
     prune_experiment,
     prune_model,
     prune_summary,
     resolve_blocks,
 )
+from nclayers.report.prune_figures import plot_prune
 from nclayers.table import Table
 
 pytestmark = pytest.mark.usefixtures("one_thread")

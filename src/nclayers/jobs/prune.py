@@ -21,12 +21,12 @@ from nclayers.jobs.folder import LAYERS, PRUNE, RunFolder
 from nclayers.models import find_blocks
 from nclayers.prune import (
     check_prunable,
-    plot_prune,
     prunable_layers,
     prune_experiment,
     prune_summary,
     resolve_blocks,
 )
+from nclayers.report.prune_figures import plot_prune
 from nclayers.runtime import resolve_device
 from nclayers.table import Table
 from nclayers.train import train_labels_view
