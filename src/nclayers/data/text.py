@@ -280,8 +280,10 @@ def vocab_size_of(tokenizer) -> int:
     return len(tokenizer)
 
 
-def _class_labels(values: list, classes: Sequence[str] | None, column: str) -> tuple:
-    """(labels tensor, class names) of a label column's values."""
+def class_labels(values: list, classes: Sequence[str] | None, column: str) -> tuple:
+    """(labels tensor, class names) of a label column's values: integers are class
+    indices (classes "0".."K-1" unless named), names are numbered by `classes` (given)
+    or in sorted order."""
     if all(isinstance(v, (int, bool)) for v in values):
         y = torch.as_tensor(values, dtype=torch.int64)
         if classes is None:
@@ -329,7 +331,7 @@ def from_texts(
     flat = np.fromiter(itertools.chain.from_iterable(ids[i] for i in keep), dtype=np.int64)
     views = {}
     if labels is not None:
-        y, classes = _class_labels(list(labels), classes, label_column)
+        y, classes = class_labels(list(labels), classes, label_column)
         views = {"clean": y[torch.as_tensor(keep, dtype=torch.int64)]}
     return TextData(
         torch.from_numpy(flat), _offsets([len(ids[i]) for i in keep]), views,
@@ -601,6 +603,7 @@ __all__ = [
     "NextTokenClasses",
     "TextBatches",
     "TextData",
+    "class_labels",
     "count_next_tokens",
     "encode",
     "from_texts",
