@@ -177,3 +177,31 @@ def test_one_mapping_per_batch_and_reference(bert):
         assert ra["ncc_acc"] == rb["ncc_acc"] and ra["ncc_acc"] is not None
     with pytest.raises(ValueError, match="holds no class statistics"):
         analyze(bert, pairs, 3, reference=Table(list(a)), progress=False)
+
+
+def test_text_batches_and_analysis_never_read_the_device():
+    """Between two batches nothing of ours calls aten._local_scalar_dense: not the
+    batches (padding, next-token labels), not the masked pools, not the statistics.
+    (transformers models read their attention mask once per batch while building their
+    attention mask, e.g. to skip it when nothing is padded: those reads are the model's,
+    the same in plain inference.)"""
+    from hf_tiny import TEXT, word_tokenizer
+    from nclayers.data.text import NextTokenClasses, TextBatches, count_next_tokens, from_texts
+    from test_opcount import SYNC, count
+
+    sentences = [s.strip() + " ." for s in TEXT.split(" . ") if s.strip(" .")] * 3
+    data = from_texts(sentences, word_tokenizer(), [i % 3 for i in range(len(sentences))])
+    classes = NextTokenClasses.from_counts(count_next_tokens(data), 4)
+    lm = tiny_model("llama", "causal_lm", layers=2, vocab=data.vocab_size)
+    cls = tiny_model("bert", "sequence", layers=2, vocab=data.vocab_size)
+    cases = [
+        (lm, TextBatches(data, 4, next_token=classes, padding_side="left"), 4, "token"),
+        (cls, TextBatches(data, 4), 3, "mean"),
+        (cls, TextBatches(data, 4, padding_side="left"), 3, "last"),
+    ]
+    for model, batches, k, pool in cases:
+        blocks = find_blocks(model, pool=pool)
+        ops = count(lambda b, m=model, k=k, bl=blocks: analyze(m, b, k, bl, progress=False),
+                    batches)  # fmt: skip
+        plain = count(lambda b, m=model: [m(**x) for x, _ in b], batches)
+        assert ops[SYNC] == plain[SYNC], pool
