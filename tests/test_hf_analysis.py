@@ -205,3 +205,18 @@ def test_text_batches_and_analysis_never_read_the_device():
                     batches)  # fmt: skip
         plain = count(lambda b, m=model: [m(**x) for x, _ in b], batches)
         assert ops[SYNC] == plain[SYNC], pool
+
+
+def test_outputs_that_are_not_the_labels_classes_give_no_accuracy(bert):
+    """A sequence classifier measured per token: its N x K logits cannot be read as
+    N x T labels; the statistics are measured, the model's accuracy is NaN."""
+    import math
+
+    seqs = random_sequences(12, seed=5)
+    data = []
+    for i in (0, 6):
+        ids, mask = padded(seqs[i : i + 6])
+        labels = torch.where(mask.bool(), torch.arange(ids.shape[1]) % 3, -1)
+        data.append(({"input_ids": ids, "attention_mask": mask}, labels))
+    table = analyze(bert, data, 3, find_blocks(bert, pool="token"), progress=False)
+    assert table[0]["n"] == sum(map(len, seqs)) and math.isnan(table.accuracy["clean"])

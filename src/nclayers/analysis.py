@@ -194,16 +194,21 @@ class _Pass:
         self.plan = self.space.plan([y.reshape(-1) if y.ndim == 2 else y for y in labels])
 
     def outputs(self, logits: torch.Tensor, rows: int) -> None:
-        """Count the model's hits: its top class against every view's labels."""
+        """Count the model's hits: its top class against every view's labels. N x T x V
+        logits give a class per position (through `token_classes`: vocabulary id ->
+        class); outputs of another shape than the labels count nothing."""
         self.seen += rows
-        if logits.ndim == 3:  # N x T x V next-token logits: a class per position
+        tokens = logits.ndim == 3
+        if tokens:
             logits = logits.reshape(-1, logits.shape[-1])
             if self.token_classes is None and logits.shape[-1] != self.num_classes:
                 self.readable = False
+        if logits.ndim != 2 or logits.shape[0] != self.plan.batch:
+            self.readable = False
         if not self.readable:
             return
         pred = logits.argmax(dim=1)
-        if self.token_classes is not None:
+        if tokens and self.token_classes is not None:
             pred = self._classes(logits.shape[-1])[pred]
         h = (self.plan.labels == pred).sum(1)
         self.hits = h if self.hits is None else self.hits.add_(h)
