@@ -136,6 +136,12 @@ def test_next_token_batches():
         assert torch.equal(y, classes.labels(inputs["input_ids"], inputs["attention_mask"]))
     lm = TextBatches(data, 4)
     assert all(y is None for _, y in lm)
+    from hf_tiny import tiny_model
+    from nclayers.analysis import analyze
+
+    model = tiny_model("gpt2", "causal_lm", layers=2, vocab=data.vocab_size)
+    with pytest.raises(ValueError, match="needs next-token labels"):
+        analyze(model, lm, 3, progress=False)
 
 
 def write_splits(folder, fmt: str):

@@ -101,8 +101,9 @@ def _split_batch(batch, default_view: str) -> tuple[Any, dict[str, torch.Tensor]
         x, y = batch[0], batch[1]
     if y is None:
         raise NCLayersError(
-            f"loader: a batch holds no labels (keys {sorted(batch)}); yield (inputs, labels) "
-            f"or a mapping with one of the keys {list(_LABEL_KEYS)}"
+            "loader: a batch holds no labels; yield (inputs, labels) or a mapping with one of "
+            f"the keys {list(_LABEL_KEYS)} (language-model text needs next-token labels: "
+            "TextBatches(..., next_token=NextTokenClasses...))"
         )
     views = dict(y) if isinstance(y, Mapping) else {default_view: y}
     return x, views
@@ -224,7 +225,7 @@ class _Pass:
 
 def _run(model: nn.Module, loader: Iterable, acc: _Pass, amp: bool, progress: bool, split: str):
     """The pass itself: every batch through the model with the taps on."""
-    default_view = getattr(loader, "views", ["clean"])[0]
+    default_view = (getattr(loader, "views", None) or ["clean"])[0]
     was_training = model.training
     model.eval()
     bar = progress_bar(loader, progress, f"analyze {split}")
