@@ -72,7 +72,6 @@ def _transformers():
             "model.name=hf:...: the Hugging Face extra is not installed; "
             'pip install -e ".[hf]" (transformers, datasets, tokenizers)'
         ) from None
-    transformers.logging.set_verbosity_error()  # no "weights newly initialised" chatter
     return transformers
 
 
