@@ -56,7 +56,7 @@ def test_analyze_matches_collected_features(model):
             assert r["ncc_acc"] is None
     logits = torch.cat([model(x) for x, _ in data]).argmax(1)
     clean = torch.cat([y["clean"] for _, y in data])
-    assert table.meta["accuracy"]["clean"] == pytest.approx((logits == clean).float().mean().item())
+    assert table.accuracy["clean"] == pytest.approx((logits == clean).float().mean().item())
 
 
 def test_ncc_from_reference(model):
@@ -128,7 +128,7 @@ def test_minus_one_view_equals_the_kept_samples_alone(model):
         for key in ("nc1", "nc2", "cdnv_mean"):
             assert r[key] == pytest.approx(a[key], rel=1e-9)
         assert r["ncc_acc"] == a["ncc_acc"]
-    assert both.meta["accuracy"]["part"] == alone.meta["accuracy"]["part"]
+    assert both.accuracy["part"] == alone.accuracy["part"]
     assert {r["n"] for r in both.where(view="clean")} == {120}
 
 

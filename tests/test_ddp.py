@@ -114,7 +114,7 @@ def worker(rank: int, tmp: Path, ports: tuple[int, int]) -> None:
             reference=DeviceBatches(rank_part(train_ds, rank), 200), amp=False, progress=False,
         )  # fmt: skip
         table.to_csv(tmp / f"analyze{rank}.csv")
-        (tmp / f"accuracy{rank}.json").write_text(json.dumps(table.meta["accuracy"]))
+        (tmp / f"accuracy{rank}.json").write_text(json.dumps(table.accuracy))
     finally:
         dist.destroy_process_group()
 
@@ -162,7 +162,7 @@ def test_analyze_under_two_ranks_equals_one(spawned):
             assert b["nc2"] == pytest.approx(a["nc2"], rel=1e-5, abs=1e-7)
             assert b["ncc_acc"] == pytest.approx(a["ncc_acc"], abs=1.5 / len(test_ds))
         accuracy = json.loads((spawned / f"accuracy{rank}.json").read_text())
-        assert accuracy["clean"] == pytest.approx(one.meta["accuracy"]["clean"], abs=1.5 / 450)
+        assert accuracy["clean"] == pytest.approx(one.accuracy["clean"], abs=1.5 / 450)
 
 
 def test_ddp_training_keeps_ranks_identical_and_writes_once(spawned):

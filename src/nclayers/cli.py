@@ -74,9 +74,11 @@ def cmd_analyze(args) -> None:
     from nclayers.jobs import analyze_job
 
     cfg, folder = _resolve(args, "analyze")
-    table = analyze_job(cfg, folder, progress=not args.quiet)
+    result = analyze_job(cfg, folder, progress=not args.quiet)
     if _main_rank():
-        print(table.format(["split", "view", "layer", "block", "dim", "nc1", "nc2", "ncc_acc"]))
+        print(
+            result.table.format(["split", "view", "layer", "block", "dim", "nc1", "nc2", "ncc_acc"])
+        )
         print(f"wrote {folder.file('layers.csv')} and summary.json")
 
 

@@ -9,11 +9,14 @@ block). Library functions take models and tensors and know no folders:
 
 - `io_shapes`, `prunable_layers`, `check_prunable`: which blocks keep their shape;
 - `resolve_blocks("3,layer3.1", blocks)`: 1-based block indices from indices or names;
-- `prune_model(model, names)`: a deep copy with those blocks replaced by the identity;
+- `prune_model(model, names)`: a deep copy with those blocks replaced by a `PassThrough`
+  (the identity, returning the hidden state in the structure the removed layer returned:
+  a tensor, or a tuple for transformers layers that return one);
 - `baseline_sets`: the same number of blocks chosen last, and at random (several seeds);
 - `finetune`: a short fine-tune with nclayers.train's epoch loop;
-- `prune_experiment`: accuracy and per-block NC of every variant, before and after the
-  fine-tune; `prune_summary` says it in a few lines, `plot_prune` draws it.
+- `prune_experiment`: accuracy (and a causal LM's perplexity) and per-block NC of every
+  variant, before and after the fine-tune; `prune_summary` says it in a few lines,
+  `nclayers.report.prune_figures.plot_prune` draws it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import copy
 import dataclasses
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,7 +34,7 @@ from nclayers.analysis import analyze
 from nclayers.errors import NCLayersError
 from nclayers.runtime import seeded
 from nclayers.table import Table
-from nclayers.taps import Block, trace_blocks
+from nclayers.taps import Block, head, trace_blocks
 
 NONE = "none"  # the unpruned model, the reference of every comparison
 
@@ -138,16 +141,83 @@ def baseline_sets(candidates: Sequence[int], k: int, seeds: Sequence[int]) -> di
 
 
 # ----------------------------------------------------------------------------- pruning
-def prune_model(model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """A deep copy of `model` with the named modules replaced by `nn.Identity()`; every
-    other module, parameter and buffer is kept as it is."""
-    pruned = copy.deepcopy(model)
-    modules = dict(pruned.named_modules())
+class PassThrough(nn.Identity):
+    """A removed layer: returns its input hidden state in the structure the original layer
+    returned, so the parent's loop goes on unchanged: the tensor itself (`extras=None`, as
+    `nn.Identity` does), or a tuple (hidden, None, ...) of the original's length (e.g.
+    DeBERTa-v2's (hidden, attention) and older transformers layers). The input is the
+    first positional argument, else the `hidden_states` keyword. Plain attributes of the
+    original (e.g. `attention_type`, `layer_idx`, which some models read off their
+    layers) are kept."""
+
+    def __init__(self, extras: int | None = None, **attributes) -> None:
+        super().__init__()
+        self.extras = extras
+        for key, value in attributes.items():
+            setattr(self, key, value)
+
+    @classmethod
+    def like(cls, module: nn.Module, extras: int | None = None) -> PassThrough:
+        plain = (str, int, float, bool, type(None))
+        attributes = {
+            k: v for k, v in vars(module).items()
+            if not k.startswith("_") and k not in ("training", "extras") and isinstance(v, plain)
+        }  # fmt: skip
+        return cls(extras, **attributes)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is None:
+            raise NCLayersError("PassThrough: called without an input hidden state")
+        if self.extras is None:
+            return hidden
+        return (hidden, *([None] * self.extras))
+
+    def extra_repr(self) -> str:
+        return "tensor" if self.extras is None else f"tuple of {1 + self.extras}"
+
+
+def output_structures(model: nn.Module, names: Sequence[str], sample=None) -> dict[str, int | None]:
+    """Per module name: None where its output is a tensor, k where it is a tuple of k+1
+    entries, from one traced forward of `sample` (for a transformers model without a
+    sample: `models.hf.example_inputs`); without any sample every output counts as a
+    tensor (the identity of an image model's block)."""
+    from nclayers.models.hf import example_inputs, is_hf_model
+
+    if sample is None and is_hf_model(model):
+        sample = example_inputs(model, batch=1, length=4)
+    if sample is None or not names:
+        return dict.fromkeys(names)
+    modules = dict(model.named_modules())
+    blocks = [Block(n, modules[n]) for n in names]
+
+    def record(_block, _inputs, out):
+        if isinstance(out, torch.Tensor):
+            return None
+        if isinstance(out, tuple):
+            return len(out) - 1
+        raise NCLayersError(
+            f"blocks: {_block.name} returns a {type(out).__name__}; a removed layer can stand "
+            "in for layers that return a tensor or a tuple"
+        )
+
+    return dict(zip(names, trace_blocks(model, blocks, sample, record), strict=True))
+
+
+def prune_model(model: nn.Module, names: Sequence[str], sample=None) -> nn.Module:
+    """A deep copy of `model` with the named modules replaced by a `PassThrough` (an
+    `nn.Identity` that returns what the removed module's caller expects, see
+    `output_structures`); every other module, parameter and buffer is kept as it is."""
+    modules = dict(model.named_modules())
     for name in names:
         if not name or name not in modules:
             raise NCLayersError(f"names: {name!r} is not a module of {type(model).__name__}")
+    structures = output_structures(model, list(names), sample)
+    pruned = copy.deepcopy(model)
+    for name in names:
         parent_name, _, child = name.rpartition(".")
-        setattr(pruned.get_submodule(parent_name), child, nn.Identity())
+        stand_in = PassThrough.like(modules[name], structures[name])
+        setattr(pruned.get_submodule(parent_name), child, stand_in)
     return pruned
 
 
@@ -191,6 +261,62 @@ def finetune(
 
 
 # ----------------------------------------------------------------------------- experiment
+@dataclasses.dataclass
+class _Setup:
+    """What every variant of one experiment shares."""
+
+    blocks: list[Block]
+    test_batches: object
+    num_classes: int
+    train_batches: object
+    train_cfg: object
+    finetune_lr: float
+    reference: object
+    amp: bool
+    run: str
+    progress: bool
+    perplexity: bool
+    params: int
+
+
+def _measure_variant(
+    setup: _Setup, pruned: nn.Module, name: str, layers: list[int], epochs: int
+) -> tuple[dict, Table]:
+    """Fine-tune a pruned copy for `epochs` (0: not at all) and measure it: its summary
+    row and the per-block rows of `analyze`."""
+    losses = None
+    if epochs:
+        with seeded(0):  # every variant sees the same fine-tune randomness
+            losses = finetune(
+                pruned, setup.train_batches, epochs, setup.train_cfg, setup.finetune_lr,
+                setup.progress,
+            )  # fmt: skip
+    table = analyze(
+        pruned, setup.test_batches, setup.num_classes, rebind(setup.blocks, pruned),
+        reference=setup.reference, amp=setup.amp, progress=setup.progress, run=setup.run,
+        extra={"variant": name, "finetune_epochs": epochs},
+    )  # fmt: skip
+    acc = table.accuracy.get("clean", next(iter(table.accuracy.values())))
+    last = table.where(view=table[0]["view"])[-1]
+    is_random = name.startswith("random") and name[6:].isdigit()  # a random baseline
+    blocks = setup.blocks
+    row = {
+        "run": setup.run, "variant": name, "kind": "random" if is_random else name,
+        "seed": int(name[6:]) if is_random else None,
+        "finetune_epochs": epochs, "n_removed": len(layers),
+        "layers": " ".join(map(str, layers)),
+        "blocks": " ".join(blocks[l - 1].name for l in layers),
+        "params_removed": setup.params - sum(p.numel() for p in pruned.parameters()),
+        "test_acc": acc, "nc1_last": last["nc1"], "nc2_last": last["nc2"],
+        "finetune_loss": losses[-1] if epochs else None,
+    }  # fmt: skip
+    if setup.perplexity:
+        from nclayers.lm import perplexity
+
+        row["perplexity"] = perplexity(pruned, setup.test_batches, setup.amp)["perplexity"]
+    return row, table
+
+
 def prune_experiment(
     model: nn.Module,
     blocks: Sequence[Block],
@@ -201,6 +327,7 @@ def prune_experiment(
     label: str = "chosen",
     seeds: Sequence[int] = (0, 1, 2),
     baselines: Sequence[str] = ("last", "random"),
+    criteria: Mapping[str, Sequence[int]] | None = None,
     train_batches=None,
     train_cfg=None,
     finetune_epochs: int = 0,
@@ -209,9 +336,13 @@ def prune_experiment(
     amp: bool = False,
     run: str = "",
     progress: bool = False,
+    perplexity: bool = False,
 ) -> tuple[Table, Table]:
-    """Remove `chosen` blocks (1-based) and the baselines' blocks, each from a fresh copy
-    of `model`; measure test accuracy and per-block NC with `analyze`, before and (when
+    """Remove `chosen` blocks (1-based), the blocks of each of `criteria` (name -> blocks,
+    e.g. {"block_influence": [...], "angular": [...]} from `layer_scores.choose_layers`)
+    and the baselines' blocks, each from a fresh copy of `model`; measure test accuracy
+    (for next-token batches: the model's next-token accuracy), per-block NC with
+    `analyze` and, with `perplexity`, a causal LM's perplexity, before and (when
     `finetune_epochs` > 0) after a fine-tune of every variant, the unpruned one included.
 
     Returns (summary, layers): one summary row per (variant, fine-tune) with the removed
@@ -220,48 +351,37 @@ def prune_experiment(
     accuracy (None: no NCC).
     """
     chosen = sorted(set(chosen))
-    sample = next(iter(test_batches))[0][:2]
-    check_prunable(model, blocks, chosen, sample)
+    criteria = {k: sorted(set(v)) for k, v in (criteria or {}).items()}
+    sample = head(next(iter(test_batches))[0], 2)
+    for layers in (chosen, *criteria.values()):
+        check_prunable(model, blocks, layers, sample)
     candidates = prunable_layers(model, blocks, sample)
     if finetune_epochs and (train_batches is None or train_cfg is None):
         raise NCLayersError("finetune_epochs > 0 needs train_batches and train_cfg")
+    if finetune_epochs and isinstance(sample, Mapping):
+        raise NCLayersError(
+            f"prune.finetune_epochs={finetune_epochs}: fine-tuning a model on tokenised "
+            "batches is not supported yet; use 0"
+        )
     unknown = set(baselines) - {"last", "random"}
     if unknown:
         raise NCLayersError(f"baselines: {sorted(unknown)} unknown; choose from ['last', 'random']")
     sets = baseline_sets(candidates, len(chosen), seeds if "random" in baselines else ())
     if "last" not in baselines:
         del sets["last"]
-    variants = {NONE: [], label: chosen, **sets}
-    params = sum(p.numel() for p in model.parameters())
+    variants = {NONE: [], label: chosen, **criteria, **sets}
+    setup = _Setup(
+        list(blocks), test_batches, num_classes, train_batches, train_cfg, finetune_lr,
+        reference, amp, run, progress, perplexity, sum(p.numel() for p in model.parameters()),
+    )  # fmt: skip
     summary, layer_rows = [], []
-    rounds = [0] + ([finetune_epochs] if finetune_epochs else [])
     for name, layers in variants.items():
         if name != NONE and not layers and name != label:
             continue  # a baseline of nothing repeats the unpruned model
-        pruned = prune_model(model, [blocks[l - 1].name for l in layers])
-        for epochs in rounds:
-            if epochs:
-                with seeded(0):  # every variant sees the same fine-tune randomness
-                    losses = finetune(pruned, train_batches, epochs, train_cfg, finetune_lr,
-                                      progress)  # fmt: skip
-            table = analyze(
-                pruned, test_batches, num_classes, rebind(blocks, pruned), reference=reference,
-                amp=amp, progress=progress, run=run,
-                extra={"variant": name, "finetune_epochs": epochs},
-            )  # fmt: skip
-            acc = table.meta["accuracy"].get("clean", next(iter(table.meta["accuracy"].values())))
-            last = table.where(view=table[0]["view"])[-1]
-            kind = "random" if name.startswith("random") else name
-            summary.append({
-                "run": run, "variant": name, "kind": kind,
-                "seed": int(name[6:]) if kind == "random" else None,
-                "finetune_epochs": epochs, "n_removed": len(layers),
-                "layers": " ".join(map(str, layers)),
-                "blocks": " ".join(blocks[l - 1].name for l in layers),
-                "params_removed": params - sum(p.numel() for p in pruned.parameters()),
-                "test_acc": acc, "nc1_last": last["nc1"], "nc2_last": last["nc2"],
-                "finetune_loss": losses[-1] if epochs else None,
-            })  # fmt: skip
+        pruned = prune_model(model, [blocks[l - 1].name for l in layers], sample)
+        for epochs in [0] + ([finetune_epochs] if finetune_epochs else []):
+            row, table = _measure_variant(setup, pruned, name, layers, epochs)
+            summary.append(row)
             layer_rows.extend(table)
     base = {r["finetune_epochs"]: r for r in summary if r["variant"] == NONE}
     for r in summary:
@@ -289,7 +409,7 @@ def prune_summary(table: Sequence[dict]) -> str:
         which = "unpruned" if epochs == 0 else "unpruned, fine-tuned alike"
         ref = f"{which} {none[0]['test_acc']:.4f}" if none else f"{which}: not measured"
         parts = []
-        for kind in removal_kinds(rows):
+        for kind in variant_kinds(rows):
             group = [r for r in rows if r["kind"] == kind]
             k = group[0]["n_removed"]
             changes = [_change(r, none) for r in group]
@@ -313,7 +433,8 @@ def _change(row: dict, none: Sequence[dict]) -> float:
     return row["acc_change"]
 
 
-def removal_kinds(rows: Sequence[dict]) -> list[str]:
+def variant_kinds(rows: Sequence[dict]) -> list[str]:
+    """The kinds of removal in summary rows, in their order, without the unpruned one."""
     seen: dict[str, None] = {}
     for r in rows:
         if r["kind"] != NONE:

@@ -52,11 +52,10 @@ class Table(list):
     """
 
     def __init__(
-        self, rows: Iterable[Mapping] = (), schema: Mapping[str, type] | None = None, **meta: Any
+        self, rows: Iterable[Mapping] = (), schema: Mapping[str, type] | None = None
     ) -> None:
         super().__init__(dict(r) for r in rows)
         self.schema: dict[str, type] = {**COLUMNS, **(schema or {})}
-        self.meta: dict[str, Any] = meta  # transitional: results become typed classes
 
     @property
     def columns(self) -> list[str]:
@@ -76,7 +75,7 @@ class Table(list):
 
     def _like(self, rows: Iterable[Mapping]) -> Table:
         """A table of `rows` with this table's class and schema."""
-        return Table(rows, self.schema, **self.meta)
+        return Table(rows, self.schema)
 
     # ----------------------------------------------------------------- CSV
     def to_csv_text(self, columns: list[str] | None = None) -> str:

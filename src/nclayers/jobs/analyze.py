@@ -11,12 +11,13 @@ measured. A run without trained weights is refused (see `RunFolder.weights`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from nclayers.analysis import analyze
+from nclayers.analysis import AnalysisResult, analyze
 from nclayers.config import Config
 from nclayers.data import load_dataset, make_batches
 from nclayers.jobs.common import load_model, run_folder
@@ -27,13 +28,23 @@ from nclayers.table import Table
 from nclayers.train import is_convnet
 
 
+@dataclass
+class AnalyzeResult:
+    """What `analyze_job` returns: the rows it wrote into layers.csv, each split's
+    `AnalysisResult` (statistics, accuracies), and its summary.json entry."""
+
+    table: Table
+    splits: dict[str, AnalysisResult]
+    summary: dict
+
+
 def analyze_job(
     cfg: Config,
     folder: RunFolder | str | Path,
     *,
     progress: bool = True,
     model: nn.Module | None = None,
-) -> Table:
+) -> AnalyzeResult:
     """Measure `cfg.analyze.split` (and the reference split) with the run's model (or
     `model`, already holding the run's weights) and write the results into `folder`."""
     folder = run_folder(folder)
@@ -51,7 +62,7 @@ def analyze_job(
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
 
-        tables: dict[str, Table] = {}
+        tables: dict[str, AnalysisResult] = {}
         t0 = time.perf_counter()
         for s in splits:
             batches = make_batches(data[s], ac.batch_size, device, channels_last=channels_last)
@@ -70,9 +81,9 @@ def analyze_job(
             "settings": stage_settings("analyze", cfg),
             "weights": weights,
             "blocks": [b.name for b in blocks],
-            "accuracy": {s: tables[s].meta["accuracy"] for s in splits},
-            "samples": {s: tables[s].meta["samples"] for s in splits},
-            "seconds": {s: tables[s].meta["seconds"] for s in splits},
+            "accuracy": {s: tables[s].accuracy for s in splits},
+            "samples": {s: tables[s].samples for s in splits},
+            "seconds": {s: tables[s].seconds for s in splits},
             "device": str(device),
         }
         summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
@@ -81,8 +92,7 @@ def analyze_job(
         folder.adopt(cfg)  # the run's config.yaml, once the stage succeeded
         folder.mark_done("analyze", cfg, seconds=time.perf_counter() - t0)
     barrier()  # the other ranks return once rank 0 has written
-    table.meta.update(entry)
-    return table
+    return AnalyzeResult(table, tables, entry)
 
 
-__all__ = ["analyze_job"]
+__all__ = ["AnalyzeResult", "analyze_job"]

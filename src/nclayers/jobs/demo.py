@@ -79,12 +79,13 @@ def run_demo(
         sub = RunFolder(out / run)
         trained = train_job(cfg, sub, progress=progress, force=True)
         log.info("[%s] measuring every block", run)
-        table = analyze_job(cfg, sub, model=trained.model, progress=progress)
+        measured = analyze_job(cfg, sub, model=trained.model, progress=progress)
         log.info("[%s] linear probes on every block", run)
         probe_job(cfg, sub, model=trained.model, progress=progress)
         tables.append(sub.layers())  # the analysis rows, with probe_acc
-        accuracy[run] = {"train_" + v: a for v, a in table.meta["accuracy"]["train"].items()} | {
-            "test": table.meta["accuracy"]["test"]["clean"]
+        acc = measured.summary["accuracy"]
+        accuracy[run] = {"train_" + v: a for v, a in acc["train"].items()} | {
+            "test": acc["test"]["clean"]
         }
     layers = Table(r for t in tables for r in t)
     ratios = memorization_ratio(layers, split="train")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nclayers.analysis import analyze
+from nclayers.analysis import AnalysisResult, analyze
 from nclayers.config import Config
 from nclayers.data import (
     CHANGED_CLEAN,
@@ -94,7 +94,7 @@ def memorization_job(
         model = (model or load_model(cfg, folder, ds.num_classes)).to(device)
         blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
 
-        def measure(data, extra: dict | None = None) -> Table:
+        def measure(data, extra: dict | None = None) -> AnalysisResult:
             batches = make_batches(data, cfg.analyze.batch_size, device)
             return analyze(
                 model, batches, ds.num_classes, blocks, split="train", amp=cfg.analyze.amp,
@@ -130,8 +130,8 @@ def _corrupted(measure, ds, clean_ds) -> tuple[Table, Table, dict]:
         "corruption": ds.meta["corruption"],
         "severity": ds.meta["corruption_severity"],
         "train_acc": {
-            CLEAN_INPUT: passes[0].meta["accuracy"]["clean"],
-            CORRUPTED_INPUT: passes[1].meta["accuracy"]["clean"],
+            CLEAN_INPUT: passes[0].accuracy["clean"],
+            CORRUPTED_INPUT: passes[1].accuracy["clean"],
         },
     }
     return rows, corruption_ratio(rows), info
@@ -147,7 +147,7 @@ def _label_noise(measure, ds, model, cfg) -> tuple[Table, Table, dict]:
     )
     ds = full if complete else ds
     rows = measure(ds)
-    acc = rows.meta["accuracy"]
+    acc = rows.accuracy
     if complete:  # the accuracy of a view counts only its samples (label != -1)
         memorized = acc[CHANGED_NOISY]
     else:

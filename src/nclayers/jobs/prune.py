@@ -118,7 +118,7 @@ def plateau_blocks(cfg: Config, folder: RunFolder, notes: list[str], progress: b
         from nclayers.jobs.analyze import analyze_job
 
         notes.append(f"no layers.csv in {folder.path}: analysed the run first")
-        table = analyze_job(cfg, folder, progress=progress)
+        table = analyze_job(cfg, folder, progress=progress).table
     ec = cfg.equality
     reports = analyze_equality(
         table, split=ec.split, view=ec.view, fraction=ec.plateau_fraction,

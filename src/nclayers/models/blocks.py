@@ -1,7 +1,8 @@
 """Which modules are a model's "blocks": the units whose outputs nclayers measures.
 
 `find_blocks(model, "auto")` returns, in forward order, the repeated residual or
-transformer blocks of torchvision and timm models (known block classes first, then a
+transformer blocks of torchvision and timm models, and the encoder/decoder layers of
+Hugging Face transformers (`nclayers.models.hf.layer_names`) (known block classes first, then a
 generic rule: the outermost modules of the most frequent class that is repeated inside
 Sequential/ModuleList containers; failing that, the conv-(BN-)activation units of a plain
 conv net such as torchvision's VGG, tapped at their activation). A list of module names or
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from nclayers.errors import NCLayersError
+from nclayers.models import hf
 from nclayers.taps import Block
 
 # Block classes by name, with the layout of their outputs.
@@ -64,6 +66,8 @@ _TOKEN_ATTRS = ("num_prefix_tokens", "cls_token", "class_token", "pos_embed")
 
 
 def _pool_for(model: nn.Module, module: nn.Module) -> tuple[str, int]:
+    if hf.is_hf_model(model):
+        return hf.default_pool(model)
     pool = _KNOWN_BLOCKS.get(type(module).__name__, "nchw")
     prefix = 0
     if pool == "tokens" and type(module).__name__ == "Block":
@@ -105,6 +109,10 @@ def _outermost(names: list[str]) -> list[str]:
 
 
 def _auto_names(model: nn.Module) -> list[str]:
+    if hf.is_hf_model(model):  # transformers: the encoder/decoder layers
+        names = hf.layer_names(model)
+        if names:
+            return names
     known = [n for n, m in model.named_modules() if n and type(m).__name__ in _KNOWN_BLOCKS]
     known = _outermost(known)
     if len(known) >= 2:
@@ -146,9 +154,11 @@ def find_blocks(
     """Return the model's blocks in forward order.
 
     spec: "auto", or module names / glob patterns (a comma-separated string or a list).
-    pool: force one pooling for every block ("nchw", "nhwc", "tokens", "cls", "flat");
-    by default each block's class decides, and a ViT's blocks are pooled as its head pools
-    (the class token under timm's global_pool="token", else the token mean).
+    pool: force one pooling for every block ("nchw", "nhwc", "tokens", "mean", "cls",
+    "last", "token", "flat"; see `nclayers.taps.Block`); by default each block's class
+    decides: a ViT's blocks are pooled as its head pools (the class token under timm's
+    global_pool="token", else the token mean), a transformers text model pools "mean"
+    (its real tokens).
     """
     modules = dict(model.named_modules())
     # A registry model may carry its own block list (e.g. VGG's conv units).

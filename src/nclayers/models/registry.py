@@ -72,7 +72,12 @@ def load_entry_point(spec: str, **kwargs) -> nn.Module:
 
 
 def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:
-    """Build a registered model, or an entry point 'package.module:function'."""
+    """Build a registered model, a Hugging Face model 'hf:PATH_OR_ID' (see
+    `nclayers.models.hf`), or an entry point 'package.module:function'."""
+    if name.startswith("hf:"):
+        from nclayers.models.hf import build_hf_model
+
+        return build_hf_model(name, num_classes, **options)
     if ":" in name:
         return load_entry_point(name, **({"num_classes": num_classes} | options))
     entry = get_entry(name)

@@ -1,0 +1,94 @@
+"""Tiny Hugging Face models and a word-level tokenizer built here: nothing is downloaded.
+
+Imported by the tests/test_hf_*.py modules (pytest puts tests/ on the path); every
+function imports transformers/tokenizers itself, so collecting the other tests does not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HIDDEN, HEADS, FFN, VOCAB = 32, 2, 64, 120
+
+TEXT = (
+    "the cat sat on the mat . the dog sat on the log . a cat and a dog ran to the mat . "
+    "the mat was red and the log was brown . a bird sat on the cat . the dog ran ."
+)
+
+
+def tiny_config(family: str, layers: int = 3, vocab: int = VOCAB, num_labels: int = 3):
+    import transformers as T
+
+    text = dict(
+        hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+        intermediate_size=FFN, vocab_size=vocab, num_labels=num_labels,
+    )  # fmt: skip
+    image = dict(text, image_size=16, patch_size=4, num_channels=3)
+    image.pop("vocab_size")
+    decoder = dict(text, num_key_value_heads=1, max_position_embeddings=64)
+    configs = {
+        "bert": lambda: T.BertConfig(**text),
+        "roberta": lambda: T.RobertaConfig(**text),
+        "deberta-v2": lambda: T.DebertaV2Config(**text),
+        "vit": lambda: T.ViTConfig(**image),
+        "deit": lambda: T.DeiTConfig(**image),
+        "gpt2": lambda: T.GPT2Config(
+            n_embd=HIDDEN,
+            n_layer=layers,
+            n_head=HEADS,
+            n_inner=FFN,
+            vocab_size=vocab,
+            n_positions=64,
+            num_labels=num_labels,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "llama": lambda: T.LlamaConfig(**decoder),
+        "qwen2": lambda: T.Qwen2Config(**decoder),
+    }
+    return configs[family]()
+
+
+def tiny_model(family: str, task: str, layers: int = 3, seed: int = 0, **kw):
+    """A randomly initialised model of `family` for `task` (sequence, image, causal_lm)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, layers, **kw)
+    auto = {
+        "sequence": T.AutoModelForSequenceClassification,
+        "image": T.AutoModelForImageClassification,
+        "causal_lm": T.AutoModelForCausalLM,
+    }[task]
+    if task == "image":  # not every vision family has an Auto mapping in every version
+        cls = {"vit": T.ViTForImageClassification, "deit": T.DeiTForImageClassification}
+        return cls[family](config).eval()
+    return auto.from_config(config).eval()
+
+
+def word_tokenizer(text: str = TEXT, fast: bool = True):
+    """A word-level tokenizer trained on `text` ([PAD]=0, [UNK]=1, [CLS]=2, then words),
+    wrapped as a transformers tokenizer when `fast`, else the raw `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]"])
+    tok.train_from_iterator([text], trainer)
+    if not fast:
+        return tok
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def padded(sequences: list[list[int]], side: str = "right", pad: int = 0):
+    """(input_ids, attention_mask) of `sequences` padded by hand."""
+    t = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), t), pad, dtype=torch.int64)
+    mask = torch.zeros(len(sequences), t, dtype=torch.int64)
+    for i, s in enumerate(sequences):
+        sl = slice(0, len(s)) if side == "right" else slice(t - len(s), t)
+        ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return ids, mask
