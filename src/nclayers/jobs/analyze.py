@@ -20,7 +20,7 @@ from nclayers.analysis import analyze
 from nclayers.config import Config
 from nclayers.data import load_dataset, make_batches
 from nclayers.jobs.common import load_model, run_folder
-from nclayers.jobs.folder import SUMMARY, RunFolder, stage_settings
+from nclayers.jobs.folder import LAYERS, STAGES, SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
 from nclayers.runtime import barrier, resolve_device
 from nclayers.table import Table
@@ -44,6 +44,7 @@ def analyze_job(
         num_classes = data[ac.split].num_classes
         device = resolve_device(cfg.device)
         folder.check_run(cfg)  # before any work: another run's folder, no weights
+        folder.check_inputs(LAYERS, SUMMARY, STAGES)
         weights = folder.weights(cfg)
         model = (model or load_model(cfg, folder, num_classes)).to(device)
         blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)

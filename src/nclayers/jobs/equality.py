@@ -28,7 +28,7 @@ from nclayers.equality import (
 )
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import run_folder
-from nclayers.jobs.folder import LAYERS, PRUNE, RunFolder
+from nclayers.jobs.folder import LAYERS, PRUNE, STAGES, RunFolder
 from nclayers.prune import prune_summary
 from nclayers.report.equality_figures import plot_equality
 from nclayers.table import Table
@@ -67,6 +67,7 @@ def equality_job(
             raise NCLayersError(
                 f"{folder.path} holds no {LAYERS}; run `nclayers analyze {folder.path}` first"
             )
+        folder.check_inputs(STAGES, PRUNE)
         result = _answer(folder, folder.layers(), cfg.equality, plot)
         verdicts = {str(r.key.get("run")): r.fit.preferred for r in result.reports}
         folder.mark_done("equality", cfg, verdicts=verdicts)

@@ -102,6 +102,7 @@ REMEDY = {
     LAYERS: "delete it and run `nclayers analyze RUN` (and probe) again",
     SUMMARY: "delete it and run the run's stages again",
     TRAIN_SUMMARY: "train the run again (nclayers train RUN --force)",
+    DYNAMICS: "delete it (the NC tracked so far is lost) and run train again",
 }
 log = logging.getLogger("nclayers.jobs")
 
@@ -274,6 +275,22 @@ class RunFolder:
         except NCLayersError as err:
             remedy = REMEDY.get(name, "delete it and run the stage that writes it again")
             raise NCLayersError(f"{err}; {remedy}") from None
+
+    def check_inputs(self, *names: str) -> None:
+        """Refuse now, before a stage writes anything, when a file it reads later (to
+        write it back: layers.csv, summary.json, stages.json) is damaged: a stage never
+        fails halfway with some of its files rewritten."""
+        for name in names:
+            if not self.exists(name):
+                continue
+            if name == STAGES:
+                self.stages()
+            elif name.endswith(".json"):
+                self.read_json(name)
+            elif name.endswith(".csv"):
+                self.read_table(name)
+            else:
+                self.verify(name)
 
     def load_torch(self, name: str, cache: bool = False) -> Any:
         """A torch file (weights_only). A damaged cache (`cache=True`) is removed and None

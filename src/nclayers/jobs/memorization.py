@@ -40,7 +40,7 @@ from nclayers.data import (
 )
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model, run_folder
-from nclayers.jobs.folder import MEMORIZATION, MEMORIZATION_LAYERS, SUMMARY, RunFolder
+from nclayers.jobs.folder import MEMORIZATION, MEMORIZATION_LAYERS, STAGES, SUMMARY, RunFolder
 from nclayers.memorization import (
     CLEAN_INPUT,
     CORRUPTED_INPUT,
@@ -77,6 +77,7 @@ def memorization_job(
         )
     with folder.lock():
         folder.check_run(cfg)
+        folder.check_inputs(SUMMARY, STAGES)
         ds = load_dataset(cfg.data, "train")
         clean_ds = ds.clean_twin() if corrupted else None  # fails here, before any pass
         weights = folder.weights(cfg)

@@ -30,9 +30,11 @@ from nclayers.config import Config
 from nclayers.data import load_dataset
 from nclayers.jobs.common import load_model, run_folder
 from nclayers.jobs.folder import (
+    LAYERS,
     PROBE,
     PROBE_HEADS,
     PROBE_STATE,
+    STAGES,
     SUMMARY,
     RunFolder,
     stage_settings,
@@ -63,6 +65,7 @@ def probe_job(
     try:
         with folder.lock():
             folder.check_run(cfg)
+            folder.check_inputs(LAYERS, SUMMARY, STAGES)
             table = _probe(cfg, folder, model, device, progress and proc.main)
         barrier()
         return table

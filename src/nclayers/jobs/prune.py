@@ -21,7 +21,7 @@ from nclayers.equality import analyze_equality
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model, run_folder
 from nclayers.jobs.equality import equality_stem
-from nclayers.jobs.folder import LAYERS, PRUNE, PRUNE_LAYERS, RunFolder
+from nclayers.jobs.folder import LAYERS, PRUNE, PRUNE_LAYERS, STAGES, RunFolder
 from nclayers.models import find_blocks
 from nclayers.prune import (
     check_prunable,
@@ -52,6 +52,7 @@ def prune_job(cfg: Config, folder: RunFolder | str | Path, *, progress: bool = T
     folder = run_folder(folder)
     with folder.lock():
         folder.check_run(cfg)
+        folder.check_inputs(STAGES)
         return _prune(cfg, folder, progress)
 
 

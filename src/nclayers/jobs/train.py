@@ -35,7 +35,14 @@ from nclayers.config import Config, weights_settings
 from nclayers.data import balanced_subset, load_dataset, make_batches
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import build_from_config, run_folder
-from nclayers.jobs.folder import CHECKPOINT, DYNAMICS, TRAIN_LOG, TRAIN_SUMMARY, RunFolder
+from nclayers.jobs.folder import (
+    CHECKPOINT,
+    DYNAMICS,
+    STAGES,
+    TRAIN_LOG,
+    TRAIN_SUMMARY,
+    RunFolder,
+)
 from nclayers.memorization import memorized_fraction
 from nclayers.models import find_blocks
 from nclayers.runtime import Distributed, cudnn_benchmark, seeded, setup_distributed
@@ -96,6 +103,7 @@ def train_job(
 def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> _Start:
     """Where training starts: a new run, or the folder's checkpoint. Refuses to overwrite
     a run unless asked (force), and to resume one with other data or model settings."""
+    folder.check_inputs(STAGES)  # read after config.yaml is written: refuse before
     if force or not folder.exists(CHECKPOINT):
         if resume:
             raise NCLayersError(
@@ -103,6 +111,7 @@ def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> 
             )
         return _Start()
     state = folder.load_torch(CHECKPOINT)
+    folder.check_inputs(DYNAMICS)  # trimmed and appended to on resume
     saved = Config.model_validate(state["config"]) if "config" in state else folder.config()
     mine, theirs = weights_settings(saved), weights_settings(cfg)
     changed = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
