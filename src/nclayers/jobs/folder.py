@@ -75,6 +75,15 @@ STAGE_COLUMNS = {
     "analyze": ("n", "nc1", "cdnv_mean", "nc2", "ncc_acc", "nc1_classic"),
     "probe": ("probe_acc",),
 }
+# The files a finished stage leaves (equality's, equality[-SPLIT].csv/.json, by its
+# settings): one missing or damaged makes the stage out of date, so a sweep redoes it.
+STAGE_FILES = {
+    "train": (CHECKPOINT, TRAIN_SUMMARY),
+    "analyze": (LAYERS, SUMMARY),
+    "probe": (PROBE, PROBE_HEADS, LAYERS, SUMMARY),
+    "memorization": (MEMORIZATION, MEMORIZATION_LAYERS, SUMMARY),
+    "prune": (PRUNE, PRUNE_LAYERS),
+}
 # What a stage's result depends on besides its own settings: the run's weights, and the
 # results of other stages.
 NEEDS_WEIGHTS = ("analyze", "probe", "memorization", "prune")
@@ -396,9 +405,10 @@ class RunFolder:
         record = stages.get(stage)
         if record is None:
             return "missing"
+        broken = self._broken_output(stage, cfg)
+        if broken:
+            return f"out of date: {broken}"
         if stage == "train":
-            if not self.exists(CHECKPOINT):
-                return "out of date: checkpoint.pt is missing"
             if record.get("weights", {}).get("sha256") != self.checkpoint_sha():
                 return "out of date: checkpoint.pt changed since training finished"
         if stage in NEEDS_WEIGHTS:
@@ -420,6 +430,26 @@ class RunFolder:
             keys = sorted(k for k in {*then, *settings} if then.get(k) != settings.get(k))
             return f"out of date: settings changed ({', '.join(keys[:4])})"
         return "done"
+
+    def stage_files(self, stage: str, cfg: Config) -> tuple[str, ...]:
+        """The files `stage` (run with `cfg`) leaves in the folder."""
+        if stage == "equality":
+            from nclayers.jobs.equality import equality_stem
+
+            stem = equality_stem(cfg.equality)
+            return (f"{stem}.csv", f"{stem}.json")
+        return STAGE_FILES.get(stage, ())
+
+    def _broken_output(self, stage: str, cfg: Config) -> str | None:
+        """Which of the stage's files is missing or damaged (None: all are whole)."""
+        for name in self.stage_files(stage, cfg):
+            if not self.exists(name):
+                return f"{name} is missing"
+            try:
+                self.verify(name)
+            except NCLayersError:
+                return f"{self.file(name)} is damaged"
+        return None
 
     def done(self, stage: str, cfg: Config) -> bool:
         return self.status(stage, cfg) == "done"
