@@ -122,18 +122,23 @@ def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> 
             "pick another --out, or --force to train this config there from scratch"
         )
     finished = state["epoch"] >= saved.train.epochs
+    # Every epoch ran, but the run's last files are not there (a kill after the last
+    # checkpoint) or were damaged since: finish it from the checkpoint, without training.
+    finish = finished and not changed and folder.status("train", cfg) != "done"
     if resume is None:  # the sweep's way: resume only an interrupted run of the same settings
-        resume = not (finished or changed)
+        resume = finish or not (finished or changed)
     if not resume:
         what = f"a finished run ({state['epoch']} epochs)" if finished else (
             f"an interrupted run (checkpoint at epoch {state['epoch']} of "
             f"{saved.train.epochs})"
         )  # fmt: skip
+        if finish:
+            what = f"a run whose {state['epoch']} epochs ran but whose last files were not written"
         raise NCLayersError(
             f"{folder.path} holds {what}; --resume to continue it (train.epochs=N to train "
             "longer), or --force to start over"
         )
-    if state["epoch"] >= cfg.train.epochs:
+    if state["epoch"] >= cfg.train.epochs and not finish:
         raise NCLayersError(
             f"--resume: {folder.path} is already trained for {state['epoch']} epochs; "
             f"set train.epochs above {state['epoch']} to train longer"
@@ -237,11 +242,14 @@ def _train(cfg, folder, proc, device, start: _Start, stop_after, progress) -> Tr
     folder.forget("train")
     end = tc.epochs if stop_after is None else min(tc.epochs, stop_after)
     say, board, close = _outputs(folder, proc, start, tc.tensorboard)
-    say(
-        f"{cfg.model.name} on {cfg.data.name} ({len(s.train_ds)} train / "
-        f"{len(s.test_ds)} test), {device}, {proc.world} process(es), per-process "
-        f"batch {tc.batch_size // proc.world}, epochs {start.epoch + 1}..{end} of {tc.epochs}"
-    )
+    if start.epoch >= end:
+        say(f"every epoch ran (checkpoint at epoch {start.epoch}): writing the run's summary")
+    else:
+        say(
+            f"{cfg.model.name} on {cfg.data.name} ({len(s.train_ds)} train / "
+            f"{len(s.test_ds)} test), {device}, {proc.world} process(es), per-process "
+            f"batch {tc.batch_size // proc.world}, epochs {start.epoch + 1}..{end} of {tc.epochs}"
+        )
     t0 = time.perf_counter()
     try:
         if s.tracker is not None and start.state is None:
