@@ -41,6 +41,9 @@ KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
 STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
 # A figure can be read when a clean model is well above chance (this many times it) and
 # a noisy one fits this share of its changed labels (Δ needs memorization to mean anything).
+# The stage that draws each of a run's own figures (by file stem, before any "-SPLIT").
+FIGURE_STAGES = {"probe_acc": "probe", "memorization": "memorization", "prune": "prune",
+                 "equality": "equality"}  # fmt: skip
 ABOVE_CHANCE = 3.0
 FITS_NOISE = 0.9
 
@@ -108,9 +111,9 @@ def _run_sections(folder: RunFolder) -> tuple[str, list[Section]]:
         sections.append(Section("Each run", subsections=[_subrun(RunFolder(p)) for p in subruns]))
     if ratios:
         sections.append(memorization_section(ratios, notes))
-    figures = run_figures(folder, layers, ratios, notes)
-    if figures:
-        sections.append(Section("Figures", figures=figures))
+    figures, left_out = run_figures(folder, layers, ratios, notes)
+    if figures or left_out:
+        sections.append(Section("Figures", text=" ".join(left_out), figures=figures))
     if layers:
         cols = [c for c in LAYER_COLUMNS if c in layers.columns]
         cols += [c for c in layers.columns if c not in cols]
@@ -154,12 +157,22 @@ def _subrun(folder: RunFolder) -> Section:
                    items=items)  # fmt: skip
 
 
-def run_figures(folder: RunFolder, layers: Table, ratios: Table, notes: list[str]) -> list[Figure]:
+def run_figures(
+    folder: RunFolder, layers: Table, ratios: Table, notes: list[str]
+) -> tuple[list[Figure], list[str]]:
     """The run's figures: the paper's layout and the NC dynamics, drawn into figures/ when
-    missing or older than their data, and the stages' own PNGs that are whole."""
+    missing, damaged or older than their data, and the stages' own PNGs that are whole;
+    and a note for each stage's PNG left out because it is damaged."""
     from nclayers.report.figures import plot_layout
 
-    figs = [Figure(p, p.name) for p in sorted(folder.path.glob("*.png")) if _whole_png(p)]
+    figs, left_out = [], []
+    for p in sorted(folder.path.glob("*.png")):
+        if _whole_png(p) and _as_written(folder, p.name):
+            figs.append(Figure(p, p.name))
+        else:
+            stage = FIGURE_STAGES.get(p.stem.split("-")[0], "the stage that draws it:")
+            left_out.append(f"{p} is damaged and left out; run `nclayers {stage} "
+                            f"{folder.path}` again to redraw it.")  # fmt: skip
     drawn = folder.file("figures/layers.png")
     sources = [folder.file(n) for n in (LAYERS, MEMORIZATION)]
     if layers and _older(drawn, sources):
@@ -177,7 +190,16 @@ def run_figures(folder: RunFolder, layers: Table, ratios: Table, notes: list[str
         if _older(dyn, [folder.file(DYNAMICS)]):
             plot_dynamics(folder.read_table(DYNAMICS), dyn)
         figs.append(Figure(dyn, "NC per block during training"))
-    return figs
+    return figs, left_out
+
+
+def _as_written(folder: RunFolder, name: str) -> bool:
+    """Whether the file matches its checksum in manifest.json (or has none there)."""
+    try:
+        folder.verify(name)
+    except NCLayersError:
+        return False
+    return True
 
 
 def _older(target: Path, sources: list[Path]) -> bool:
