@@ -135,8 +135,11 @@ def cmd_sweep(args) -> int:
     if "report" in summary:
         print(f"  report: {summary['report']}")
     print(f"  {summary['seconds']:.0f} s")
+    for problem in summary.get("damaged", []):  # gathered without them: said, one line each
+        print(f"nclayers sweep: {problem}", file=sys.stderr)
     # Failed stages were recorded and the others ran; the exit status still says so.
-    return int(any(k.endswith((" failed", " blocked")) for k in summary["stages"]))
+    failed = any(k.endswith((" failed", " blocked")) for k in summary["stages"])
+    return int(failed or bool(summary.get("damaged")))
 
 
 def cmd_report(args) -> None:

@@ -379,29 +379,31 @@ def _describe(run: Run) -> str:
 def collect(sweep: Sweep) -> dict:
     """Gather every run's tables into ROOT/<name>/: layers.csv, memorization.csv,
     probe.csv (when any run has one), runs.csv; then draw the figures."""
-    from nclayers.jobs.folder import MEMORIZATION, PROBE, RunFolder
+    from nclayers.jobs.folder import LAYERS, MEMORIZATION, PROBE, RunFolder
     from nclayers.jobs.report import draw_figures
 
     out = sweep.out
     schema = dict.fromkeys(sweep.axes, str)
     tables = {n: Table(schema=schema) for n in ("layers", "memorization", "probe", "runs")}
     notes: list[str] = []
+    damaged: list[str] = []  # files that could not be read: said, and the exit status says so
     for run in sweep.runs:
         folder, tag = RunFolder(run.folder), {"run": run.id, **run.labels}
-        row = _run_row(sweep, run, folder)
+        row = _run_row(sweep, run, folder, damaged)
         tables["runs"].append(row)
         if row.get("notes"):
             notes.append(f"{_describe(run)}: {row['notes']}")
-        try:
-            rows = folder.layers()
-            ratios = folder.read_table(MEMORIZATION) or _ratios(rows)
-            probe = folder.read_table(PROBE)
-        except NCLayersError as err:  # a damaged run is reported, the others gathered
-            row["errors"] = "; ".join(filter(None, [row.get("errors"), str(err)]))
-            continue
-        tables["layers"].extend({**r, **tag} for r in rows)
-        tables["memorization"].extend({**r, **tag} for r in ratios)
-        tables["probe"].extend({**r, **tag} for r in probe)
+        got: dict[str, Table] = {}
+        for key, name in (("layers", LAYERS), ("memorization", MEMORIZATION), ("probe", PROBE)):
+            try:
+                got[key] = folder.read_table(name)
+            except NCLayersError as err:  # a damaged table is reported, the others gathered
+                got[key] = Table()
+                row["errors"] = "; ".join(filter(None, [row.get("errors"), str(err)]))
+                damaged.append(f"run {run.index}: {err}")
+        got["memorization"] = got["memorization"] or _ratios(got["layers"])
+        for key, rows in got.items():
+            tables[key].extend({**r, **tag} for r in rows)
     written = _write_tables(out, tables)
     errors: list[str] = []
     try:
@@ -416,10 +418,11 @@ def collect(sweep: Sweep) -> dict:
         for name in sweep.stages:
             state = str(r[name]).split(":")[0]
             counts[f"{name} {state}"] = counts.get(f"{name} {state}", 0) + 1
-    return {"files": written, "stages": counts, "runs": len(sweep.runs), "figure_errors": errors}
+    return {"files": written, "stages": counts, "runs": len(sweep.runs), "figure_errors": errors,
+            "damaged": list(dict.fromkeys(damaged))}  # fmt: skip
 
 
-def _run_row(sweep: Sweep, run: Run, folder) -> dict:
+def _run_row(sweep: Sweep, run: Run, folder, damaged: list[str]) -> dict:
     """One row of runs.csv: labels, each stage's state now, accuracies, notes, errors."""
     from nclayers.jobs.folder import TRAIN_SUMMARY
     from nclayers.jobs.report import readability
@@ -429,6 +432,7 @@ def _run_row(sweep: Sweep, run: Run, folder) -> dict:
     row: dict[str, Any] = {"index": run.index, "run": run.id, **run.labels}
     errors = [f"{n}: {rec['error']}" for n, rec in (status.get("stages") or {}).items()
               if rec.get("error")]  # fmt: skip
+    row.update(dict.fromkeys(sweep.stages, "unknown"))  # until the folder says
     try:
         for name in sweep.stages:
             rec = (status.get("stages") or {}).get(name) or {}
@@ -448,6 +452,7 @@ def _run_row(sweep: Sweep, run: Run, folder) -> dict:
         )  # fmt: skip
     except NCLayersError as err:
         errors.append(str(err))
+        damaged.append(f"run {run.index}: {err}")
     row.update(errors="; ".join(errors) or None, folder=str(run.folder))
     return row
 
