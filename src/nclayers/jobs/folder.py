@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nclayers.config import Config, flatten, load_config, save_config, weights_settings
+from nclayers.config import Config, config_text, flatten, load_config, weights_settings
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_open, atomic_write, dumps_json
 from nclayers.table import Table
@@ -172,13 +172,15 @@ class RunFolder:
 
     # ----------------------------------------------------------------- writes
     def write(self, name: str, data: str | bytes) -> Path:
-        """Write a file atomically and record its checksum."""
+        """Write a file atomically and record its checksum (see `_expect`)."""
         if not self.writes:
             return self.file(name)
         with self.lock(wait_message=False):
-            path = atomic_write(self.mkdir().file(name), data)
             raw = data.encode() if isinstance(data, str) else data
-            self._record(name, hashlib.sha256(raw).hexdigest(), len(raw))
+            sha = hashlib.sha256(raw).hexdigest()
+            self.mkdir()._expect(name, sha, len(raw))
+            path = atomic_write(self.file(name), data)
+            self._record(name, sha, len(raw))
         return path
 
     def write_json(self, name: str, obj: Any) -> Path:
@@ -198,6 +200,7 @@ class RunFolder:
             with atomic_open(path, "wb") as f:
                 hashing = _HashingWriter(f)
                 torch.save(obj, hashing)
+                self._expect(name, hashing.sha.hexdigest(), hashing.size)  # before the rename
             self._record(name, hashing.sha.hexdigest(), hashing.size)
         return path
 
@@ -217,6 +220,20 @@ class RunFolder:
             manifest = self._manifest()
             if any(n in manifest for n in names):
                 self._write_manifest({k: v for k, v in manifest.items() if k not in names})
+
+    def _expect(self, name: str, sha: str, size: int) -> None:
+        """Before a file is renamed into place: record its new checksum and keep the old
+        one as "was", so that a kill between the rename and `_record` (or before the
+        rename) leaves a file that still checks, old or new, instead of one that reads
+        as damaged."""
+        if name == MANIFEST:
+            return
+        manifest = self._manifest()
+        old = manifest.get(name)
+        if old is not None and "was" in old:  # an earlier write was cut short: either
+            old = old if self._matches(name, old) else old["was"]
+        manifest[name] = {"sha256": sha, "bytes": size, "was": _plain(old)}
+        self._write_manifest(manifest)
 
     def _record(self, name: str, sha: str, size: int) -> None:
         if name == MANIFEST:
@@ -250,12 +267,26 @@ class RunFolder:
         entry = self._manifest().get(name)
         if entry is None or not path.is_file():
             return path
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            raise self.damaged(name, f"{size} bytes, {entry.get('bytes')} were written")
-        if file_sha256(path) != entry.get("sha256"):
-            raise self.damaged(name, "its contents differ from what nclayers wrote")
+        self._written(name, entry)
         return path
+
+    def _written(self, name: str, entry: dict) -> dict:
+        """The manifest entry the file matches: the last write's, or (when that write was
+        cut short by a kill) the one before it; a file matching neither is damaged."""
+        if self._matches(name, entry):
+            return entry
+        was = entry.get("was")
+        if isinstance(was, dict) and self._matches(name, was):
+            return was
+        size = self.file(name).stat().st_size
+        if size != entry.get("bytes") and not (isinstance(was, dict) and size == was.get("bytes")):
+            raise self.damaged(name, f"{size} bytes, {entry.get('bytes')} were written")
+        raise self.damaged(name, "its contents differ from what nclayers wrote")
+
+    def _matches(self, name: str, entry: dict) -> bool:
+        path = self.file(name)
+        return (path.is_file() and path.stat().st_size == entry.get("bytes")
+                and file_sha256(path) == entry.get("sha256"))  # fmt: skip
 
     def read_bytes(self, name: str) -> bytes:
         return self.verify(name).read_bytes()
@@ -337,12 +368,7 @@ class RunFolder:
         return load_config(self.file(CONFIG), overrides)
 
     def save_config(self, cfg: Config) -> None:
-        if self.writes:
-            with self.lock(wait_message=False):
-                save_config(cfg, self.mkdir().file(CONFIG))
-                self._record(
-                    CONFIG, file_sha256(self.file(CONFIG)), self.file(CONFIG).stat().st_size
-                )
+        self.write(CONFIG, config_text(cfg))
 
     def adopt(self, cfg: Config) -> None:
         """Make this folder `cfg`'s run: write config.yaml if there is none (call it once the
@@ -457,6 +483,8 @@ class RunFolder:
     # ----------------------------------------------------------------- weights
     def checkpoint_sha(self) -> str | None:
         entry = self._manifest().get(CHECKPOINT)
+        if entry is not None and "was" in entry and self.exists(CHECKPOINT):
+            entry = self._written(CHECKPOINT, entry)  # a write cut short: which one is there
         if entry is not None:
             return entry.get("sha256")
         return file_sha256(self.file(CHECKPOINT)) if self.exists(CHECKPOINT) else None
@@ -552,6 +580,11 @@ def _folder_stamp(path: Path) -> str:
     """A cheap identity of a model folder: names, sizes and times of its files."""
     parts = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.iterdir())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _plain(entry: dict | None) -> dict | None:
+    """A manifest entry without its own "was" (one write back is all a kill can leave)."""
+    return None if entry is None else {"sha256": entry.get("sha256"), "bytes": entry.get("bytes")}
 
 
 def _row_key(row: dict) -> tuple:
