@@ -41,6 +41,7 @@ requeued on preemption or timeout and continuing from its checkpoint; `--print` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -313,6 +314,22 @@ def status_path(sweep: Sweep, run: Run) -> Path:
     return sweep.out / "status" / f"{run.index:04d}-{run.id}.json"
 
 
+@contextlib.contextmanager
+def out_lock(sweep: Sweep):
+    """Hold the lock of the sweep's own folder (its status files, tables, figures and
+    report): processes of one sweep write it in turn, and the first holder clears the
+    temporary files of writes a kill cut short."""
+    from filelock import FileLock
+
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(sweep.out / ".lock"), is_singleton=True)
+    with lock:
+        if lock.lock_counter == 1:
+            for torn in [*sweep.out.glob(".*.tmp"), *sweep.out.glob("status/.*.tmp")]:
+                torn.unlink(missing_ok=True)
+        yield
+
+
 def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
     """Run every stage of run `index` that is not done and up to date; a failing stage is
     recorded (never raised) and the stages that need it are blocked."""
@@ -338,7 +355,8 @@ def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
                 failed.add(name)
         _say(sweep, run, name, record, progress)
         status["stages"][name] = record
-    atomic_write(status_path(sweep, run), dumps_json(status))
+    with out_lock(sweep):
+        atomic_write(status_path(sweep, run), dumps_json(status))
     return status
 
 
@@ -514,5 +532,5 @@ def describe(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Run", "Sweep", "collect", "commands", "describe", "load_sweep", "run_id",
-           "run_one", "stage_jobs", "sweep_json"]  # fmt: skip
+__all__ = ["Run", "Sweep", "collect", "commands", "describe", "load_sweep", "out_lock",
+           "run_id", "run_one", "stage_jobs", "sweep_json"]  # fmt: skip
