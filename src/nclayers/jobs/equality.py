@@ -93,8 +93,9 @@ def _answer(folder: RunFolder, layers: Table, ec: EqualityConfig, plot: bool) ->
     result.written.append(folder.write_json(f"{stem}.json", [summary_row(r) for r in reports]))
     for rep in reports if plot else ():
         name = _slug(rep.key.get("run")) if len(reports) > 1 else ""
-        result.written.append(plot_equality(rep, folder.file(f"{stem}-{name}.png" if name
-                                                              else f"{stem}.png")))  # fmt: skip
+        png = f"{stem}-{name}.png" if name else f"{stem}.png"
+        drawn = folder.draw(png, lambda path, rep=rep: plot_equality(rep, path))
+        result.written += [drawn] if drawn is not None else []
     return result
 
 

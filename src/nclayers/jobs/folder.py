@@ -35,9 +35,10 @@ import hashlib
 import io
 import json
 import logging
+import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,18 @@ class RunFolder:
                 self._expect(name, hashing.sha.hexdigest(), hashing.size)  # before the rename
             self._record(name, hashing.sha.hexdigest(), hashing.size)
         return path
+
+    def draw(self, name: str, plot: Callable[[Path], Any]) -> Path | None:
+        """A figure drawn by `plot(path)` (a plotting function that writes `path`), written
+        like every other file: atomically and checksummed. Under torchrun only rank 0
+        draws. None when `plot` drew nothing."""
+        if not self.writes:
+            return None
+        with tempfile.TemporaryDirectory(prefix="nclayers-") as tmp:
+            drawn = Path(tmp) / Path(name).name
+            if plot(drawn) is None or not drawn.is_file():
+                return None
+            return self.write(name, drawn.read_bytes())
 
     def save_figure(self, name: str, fig) -> Path:
         """A matplotlib Figure saved atomically (by its file name's format)."""

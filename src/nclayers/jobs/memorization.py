@@ -103,8 +103,9 @@ def memorization_job(
         folder.write_table(MEMORIZATION, ratios)
         folder.write_table(MEMORIZATION_LAYERS, rows)
         kind = "corrupted" if corrupted else "noisy"
-        plot_metric(ratios, "ratio", folder.file(FIGURE), group=("run",),
-                    title=f"memorization ratio Δ = NC1(clean) / NC1({kind})")  # fmt: skip
+        folder.draw(FIGURE, lambda path: plot_metric(
+            ratios, "ratio", path, group=("run",),
+            title=f"memorization ratio Δ = NC1(clean) / NC1({kind})"))  # fmt: skip
         folder.write_json(SUMMARY, {**folder.read_json(SUMMARY), "memorization": info})
         folder.adopt(cfg)
         folder.mark_done("memorization", cfg, seconds=info["seconds"])

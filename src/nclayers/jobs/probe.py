@@ -122,7 +122,7 @@ def _write(cfg: Config, folder: RunFolder, table: Table, weights, train_samples,
     folder.save_torch(PROBE_HEADS, {**heads_state(table), "config": cfg.to_dict()})
     # n belongs to the analysis rows (its own sample count); the probe fills its column.
     folder.merge_layers("probe", [{k: v for k, v in r.items() if k != "n"} for r in table])
-    plot_metric(table, "probe_acc", folder.file(PROBE_FIGURE), group=("run",))
+    folder.draw(PROBE_FIGURE, lambda path: plot_metric(table, "probe_acc", path, group=("run",)))
     entry = {
         "settings": stage_settings("probe", cfg),
         "weights": weights,

@@ -97,7 +97,7 @@ def _prune(cfg: Config, folder: RunFolder, progress: bool) -> PruneResult:
     )  # fmt: skip
     folder.write_table(PRUNE, summary)
     folder.write_table(PRUNE_LAYERS, layers)
-    plot_prune(summary, folder.file(PRUNE_PNG), layers)
+    folder.draw(PRUNE_PNG, lambda path: plot_prune(summary, path, layers))
     folder.adopt(cfg)
     folder.mark_done("prune", cfg, blocks=[blocks[l - 1].name for l in chosen], label=label)
     return PruneResult(summary, layers, prune_summary(summary), notes)

@@ -41,6 +41,8 @@ KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
 STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
 # A figure can be read when a clean model is well above chance (this many times it) and
 # a noisy one fits this share of its changed labels (Δ needs memorization to mean anything).
+LAYOUT_FIGURE = "figures/layers.png"  # drawn by the report when its data is newer
+DYNAMICS_FIGURE = "figures/nc_dynamics.png"
 # The stage that draws each of a run's own figures (by file stem, before any "-SPLIT").
 FIGURE_STAGES = {"probe_acc": "probe", "memorization": "memorization", "prune": "prune",
                  "equality": "equality"}  # fmt: skip
@@ -173,23 +175,24 @@ def run_figures(
             stage = FIGURE_STAGES.get(p.stem.split("-")[0], "the stage that draws it:")
             left_out.append(f"{p} is damaged and left out; run `nclayers {stage} "
                             f"{folder.path}` again to redraw it.")  # fmt: skip
-    drawn = folder.file("figures/layers.png")
+    drawn = folder.file(LAYOUT_FIGURE)
     sources = [folder.file(n) for n in (LAYERS, MEMORIZATION)]
-    if layers and _older(drawn, sources):
+    if layers and _older(folder, LAYOUT_FIGURE, sources):
         noisy = any(r.get("view") == "noisy" for r in layers)
         several = len({r.get("run") for r in layers}) > 1  # one curve per run
-        plot_layout(layers, drawn.with_suffix(""), "noisy" if noisy else "clean",
-                    curves="run" if several else None, memorization=ratios if noisy else None,
-                    formats=("png",), notes=notes)  # fmt: skip
+        folder.draw(LAYOUT_FIGURE, lambda path: plot_layout(
+            layers, path.with_suffix(""), "noisy" if noisy else "clean",
+            curves="run" if several else None, memorization=ratios if noisy else None,
+            formats=("png",), notes=notes))  # fmt: skip
     if drawn.is_file():
         figs.insert(0, Figure(drawn, "NC per block (the paper's layout)"))
     if folder.exists(DYNAMICS):
         from nclayers.report.dynamics import plot_dynamics
 
-        dyn = folder.file("figures/nc_dynamics.png")
-        if _older(dyn, [folder.file(DYNAMICS)]):
-            plot_dynamics(folder.read_table(DYNAMICS), dyn)
-        figs.append(Figure(dyn, "NC per block during training"))
+        if _older(folder, DYNAMICS_FIGURE, [folder.file(DYNAMICS)]):
+            dynamics = folder.read_table(DYNAMICS)
+            folder.draw(DYNAMICS_FIGURE, lambda path: plot_dynamics(dynamics, path))
+        figs.append(Figure(folder.file(DYNAMICS_FIGURE), "NC per block during training"))
     return figs, left_out
 
 
@@ -202,9 +205,10 @@ def _as_written(folder: RunFolder, name: str) -> bool:
     return True
 
 
-def _older(target: Path, sources: list[Path]) -> bool:
-    """Whether `target` is missing, damaged or older than any of `sources`."""
-    if not target.is_file() or not _whole_png(target):
+def _older(folder: RunFolder, name: str, sources: list[Path]) -> bool:
+    """Whether the figure `name` is missing, damaged or older than any of `sources`."""
+    target = folder.file(name)
+    if not target.is_file() or not _whole_png(target) or not _as_written(folder, name):
         return True
     mtime = target.stat().st_mtime_ns
     return any(s.is_file() and s.stat().st_mtime_ns > mtime for s in sources)
