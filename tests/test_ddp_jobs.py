@@ -1,0 +1,122 @@
+"""Issue 17 item 11: verbs under torchrun. Two gloo processes, started as torchrun starts
+them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), run `nclayers analyze RUN` and then
+`nclayers probe RUN` on the same unnamed run: layers.csv holds 16 rows (not 32), "wrote"
+is printed once per verb, only rank 0 writes a file, and rank 1 returns only once rank 0
+has written. The numbers equal one process's (the statistics reduce exactly)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from killing import context
+from nclayers.config import compose
+from nclayers.jobs import RunFolder, analyze_job, probe_job, train_job
+from nclayers.table import Table
+from tinyruns import TINY
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo"
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
+VERBS = ["analyze", "probe"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank: int, run: str, ports: list[int], out: str) -> None:
+    """One torchrun process: each verb in turn, its printed lines, the files it wrote."""
+    from nclayers.cli import main
+
+    torch.set_num_threads(1)
+    writes: list[tuple[float, str]] = []
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):  # every file nclayers writes is renamed in
+        if rank == 0:
+            time.sleep(0.05)  # a slow disk: rank 1 must wait for it, whatever the timing
+        real(src, dst, *args, **kwargs)
+        writes.append((time.time(), str(dst)))
+
+    os.replace = replace
+    report = []
+    for verb, port in zip(VERBS, ports, strict=True):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        start = len(writes)
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = main([verb, run, "-q"])
+        report.append({"verb": verb, "rc": rc, "stdout": stdout.getvalue(),
+                       "stderr": stderr.getvalue(), "writes": writes[start:],
+                       "returned": time.time()})  # fmt: skip
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(the run measured by two ranks, the same run measured by one process)."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("ddp_jobs")
+    cfg = compose(TINY)
+    train_job(cfg, tmp / "two", progress=False)
+    shutil.copytree(tmp / "two", tmp / "one")
+    analyze_job(cfg, tmp / "one", progress=False)
+    probe_job(cfg, tmp / "one", progress=False)
+    ctx = context()
+    ports = [free_port(), free_port()]
+    procs = [ctx.Process(target=rank_main, args=(r, str(tmp / "two"), ports, str(tmp)))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
+    return tmp / "two", tmp / "one", ranks
+
+
+def test_two_ranks_write_once_and_the_others_wait(runs):
+    run, _, ranks = runs
+    for verb, (zero, one) in zip(VERBS, zip(*ranks, strict=True), strict=True):
+        assert zero["rc"] == one["rc"] == 0, (zero["stderr"], one["stderr"])
+        assert "wrote" in zero["stdout"] and "wrote" not in one["stdout"], verb
+        assert zero["stdout"].count("wrote") == 1, zero["stdout"]
+        assert zero["writes"], f"{verb}: rank 0 wrote nothing"
+        assert one["writes"] == [], f"{verb}: rank 1 wrote {one['writes']}"
+        last = max(t for t, _ in zero["writes"])
+        assert one["returned"] >= last, f"{verb}: rank 1 returned before rank 0 had written"
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_two_ranks_measure_what_one_process_does(runs):
+    run, single, _ = runs
+    two, one = Table.from_csv(run / "layers.csv"), Table.from_csv(single / "layers.csv")
+    assert len(two) == 16 and {r["run"] for r in two} == {""}
+    assert [(r["split"], r["view"], r["layer"], r["n"]) for r in two] == [
+        (r["split"], r["view"], r["layer"], r["n"]) for r in one
+    ]
+    for col in ("nc1", "nc2", "ncc_acc", "probe_acc"):
+        a, b = two.column(col), one.column(col)
+        assert [x is None for x in a] == [x is None for x in b], col
+        assert [x for x in a if x is not None] == pytest.approx(
+            [x for x in b if x is not None], rel=1e-9, abs=1e-12
+        ), col
+    folder = RunFolder(run)
+    assert all(folder.status(s, folder.config()) == "done" for s in ("train", *VERBS))
