@@ -45,7 +45,7 @@ from nclayers.jobs.folder import (
 )
 from nclayers.memorization import memorized_fraction
 from nclayers.models import find_blocks
-from nclayers.runtime import Distributed, cudnn_benchmark, seeded, setup_distributed
+from nclayers.runtime import Distributed, barrier, cudnn_benchmark, seeded, setup_distributed
 from nclayers.table import Table
 from nclayers.train import (
     EVAL_BATCH,
@@ -95,7 +95,9 @@ def train_job(
     try:
         with folder.lock(), seeded(cfg.train.seed), cudnn_benchmark(device.type == "cuda"):
             start = _start(cfg, folder, resume, force)
-            return _train(cfg, folder, proc, device, start, stop_after, progress and proc.main)
+            result = _train(cfg, folder, proc, device, start, stop_after, progress and proc.main)
+        barrier()  # the other ranks return once rank 0 has written the summary
+        return result
     finally:
         proc.close()
 
