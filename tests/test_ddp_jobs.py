@@ -1,8 +1,9 @@
 """Issue 17 item 11: verbs under torchrun. Two gloo processes, started as torchrun starts
-them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), run `nclayers analyze RUN` and then
-`nclayers probe RUN` on the same unnamed run: layers.csv holds 16 rows (not 32), "wrote"
-is printed once per verb, only rank 0 writes a file, and rank 1 returns only once rank 0
-has written. The numbers equal one process's (the statistics reduce exactly)."""
+them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), run `nclayers train RUN --resume`,
+`nclayers analyze RUN` and `nclayers probe RUN` on the same unnamed run: layers.csv holds
+16 rows (not 32), "wrote" is printed once per verb, only rank 0 writes a file, and rank 1
+returns only once rank 0 has written. The numbers equal one process's measuring the same
+weights (the statistics reduce exactly)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ pytestmark = [
     ),
     pytest.mark.usefixtures("one_thread"),
 ]
-VERBS = ["analyze", "probe"]
+# Each verb's command after the run folder, and the line only the main rank prints.
+VERBS = {"train": (["--resume", "train.epochs=3"], "run folder"), "analyze": ([], "wrote"),
+         "probe": ([], "wrote")}  # fmt: skip
 
 
 def free_port() -> int:
@@ -56,13 +59,13 @@ def rank_main(rank: int, run: str, ports: list[int], out: str) -> None:
 
     os.replace = replace
     report = []
-    for verb, port in zip(VERBS, ports, strict=True):
+    for (verb, (extra, _)), port in zip(VERBS.items(), ports, strict=True):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
         start = len(writes)
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            rc = main([verb, run, "-q"])
+            rc = main([verb, run, *extra, "-q"])
         report.append({"verb": verb, "rc": rc, "stdout": stdout.getvalue(),
                        "stderr": stderr.getvalue(), "writes": writes[start:],
                        "returned": time.time()})  # fmt: skip
@@ -71,16 +74,13 @@ def rank_main(rank: int, run: str, ports: list[int], out: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(the run measured by two ranks, the same run measured by one process)."""
+    """(the run trained further and measured by two ranks, the same run measured by one
+    process)."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("ddp_jobs")
-    cfg = compose(TINY)
-    train_job(cfg, tmp / "two", progress=False)
-    shutil.copytree(tmp / "two", tmp / "one")
-    analyze_job(cfg, tmp / "one", progress=False)
-    probe_job(cfg, tmp / "one", progress=False)
+    train_job(compose(TINY), tmp / "two", progress=False)
     ctx = context()
-    ports = [free_port(), free_port()]
+    ports = [free_port() for _ in VERBS]
     procs = [ctx.Process(target=rank_main, args=(r, str(tmp / "two"), ports, str(tmp)))
              for r in range(2)]  # fmt: skip
     for p in procs:
@@ -89,15 +89,18 @@ def runs(tmp_path_factory):
         p.join(300)
         assert p.exitcode == 0
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
+    shutil.copytree(tmp / "two", tmp / "one")  # the same weights, measured by one process
+    cfg = RunFolder(tmp / "one").config()
+    analyze_job(cfg, tmp / "one", progress=False)
+    probe_job(cfg, tmp / "one", progress=False)
     return tmp / "two", tmp / "one", ranks
 
 
 def test_two_ranks_write_once_and_the_others_wait(runs):
     run, _, ranks = runs
-    for verb, (zero, one) in zip(VERBS, zip(*ranks, strict=True), strict=True):
+    for (verb, (_, said)), zero, one in zip(VERBS.items(), *ranks, strict=True):
         assert zero["rc"] == one["rc"] == 0, (zero["stderr"], one["stderr"])
-        assert "wrote" in zero["stdout"] and "wrote" not in one["stdout"], verb
-        assert zero["stdout"].count("wrote") == 1, zero["stdout"]
+        assert zero["stdout"].count(said) == 1 and said not in one["stdout"], zero["stdout"]
         assert zero["writes"], f"{verb}: rank 0 wrote nothing"
         assert one["writes"] == [], f"{verb}: rank 1 wrote {one['writes']}"
         last = max(t for t, _ in zero["writes"])
@@ -119,4 +122,5 @@ def test_two_ranks_measure_what_one_process_does(runs):
             [x for x in b if x is not None], rel=1e-9, abs=1e-12
         ), col
     folder = RunFolder(run)
-    assert all(folder.status(s, folder.config()) == "done" for s in ("train", *VERBS))
+    assert all(folder.status(s, folder.config()) == "done" for s in VERBS)
+    assert folder.config().train.epochs == 3
