@@ -188,7 +188,8 @@ def cmd_memorization(args) -> None:
         args.config = args.csv
         cfg, folder = _resolve(args, "memorization")
         ratios = memorization_job(cfg, folder, progress=not args.quiet)
-        _print_ratios(ratios, folder)
+        if _main_rank():
+            _print_ratios(ratios, folder)
         return
     if args.overrides:
         raise NCLayersError("key=value overrides apply to a run folder, not to a layers.csv")
@@ -233,6 +234,8 @@ def cmd_prune(args) -> None:
     args.overrides = [*args.overrides, *extra]
     cfg, folder = _resolve(args, "prune")
     result = prune_job(cfg, folder, progress=not args.quiet)
+    if not _main_rank():
+        return
     for note in result.notes:
         print(note)
     cols = ["variant", "finetune_epochs", "n_removed", "layers", "blocks", "test_acc",
@@ -255,7 +258,7 @@ def cmd_equality(args) -> None:
     else:  # a sweep folder or a loose layers.csv
         results = equality_tables(target, load_config(None, args.overrides).equality,
                                   plot=not args.no_plot)  # fmt: skip
-    for result in results:
+    for result in results if _main_rank() else ():
         print(result.format())
         print("wrote " + ", ".join(str(p) for p in result.written))
 
