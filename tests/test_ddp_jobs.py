@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from killing import context
 from nclayers.config import compose
-from nclayers.jobs import RunFolder, analyze_job, probe_job, train_job
+from nclayers.jobs import RunFolder, analyze_job, memorization_job, probe_job, train_job
 from nclayers.table import Table
 from tinyruns import TINY
 
@@ -32,9 +32,11 @@ pytestmark = [
     ),
     pytest.mark.usefixtures("one_thread"),
 ]
-# Each verb's command after the run folder, and the line only the main rank prints.
-VERBS = {"train": (["--resume", "train.epochs=3"], "run folder"), "analyze": ([], "wrote"),
-         "probe": ([], "wrote")}  # fmt: skip
+# Each verb: the run it works on (a clean one; memorization: one with shuffled labels),
+# its options, and the line only the main rank prints.
+VERBS = {"train": ("clean", ["--resume", "train.epochs=3"], "run folder"),
+         "analyze": ("clean", [], "wrote"), "probe": ("clean", [], "wrote"),
+         "memorization": ("noisy", [], "wrote")}  # fmt: skip
 
 
 def free_port() -> int:
@@ -43,7 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_main(rank: int, run: str, ports: list[int], out: str) -> None:
+def rank_main(rank: int, runs: dict[str, str], ports: list[int], out: str) -> None:
     """One torchrun process: each verb in turn, its printed lines, the files it wrote."""
     from nclayers.cli import main
 
@@ -59,13 +61,13 @@ def rank_main(rank: int, run: str, ports: list[int], out: str) -> None:
 
     os.replace = replace
     report = []
-    for (verb, (extra, _)), port in zip(VERBS.items(), ports, strict=True):
+    for (verb, (run, extra, _)), port in zip(VERBS.items(), ports, strict=True):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
         start = len(writes)
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            rc = main([verb, run, *extra, "-q"])
+            rc = main([verb, runs[run], *extra, "-q"])
         report.append({"verb": verb, "rc": rc, "stdout": stdout.getvalue(),
                        "stderr": stderr.getvalue(), "writes": writes[start:],
                        "returned": time.time()})  # fmt: skip
@@ -79,10 +81,12 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("ddp_jobs")
     train_job(compose(TINY), tmp / "two", progress=False)
+    train_job(compose({**TINY, "data.noise": 0.4}), tmp / "noisy", progress=False)
+    shutil.copytree(tmp / "noisy", tmp / "noisy-one")
+    runs = {"clean": str(tmp / "two"), "noisy": str(tmp / "noisy")}
     ctx = context()
     ports = [free_port() for _ in VERBS]
-    procs = [ctx.Process(target=rank_main, args=(r, str(tmp / "two"), ports, str(tmp)))
-             for r in range(2)]  # fmt: skip
+    procs = [ctx.Process(target=rank_main, args=(r, runs, ports, str(tmp))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -93,24 +97,26 @@ def runs(tmp_path_factory):
     cfg = RunFolder(tmp / "one").config()
     analyze_job(cfg, tmp / "one", progress=False)
     probe_job(cfg, tmp / "one", progress=False)
-    return tmp / "two", tmp / "one", ranks
+    memorization_job(RunFolder(tmp / "noisy-one").config(), tmp / "noisy-one", progress=False)
+    return tmp, ranks
 
 
 def test_two_ranks_write_once_and_the_others_wait(runs):
-    run, _, ranks = runs
-    for (verb, (_, said)), zero, one in zip(VERBS.items(), *ranks, strict=True):
+    tmp, ranks = runs
+    for (verb, (_, _, said)), zero, one in zip(VERBS.items(), *ranks, strict=True):
         assert zero["rc"] == one["rc"] == 0, (zero["stderr"], one["stderr"])
         assert zero["stdout"].count(said) == 1 and said not in one["stdout"], zero["stdout"]
         assert zero["writes"], f"{verb}: rank 0 wrote nothing"
         assert one["writes"] == [], f"{verb}: rank 1 wrote {one['writes']}"
         last = max(t for t, _ in zero["writes"])
         assert one["returned"] >= last, f"{verb}: rank 1 returned before rank 0 had written"
-    assert not list(run.glob(".*.tmp"))
+    assert not list(tmp.rglob(".*.tmp"))
 
 
 def test_two_ranks_measure_what_one_process_does(runs):
-    run, single, _ = runs
-    two, one = Table.from_csv(run / "layers.csv"), Table.from_csv(single / "layers.csv")
+    tmp, _ = runs
+    run = tmp / "two"
+    two, one = Table.from_csv(run / "layers.csv"), Table.from_csv(tmp / "one" / "layers.csv")
     assert len(two) == 16 and {r["run"] for r in two} == {""}
     assert [(r["split"], r["view"], r["layer"], r["n"]) for r in two] == [
         (r["split"], r["view"], r["layer"], r["n"]) for r in one
@@ -122,5 +128,9 @@ def test_two_ranks_measure_what_one_process_does(runs):
             [x for x in b if x is not None], rel=1e-9, abs=1e-12
         ), col
     folder = RunFolder(run)
-    assert all(folder.status(s, folder.config()) == "done" for s in VERBS)
+    assert all(folder.status(s, folder.config()) == "done" for s, v in VERBS.items()
+               if v[0] == "clean")  # fmt: skip
     assert folder.config().train.epochs == 3
+    two, one = (Table.from_csv(tmp / r / "memorization.csv") for r in ("noisy", "noisy-one"))
+    assert [r["layer"] for r in two] == [r["layer"] for r in one] == list(range(1, 9))
+    assert two.column("ratio") == pytest.approx(one.column("ratio"), rel=1e-9)
