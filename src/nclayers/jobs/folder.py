@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import tempfile
 import time
 import uuid
@@ -62,6 +63,7 @@ MEMORIZATION = "memorization.csv"
 MEMORIZATION_LAYERS = "memorization_layers.csv"
 PRUNE = "prune.csv"
 PRUNE_LAYERS = "prune_layers.csv"
+EQUALITY = "equality"  # equality.csv, equality.json, equality.png (+ "-SPLIT" off test)
 REPORT = "report.html"
 STAGES = "stages.json"
 MANIFEST = "manifest.json"
@@ -473,8 +475,6 @@ class RunFolder:
     def stage_files(self, stage: str, cfg: Config) -> tuple[str, ...]:
         """The files `stage` (run with `cfg`) leaves in the folder."""
         if stage == "equality":
-            from nclayers.jobs.equality import equality_stem
-
             stem = equality_stem(cfg.equality)
             return (f"{stem}.csv", f"{stem}.json")
         return STAGE_FILES.get(stage, ())
@@ -562,6 +562,16 @@ class RunFolder:
         return table
 
 
+def equality_stem(ec) -> str:
+    """equality.csv/.json/.png are named "equality", "equality-SPLIT" off the test split."""
+    return EQUALITY if ec.split == "test" else f"{EQUALITY}-{slug(ec.split)}"
+
+
+def slug(value) -> str:
+    """Text as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value or "")).strip("_")
+
+
 def stage_settings(stage: str, cfg: Config) -> dict[str, Any]:
     """The settings a stage's result depends on, flattened (for train: the weights')."""
     if stage == "train":
@@ -624,4 +634,4 @@ class _HashingWriter:
         self.f.flush()
 
 
-__all__ = ["RunFolder", "file_sha256", "stage_settings"]
+__all__ = ["RunFolder", "equality_stem", "file_sha256", "slug", "stage_settings"]
