@@ -248,3 +248,18 @@ def test_a_damaged_file_is_named_or_recovered(built, reference, name, how, tmp_p
                 assert name in html, f"{where}: the damaged figure left out without a word"
         if name == PROBE_STATE:
             assert "probe_state.pt" in out and "starting over" in out, where
+
+
+def test_a_rewrite_within_one_clock_tick_is_not_taken_for_damage(tmp_path):
+    """File times are coarse (a kernel tick): a file rewritten with as many bytes within
+    one tick keeps its modification time, and the checksum remembered for the old
+    contents must not be used for the new ones."""
+    import os
+
+    folder = RunFolder(tmp_path)
+    folder.write("t.csv", "run,x\n,1\n")
+    old = (tmp_path / "t.csv").stat()
+    assert folder.read_table("t.csv")[0]["x"] == 1  # checked: its checksum is remembered
+    folder.write("t.csv", "run,x\n,2\n")
+    os.utime(tmp_path / "t.csv", ns=(old.st_atime_ns, old.st_mtime_ns))  # the same tick
+    assert folder.read_table("t.csv")[0]["x"] == 2

@@ -586,10 +586,12 @@ def stage_settings(stage: str, cfg: Config) -> dict[str, Any]:
 
 
 def file_sha256(path: str | Path, _cache: dict = {}) -> str:  # noqa: B006
-    """The file's sha256 (remembered per path, size and modification time)."""
+    """The file's sha256, remembered per path, inode, size and times: an atomic write
+    renames a new inode into place, so a file rewritten within one tick of the coarse
+    file clock (same size, same times) is still hashed again."""
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _cache:
         sha = hashlib.sha256()
         with open(path, "rb") as f:
