@@ -22,11 +22,15 @@ never sees a path.
       manifest.json        sha256 of every file written here, to tell a damaged file
       .lock                held by the process working in the folder
 
-Writes are atomic (temporary file, fsync, rename) and recorded in manifest.json; a read
-checks the file against it, so a file cut short or overwritten by anything else is
-refused naming the file and what to do (a cache is dropped instead). Only one process
-works in a folder at a time (`lock()`, a file lock): two sweeps that share a run never
-train it twice nor tear a file. Under torchrun only rank 0 writes.
+Writes are atomic (temporary file, fsync, rename) and recorded in manifest.json (the new
+checksum before the rename, the old one kept until the write is done, so a kill at any
+moment leaves a file that checks); figures too (`draw`). A read checks the file against
+it, so a file cut short or overwritten by anything else is refused naming the file and
+what to do (a cache is dropped instead), and a stage whose files are missing or damaged
+is out of date. A stage checks the files it reads back before it writes anything. Only
+one process works in a folder at a time (`lock()`, a file lock; its first holder clears
+temporary files a kill left): two sweeps that share a run never train it twice nor tear
+a file. Under torchrun only rank 0 writes.
 """
 
 from __future__ import annotations
