@@ -137,8 +137,8 @@ def _write(cfg: Config, folder: RunFolder, table: Table, weights, train_samples,
     }
     folder.write_json(SUMMARY, {**folder.read_json(SUMMARY), "probe": entry})
     folder.adopt(cfg)
+    folder.remove(PROBE_STATE)  # before the stage is done: a kill never leaves it behind
     folder.mark_done("probe", cfg, seconds=table.seconds, mode=table.mode)
-    folder.remove(PROBE_STATE)
 
 
 __all__ = ["PROBE_FIGURE", "probe_job"]
