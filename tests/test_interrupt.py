@@ -4,11 +4,12 @@ folder then equals an uninterrupted run's: the same tables, the same weights (ex
 CPU), the same files (nothing torn, no temporary file), every stage done.
 
 Each stage is killed at 10 moments spread over its measured duration (seeded), and at
-two writes of its main file: before the rename, and after it but before manifest.json
-records the file's checksum. The sweep (2 runs; train, analyze, probe) is killed 10 times
-in a row, restarted each time: inside training (twice in a row, so the second kill lands
-in the resumed training), analysis and probe of both runs, and at CSV writes (one of them
-the gathering's), then run to its end."""
+three writes: its main file's, before the rename and after it but before manifest.json
+records the file's checksum; and stages.json's, right after the stage is marked done.
+The sweep (2 runs; train, analyze, probe) is killed 10 times in a row, restarted each
+time: inside training (twice in a row, so the second kill lands in the resumed
+training), analysis and probe of both runs, and at CSV writes (one of them the
+gathering's), then run to its end."""
 
 from __future__ import annotations
 
@@ -102,8 +103,8 @@ def test_a_killed_stage_run_again_equals_an_uninterrupted_one(chain, stage, tmp_
     rng = random.Random(f"kill {stage}")
     moments = [seconds * (i + rng.random()) / KILLS for i in range(KILLS)]
     name, nth = MAIN_FILE[stage]
-    kills = [("after", m) for m in moments] + [("write", ("before", name, nth)),
-                                               ("write", ("after", name, nth))]  # fmt: skip
+    writes = [("before", name, nth), ("after", name, nth), ("after", "stages.json", 1)]
+    kills = [("after", m) for m in moments] + [("write", w) for w in writes]
     for i, (how, when) in enumerate(kills):
         folder = fresh(before, tmp_path / f"kill{i}")
         if how == "after":
