@@ -31,7 +31,7 @@ from nclayers.prune import (
     resolve_blocks,
 )
 from nclayers.report.prune_figures import plot_prune
-from nclayers.runtime import resolve_device
+from nclayers.runtime import barrier, is_main, resolve_device, setup_distributed
 from nclayers.table import Table
 from nclayers.train import train_labels_view
 
@@ -53,7 +53,20 @@ def prune_job(cfg: Config, folder: RunFolder | str | Path, *, progress: bool = T
     with folder.lock():
         folder.check_run(cfg)
         folder.check_inputs(STAGES)
-        return _prune(cfg, folder, progress)
+        result = _prune(cfg, folder, progress and is_main())
+    _meet(cfg.device)
+    return result
+
+
+def _meet(device_name: str) -> None:
+    """Under torchrun every rank runs the whole experiment (its fine-tune is not
+    distributed) and rank 0 writes; the ranks then meet once, so that the others return
+    only after rank 0 has written."""
+    proc, _ = setup_distributed(device_name)
+    try:
+        barrier()
+    finally:
+        proc.close()
 
 
 def _prune(cfg: Config, folder: RunFolder, progress: bool) -> PruneResult:
