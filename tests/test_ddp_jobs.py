@@ -1,7 +1,8 @@
 """Issue 17 item 11: verbs under torchrun. Two gloo processes, started as torchrun starts
 them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), run `nclayers train RUN --resume`,
-`nclayers analyze RUN` and `nclayers probe RUN` on the same unnamed run: layers.csv holds
-16 rows (not 32), "wrote" is printed once per verb, only rank 0 writes a file, and rank 1
+`nclayers analyze RUN`, `nclayers probe RUN` and `nclayers prune RUN --blocks 1` on the
+same unnamed run (and `nclayers memorization` on a noisy one): layers.csv holds 16 rows
+(not 32), "wrote" is printed once per verb, only rank 0 writes a file, and rank 1
 returns only once rank 0 has written. The numbers equal one process's measuring the same
 weights (the statistics reduce exactly)."""
 
@@ -36,7 +37,8 @@ pytestmark = [
 # its options, and the line only the main rank prints.
 VERBS = {"train": ("clean", ["--resume", "train.epochs=3"], "run folder"),
          "analyze": ("clean", [], "wrote"), "probe": ("clean", [], "wrote"),
-         "memorization": ("noisy", [], "wrote")}  # fmt: skip
+         "memorization": ("noisy", [], "wrote"),
+         "prune": ("clean", ["--blocks", "1"], "wrote")}  # fmt: skip
 
 
 def free_port() -> int:
