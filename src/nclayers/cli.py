@@ -138,8 +138,11 @@ def cmd_sweep(args) -> int:
     if "report" in summary:
         print(f"  report: {summary['report']}")
     print(f"  {summary['seconds']:.0f} s")
+    for problem in summary.get("damaged", []):  # gathered without them: said, one line each
+        print(f"nclayers sweep: {problem}", file=sys.stderr)
     # Failed stages were recorded and the others ran; the exit status still says so.
-    return int(any(k.endswith((" failed", " blocked")) for k in summary["stages"]))
+    failed = any(k.endswith((" failed", " blocked")) for k in summary["stages"])
+    return int(failed or bool(summary.get("damaged")))
 
 
 def cmd_report(args) -> None:
@@ -188,7 +191,8 @@ def cmd_memorization(args) -> None:
         args.config = args.csv
         cfg, folder = _resolve(args, "memorization")
         result = memorization_job(cfg, folder, progress=not args.quiet)
-        _print_ratios(result.ratios, result.info, folder)
+        if _main_rank():
+            _print_ratios(result.ratios, result.info, folder)
         return
     if args.overrides:
         raise NCLayersError("key=value overrides apply to a run folder, not to a layers.csv")
@@ -232,6 +236,8 @@ def cmd_prune(args) -> None:
     args.overrides = [*args.overrides, *extra]
     cfg, folder = _resolve(args, "prune")
     result = prune_job(cfg, folder, progress=not args.quiet)
+    if not _main_rank():
+        return
     for note in result.notes:
         print(note)
     cols = ["variant", "finetune_epochs", "n_removed", "layers", "blocks", "test_acc",
@@ -254,7 +260,7 @@ def cmd_equality(args) -> None:
     else:  # a sweep folder or a loose layers.csv
         results = equality_tables(target, load_config(None, args.overrides).equality,
                                   plot=not args.no_plot)  # fmt: skip
-    for result in results:
+    for result in results if _main_rank() else ():
         print(result.format())
         print("wrote " + ", ".join(str(p) for p in result.written))
 

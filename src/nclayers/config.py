@@ -436,10 +436,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def config_text(cfg: Config) -> str:
+    """The YAML text of a config, as config.yaml holds it."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> Path:
     from nclayers.files import atomic_write
 
-    return atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return atomic_write(path, config_text(cfg))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -568,6 +573,7 @@ __all__ = [
     "PruneConfig",
     "TrainConfig",
     "compose",
+    "config_text",
     "flatten",
     "load_config",
     "parse_override",

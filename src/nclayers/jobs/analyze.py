@@ -5,7 +5,9 @@ noisy under label noise), whose clean class means define the NCC accuracy, then 
 measured split (test), both under the same `analyze.amp`. The rows replace the analyze
 columns of the folder's layers.csv (other stages' columns, e.g. probe_acc, stay); an
 "analyze" entry goes into summary.json; stages.json records the weights and settings
-measured. A run without trained weights is refused (see `RunFolder.weights`).
+measured. A run without trained weights is refused (see `RunFolder.weights`). Under
+torchrun each rank measures its shard of each split, the statistics are reduced exactly,
+rank 0 writes and the other ranks wait for it.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from nclayers.analysis import AnalysisResult, analyze
 from nclayers.config import Config
 from nclayers.data import load_dataset, make_batches
 from nclayers.jobs.common import load_model, run_folder
-from nclayers.jobs.folder import SUMMARY, RunFolder, stage_settings
+from nclayers.jobs.folder import LAYERS, STAGES, SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
-from nclayers.runtime import barrier, resolve_device
+from nclayers.runtime import barrier, setup_distributed
 from nclayers.table import Table
 from nclayers.train import is_convnet
 
@@ -47,14 +49,24 @@ def analyze_job(
 ) -> AnalyzeResult:
     """Measure `cfg.analyze.split` (and the reference split) with the run's model (or
     `model`, already holding the run's weights) and write the results into `folder`."""
+    proc, device = setup_distributed(cfg.device)  # under torchrun: this rank's shard
     folder = run_folder(folder)
+    try:
+        result = _analyze(cfg, folder, model, proc, device, progress and proc.main)
+        barrier()  # the other ranks return once rank 0 has written
+    finally:
+        proc.close()
+    return result
+
+
+def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool) -> AnalyzeResult:
     with folder.lock():
         ac = cfg.analyze
         splits = [s for s in dict.fromkeys([ac.reference, ac.split]) if s]
         data = {s: load_dataset(cfg.data, s) for s in splits}
         num_classes = data[ac.split].num_classes
-        device = resolve_device(cfg.device)
         folder.check_run(cfg)  # before any work: another run's folder, no weights
+        folder.check_inputs(LAYERS, SUMMARY, STAGES)
         weights = folder.weights(cfg)
         model = (model or load_model(cfg, folder, num_classes)).to(device)
         blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
@@ -65,7 +77,8 @@ def analyze_job(
         tables: dict[str, AnalysisResult] = {}
         t0 = time.perf_counter()
         for s in splits:
-            batches = make_batches(data[s], ac.batch_size, device, channels_last=channels_last)
+            batches = make_batches(data[s], ac.batch_size, device, channels_last=channels_last,
+                                   shard=(proc.rank, proc.world))  # fmt: skip
             ref = tables.get(ac.reference) if s == ac.split else None
             if s == ac.split and ac.reference == ac.split:
                 # NCC needs the class means before the pass that classifies: a first pass,
@@ -91,7 +104,6 @@ def analyze_job(
         folder.write_json(SUMMARY, {**summary, "analyze": entry})
         folder.adopt(cfg)  # the run's config.yaml, once the stage succeeded
         folder.mark_done("analyze", cfg, seconds=time.perf_counter() - t0)
-    barrier()  # the other ranks return once rank 0 has written
     return AnalyzeResult(table, tables, entry)
 
 

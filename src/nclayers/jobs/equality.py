@@ -14,7 +14,6 @@ folder, or for one loose layers.csv.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +27,18 @@ from nclayers.equality import (
 )
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import run_folder
-from nclayers.jobs.folder import LAYERS, PRUNE, RunFolder
+from nclayers.jobs.folder import (
+    EQUALITY,
+    LAYERS,
+    PRUNE,
+    STAGES,
+    RunFolder,
+    equality_stem,
+    slug,
+)
 from nclayers.prune import prune_summary
 from nclayers.report.equality_figures import plot_equality
 from nclayers.table import Table
-
-EQUALITY = "equality"  # equality.csv, equality.json, equality.png (+ "-SPLIT" off test)
 
 
 @dataclass
@@ -53,10 +58,6 @@ class EqualityResult:
         return "\n\n".join(parts)
 
 
-def equality_stem(ec: EqualityConfig) -> str:
-    return EQUALITY if ec.split == "test" else f"{EQUALITY}-{_slug(ec.split)}"
-
-
 def equality_job(
     cfg: Config, folder: RunFolder | str | Path, *, progress: bool = True, plot: bool = True
 ) -> EqualityResult:
@@ -67,6 +68,7 @@ def equality_job(
             raise NCLayersError(
                 f"{folder.path} holds no {LAYERS}; run `nclayers analyze {folder.path}` first"
             )
+        folder.check_inputs(STAGES, PRUNE)
         result = _answer(folder, folder.layers(), cfg.equality, plot)
         verdicts = {str(r.key.get("run")): r.fit.preferred for r in result.reports}
         folder.mark_done("equality", cfg, verdicts=verdicts)
@@ -91,9 +93,10 @@ def _answer(folder: RunFolder, layers: Table, ec: EqualityConfig, plot: bool) ->
     result.written.append(folder.write_table(f"{stem}.csv", equality_table(reports)))
     result.written.append(folder.write_json(f"{stem}.json", [summary_row(r) for r in reports]))
     for rep in reports if plot else ():
-        name = _slug(rep.key.get("run")) if len(reports) > 1 else ""
-        result.written.append(plot_equality(rep, folder.file(f"{stem}-{name}.png" if name
-                                                              else f"{stem}.png")))  # fmt: skip
+        name = slug(rep.key.get("run")) if len(reports) > 1 else ""
+        png = f"{stem}-{name}.png" if name else f"{stem}.png"
+        drawn = folder.draw(png, lambda path, rep=rep: plot_equality(rep, path))
+        result.written += [drawn] if drawn is not None else []
     return result
 
 
@@ -111,10 +114,6 @@ def _tables(target: str | Path) -> list[Path]:
             f"{str(target)!r} holds no {LAYERS}; run `nclayers analyze` on the run first"
         )
     raise NCLayersError(f"{str(target)!r} is neither a layers.csv nor a run or sweep folder")
-
-
-def _slug(value) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value or "")).strip("_")
 
 
 __all__ = ["EQUALITY", "EqualityResult", "equality_job", "equality_stem", "equality_tables"]

@@ -22,11 +22,15 @@ never sees a path.
       manifest.json        sha256 of every file written here, to tell a damaged file
       .lock                held by the process working in the folder
 
-Writes are atomic (temporary file, fsync, rename) and recorded in manifest.json; a read
-checks the file against it, so a file cut short or overwritten by anything else is
-refused naming the file and what to do (a cache is dropped instead). Only one process
-works in a folder at a time (`lock()`, a file lock): two sweeps that share a run never
-train it twice nor tear a file. Under torchrun only rank 0 writes.
+Writes are atomic (temporary file, fsync, rename) and recorded in manifest.json (the new
+checksum before the rename, the old one kept until the write is done, so a kill at any
+moment leaves a file that checks); figures too (`draw`). A read checks the file against
+it, so a file cut short or overwritten by anything else is refused naming the file and
+what to do (a cache is dropped instead), and a stage whose files are missing or damaged
+is out of date. A stage checks the files it reads back before it writes anything. Only
+one process works in a folder at a time (`lock()`, a file lock; its first holder clears
+temporary files a kill left): two sweeps that share a run never train it twice nor tear
+a file. Under torchrun only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -35,14 +39,16 @@ import hashlib
 import io
 import json
 import logging
+import re
+import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nclayers.config import Config, flatten, load_config, save_config, weights_settings
+from nclayers.config import Config, config_text, flatten, load_config, weights_settings
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_open, atomic_write, dumps_json
 from nclayers.table import Table
@@ -61,6 +67,7 @@ MEMORIZATION = "memorization.csv"
 MEMORIZATION_LAYERS = "memorization_layers.csv"
 PRUNE = "prune.csv"
 PRUNE_LAYERS = "prune_layers.csv"
+EQUALITY = "equality"  # equality.csv, equality.json, equality.png (+ "-SPLIT" off test)
 REPORT = "report.html"
 STAGES = "stages.json"
 MANIFEST = "manifest.json"
@@ -74,6 +81,15 @@ LAYER_DESCRIPTORS = ("block", "dim")
 STAGE_COLUMNS = {
     "analyze": ("n", "nc1", "cdnv_mean", "nc2", "ncc_acc", "nc1_classic"),
     "probe": ("probe_acc",),
+}
+# The files a finished stage leaves (equality's, equality[-SPLIT].csv/.json, by its
+# settings): one missing or damaged makes the stage out of date, so a sweep redoes it.
+STAGE_FILES = {
+    "train": (CHECKPOINT, TRAIN_SUMMARY),
+    "analyze": (LAYERS, SUMMARY),
+    "probe": (PROBE, PROBE_HEADS, LAYERS, SUMMARY),
+    "memorization": (MEMORIZATION, MEMORIZATION_LAYERS, SUMMARY),
+    "prune": (PRUNE, PRUNE_LAYERS),
 }
 # What a stage's result depends on besides its own settings: the run's weights, and the
 # results of other stages.
@@ -102,6 +118,7 @@ REMEDY = {
     LAYERS: "delete it and run `nclayers analyze RUN` (and probe) again",
     SUMMARY: "delete it and run the run's stages again",
     TRAIN_SUMMARY: "train the run again (nclayers train RUN --force)",
+    DYNAMICS: "delete it (the NC tracked so far is lost) and run train again",
 }
 log = logging.getLogger("nclayers.jobs")
 
@@ -162,13 +179,15 @@ class RunFolder:
 
     # ----------------------------------------------------------------- writes
     def write(self, name: str, data: str | bytes) -> Path:
-        """Write a file atomically and record its checksum."""
+        """Write a file atomically and record its checksum (see `_expect`)."""
         if not self.writes:
             return self.file(name)
         with self.lock(wait_message=False):
-            path = atomic_write(self.mkdir().file(name), data)
             raw = data.encode() if isinstance(data, str) else data
-            self._record(name, hashlib.sha256(raw).hexdigest(), len(raw))
+            sha = hashlib.sha256(raw).hexdigest()
+            self.mkdir()._expect(name, sha, len(raw))
+            path = atomic_write(self.file(name), data)
+            self._record(name, sha, len(raw))
         return path
 
     def write_json(self, name: str, obj: Any) -> Path:
@@ -188,8 +207,21 @@ class RunFolder:
             with atomic_open(path, "wb") as f:
                 hashing = _HashingWriter(f)
                 torch.save(obj, hashing)
+                self._expect(name, hashing.sha.hexdigest(), hashing.size)  # before the rename
             self._record(name, hashing.sha.hexdigest(), hashing.size)
         return path
+
+    def draw(self, name: str, plot: Callable[[Path], Any]) -> Path | None:
+        """A figure drawn by `plot(path)` (a plotting function that writes `path`), written
+        like every other file: atomically and checksummed. Under torchrun only rank 0
+        draws. None when `plot` drew nothing."""
+        if not self.writes:
+            return None
+        with tempfile.TemporaryDirectory(prefix="nclayers-") as tmp:
+            drawn = Path(tmp) / Path(name).name
+            if plot(drawn) is None or not drawn.is_file():
+                return None
+            return self.write(name, drawn.read_bytes())
 
     def save_figure(self, name: str, fig) -> Path:
         """A matplotlib Figure saved atomically (by its file name's format)."""
@@ -207,6 +239,20 @@ class RunFolder:
             manifest = self._manifest()
             if any(n in manifest for n in names):
                 self._write_manifest({k: v for k, v in manifest.items() if k not in names})
+
+    def _expect(self, name: str, sha: str, size: int) -> None:
+        """Before a file is renamed into place: record its new checksum and keep the old
+        one as "was", so that a kill between the rename and `_record` (or before the
+        rename) leaves a file that still checks, old or new, instead of one that reads
+        as damaged."""
+        if name == MANIFEST:
+            return
+        manifest = self._manifest()
+        old = manifest.get(name)
+        if old is not None and "was" in old:  # an earlier write was cut short: either
+            old = old if self._matches(name, old) else old["was"]
+        manifest[name] = {"sha256": sha, "bytes": size, "was": _plain(old)}
+        self._write_manifest(manifest)
 
     def _record(self, name: str, sha: str, size: int) -> None:
         if name == MANIFEST:
@@ -240,12 +286,26 @@ class RunFolder:
         entry = self._manifest().get(name)
         if entry is None or not path.is_file():
             return path
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            raise self.damaged(name, f"{size} bytes, {entry.get('bytes')} were written")
-        if file_sha256(path) != entry.get("sha256"):
-            raise self.damaged(name, "its contents differ from what nclayers wrote")
+        self._written(name, entry)
         return path
+
+    def _written(self, name: str, entry: dict) -> dict:
+        """The manifest entry the file matches: the last write's, or (when that write was
+        cut short by a kill) the one before it; a file matching neither is damaged."""
+        if self._matches(name, entry):
+            return entry
+        was = entry.get("was")
+        if isinstance(was, dict) and self._matches(name, was):
+            return was
+        size = self.file(name).stat().st_size
+        if size != entry.get("bytes") and not (isinstance(was, dict) and size == was.get("bytes")):
+            raise self.damaged(name, f"{size} bytes, {entry.get('bytes')} were written")
+        raise self.damaged(name, "its contents differ from what nclayers wrote")
+
+    def _matches(self, name: str, entry: dict) -> bool:
+        path = self.file(name)
+        return (path.is_file() and path.stat().st_size == entry.get("bytes")
+                and file_sha256(path) == entry.get("sha256"))  # fmt: skip
 
     def read_bytes(self, name: str) -> bytes:
         return self.verify(name).read_bytes()
@@ -274,6 +334,22 @@ class RunFolder:
         except NCLayersError as err:
             remedy = REMEDY.get(name, "delete it and run the stage that writes it again")
             raise NCLayersError(f"{err}; {remedy}") from None
+
+    def check_inputs(self, *names: str) -> None:
+        """Refuse now, before a stage writes anything, when a file it reads later (to
+        write it back: layers.csv, summary.json, stages.json) is damaged: a stage never
+        fails halfway with some of its files rewritten."""
+        for name in names:
+            if not self.exists(name):
+                continue
+            if name == STAGES:
+                self.stages()
+            elif name.endswith(".json"):
+                self.read_json(name)
+            elif name.endswith(".csv"):
+                self.read_table(name)
+            else:
+                self.verify(name)
 
     def load_torch(self, name: str, cache: bool = False) -> Any:
         """A torch file (weights_only). A damaged cache (`cache=True`) is removed and None
@@ -311,12 +387,7 @@ class RunFolder:
         return load_config(self.file(CONFIG), overrides)
 
     def save_config(self, cfg: Config) -> None:
-        if self.writes:
-            with self.lock(wait_message=False):
-                save_config(cfg, self.mkdir().file(CONFIG))
-                self._record(
-                    CONFIG, file_sha256(self.file(CONFIG)), self.file(CONFIG).stat().st_size
-                )
+        self.write(CONFIG, config_text(cfg))
 
     def adopt(self, cfg: Config) -> None:
         """Make this folder `cfg`'s run: write config.yaml if there is none (call it once the
@@ -379,9 +450,10 @@ class RunFolder:
         record = stages.get(stage)
         if record is None:
             return "missing"
+        broken = self._broken_output(stage, cfg)
+        if broken:
+            return f"out of date: {broken}"
         if stage == "train":
-            if not self.exists(CHECKPOINT):
-                return "out of date: checkpoint.pt is missing"
             if record.get("weights", {}).get("sha256") != self.checkpoint_sha():
                 return "out of date: checkpoint.pt changed since training finished"
         if stage in NEEDS_WEIGHTS:
@@ -404,12 +476,32 @@ class RunFolder:
             return f"out of date: settings changed ({', '.join(keys[:4])})"
         return "done"
 
+    def stage_files(self, stage: str, cfg: Config) -> tuple[str, ...]:
+        """The files `stage` (run with `cfg`) leaves in the folder."""
+        if stage == "equality":
+            stem = equality_stem(cfg.equality)
+            return (f"{stem}.csv", f"{stem}.json")
+        return STAGE_FILES.get(stage, ())
+
+    def _broken_output(self, stage: str, cfg: Config) -> str | None:
+        """Which of the stage's files is missing or damaged (None: all are whole)."""
+        for name in self.stage_files(stage, cfg):
+            if not self.exists(name):
+                return f"{name} is missing"
+            try:
+                self.verify(name)
+            except NCLayersError:
+                return f"{self.file(name)} is damaged"
+        return None
+
     def done(self, stage: str, cfg: Config) -> bool:
         return self.status(stage, cfg) == "done"
 
     # ----------------------------------------------------------------- weights
     def checkpoint_sha(self) -> str | None:
         entry = self._manifest().get(CHECKPOINT)
+        if entry is not None and "was" in entry and self.exists(CHECKPOINT):
+            entry = self._written(CHECKPOINT, entry)  # a write cut short: which one is there
         if entry is not None:
             return entry.get("sha256")
         return file_sha256(self.file(CHECKPOINT)) if self.exists(CHECKPOINT) else None
@@ -474,6 +566,16 @@ class RunFolder:
         return table
 
 
+def equality_stem(ec) -> str:
+    """equality.csv/.json/.png are named "equality", "equality-SPLIT" off the test split."""
+    return EQUALITY if ec.split == "test" else f"{EQUALITY}-{slug(ec.split)}"
+
+
+def slug(value) -> str:
+    """Text as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value or "")).strip("_")
+
+
 def stage_settings(stage: str, cfg: Config) -> dict[str, Any]:
     """The settings a stage's result depends on, flattened (for train: the weights')."""
     if stage == "train":
@@ -488,10 +590,12 @@ def stage_settings(stage: str, cfg: Config) -> dict[str, Any]:
 
 
 def file_sha256(path: str | Path, _cache: dict = {}) -> str:  # noqa: B006
-    """The file's sha256 (remembered per path, size and modification time)."""
+    """The file's sha256, remembered per path, inode, size and times: an atomic write
+    renames a new inode into place, so a file rewritten within one tick of the coarse
+    file clock (same size, same times) is still hashed again."""
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _cache:
         sha = hashlib.sha256()
         with open(path, "rb") as f:
@@ -505,6 +609,11 @@ def _folder_stamp(path: Path) -> str:
     """A cheap identity of a model folder: names, sizes and times of its files."""
     parts = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.iterdir())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _plain(entry: dict | None) -> dict | None:
+    """A manifest entry without its own "was" (one write back is all a kill can leave)."""
+    return None if entry is None else {"sha256": entry.get("sha256"), "bytes": entry.get("bytes")}
 
 
 def _row_key(row: dict) -> tuple:
@@ -531,4 +640,4 @@ class _HashingWriter:
         self.f.flush()
 
 
-__all__ = ["RunFolder", "file_sha256", "stage_settings"]
+__all__ = ["RunFolder", "equality_stem", "file_sha256", "slug", "stage_settings"]

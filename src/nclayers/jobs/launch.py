@@ -19,7 +19,15 @@ from typing import Any
 
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_write, dumps_json
-from nclayers.jobs.sweep import Sweep, collect, load_sweep, run_one, status_path, sweep_json
+from nclayers.jobs.sweep import (
+    Sweep,
+    collect,
+    load_sweep,
+    out_lock,
+    run_one,
+    status_path,
+    sweep_json,
+)
 
 log = logging.getLogger("nclayers.sweep")
 POLL_S = 2.0
@@ -49,13 +57,14 @@ def run_sweep(
         else:
             for run in sweep.runs:
                 run_one(sweep, run.index, progress)
-    summary = collect(sweep)
-    summary["seconds"] = time.perf_counter() - t0
-    atomic_write(sweep.out / "sweep.json", dumps_json(sweep_json(sweep, summary)))
-    if sweep.report:
-        from nclayers.jobs.report import write_report
+    with out_lock(sweep):  # one process gathers at a time; torn writes are cleared
+        summary = collect(sweep)
+        summary["seconds"] = time.perf_counter() - t0
+        atomic_write(sweep.out / "sweep.json", dumps_json(sweep_json(sweep, summary)))
+        if sweep.report:
+            from nclayers.jobs.report import write_report
 
-        summary["report"] = str(write_report(sweep.out))
+            summary["report"] = str(write_report(sweep.out))
     return summary
 
 
@@ -195,7 +204,8 @@ def _record_crash(sweep: Sweep, index: int, job) -> None:
         stages = {s: {"status": "failed", "error": text} for s in sweep.stages}
         status = {"index": index, "id": run.id, "labels": run.labels,
                   "folder": str(run.folder), "stages": stages}  # fmt: skip
-        atomic_write(path, dumps_json(status))
+        with out_lock(sweep):
+            atomic_write(path, dumps_json(status))
 
 
 __all__ = ["SweepTask", "run_on_gpus", "run_sweep", "submit_slurm", "wait_for"]

@@ -16,7 +16,8 @@ it like every other stage):
 
 Writes memorization.csv (per block both NC1 values, Δ, memorizing),
 memorization_layers.csv (every view's per-block rows), memorization.png (the line at
-1) and a "memorization" entry in summary.json.
+1) and a "memorization" entry in summary.json. Under torchrun each rank measures its shard,
+the statistics are reduced exactly, rank 0 writes and the other ranks wait for it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from nclayers.data import (
 )
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model, run_folder
-from nclayers.jobs.folder import MEMORIZATION, MEMORIZATION_LAYERS, SUMMARY, RunFolder
+from nclayers.jobs.folder import MEMORIZATION, MEMORIZATION_LAYERS, STAGES, SUMMARY, RunFolder
 from nclayers.memorization import (
     CLEAN_INPUT,
     CORRUPTED_INPUT,
@@ -52,7 +53,7 @@ from nclayers.memorization import (
 )
 from nclayers.models import find_blocks
 from nclayers.report.figures import plot_metric
-from nclayers.runtime import barrier, resolve_device
+from nclayers.runtime import barrier, setup_distributed
 from nclayers.table import Table
 
 FIGURE = "memorization.png"
@@ -85,17 +86,30 @@ def memorization_job(
             + ("" if noisy else "data.corruption: there is nothing to compare")
             + ("; the ratio compares one kind of noise at a time" if noisy else "")
         )
+    proc, device = setup_distributed(cfg.device)  # under torchrun: this rank's shard
+    try:
+        result = _measure(cfg, folder, model, corrupted, proc, device, progress and proc.main)
+        barrier()  # the other ranks return once rank 0 has written
+    finally:
+        proc.close()
+    return result
+
+
+def _measure(
+    cfg, folder: RunFolder, model, corrupted: bool, proc, device, progress: bool
+) -> MemorizationResult:
     with folder.lock():
         folder.check_run(cfg)
+        folder.check_inputs(SUMMARY, STAGES)
         ds = load_dataset(cfg.data, "train")
         clean_ds = ds.clean_twin() if corrupted else None  # fails here, before any pass
         weights = folder.weights(cfg)
-        device = resolve_device(cfg.device)
         model = (model or load_model(cfg, folder, ds.num_classes)).to(device)
         blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
 
         def measure(data, extra: dict | None = None) -> AnalysisResult:
-            batches = make_batches(data, cfg.analyze.batch_size, device)
+            batches = make_batches(data, cfg.analyze.batch_size, device,
+                                   shard=(proc.rank, proc.world))  # fmt: skip
             return analyze(
                 model, batches, ds.num_classes, blocks, split="train", amp=cfg.analyze.amp,
                 progress=progress, run=cfg.run, extra=extra,
@@ -113,12 +127,12 @@ def memorization_job(
         folder.write_table(MEMORIZATION, ratios)
         folder.write_table(MEMORIZATION_LAYERS, rows)
         kind = "corrupted" if corrupted else "noisy"
-        plot_metric(ratios, "ratio", folder.file(FIGURE), group=("run",),
-                    title=f"memorization ratio Δ = NC1(clean) / NC1({kind})")  # fmt: skip
+        folder.draw(FIGURE, lambda path: plot_metric(
+            ratios, "ratio", path, group=("run",),
+            title=f"memorization ratio Δ = NC1(clean) / NC1({kind})"))  # fmt: skip
         folder.write_json(SUMMARY, {**summary, "memorization": info})
         folder.adopt(cfg)
         folder.mark_done("memorization", cfg, seconds=info["seconds"])
-    barrier()
     return MemorizationResult(ratios, rows, info)
 
 

@@ -30,9 +30,11 @@ from nclayers.config import Config
 from nclayers.data import load_dataset
 from nclayers.jobs.common import load_model, run_folder
 from nclayers.jobs.folder import (
+    LAYERS,
     PROBE,
     PROBE_HEADS,
     PROBE_STATE,
+    STAGES,
     SUMMARY,
     RunFolder,
     stage_settings,
@@ -63,6 +65,7 @@ def probe_job(
     try:
         with folder.lock():
             folder.check_run(cfg)
+            folder.check_inputs(LAYERS, SUMMARY, STAGES)
             table = _probe(cfg, folder, model, device, progress and proc.main)
         barrier()
         return table
@@ -120,7 +123,7 @@ def _write(cfg: Config, folder: RunFolder, table: Table, weights, train_samples,
     folder.save_torch(PROBE_HEADS, {**heads_state(table), "config": cfg.to_dict()})
     # n belongs to the analysis rows (its own sample count); the probe fills its column.
     folder.merge_layers("probe", [{k: v for k, v in r.items() if k != "n"} for r in table])
-    plot_metric(table, "probe_acc", folder.file(PROBE_FIGURE), group=("run",))
+    folder.draw(PROBE_FIGURE, lambda path: plot_metric(table, "probe_acc", path, group=("run",)))
     entry = {
         "settings": stage_settings("probe", cfg),
         "weights": weights,
@@ -135,8 +138,8 @@ def _write(cfg: Config, folder: RunFolder, table: Table, weights, train_samples,
     }
     folder.write_json(SUMMARY, {**summary, "probe": entry})
     folder.adopt(cfg)
+    folder.remove(PROBE_STATE)  # before the stage is done: a kill never leaves it behind
     folder.mark_done("probe", cfg, seconds=table.seconds, mode=table.mode)
-    folder.remove(PROBE_STATE)
 
 
 __all__ = ["PROBE_FIGURE", "probe_job"]

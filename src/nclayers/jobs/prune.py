@@ -21,7 +21,7 @@ from nclayers.equality import analyze_equality
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model, run_folder
 from nclayers.jobs.equality import equality_stem
-from nclayers.jobs.folder import LAYERS, PRUNE, PRUNE_LAYERS, RunFolder
+from nclayers.jobs.folder import LAYERS, PRUNE, PRUNE_LAYERS, STAGES, RunFolder
 from nclayers.models import find_blocks
 from nclayers.prune import (
     check_prunable,
@@ -31,7 +31,7 @@ from nclayers.prune import (
     resolve_blocks,
 )
 from nclayers.report.prune_figures import plot_prune
-from nclayers.runtime import resolve_device
+from nclayers.runtime import barrier, is_main, resolve_device, setup_distributed
 from nclayers.table import Table
 from nclayers.train import train_labels_view
 
@@ -52,7 +52,21 @@ def prune_job(cfg: Config, folder: RunFolder | str | Path, *, progress: bool = T
     folder = run_folder(folder)
     with folder.lock():
         folder.check_run(cfg)
-        return _prune(cfg, folder, progress)
+        folder.check_inputs(STAGES)
+        result = _prune(cfg, folder, progress and is_main())
+    _meet(cfg.device)
+    return result
+
+
+def _meet(device_name: str) -> None:
+    """Under torchrun every rank runs the whole experiment (its fine-tune is not
+    distributed) and rank 0 writes; the ranks then meet once, so that the others return
+    only after rank 0 has written."""
+    proc, _ = setup_distributed(device_name)
+    try:
+        barrier()
+    finally:
+        proc.close()
 
 
 def _prune(cfg: Config, folder: RunFolder, progress: bool) -> PruneResult:
@@ -96,7 +110,7 @@ def _prune(cfg: Config, folder: RunFolder, progress: bool) -> PruneResult:
     )  # fmt: skip
     folder.write_table(PRUNE, summary)
     folder.write_table(PRUNE_LAYERS, layers)
-    plot_prune(summary, folder.file(PRUNE_PNG), layers)
+    folder.draw(PRUNE_PNG, lambda path: plot_prune(summary, path, layers))
     folder.adopt(cfg)
     folder.mark_done("prune", cfg, blocks=[blocks[l - 1].name for l in chosen], label=label)
     return PruneResult(summary, layers, prune_summary(summary), notes)

@@ -41,6 +41,11 @@ KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
 STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
 # A figure can be read when a clean model is well above chance (this many times it) and
 # a noisy one fits this share of its changed labels (Δ needs memorization to mean anything).
+LAYOUT_FIGURE = "figures/layers.png"  # drawn by the report when its data is newer
+DYNAMICS_FIGURE = "figures/nc_dynamics.png"
+# The stage that draws each of a run's own figures (by file stem, before any "-SPLIT").
+FIGURE_STAGES = {"probe_acc": "probe", "memorization": "memorization", "prune": "prune",
+                 "equality": "equality"}  # fmt: skip
 ABOVE_CHANCE = 3.0
 FITS_NOISE = 0.9
 
@@ -108,9 +113,9 @@ def _run_sections(folder: RunFolder) -> tuple[str, list[Section]]:
         sections.append(Section("Each run", subsections=[_subrun(RunFolder(p)) for p in subruns]))
     if ratios:
         sections.append(memorization_section(ratios, notes))
-    figures = run_figures(folder, layers, ratios, notes)
-    if figures:
-        sections.append(Section("Figures", figures=figures))
+    figures, left_out = run_figures(folder, layers, ratios, notes)
+    if figures or left_out:
+        sections.append(Section("Figures", text=" ".join(left_out), figures=figures))
     if layers:
         cols = [c for c in LAYER_COLUMNS if c in layers.columns]
         cols += [c for c in layers.columns if c not in cols]
@@ -154,35 +159,56 @@ def _subrun(folder: RunFolder) -> Section:
                    items=items)  # fmt: skip
 
 
-def run_figures(folder: RunFolder, layers: Table, ratios: Table, notes: list[str]) -> list[Figure]:
+def run_figures(
+    folder: RunFolder, layers: Table, ratios: Table, notes: list[str]
+) -> tuple[list[Figure], list[str]]:
     """The run's figures: the paper's layout and the NC dynamics, drawn into figures/ when
-    missing or older than their data, and the stages' own PNGs that are whole."""
+    missing, damaged or older than their data, and the stages' own PNGs that are whole;
+    and a note for each stage's PNG left out because it is damaged."""
     from nclayers.report.figures import plot_layout
 
-    figs = [Figure(p, p.name) for p in sorted(folder.path.glob("*.png")) if _whole_png(p)]
-    drawn = folder.file("figures/layers.png")
+    figs, left_out = [], []
+    for p in sorted(folder.path.glob("*.png")):
+        if _whole_png(p) and _as_written(folder, p.name):
+            figs.append(Figure(p, p.name))
+        else:
+            stage = FIGURE_STAGES.get(p.stem.split("-")[0], "the stage that draws it:")
+            left_out.append(f"{p} is damaged and left out; run `nclayers {stage} "
+                            f"{folder.path}` again to redraw it.")  # fmt: skip
+    drawn = folder.file(LAYOUT_FIGURE)
     sources = [folder.file(n) for n in (LAYERS, MEMORIZATION)]
-    if layers and _older(drawn, sources):
+    if layers and _older(folder, LAYOUT_FIGURE, sources):
         noisy = any(r.get("view") == "noisy" for r in layers)
         several = len({r.get("run") for r in layers}) > 1  # one curve per run
-        plot_layout(layers, drawn.with_suffix(""), "noisy" if noisy else "clean",
-                    curves="run" if several else None, memorization=ratios if noisy else None,
-                    formats=("png",), notes=notes)  # fmt: skip
+        folder.draw(LAYOUT_FIGURE, lambda path: plot_layout(
+            layers, path.with_suffix(""), "noisy" if noisy else "clean",
+            curves="run" if several else None, memorization=ratios if noisy else None,
+            formats=("png",), notes=notes))  # fmt: skip
     if drawn.is_file():
         figs.insert(0, Figure(drawn, "NC per block (the paper's layout)"))
     if folder.exists(DYNAMICS):
         from nclayers.report.dynamics import plot_dynamics
 
-        dyn = folder.file("figures/nc_dynamics.png")
-        if _older(dyn, [folder.file(DYNAMICS)]):
-            plot_dynamics(folder.read_table(DYNAMICS), dyn)
-        figs.append(Figure(dyn, "NC per block during training"))
-    return figs
+        if _older(folder, DYNAMICS_FIGURE, [folder.file(DYNAMICS)]):
+            dynamics = folder.read_table(DYNAMICS)
+            folder.draw(DYNAMICS_FIGURE, lambda path: plot_dynamics(dynamics, path))
+        figs.append(Figure(folder.file(DYNAMICS_FIGURE), "NC per block during training"))
+    return figs, left_out
 
 
-def _older(target: Path, sources: list[Path]) -> bool:
-    """Whether `target` is missing, damaged or older than any of `sources`."""
-    if not target.is_file() or not _whole_png(target):
+def _as_written(folder: RunFolder, name: str) -> bool:
+    """Whether the file matches its checksum in manifest.json (or has none there)."""
+    try:
+        folder.verify(name)
+    except NCLayersError:
+        return False
+    return True
+
+
+def _older(folder: RunFolder, name: str, sources: list[Path]) -> bool:
+    """Whether the figure `name` is missing, damaged or older than any of `sources`."""
+    target = folder.file(name)
+    if not target.is_file() or not _whole_png(target) or not _as_written(folder, name):
         return True
     mtime = target.stat().st_mtime_ns
     return any(s.is_file() and s.stat().st_mtime_ns > mtime for s in sources)

@@ -41,6 +41,7 @@ requeued on preemption or timeout and continuing from its checkpoint; `--print` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -312,6 +313,22 @@ def status_path(sweep: Sweep, run: Run) -> Path:
     return sweep.out / "status" / f"{run.index:04d}-{run.id}.json"
 
 
+@contextlib.contextmanager
+def out_lock(sweep: Sweep):
+    """Hold the lock of the sweep's own folder (its status files, tables, figures and
+    report): processes of one sweep write it in turn, and the first holder clears the
+    temporary files of writes a kill cut short."""
+    from filelock import FileLock
+
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(sweep.out / ".lock"), is_singleton=True)
+    with lock:
+        if lock.lock_counter == 1:
+            for torn in [*sweep.out.glob(".*.tmp"), *sweep.out.glob("status/.*.tmp")]:
+                torn.unlink(missing_ok=True)
+        yield
+
+
 def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
     """Run every stage of run `index` that is not done and up to date; a failing stage is
     recorded (never raised) and the stages that need it are blocked."""
@@ -337,7 +354,8 @@ def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
                 failed.add(name)
         _say(sweep, run, name, record, progress)
         status["stages"][name] = record
-    atomic_write(status_path(sweep, run), dumps_json(status))
+    with out_lock(sweep):
+        atomic_write(status_path(sweep, run), dumps_json(status))
     return status
 
 
@@ -379,29 +397,31 @@ def _describe(run: Run) -> str:
 def collect(sweep: Sweep) -> dict:
     """Gather every run's tables into ROOT/<name>/: layers.csv, memorization.csv,
     probe.csv (when any run has one), runs.csv; then draw the figures."""
-    from nclayers.jobs.folder import MEMORIZATION, PROBE, RunFolder
+    from nclayers.jobs.folder import LAYERS, MEMORIZATION, PROBE, RunFolder
     from nclayers.jobs.report import draw_figures
 
     out = sweep.out
     schema = dict.fromkeys(sweep.axes, str)
     tables = {n: Table(schema=schema) for n in ("layers", "memorization", "probe", "runs")}
     notes: list[str] = []
+    damaged: list[str] = []  # files that could not be read: said, and the exit status says so
     for run in sweep.runs:
         folder, tag = RunFolder(run.folder), {"run": run.id, **run.labels}
-        row = _run_row(sweep, run, folder)
+        row = _run_row(sweep, run, folder, damaged)
         tables["runs"].append(row)
         if row.get("notes"):
             notes.append(f"{_describe(run)}: {row['notes']}")
-        try:
-            rows = folder.layers()
-            ratios = folder.read_table(MEMORIZATION) or _ratios(rows)
-            probe = folder.read_table(PROBE)
-        except NCLayersError as err:  # a damaged run is reported, the others gathered
-            row["errors"] = "; ".join(filter(None, [row.get("errors"), str(err)]))
-            continue
-        tables["layers"].extend({**r, **tag} for r in rows)
-        tables["memorization"].extend({**r, **tag} for r in ratios)
-        tables["probe"].extend({**r, **tag} for r in probe)
+        got: dict[str, Table] = {}
+        for key, name in (("layers", LAYERS), ("memorization", MEMORIZATION), ("probe", PROBE)):
+            try:
+                got[key] = folder.read_table(name)
+            except NCLayersError as err:  # a damaged table is reported, the others gathered
+                got[key] = Table()
+                row["errors"] = "; ".join(filter(None, [row.get("errors"), str(err)]))
+                damaged.append(f"run {run.index}: {err}")
+        got["memorization"] = got["memorization"] or _ratios(got["layers"])
+        for key, rows in got.items():
+            tables[key].extend({**r, **tag} for r in rows)
     written = _write_tables(out, tables)
     errors: list[str] = []
     try:
@@ -417,10 +437,10 @@ def collect(sweep: Sweep) -> dict:
             state = str(r[name]).split(":")[0]
             counts[f"{name} {state}"] = counts.get(f"{name} {state}", 0) + 1
     return {"files": written, "stages": counts, "runs": len(sweep.runs), "figure_errors": errors,
-            "notes": notes}  # fmt: skip
+            "notes": notes, "damaged": list(dict.fromkeys(damaged))}  # fmt: skip
 
 
-def _run_row(sweep: Sweep, run: Run, folder) -> dict:
+def _run_row(sweep: Sweep, run: Run, folder, damaged: list[str]) -> dict:
     """One row of runs.csv: labels, each stage's state now, accuracies, notes, errors."""
     from nclayers.jobs.folder import TRAIN_SUMMARY
     from nclayers.jobs.report import readability
@@ -430,6 +450,7 @@ def _run_row(sweep: Sweep, run: Run, folder) -> dict:
     row: dict[str, Any] = {"index": run.index, "run": run.id, **run.labels}
     errors = [f"{n}: {rec['error']}" for n, rec in (status.get("stages") or {}).items()
               if rec.get("error")]  # fmt: skip
+    row.update(dict.fromkeys(sweep.stages, "unknown"))  # until the folder says
     try:
         for name in sweep.stages:
             rec = (status.get("stages") or {}).get(name) or {}
@@ -449,6 +470,7 @@ def _run_row(sweep: Sweep, run: Run, folder) -> dict:
         )  # fmt: skip
     except NCLayersError as err:
         errors.append(str(err))
+        damaged.append(f"run {run.index}: {err}")
     row.update(errors="; ".join(errors) or None, folder=str(run.folder))
     return row
 
@@ -510,5 +532,5 @@ def describe(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Run", "Sweep", "collect", "commands", "describe", "load_sweep", "run_id",
-           "run_one", "stage_jobs", "sweep_json"]  # fmt: skip
+__all__ = ["Run", "Sweep", "collect", "commands", "describe", "load_sweep", "out_lock",
+           "run_id", "run_one", "stage_jobs", "sweep_json"]  # fmt: skip

@@ -35,10 +35,17 @@ from nclayers.config import Config, weights_settings
 from nclayers.data import balanced_subset, load_dataset, make_batches
 from nclayers.errors import NCLayersError
 from nclayers.jobs.common import build_from_config, run_folder
-from nclayers.jobs.folder import CHECKPOINT, DYNAMICS, TRAIN_LOG, TRAIN_SUMMARY, RunFolder
+from nclayers.jobs.folder import (
+    CHECKPOINT,
+    DYNAMICS,
+    STAGES,
+    TRAIN_LOG,
+    TRAIN_SUMMARY,
+    RunFolder,
+)
 from nclayers.memorization import memorized_fraction
 from nclayers.models import find_blocks
-from nclayers.runtime import Distributed, cudnn_benchmark, seeded, setup_distributed
+from nclayers.runtime import Distributed, barrier, cudnn_benchmark, seeded, setup_distributed
 from nclayers.table import Table
 from nclayers.train import (
     EVAL_BATCH,
@@ -88,7 +95,9 @@ def train_job(
     try:
         with folder.lock(), seeded(cfg.train.seed), cudnn_benchmark(device.type == "cuda"):
             start = _start(cfg, folder, resume, force)
-            return _train(cfg, folder, proc, device, start, stop_after, progress and proc.main)
+            result = _train(cfg, folder, proc, device, start, stop_after, progress and proc.main)
+        barrier()  # the other ranks return once rank 0 has written the summary
+        return result
     finally:
         proc.close()
 
@@ -96,6 +105,7 @@ def train_job(
 def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> _Start:
     """Where training starts: a new run, or the folder's checkpoint. Refuses to overwrite
     a run unless asked (force), and to resume one with other data or model settings."""
+    folder.check_inputs(STAGES)  # read after config.yaml is written: refuse before
     if force or not folder.exists(CHECKPOINT):
         if resume:
             raise NCLayersError(
@@ -103,6 +113,7 @@ def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> 
             )
         return _Start()
     state = folder.load_torch(CHECKPOINT)
+    folder.check_inputs(DYNAMICS)  # trimmed and appended to on resume
     saved = Config.model_validate(state["config"]) if "config" in state else folder.config()
     mine, theirs = weights_settings(saved), weights_settings(cfg)
     changed = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
@@ -113,18 +124,23 @@ def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> 
             "pick another --out, or --force to train this config there from scratch"
         )
     finished = state["epoch"] >= saved.train.epochs
+    # Every epoch ran, but the run's last files are not there (a kill after the last
+    # checkpoint) or were damaged since: finish it from the checkpoint, without training.
+    finish = finished and not changed and folder.status("train", cfg) != "done"
     if resume is None:  # the sweep's way: resume only an interrupted run of the same settings
-        resume = not (finished or changed)
+        resume = finish or not (finished or changed)
     if not resume:
         what = f"a finished run ({state['epoch']} epochs)" if finished else (
             f"an interrupted run (checkpoint at epoch {state['epoch']} of "
             f"{saved.train.epochs})"
         )  # fmt: skip
+        if finish:
+            what = f"a run whose {state['epoch']} epochs ran but whose last files were not written"
         raise NCLayersError(
             f"{folder.path} holds {what}; --resume to continue it (train.epochs=N to train "
             "longer), or --force to start over"
         )
-    if state["epoch"] >= cfg.train.epochs:
+    if state["epoch"] >= cfg.train.epochs and not finish:
         raise NCLayersError(
             f"--resume: {folder.path} is already trained for {state['epoch']} epochs; "
             f"set train.epochs above {state['epoch']} to train longer"
@@ -228,11 +244,14 @@ def _train(cfg, folder, proc, device, start: _Start, stop_after, progress) -> Tr
     folder.forget("train")
     end = tc.epochs if stop_after is None else min(tc.epochs, stop_after)
     say, board, close = _outputs(folder, proc, start, tc.tensorboard)
-    say(
-        f"{cfg.model.name} on {cfg.data.name} ({len(s.train_ds)} train / "
-        f"{len(s.test_ds)} test), {device}, {proc.world} process(es), per-process "
-        f"batch {tc.batch_size // proc.world}, epochs {start.epoch + 1}..{end} of {tc.epochs}"
-    )
+    if start.epoch >= end:
+        say(f"every epoch ran (checkpoint at epoch {start.epoch}): writing the run's summary")
+    else:
+        say(
+            f"{cfg.model.name} on {cfg.data.name} ({len(s.train_ds)} train / "
+            f"{len(s.test_ds)} test), {device}, {proc.world} process(es), per-process "
+            f"batch {tc.batch_size // proc.world}, epochs {start.epoch + 1}..{end} of {tc.epochs}"
+        )
     t0 = time.perf_counter()
     try:
         if s.tracker is not None and start.state is None:
