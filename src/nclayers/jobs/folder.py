@@ -82,8 +82,9 @@ DEPENDS_ON = {"equality": ("analyze",), "prune": ()}
 # The config keys whose values a stage's result depends on (prefixes); keys that only
 # say where or how fast (data.dir, device, batch sizes) are left out.
 STAGE_SETTINGS = {
-    "analyze": ("data", "model", "analyze.split", "analyze.reference", "analyze.classic_nc1",
-                "analyze.amp", "analyze.task", "analyze.top_k", "run"),
+    "analyze": ("data", "model", "analyze.split", "analyze.reference",
+                "analyze.reference_subset", "analyze.classic_nc1", "analyze.amp",
+                "analyze.task", "analyze.top_k", "run"),
     "probe": ("data", "model", "probe", "run"),
     "memorization": ("data", "model", "analyze.amp", "run"),
     "prune": ("data", "model", "prune", "equality", "train", "run"),
