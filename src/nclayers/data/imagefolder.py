@@ -163,8 +163,9 @@ def split_folder(root: str | Path, split: str) -> Path:
         raise NCLayersError(
             f"data.dir={str(root)!r} does not exist: pass the folder holding train/<class>/ "
             "and val/<class>/ image folders (ImageNet: docs/imagenet.md says how to arrange "
-            "it). The -cpu-mini sweeps read a generated folder: make it with `nclayers "
-            f"make-folder {root}` (the command in the sweep file's header)"
+            "the official tarballs). If it is the generated folder of a -cpu-mini sweep, "
+            f"make it first: `nclayers make-folder {root}` (the command in the sweep file's "
+            "header)"
         )
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -427,7 +427,10 @@ class RunFolder:
             if not path.is_file():
                 raise NCLayersError(
                     f"model.checkpoint={mc.checkpoint!r}: no such file; pass the path of a "
-                    "weights file (nclayers, torchvision, timm or mmpretrain)"
+                    "weights file (nclayers, torchvision, timm or mmpretrain). Nothing is "
+                    "downloaded at run time: the paper's ImageNet weights are files of "
+                    "mmpretrain's model zoo, listed with their URLs in docs/imagenet.md and "
+                    "in the header of each configs/paper/fig*-imagenet.yaml"
                 )
             return {"file": str(path.resolve()), "sha256": file_sha256(path)}
         if self.exists(CHECKPOINT):
