@@ -2,15 +2,18 @@
 
     python benchmarks/imagenet_pipeline.py --json bench_imagenet.json
     python benchmarks/imagenet_pipeline.py --only decode --workers 1 --json bench_w1.json
-    python benchmarks/imagenet_pipeline.py --device cuda --folder /data/imagenet \\
-        --json bench_imagenet_cuda.json
+    python benchmarks/imagenet_pipeline.py --device cuda --folder /datasets/imagenet \\
+        --k1000 /datasets/imagenet --json bench_imagenet_cuda.json
 
-Folders: `--folder DIR` (ImageFolder layout, train/ and val/), else generated in a
-temporary folder: digits upscaled to about ImageNet's sizes (400 px wide, aspect ratios
-3/4 to 4/3, with grain so they decode like photographs), and a 1,000-class folder of tiny
-images for the analysis. Every figure is measured twice in the same run: wall-clock time,
-and CPU time (this process and its DataLoader workers, which are joined at the end of
-each pass), because on a shared machine the wall clock also measures the neighbours.
+Folders: `--folder DIR` (ImageFolder layout, train/ and val/; at most `--max-images`
+class-balanced images of each split are read, the same on both sides) and `--k1000 DIR`
+(real ImageNet: the analysis is then a pass over its 50,000 validation images), else
+generated in a temporary folder: digits upscaled to about ImageNet's sizes (400 px wide,
+aspect ratios 3/4 to 4/3, with grain so they decode like photographs), and a 1,000-class
+folder of tiny images for the analysis. Every figure is measured twice in the same run:
+wall-clock time, and CPU time (this process and its DataLoader workers, which are joined
+at the end of each pass), because on a shared machine the wall clock also measures the
+neighbours.
 Prints and writes:
 
   decode_over_torchvision   images/s of nclayers' FolderBatches over torchvision's
@@ -49,7 +52,7 @@ from pathlib import Path
 import torch
 
 import nclayers
-from nclayers.data import FolderBatches
+from nclayers.data import FolderBatches, balanced_subset
 from nclayers.data.folderbatches import default_workers
 from nclayers.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_folder_split
 from nclayers.data.make_folder import make_image_folder, make_k1000_folder
@@ -77,8 +80,11 @@ def timed(fn, sync) -> tuple[float, float, object]:
     return time.perf_counter() - wall, cpu_seconds() - cpu, result
 
 
-def torchvision_loader(root: Path, split: str, train: bool, batch: int, workers: int):
-    from torch.utils.data import DataLoader
+def torchvision_loader(root: Path, split: str, train: bool, batch: int, workers: int,
+                       keep: torch.Tensor | None = None):  # fmt: skip
+    """torchvision's ImageFolder + DataLoader; `keep`: positions of the samples to read
+    (ImageFolder lists the files in nclayers' order: sorted classes, sorted names)."""
+    from torch.utils.data import DataLoader, Subset
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -88,6 +94,8 @@ def torchvision_loader(root: Path, split: str, train: bool, batch: int, workers:
     )  # fmt: skip
     tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     folder = datasets.ImageFolder(root / split, transform=T.Compose(geometry + tail))
+    if keep is not None:
+        folder = Subset(folder, keep.tolist())
     return DataLoader(folder, batch_size=batch, shuffle=train, num_workers=workers,
                       pin_memory=torch.cuda.is_available())  # fmt: skip
 
@@ -100,13 +108,18 @@ def one_pass(batches, device: torch.device) -> int:
     return seen
 
 
-def decode_ratios(root: Path, device, batch: int, workers: int, repeats: int, sync) -> dict:
+def decode_ratios(root: Path, device, batch: int, workers: int, repeats: int, sync,
+                  max_images: int | None = None) -> dict:  # fmt: skip
     out = {}
     for name, split, train in (("eval", "test", False), ("probe_train", "train", True)):
         ds = load_folder_split(root, split, workers=workers)
+        keep = None
+        if max_images and max_images < len(ds):  # e.g. real ImageNet: a balanced sample
+            keep = balanced_subset(ds.labels["clean"], max_images, ds.num_classes)
+            ds = ds.subset(keep)
         sides = {
             "torchvision": torchvision_loader(root, "val" if split == "test" else "train",
-                                              train, batch, workers),
+                                              train, batch, workers, keep),
             "nclayers": FolderBatches(ds, batch, device, train=train),
         }  # fmt: skip
         wall: dict[str, list] = {k: [] for k in sides}
@@ -209,6 +222,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--folder", type=Path, help="an ImageFolder data set (train/, val/)")
     p.add_argument("--k1000", type=Path, help="a 1,000-class folder for the analysis")
     p.add_argument("--per-class", type=int, default=100, help="generated images per class")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=10_000,
+        help="decode: at most this many images per split (class-balanced)",
+    )
     p.add_argument("--k1000-per-class", type=int, default=1, help="its val images per class")
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--batch-size", type=int, default=None, help="64 on CPU, 256 on CUDA")
@@ -234,7 +253,8 @@ def main() -> None:
                 make_image_folder(folder, per_class=args.per_class,
                                   val_per_class=args.per_class, size=400, grain=8.0)  # fmt: skip
             result["decode_over_torchvision"] = decode_ratios(
-                folder, device, batch, args.workers, args.repeats, sync)  # fmt: skip
+                folder, device, batch, args.workers, args.repeats, sync, args.max_images
+            )
         if args.only != "decode":
             k1000 = args.k1000
             if k1000 is None:
