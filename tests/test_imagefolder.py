@@ -311,6 +311,10 @@ def test_bad_folders_and_settings_name_the_fix(folder, tmp_path):
     with pytest.raises(ValueError, match=r"no folder val/.*holds \['train'\]"):
         (tmp_path / "a" / "train" / "n1").mkdir(parents=True)
         load_folder_split(tmp_path / "a", "test")
+    gone = tmp_path / "mini"  # a -cpu-mini sweep before its folder was made
+    with pytest.raises(ValueError, match=rf"data.dir='{gone}' does not exist.*`nclayers "
+                       rf"make-folder {gone}`"):  # fmt: skip
+        load_dataset(data_cfg(gone), "train")
     flat = tmp_path / "flat" / "val"
     flat.mkdir(parents=True)
     (flat / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"x")
@@ -372,6 +376,25 @@ def test_generated_folder_from_real_cifar10(shared_data, tmp_path):
         k = manifest["wnids"].index(path.parent.name)
         errors = (cifar.images[cifar.labels["clean"] == k].float() - small).abs().mean((1, 2, 3))
         assert errors.min() < 12  # grey levels: resampling and JPEG, not another image
+
+
+def test_make_folder_without_options_makes_the_mini_sweeps_folder(tmp_path, monkeypatch):
+    """`nclayers make-folder OUT` (the command the -cpu-mini sweeps name) writes the
+    library's default folder: 50 training and 20 validation images per class, 80 px."""
+    import inspect
+
+    import nclayers.data.make_folder as mf
+    from nclayers.cli import main
+
+    params = inspect.signature(mf.make_image_folder).parameters
+    defaults = {k: p.default for k, p in params.items()}
+    calls = []
+    monkeypatch.setattr(mf, "make_image_folder", lambda out, **kw: calls.append(kw) or {})
+    assert main(["make-folder", str(tmp_path / "m")]) == 0
+    assert main(["make-folder", str(tmp_path / "n"), "--per-class", "3", "--size", "40"]) == 0
+    assert (defaults["per_class"], defaults["val_per_class"], defaults["size"]) == (50, 20, 80)
+    assert not {"per_class", "val_per_class", "size"} & set(calls[0])
+    assert (calls[1]["per_class"], calls[1]["size"]) == (3, 40)
 
 
 def test_generation_refuses_a_used_folder_and_bad_sizes(folder, tmp_path):

@@ -93,3 +93,46 @@ def test_resnet18_in1k_runs_at_224_on_the_cpu():
     model = build_model("resnet18_in1k", num_classes=3).eval()
     shapes = probe_shapes(model, find_blocks(model), torch.randn(1, 3, 224, 224))
     assert shapes[0][0] == (1, 64, 56, 56) and shapes[-1][0] == (1, 512, 7, 7)
+
+
+@pytest.mark.parametrize(("name", "widths"), [
+    ("resnet18_in1k", stages([16, 32, 64, 128], [2, 2, 2, 2])),
+    ("resnet50_in1k", stages([64, 128, 256, 512], [3, 4, 6, 3])),
+    ("vgg13_in1k", stages([16, 32, 64, 128], [2, 2, 2, 4])),
+])  # fmt: skip
+def test_narrow_forms_keep_the_imagenet_architecture_a_quarter_as_wide(name, widths):
+    """model.width=16 (the -cpu-mini sweeps): the 7x7 stem, max-pool, depths and module
+    names of the ImageNet form, every stage a quarter as wide, at any input size."""
+    with torch.device("meta"):
+        narrow, full = build_model(name, 10, width=16), build_model(name, 10)
+        blocks = find_blocks(narrow)
+        shapes = probe_shapes(narrow, blocks, torch.empty(1, 3, 64, 64))
+        assert narrow(torch.empty(2, 3, 64, 64)).shape == (2, 10)
+    assert [b.name for b in blocks] == [b.name for b in find_blocks(full)]
+    assert [d for _, d in shapes] == widths
+    assert set(narrow.state_dict()) == set(full.state_dict())
+    stem = narrow.conv1 if name.startswith("resnet") else narrow.features[0]
+    assert stem.out_channels == 16 and stem.kernel_size == (7 if "resnet" in name else 3,) * 2
+
+
+def test_width_64_or_none_is_the_standard_network_and_bad_widths_are_refused():
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in tvm.resnet50(weights=None).state_dict().items()}
+        for width in (None, 64):
+            model = build_model("resnet50_in1k", 1000, width=width)
+            assert type(model) is tvm.ResNet
+            assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+        with pytest.raises(ValueError, match=r"model.width=0 for vgg16_in1k: an integer 1..64"):
+            build_model("vgg16_in1k", 10, width=0)
+
+
+def test_transformer_forms_take_a_smaller_image_size():
+    with torch.device("meta"):
+        swin = build_model("swin_tiny_in1k", 10, img_size=64, embed_dim=24, patch_size=4,
+                           window_size=4)  # fmt: skip
+        vit = build_model("vit_small_in1k", 10, img_size=64, embed_dim=96, patch_size=8)
+        for model, dim in ((swin, 24), (vit, 96)):
+            blocks = find_blocks(model)
+            assert len(blocks) == 12
+            assert probe_shapes(model, blocks, torch.empty(1, 3, 64, 64))[0][1] == dim
+            assert model(torch.empty(1, 3, 64, 64)).shape == (1, 10)

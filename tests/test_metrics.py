@@ -427,3 +427,52 @@ def test_state_dict_keeps_the_invalid_count():
     loaded = ClassStats.from_state_dict(state.state_dict())
     with pytest.raises(ValueError, match="label"):
         loaded.nc1()
+
+
+# --------------------------------------------------------------- nc1's distances on the CPU
+def exact_distances(means: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(means, means, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
+def centred_gram(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    centred = means - means.mean(1, keepdim=True)
+    return centred, centred @ centred.transpose(1, 2)
+
+
+def test_gram_distances_equal_exact_differences_on_spread_means():
+    """Well-separated means (the usual case): every pair from the Gram, none recomputed,
+    each within DIST_RTOL of the exact differences (in practice ~1e-15)."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(2, 300, 512, dtype=torch.float64, generator=gen) + 50.0
+    _, gram = centred_gram(means)
+    dists, redo = metrics.gram_distances(gram, 512)
+    assert len(redo) == 0
+    want = exact_distances(means)
+    off = ~torch.eye(300, dtype=torch.bool)
+    assert ((dists - want).abs()[:, off] <= metrics.DIST_RTOL * want[:, off]).all()
+    assert ((dists - want).abs()[:, off] <= 1e-13 * want[:, off]).all()
+
+
+def test_close_means_far_from_the_centre_are_recomputed_exactly():
+    """Pairs 1e-6 apart on means 1e3 from their centre: the Gram alone cancels (its error
+    ~ 1e6 u relative to the distance), so exactly those pairs take exact differences, and
+    identical means keep their exact zero (an infinite CDNV, reported)."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(1, 40, 64, dtype=torch.float64, generator=gen) * 1e3
+    means = base.clone()
+    means[0, 1] = means[0, 0] + 1e-6 * torch.randn(64, dtype=torch.float64, generator=gen)
+    means[0, 3] = means[0, 2]  # identical
+    centred, gram = centred_gram(means)
+    naive, redo = metrics.gram_distances(gram, 64)
+    pairs = {tuple(p) for p in redo[:, 1:].tolist()}
+    assert {(0, 1), (2, 3)} <= pairs and len(pairs) < 10
+    want = exact_distances(means)
+    assert abs(naive[0, 0, 1] - want[0, 0, 1]) > 1e-3 * want[0, 0, 1]  # the Gram alone: wrong
+    got = metrics.square_distances(means, centred, gram)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    assert got[0, 2, 3] == 0.0 and got[0, 3, 2] == 0.0
+    y = torch.arange(40).repeat(3)
+    x = means[0][y] + 1e-3 * torch.randn(120, 64, dtype=torch.float64, generator=gen)
+    x[y == 3] = x[y == 2]  # classes 2 and 3: the same samples, so the same mean
+    with pytest.raises(ValueError, match="identical feature means"):
+        metrics.nc1(x, y, 40)

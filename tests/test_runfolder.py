@@ -248,6 +248,34 @@ def test_analysis_same_split_reference_uses_the_measured_autocast(trained, tmp_p
     assert seen and set(seen) == {False}
 
 
+def test_ncc_means_from_a_class_balanced_reference_subset(trained, tmp_path):
+    """analyze.reference_subset: the NCC means (and the reference rows) come from a
+    class-balanced subset of the reference split; the measured split stays whole; the
+    setting is part of the stage's fingerprint; fewer samples than classes is refused."""
+    import nclayers
+    from nclayers.data import load_dataset, make_batches
+    from nclayers.errors import NCLayersError
+    from nclayers.jobs.analyze import reference_set
+
+    folder = RunFolder(copy_of(trained, tmp_path))
+    cfg = folder.config(["analyze.reference_subset=30"])
+    table = analyze_job(cfg, folder, progress=False)
+    assert {r["n"] for r in table if r["split"] == "train"} == {30}
+    assert {r["n"] for r in table if r["split"] == "test"} == {100}
+    subset = reference_set(cfg, load_dataset(cfg.data, "train"))
+    assert len(subset) == 30 and torch.bincount(subset.labels["clean"]).tolist() == [3] * 10
+    model = load_model(cfg, folder, 10)
+    ref = nclayers.analyze(model, make_batches(subset, 100), 10, progress=False)
+    want = nclayers.analyze(model, make_batches(load_dataset(cfg.data, "test"), 100), 10,
+                            reference=ref, progress=False)  # fmt: skip
+    assert [r["ncc_acc"] for r in table if r["split"] == "test"] == [r["ncc_acc"] for r in want]
+    assert folder.status("analyze", cfg) == "done"
+    whole = cfg.updated({"analyze.reference_subset": None})
+    assert "analyze.reference_subset" in folder.status("analyze", whole)
+    with pytest.raises(NCLayersError, match=r"analyze.reference_subset=5: fewer samples than"):
+        analyze_job(folder.config(["analyze.reference_subset=5"]), folder, progress=False)
+
+
 # ----------------------------------------------------------------------------- files
 def test_writes_are_atomic_and_checked(tmp_path):
     folder = RunFolder(tmp_path)

@@ -5,6 +5,7 @@ the local executor, and labels that are text."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,40 @@ def test_every_paper_sweep_file_validates(path, capsys):
     assert len(lines) == len(sweep.runs) >= 1
     assert all(line.endswith(f"--index {i}") for i, line in enumerate(lines))
     assert all(set(sweep.stages) <= set(stage_jobs()) for _ in sweep.runs)
+
+
+IMAGENET = [p for p in PAPER if p.stem.endswith("-imagenet")]
+
+
+@pytest.mark.parametrize("path", IMAGENET, ids=[p.name for p in IMAGENET])
+def test_imagenet_panels_measure_pretrained_weights_and_have_a_cpu_mini_twin(path):
+    """The paper's ImageNet panels: pretrained files named (with their URL) in the header,
+    A.1's probe, NCC means from 100 training images per class; each panel's -cpu-mini
+    twin trains the same model family on the generated folder that its header makes."""
+    sweep, text = load_sweep(path), path.read_text()
+    assert "train" not in sweep.stages and "analyze" in sweep.stages
+    for run in sweep.runs:
+        cfg = run.config
+        assert (cfg.data.name, cfg.data.image_size, cfg.data.resize) == ("imagenet", 224, 256)
+        assert cfg.model.name.endswith("_in1k") and cfg.model.width is None
+        name = Path(cfg.model.checkpoint).name
+        assert cfg.model.checkpoint == f"weights/{name}"
+        assert "https://download.openmmlab.com/mmclassification/v0/" in text
+        assert f"/{name}\n" in text  # where the file comes from
+        assert (cfg.analyze.split, cfg.analyze.reference) == ("test", "train")
+        assert cfg.analyze.reference_subset == 100_000
+        pc = cfg.probe
+        assert (pc.epochs, pc.lr, pc.milestones, pc.gamma, pc.augment, pc.mode) == (
+            10, 0.1, [5, 7], 0.2, True, "stream")  # fmt: skip
+    twin = path.with_name(f"{path.stem}-cpu-mini.yaml")
+    mini = load_sweep(twin)
+    assert mini.stages[0] == "train" and set(sweep.stages) <= set(mini.stages)
+    assert [r.config.model.name for r in mini.runs] == [r.config.model.name for r in sweep.runs]
+    assert mini.figures == sweep.figures
+    folder = mini.runs[0].config.data.dir
+    command = rf"^#   nclayers make-folder {re.escape(folder)}(\s|$)"
+    assert re.search(command, twin.read_text(), re.MULTILINE), command
+    assert {r.config.data.dir for r in mini.runs} == {folder}
 
 
 def test_all_six_stages_through_one_tiny_sweep(tmp_path, capsys):

@@ -273,10 +273,11 @@ def cmd_make_folder(args) -> None:
                                      val_per_class=args.val_per_class or 1,
                                      size=args.size or 16, seed=args.seed)  # fmt: skip
     else:
+        given = {"per_class": args.per_class, "val_per_class": args.val_per_class,
+                 "size": args.size}  # fmt: skip
         manifest = make_image_folder(
-            args.out, source=args.source, data_dir=args.data_dir, per_class=args.per_class or 20,
-            val_per_class=args.val_per_class, size=args.size or 64, classes=args.classes,
-            grain=args.grain, seed=args.seed,
+            args.out, source=args.source, data_dir=args.data_dir, classes=args.classes,
+            grain=args.grain, seed=args.seed, **{k: v for k, v in given.items() if v},
         )  # fmt: skip
     counts = {k: v for k, v in manifest.items() if isinstance(v, (int, str))}
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -435,9 +436,9 @@ def _sweep_verbs(sub) -> None:
     p.add_argument("out", help="the folder to write (new or empty)")
     p.add_argument("--source", choices=("digits", "cifar10"), default="digits")
     p.add_argument("--data-dir", help="cifar10: the folder holding cifar-10-batches-py/")
-    p.add_argument("--per-class", type=int, help="training images per class")
-    p.add_argument("--val-per-class", type=int, help="validation images per class")
-    p.add_argument("--size", type=int, help="image side in pixels (upscaled)")
+    p.add_argument("--per-class", type=int, help="training images per class (50; --k1000: 2)")
+    p.add_argument("--val-per-class", type=int, help="validation images per class (20; --k1000: 1)")
+    p.add_argument("--size", type=int, help="image width in pixels, upscaled (80; --k1000: 16)")
     p.add_argument("--classes", type=int, help="the first N classes only")
     p.add_argument("--grain", type=float, default=0.0, help="film grain (bigger JPEGs)")
     p.add_argument("--seed", type=int, default=0)

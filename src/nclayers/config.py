@@ -200,6 +200,10 @@ class AnalyzeConfig(Section):
     _key: ClassVar[str] = "analyze"
     split: Split = "test"  # the split measured
     reference: Split | None = "train"  # split whose class means define NCC; null: no NCC
+    # A class-balanced subset of the reference split for those means (seeded by
+    # data.subset_seed; null: all of it). ImageNet's 1.28 M training images are a pass 26
+    # times as long as its 50 k validation images; 100 per class (100000) are twice as long.
+    reference_subset: PositiveInt | None = None
     batch_size: PositiveInt = 500
     classic_nc1: bool = False  # also trace(Sigma_W Sigma_B^+)/K (D x D scatter per layer)
     amp: bool = True  # bf16 autocast on CUDA while measuring (never on CPU)

@@ -45,10 +45,12 @@ __all__ = [
     "NCCAccuracy",
     "cdnv_mean",
     "collapse_metrics",
+    "gram_distances",
     "nc1",
     "nc1_classic",
     "nc2",
     "ncc_accuracy",
+    "square_distances",
 ]
 
 # Spare rows per view in the stacked index space: labels < -1, label -1, labels >= K.
@@ -570,24 +572,83 @@ def collapse_metrics(states: Sequence[ClassStats]) -> torch.Tensor:
     m2 = torch.stack([s.m2 for s in states])
     invalid = torch.stack([s._invalid for s in states])
     variances = m2 / counts.clamp_min(1.0)
-    # nc1: every squared distance between class means in one call (K = 1000: 999,000
-    # ordered pairs), from exact differences, not the Gram trick ||a||^2 + ||b||^2 - 2ab,
-    # which cancels for close means far from the origin and never gives exact zeros.
-    dists = torch.cdist(means, means, compute_mode="donot_use_mm_for_euclid_dist").square()
+    samples = counts.sum(1)
+    centre = (counts[:, :, None] * means).sum(1) / samples[:, None]
+    centred = means - centre[:, None]
+    gram = centred @ centred.transpose(1, 2)  # nc2's Gram; on the CPU nc1's distances too
+    # nc1: every squared distance between class means at once (K = 1000: 999,000 ordered
+    # pairs), each within a relative DIST_RTOL of the exact differences' value
+    dists = square_distances(means, centred, gram)
     eye = torch.eye(k, dtype=torch.bool, device=means.device)
     ratio = (variances[:, :, None] + variances[:, None, :]) / (2.0 * dists)
     nc1_ = ratio.masked_fill(eye, 0.0).sum((1, 2))
     # nc2
-    samples = counts.sum(1)
-    centre = (counts[:, :, None] * means).sum(1) / samples[:, None]
-    centred = means - centre[:, None]
-    gram = centred @ centred.transpose(1, 2)
     norm = torch.linalg.matrix_norm(gram)
     etf = (eye.to(gram.dtype) - 1.0 / k) / math.sqrt(k - 1)
     nc2_ = torch.linalg.matrix_norm(gram / norm[:, None, None] - etf)
     valid = (invalid == 0) & (counts > 0).all(1)
     nan = float("nan")
     return torch.stack([samples, nc1_.where(valid, nan), nc2_.where(valid, nan)], dim=1)
+
+
+# The relative error allowed in a squared distance between class means taken from the Gram
+# matrix; pairs whose error bound exceeds it are recomputed from exact differences.
+DIST_RTOL = 1e-11
+_UNIT_ROUNDOFF = 2.0**-53
+_PAIR_CHUNK = 1 << 22  # elements of the differences recomputed at a time (32 MB)
+
+
+def square_distances(
+    means: torch.Tensor, centred: torch.Tensor, gram: torch.Tensor
+) -> torch.Tensor:
+    """||mu_i - mu_j||^2 of every pair of class means (V x K x K float64, the diagonal 0).
+
+    On an accelerator: exact differences (torch.cdist without matrix products), cheap there,
+    and no read of the device. On the CPU those K^2 D differences are the end-of-pass cost
+    (K = 1000, D = 2048: 2.2 s of CPU time per labels view and block, the Gram 0.14 s), so
+    the distances come from the Gram matrix G of the centred means c_i that nc2 computes
+    anyway: d_ij = n_i + n_j - 2 g_ij with n_i = g_ii, except where that cancels.
+
+    Error bound (Higham, Accuracy and Stability of Numerical Algorithms, 3.1, any order of
+    summation, FMA or not): each computed Gram entry has |g^_ij - g_ij| <= gamma_D
+    sum_k |c_ik c_jk| <= gamma_D ||c_i|| ||c_j|| <= gamma_D (n_i + n_j) / 2, where
+    gamma_D = D u / (1 - D u) and u = 2^-53. The two additions and the doubling add at most
+    2 u (n_i + n_j + 2 |g_ij|) <= 4 u (n_i + n_j). So
+
+        |d^_ij - d_ij| <= (2 gamma_D + 4 u) (n_i + n_j) + O(u^2)  =: bound_ij
+
+    (the centring itself perturbs each c_i by at most u |c_i| per component, the same
+    rounding the exact path's mu_i - mu_j makes). A pair with bound_ij > DIST_RTOL d^_ij
+    (close means, relative to their distance from the centre: cancellation) is recomputed
+    from exact differences; every other pair is within a relative DIST_RTOL (1e-11; in
+    practice the error is about sqrt(D) u, near 1e-15). Identical means always go the exact
+    way (d^ ~ 0 <= bound), so their exact zero still marks an undefined CDNV.
+    """
+    if means.device.type != "cpu":
+        return torch.cdist(means, means, compute_mode="donot_use_mm_for_euclid_dist").square()
+    dists, redo = gram_distances(gram, means.shape[-1])
+    step = max(1, _PAIR_CHUNK // max(means.shape[-1], 1))
+    for part in redo.split(step):
+        v, i, j = part.unbind(1)
+        exact = (means[v, i] - means[v, j]).square().sum(1)
+        dists[v, i, j] = exact
+        dists[v, j, i] = exact
+    dists.diagonal(dim1=1, dim2=2).zero_()
+    return dists
+
+
+def gram_distances(gram: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d^, pairs): the squared distances n_i + n_j - 2 g_ij from a V x K x K float64 Gram
+    of D = `dim` wide vectors, and the (view, i, j) pairs, i < j, whose error bound (see
+    `square_distances`) exceeds DIST_RTOL d^_ij, which need exact differences."""
+    k = gram.shape[-1]
+    gamma = dim * _UNIT_ROUNDOFF / (1.0 - dim * _UNIT_ROUNDOFF)
+    sq = gram.diagonal(dim1=1, dim2=2)
+    norms = sq[:, :, None] + sq[:, None, :]
+    dists = (norms - 2.0 * gram).clamp_min_(0.0)
+    bound = (2.0 * gamma + 4.0 * _UNIT_ROUNDOFF) * 1.0001 * norms  # 1.0001: n^ for n
+    upper = torch.ones(k, k, dtype=torch.bool, device=gram.device).triu_(1)
+    return dists, ((bound > DIST_RTOL * dists) & upper).nonzero()
 
 
 # ---------------------------------------------------------------------- functional

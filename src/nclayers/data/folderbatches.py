@@ -68,11 +68,14 @@ def default_workers() -> int:
 class _Reader(Dataset):
     """What a worker does with one task (epoch, positions): read, decode, plan, crop.
 
-    Returns a dict of tensors: "pixels" (m x 3 x S x S uint8, done in the worker) and
+    Returns a dict: "pixels" (m x 3 x S x S uint8, done in the worker) and
     "pixel_slots"; for the device decoder "blob" (the JPEG files concatenated),
     "offsets", "plans" (CropPlan tuples) and "blob_slots" of the files left to the
     device, with "blob_files" to name them; "positions" of every readable sample in slot
-    order, and "bad": [(path, reason)] for the unreadable ones.
+    order, and "bad": [(path, reason)] for the unreadable ones. Only the pixels and the
+    blob are tensors: the DataLoader moves every tensor a worker returns through its own
+    shared-memory segment and file descriptor, a cost per tensor and batch that small
+    index lists do not need (they travel inside the pickled message).
     """
 
     def __init__(self, ds: FolderDataset, augment: bool, flip: bool, seed: int, mode: str):
@@ -128,13 +131,13 @@ class _Reader(Dataset):
         empty = torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
         return {
             "pixels": torch.stack(pixels) if pixels else empty,
-            "pixel_slots": torch.tensor(pixel_slots, dtype=torch.long),
+            "pixel_slots": pixel_slots,
             "blob": _as_bytes_tensor(b"".join(blobs)),
-            "offsets": torch.tensor(np.cumsum([0, *(len(b) for b in blobs)]), dtype=torch.long),
-            "plans": torch.tensor(plans, dtype=torch.long).view(-1, 9),
-            "blob_slots": torch.tensor(blob_slots, dtype=torch.long),
+            "offsets": np.cumsum([0, *(len(b) for b in blobs)]).tolist(),
+            "plans": plans,
+            "blob_slots": blob_slots,
             "blob_files": blob_files,
-            "positions": torch.tensor(kept, dtype=torch.long),
+            "positions": kept,
             "bad": bad,
         }
 
@@ -315,19 +318,18 @@ class FolderBatches:
 
     # ------------------------------------------------------------------ assembly
     def _assemble(self, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = item["positions"]
+        positions = torch.tensor(item["positions"], dtype=torch.long)
         pixels = item["pixels"].to(self.device, non_blocking=True)
         if item["blob"].numel() == 0:
             return pixels, positions
         size = self.dataset.image_size
         out = torch.empty(len(positions), 3, size, size, device=self.device)
         if len(pixels):
-            out[item["pixel_slots"].to(self.device, non_blocking=True)] = pixels.float()
+            slots = torch.tensor(item["pixel_slots"], dtype=torch.long)
+            out[slots.to(self.device, non_blocking=True)] = pixels.float()
         images = self._decode_on_device(item)
         keep = [True] * len(positions)
-        for slot, image, plan in zip(
-            item["blob_slots"].tolist(), images, item["plans"].tolist(), strict=True
-        ):
+        for slot, image, plan in zip(item["blob_slots"], images, item["plans"], strict=True):
             if image is None:
                 keep[slot] = False
             else:
@@ -342,7 +344,7 @@ class FolderBatches:
         one by one, then on the CPU, so that only unreadable files are left out (None)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        blob, offsets = item["blob"], item["offsets"].tolist()
+        blob, offsets = item["blob"], item["offsets"]
         datas = [blob[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
         rgb = ImageReadMode.RGB
         try:

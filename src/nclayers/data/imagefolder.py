@@ -159,6 +159,14 @@ def split_folder(root: str | Path, split: str) -> Path:
         raise NCLayersError(f"split={split!r}: expected one of {sorted(SPLIT_FOLDERS)}")
     root = Path(root)
     folder = root / SPLIT_FOLDERS[split]
+    if not root.exists():
+        raise NCLayersError(
+            f"data.dir={str(root)!r} does not exist: pass the folder holding train/<class>/ "
+            "and val/<class>/ image folders (ImageNet: docs/imagenet.md says how to arrange "
+            "the official tarballs). If it is the generated folder of a -cpu-mini sweep, "
+            f"make it first: `nclayers make-folder {root}` (the command in the sweep file's "
+            "header)"
+        )
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise NCLayersError(

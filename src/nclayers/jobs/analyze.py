@@ -1,13 +1,13 @@
 """The `nclayers analyze` job: measure every block of a run's model on its data splits.
 
 It measures the reference split (train by default, every labels view of it: clean, and
-noisy under label noise), whose clean class means define the NCC accuracy, then the
-measured split (test), both under the same `analyze.amp`. The rows replace the analyze
-columns of the folder's layers.csv (other stages' columns, e.g. probe_acc, stay); an
-"analyze" entry goes into summary.json; stages.json records the weights and settings
-measured. A run without trained weights is refused (see `RunFolder.weights`). Under
-torchrun each rank measures its shard of each split, the statistics are reduced exactly,
-rank 0 writes and the other ranks wait for it.
+noisy under label noise; or its class-balanced `analyze.reference_subset`), whose clean
+class means define the NCC accuracy, then the measured split (test), both under the same
+`analyze.amp`. The rows replace the analyze columns of the folder's layers.csv (other
+stages' columns, e.g. probe_acc, stay); an "analyze" entry goes into summary.json;
+stages.json records the weights and settings measured. A run without trained weights is
+refused (see `RunFolder.weights`). Under torchrun each rank measures its shard of each
+split, the statistics are reduced exactly, rank 0 writes and the other ranks wait for it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torch import nn
 
 from nclayers.analysis import AnalysisResult, analyze
 from nclayers.config import Config
-from nclayers.data import load_dataset, make_batches
+from nclayers.data import balanced_subset, load_dataset, make_batches
+from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model, run_folder
 from nclayers.jobs.folder import LAYERS, STAGES, SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
@@ -74,19 +75,24 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
 
+        ref_data = reference_set(cfg, data.get(ac.reference))
+
+        def batches(ds):
+            return make_batches(ds, ac.batch_size, device, channels_last=channels_last,
+                                shard=(proc.rank, proc.world))  # fmt: skip
+
         tables: dict[str, AnalysisResult] = {}
         t0 = time.perf_counter()
         for s in splits:
-            batches = make_batches(data[s], ac.batch_size, device, channels_last=channels_last,
-                                   shard=(proc.rank, proc.world))  # fmt: skip
             ref = tables.get(ac.reference) if s == ac.split else None
             if s == ac.split and ac.reference == ac.split:
                 # NCC needs the class means before the pass that classifies: a first pass,
                 # under the same autocast as the measured one.
-                ref = analyze(model, batches, num_classes, blocks, split=s, amp=ac.amp,
-                              progress=progress)  # fmt: skip
+                ref = analyze(model, batches(ref_data), num_classes, blocks, split=s,
+                              amp=ac.amp, progress=progress)  # fmt: skip
+            ds = ref_data if s == ac.reference and s != ac.split else data[s]
             tables[s] = analyze(
-                model, batches, num_classes, blocks, reference=ref, split=s,
+                model, batches(ds), num_classes, blocks, reference=ref, split=s,
                 classic_nc1=ac.classic_nc1, amp=ac.amp, progress=progress, run=cfg.run,
             )  # fmt: skip
         table = Table(row for s in splits for row in tables[s])
@@ -107,4 +113,20 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
     return AnalyzeResult(table, tables, entry)
 
 
-__all__ = ["AnalyzeResult", "analyze_job"]
+def reference_set(cfg: Config, ds):
+    """The reference split's samples whose class means define NCC: all of them, or the
+    class-balanced `analyze.reference_subset` (seeded by `data.subset_seed`)."""
+    size = cfg.analyze.reference_subset
+    if ds is None or size is None or size >= len(ds):
+        return ds
+    if size < ds.num_classes:
+        raise NCLayersError(
+            f"analyze.reference_subset={size}: fewer samples than the {ds.num_classes} classes; "
+            f"every class needs its mean (e.g. {100 * ds.num_classes}: 100 per class), or null "
+            "for the whole reference split"
+        )
+    return ds.subset(balanced_subset(ds.labels["clean"], size, ds.num_classes,
+                                     cfg.data.subset_seed))  # fmt: skip
+
+
+__all__ = ["AnalyzeResult", "analyze_job", "reference_set"]

@@ -98,8 +98,9 @@ DEPENDS_ON = {"equality": ("analyze",), "prune": ()}
 # The config keys whose values a stage's result depends on (prefixes); keys that only
 # say where or how fast (data.dir, device, batch sizes) are left out.
 STAGE_SETTINGS = {
-    "analyze": ("data", "model", "analyze.split", "analyze.reference", "analyze.classic_nc1",
-                "analyze.amp", "analyze.task", "analyze.top_k", "run"),
+    "analyze": ("data", "model", "analyze.split", "analyze.reference",
+                "analyze.reference_subset", "analyze.classic_nc1", "analyze.amp",
+                "analyze.task", "analyze.top_k", "run"),
     "probe": ("data", "model", "probe", "run"),
     "memorization": ("data", "model", "analyze.amp", "run"),
     "prune": ("data", "model", "prune", "equality", "train", "run"),
@@ -518,7 +519,10 @@ class RunFolder:
             if not path.is_file():
                 raise NCLayersError(
                     f"model.checkpoint={mc.checkpoint!r}: no such file; pass the path of a "
-                    "weights file (nclayers, torchvision, timm or mmpretrain)"
+                    "weights file (nclayers, torchvision, timm or mmpretrain). Nothing is "
+                    "downloaded at run time: the paper's ImageNet weights are files of "
+                    "mmpretrain's model zoo, listed with their URLs in docs/imagenet.md and "
+                    "in the header of each configs/paper/fig*-imagenet.yaml"
                 )
             return {"file": str(path.resolve()), "sha256": file_sha256(path)}
         if self.exists(CHECKPOINT):
