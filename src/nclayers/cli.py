@@ -66,7 +66,9 @@ def cmd_train(args) -> None:
     result = train_job(cfg, folder, progress=not args.quiet, resume=args.resume,
                        force=args.force)  # fmt: skip
     final = result.summary["final"] or {}
-    if _main_rank():
+    if _main_rank() and "test_perplexity" in final:  # a language model
+        print(f"test perplexity {final['test_perplexity']:.3f}; run folder {folder.path}")
+    elif _main_rank():
         print(f"test accuracy {final.get('test_acc', float('nan')):.4f}; run folder {folder.path}")
 
 
@@ -101,11 +103,23 @@ def cmd_blocks(args) -> None:
     from nclayers.taps import probe_shapes
 
     cfg = load_config(None, [f"model.name={args.model}", *args.overrides])
-    model = build_from_config(cfg.model, args.num_classes).eval()
-    size = args.input_size or (get_entry(args.model).input_size if ":" not in args.model else 32)
+    if args.model.startswith("hf:"):  # a transformers model: its own head, its own inputs
+        from nclayers.models.hf import example_inputs, is_vision
+
+        # The layers do not depend on the weights: built from the config, fast, and a
+        # folder holding only a config.json lists its layers too.
+        model = build_from_config(cfg.model, args.num_classes or 0, fresh=True).eval()
+        sample = example_inputs(model, batch=1, length=8)
+        what = f"a 1x{sample.shape[1]}x{sample.shape[2]}x{sample.shape[3]} input" if is_vision(
+            model) else "a sequence of 8 tokens"  # fmt: skip
+    else:
+        model = build_from_config(cfg.model, args.num_classes or 10).eval()
+        size = args.input_size or (get_entry(args.model).input_size if ":" not in args.model
+                                   else 32)  # fmt: skip
+        sample, what = torch.zeros(1, 3, size, size), f"a 1x3x{size}x{size} input"
     blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
-    shapes = probe_shapes(model, blocks, torch.zeros(1, 3, size, size))
-    print(f"{args.model}: {len(blocks)} blocks on a 1x3x{size}x{size} input")
+    shapes = probe_shapes(model, blocks, sample)
+    print(f"{args.model}: {len(blocks)} blocks on {what}")
     print(f"{'index':>5}  {'module':<32} {'output shape':<22} {'pool':<7} {'dim':>5}")
     for i, (b, (shape, dim)) in enumerate(zip(blocks, shapes, strict=True), start=1):
         print(f"{i:>5}  {b.name:<32} {list(shape)!s:<22} {b.pool:<7} {dim:>5}")
@@ -350,9 +364,10 @@ def _run_verbs(sub) -> None:
     p.add_argument("--blocks", help="plateau (default), or indices / module names: 10,11,layer3.2")
     p.add_argument("--finetune-epochs", type=int, help="fine-tune every variant (prune.*)")
     p = sub.add_parser("blocks", help="List a model's blocks and their pooled dimensions.")
-    p.add_argument("model", help="registry name or package.module:function")
+    p.add_argument("model", help="registry name, package.module:function or hf:PATH_OR_ID")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the head (default 10; hf: the model's own)")  # fmt: skip
     p.add_argument("--input-size", type=int, default=None)
     p.set_defaults(fn=cmd_blocks)
 

@@ -6,6 +6,13 @@ measured split (test), both under the same `analyze.amp`. The rows replace the a
 columns of the folder's layers.csv (other stages' columns, e.g. probe_acc, stay); an
 "analyze" entry goes into summary.json; stages.json records the weights and settings
 measured. A run without trained weights is refused (see `RunFolder.weights`).
+
+Text data sets (data.name=hf:...) are tokenised with the model's tokenizer; a sequence
+classifier's layers pool `model.pool` (mean over the real tokens by default). With
+`analyze.task=next_token` (causal language models) every position of every layer is a
+sample whose class is the token after it, among the `analyze.top_k` most frequent next
+tokens of the reference split (else of the measured one), shared by both splits; the
+model's accuracy is its next-token accuracy on the kept positions.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ from torch import nn
 
 from nclayers.analysis import AnalysisResult, analyze
 from nclayers.config import Config
-from nclayers.data import load_dataset, make_batches
-from nclayers.jobs.common import load_model, run_folder
+from nclayers.data import make_batches
+from nclayers.jobs.common import load_model, load_split, measure_setup, run_folder
 from nclayers.jobs.folder import SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
 from nclayers.runtime import barrier, resolve_device
@@ -51,13 +58,14 @@ def analyze_job(
     with folder.lock():
         ac = cfg.analyze
         splits = [s for s in dict.fromkeys([ac.reference, ac.split]) if s]
-        data = {s: load_dataset(cfg.data, s) for s in splits}
-        num_classes = data[ac.split].num_classes
+        data = {s: load_split(cfg, s) for s in splits}
+        measure = measure_setup(cfg, data[ac.reference or ac.split], data[ac.split])
+        num_classes = measure.num_classes
         device = resolve_device(cfg.device)
         folder.check_run(cfg)  # before any work: another run's folder, no weights
         weights = folder.weights(cfg)
         model = (model or load_model(cfg, folder, num_classes)).to(device)
-        blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
+        blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
         channels_last = ac.channels_last and device.type == "cuda" and is_convnet(model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -65,7 +73,8 @@ def analyze_job(
         tables: dict[str, AnalysisResult] = {}
         t0 = time.perf_counter()
         for s in splits:
-            batches = make_batches(data[s], ac.batch_size, device, channels_last=channels_last)
+            batches = make_batches(data[s], ac.batch_size, device, channels_last=channels_last,
+                                   next_token=measure.next_token)  # fmt: skip
             ref = tables.get(ac.reference) if s == ac.split else None
             if s == ac.split and ac.reference == ac.split:
                 # NCC needs the class means before the pass that classifies: a first pass,
@@ -81,11 +90,14 @@ def analyze_job(
             "settings": stage_settings("analyze", cfg),
             "weights": weights,
             "blocks": [b.name for b in blocks],
+            "task": ac.task,
             "accuracy": {s: tables[s].accuracy for s in splits},
             "samples": {s: tables[s].samples for s in splits},
             "seconds": {s: tables[s].seconds for s in splits},
             "device": str(device),
         }
+        if measure.next_token is not None:  # the classes: vocabulary ids, most frequent first
+            entry["next_token_classes"] = measure.next_token.tokens.tolist()
         summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
         folder.merge_layers("analyze", table)
         folder.write_json(SUMMARY, {**summary, "analyze": entry})
