@@ -250,6 +250,8 @@ def cmd_prune(args) -> None:
         print(note)
     cols = ["variant", "finetune_epochs", "n_removed", "layers", "blocks", "test_acc",
             "acc_change", "acc_change_same_finetune", "nc1_last"]  # fmt: skip
+    if "perplexity" in result.summary.columns:  # a language model
+        cols.insert(6, "perplexity")
     print(result.summary.format(cols))
     print(result.text)
     print(f"wrote {folder.file('prune.csv')}, prune_layers.csv and prune.png")
