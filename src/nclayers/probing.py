@@ -15,7 +15,8 @@ The splits are what the data layer gives: in-memory `ArrayDataset`s (CIFAR, digi
 models: the batch's attention mask reaches the pools), batched by `make_batches`. With
 `next_token` (NextTokenClasses, causal language models) every position whose next token
 is a class is a sample (blocks pooled "token"): the heads learn and are scored on those
-positions only (a position labelled -1 counts nothing), in stream mode.
+positions only (a position labelled -1 counts nothing); the cache holds one row per
+such position.
 
 Two modes end in the same `ProbeResult`:
 - "stream": the backbone runs on every training batch of every epoch, with the data
@@ -281,7 +282,7 @@ class _Cache:
             raise NCLayersError(f"cache_dtype={dtype}: use torch.bfloat16, float16 or float32")
         self.backbone, self.train, self.view, self.dtype = backbone, train, view, dtype
         self.shard, self.channels_last, self.seed = shard, channels_last, seed
-        self.n, self.width, self.batch_size = len(train), width, batch_size
+        self.n, self.width, self.batch_size = self._capacity(), width, batch_size
         need = self.n * width * dtype.itemsize
         self.path: Path | None = None
         self.where = backbone.device
@@ -289,10 +290,17 @@ class _Cache:
             self.where = torch.device("cpu")
             self.path = _memmap_path(need, budget_gb, cache_dir, shard[0])
         self.features: torch.Tensor | None = None
-        self.labels = train.labels[view].to(self.where)
+        self.labels = self._labels()
         self.rows = torch.arange(self.n)
         self.batches = self._draws(self.rows)
         self.skipped = 0
+
+    def _capacity(self) -> int:
+        """Rows of the cache: one per training sample."""
+        return len(self.train)
+
+    def _labels(self) -> torch.Tensor:
+        return self.train.labels[self.view].to(self.where)
 
     def _draws(self, rows: torch.Tensor) -> DeviceBatches:
         stand_in = ArrayDataset(
@@ -367,6 +375,42 @@ class _Cache:
         self.features = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+class _PositionCache(_Cache):
+    """Next-token probes: one row per position whose next token is a class, computed in
+    one pass of one process (room for every token of the split; the rows filled are
+    drawn). The fill pass reads how many positions each batch keeps (one host sync per
+    batch, once); the epochs then draw the rows like any cache."""
+
+    def __init__(self, backbone, train, next_token, width, batch_size, seed, channels_last,
+                 budget_gb, cache_dir, dtype) -> None:  # fmt: skip
+        self.next_token = next_token
+        super().__init__(backbone, train, None, width, batch_size, seed, (0, 1), channels_last,
+                         budget_gb, cache_dir, dtype)  # fmt: skip
+
+    def _capacity(self) -> int:
+        return int(self.train.lengths.sum())
+
+    def _labels(self) -> torch.Tensor:
+        return torch.full((self.n,), -1, dtype=torch.int64, device=self.where)
+
+    def fill(self, batch_size: int, bar) -> None:
+        self.features = cache = self._allocate()
+        batches = make_batches(self.train, batch_size, self.backbone.device,
+                               next_token=self.next_token)  # fmt: skip
+        filled = 0
+        for x, y in batches:
+            feats = self.backbone.features(x)
+            keep = (y.reshape(-1) >= 0).nonzero().flatten()
+            end = filled + len(keep)
+            cache[filled:end] = feats[keep].to(self.where, self.dtype)
+            self.labels[filled:end] = y.reshape(-1)[keep].to(self.where)
+            filled = end
+            if bar is not None:
+                bar.update(1)
+        self.rows = torch.arange(filled)
+        self.batches = self._draws(self.rows)
 
 
 def _memmap_path(need: int, budget_gb: float, cache_dir, rank: int) -> Path:
@@ -518,17 +562,18 @@ def probe(
         head gradients are averaged with one all_reduce per step.
     next_token: `NextTokenClasses` of a causal LM's text (num_classes = their number):
         every position whose next token is a class is a sample (blocks pooled "token");
-        stream mode only ("auto" streams), without augmentation.
+        no augmentation; the cache holds one row per such position (one process: under
+        torch.distributed "auto" streams).
     """
     blocks = _resolve_blocks(model, blocks)
     rank, world = world_of()
-    if next_token is not None and mode == "auto":  # positions are not cached (yet)
+    if next_token is not None and mode == "auto" and world > 1:  # positions: one process
         mode = "stream"
     mode = _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world)
-    if next_token is not None and mode == "cache":
+    if next_token is not None and mode == "cache" and world > 1:
         raise NCLayersError(
-            "mode='cache' caches one feature per sequence; next-token probes learn from "
-            "every position: use mode='stream' (probe.mode=stream)"
+            "mode='cache' of next-token positions runs in one process; under torchrun use "
+            "mode='stream' (probe.mode=stream)"
         )
     _check_split(train, "train", view, num_classes, next_token)
     _check_split(test, "test", view, num_classes, next_token)
@@ -624,6 +669,9 @@ class _Fit:
         if mode == "stream":
             return _Stream(self.backbone, self.train, view, batch, augment, seed, shard,
                            channels_last, self.next_token)  # fmt: skip
+        if self.next_token is not None:
+            return _PositionCache(self.backbone, self.train, self.next_token, sum(self.dims),
+                                  batch, seed, channels_last, budget, cache_dir, dtype)  # fmt: skip
         return _Cache(self.backbone, self.train, view, sum(self.dims), batch, seed, shard,
                       channels_last, budget, cache_dir, dtype)  # fmt: skip
 
