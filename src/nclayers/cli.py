@@ -52,10 +52,15 @@ def _main_rank() -> bool:
 
 
 def cmd_demo(args) -> None:
-    from nclayers.jobs.demo import run_demo
-
     overrides = [*args.overrides] + ([f"device={args.device}"] if args.device else [])
-    summary = run_demo(args.out or "runs/demo", overrides, progress=not args.quiet)
+    if args.text:
+        from nclayers.jobs.text_demo import run_text_demo
+
+        summary = run_text_demo(args.out or "runs/demo-text", overrides, progress=not args.quiet)
+    else:
+        from nclayers.jobs.demo import run_demo
+
+        summary = run_demo(args.out or "runs/demo", overrides, progress=not args.quiet)
     print(summary["text"])
 
 
@@ -325,13 +330,20 @@ def _verb(sub, name: str, fn, help_text: str, target: str | None = "config", **k
 
 
 def _run_verbs(sub) -> None:
-    _verb(
+    p = _verb(
         sub,
         "demo",
         cmd_demo,
         "Train and measure a small ResNet on the embedded digits, offline.",
         target=None,
-        out_help="folder for the demo (default runs/demo)",
+        out_help="folder for the demo (default runs/demo, runs/demo-text with --text)",
+    )
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="the text demo: a small language model on the standard library's sources and "
+        "a text classifier, token-level collapse, probes, which layers can go (needs the hf "
+        "extra)",
     )
     p = _verb(sub, "train", cmd_train, "Train a model with a paper recipe.")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
