@@ -265,9 +265,7 @@ class PruneConfig(Section):
     # NC rule), block_influence (ShortGPT), angular (Gromov et al., n consecutive layers),
     # last, random (one set per seed). null: plateau and prune.baselines, and for sequence
     # layers (transformers) block_influence and angular too.
-    criteria: list[Literal["plateau", "block_influence", "angular", "last", "random"]] | None = (
-        None
-    )
+    criteria: list[Literal["plateau", "block_influence", "angular", "last", "random"]] | None = None
     # Layers every criterion removes; null: as many as prune.blocks names (the plateau
     # blocks of the equality rule, or the list).
     n: PositiveInt | None = None

@@ -560,30 +560,17 @@ def probe(
         history; passed back as `state` it continues exactly (batches seeded by epoch).
     Under torch.distributed each rank trains on its shard (batch `batch_size // world`),
         head gradients are averaged with one all_reduce per step.
-    next_token: `NextTokenClasses` of a causal LM's text (num_classes = their number):
-        every position whose next token is a class is a sample (blocks pooled "token");
-        no augmentation; the cache holds one row per such position (one process: under
-        torch.distributed "auto" streams).
+    next_token: NextTokenClasses (causal LMs): a position whose next token is one is a sample.
     """
     blocks = _resolve_blocks(model, blocks)
     rank, world = world_of()
-    if next_token is not None and mode == "auto" and world > 1:  # positions: one process
-        mode = "stream"
-    mode = _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world)
-    if next_token is not None and mode == "cache" and world > 1:
-        raise NCLayersError(
-            "mode='cache' of next-token positions runs in one process; under torchrun use "
-            "mode='stream' (probe.mode=stream)"
-        )
-    _check_split(train, "train", view, num_classes, next_token)
-    _check_split(test, "test", view, num_classes, next_token)
-    if not any(True for _ in model.parameters()):
-        raise NCLayersError("model: has no parameters to find its device by")
+    mode = _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world,
+                           positions=next_token is not None)  # fmt: skip
+    _check_inputs(model, train, test, view, num_classes, next_token)
     was_training = model.training
     model.eval()  # frozen: BatchNorm uses (and keeps) its running statistics
     try:
-        fit = _Fit(model, blocks, train, num_classes, amp, lr, momentum, weight_decay,
-                   next_token)  # fmt: skip
+        fit = _Fit(model, blocks, train, num_classes, amp, lr, momentum, weight_decay, next_token)
         if state is not None:
             fit.resume(state, epochs)
         t0 = time.perf_counter()
@@ -602,11 +589,17 @@ def probe(
     )  # fmt: skip
     return ProbeResult(
         _rows(fit, accuracy, n_test, view, run), history=Table(fit.history), heads=fit.heads,
-        state=fit.snapshot(epochs),
-        mode=mode, epochs=epochs, resumed_from=fit.start, train_samples=len(train),
-        test_samples=n_test, world=world, seconds=time.perf_counter() - t0,
-        train_seconds=train_seconds, skipped=fit.skipped,
+        state=fit.snapshot(epochs), mode=mode, epochs=epochs, resumed_from=fit.start,
+        train_samples=len(train), test_samples=n_test, world=world,
+        seconds=time.perf_counter() - t0, train_seconds=train_seconds, skipped=fit.skipped,
     )  # fmt: skip
+
+
+def _check_inputs(model, train, test, view: str, num_classes: int, next_token) -> None:
+    _check_split(train, "train", view, num_classes, next_token)
+    _check_split(test, "test", view, num_classes, next_token)
+    if not any(True for _ in model.parameters()):
+        raise NCLayersError("model: has no parameters to find its device by")
 
 
 def _rows(fit, accuracy: list[float], n_test: int, view: str, run: str) -> list[dict]:
@@ -617,8 +610,18 @@ def _rows(fit, accuracy: list[float], n_test: int, view: str, run: str) -> list[
     ]  # fmt: skip
 
 
-def _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world) -> str:
-    """The validated mode ("stream" or "cache")."""
+def _check_settings(
+    epochs, batch_size, eval_batch_size, mode, augment, world, positions: bool = False
+) -> str:
+    """The validated mode ("stream" or "cache"); `positions` (next-token probes) are
+    cached by one process only, so under torch.distributed "auto" streams them."""
+    if positions and world > 1 and mode != "stream":
+        if mode == "cache":
+            raise NCLayersError(
+                "mode='cache' of next-token positions runs in one process; under torchrun "
+                "use mode='stream' (probe.mode=stream)"
+            )
+        mode = "stream"
     for name, value in (("epochs", epochs), ("batch_size", batch_size),
                         ("eval_batch_size", eval_batch_size)):  # fmt: skip
         if value < 1:
