@@ -293,3 +293,16 @@ def test_blocks_of_a_hub_style_folder(workspace, capsys):
     assert "4 blocks on a sequence of 8 tokens" in out and "model.layers.3" in out
     assert main(["blocks", f"hf:{workspace / 'bert'}"]) == 0
     assert "bert.encoder.layer.2" in capsys.readouterr().out
+
+
+def test_label_noise_and_memorization_on_a_text_classifier(workspace, tmp_path, capsys):
+    out = tmp_path / "noisy"
+    args = cls_args(workspace, "data.noise=0.4", "train.epochs=1")
+    assert main(["train", *args, "--out", str(out), "-q"]) == 0
+    noise = json.loads((out / "train_summary.json").read_text())["label_noise"]
+    assert noise["changed"] > 0 and noise["rate"] == pytest.approx(noise["changed"] / 90)
+    assert 0 <= noise["memorized"] <= 1
+    assert main(["memorization", str(out), "-q"]) == 0
+    ratios = RunFolder(out).read_table("memorization.csv")
+    assert [r["layer"] for r in ratios] == [1, 2, 3]
+    assert f"changed labels: {noise['changed']} of 90" in capsys.readouterr().out

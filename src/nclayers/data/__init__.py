@@ -105,18 +105,23 @@ def load_dataset(cfg, split: str, model_name: str | None = None) -> Dataset:
         ds = ds.subset(
             balanced_subset(ds.labels["clean"], int(size), ds.num_classes, cfg.subset_seed)
         )
-    if "noisy" in ds.labels:  # the measured rate, on the samples actually used
+    _measured_noise(ds, name, split)
+
+    corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
+    if corruption and name != "cifar10c" and corrupt_split:
+        ds = corrupt_dataset(ds, corruption, cfg.severity, cfg.corruption_seed)
+    return ds
+
+
+def _measured_noise(ds: Dataset, name: str, split: str) -> None:
+    """Record the noise rate measured on the samples actually used (after the subset)."""
+    if "noisy" in ds.labels:
         changed = int((ds.labels["noisy"] != ds.labels["clean"]).sum())
         ds.meta.update(noise_changed=changed, noise_rate=changed / len(ds))
         log.info(
             "%s %s: %d of %d training labels differ from the true ones (%.2f%%)",
             name, split, changed, len(ds), 100 * changed / len(ds),
         )  # fmt: skip
-
-    corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
-    if corruption and name != "cifar10c" and corrupt_split:
-        ds = corrupt_dataset(ds, corruption, cfg.severity, cfg.corruption_seed)
-    return ds
 
 
 def _load_hf(cfg, split: str, model_name: str | None) -> Dataset:
@@ -140,6 +145,7 @@ def _load_hf(cfg, split: str, model_name: str | None) -> Dataset:
     elif size and int(size) < len(ds):  # language-model text: a seeded random subset
         gen = torch.Generator().manual_seed(cfg.subset_seed)
         ds = ds.subset(torch.randperm(len(ds), generator=gen)[: int(size)].sort().values)
+    _measured_noise(ds, cfg.name, split)
     corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
     if cfg.corruption and corrupt_split:
         ds = corrupt_dataset(ds, cfg.corruption, cfg.severity, cfg.corruption_seed)

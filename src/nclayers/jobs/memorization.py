@@ -87,7 +87,7 @@ def memorization_job(
         )
     with folder.lock():
         folder.check_run(cfg)
-        ds = load_dataset(cfg.data, "train")
+        ds = load_dataset(cfg.data, "train", cfg.model.name)
         clean_ds = ds.clean_twin() if corrupted else None  # fails here, before any pass
         weights = folder.weights(cfg)
         device = resolve_device(cfg.device)
