@@ -52,10 +52,15 @@ def _main_rank() -> bool:
 
 
 def cmd_demo(args) -> None:
-    from nclayers.jobs.demo import run_demo
-
     overrides = [*args.overrides] + ([f"device={args.device}"] if args.device else [])
-    summary = run_demo(args.out or "runs/demo", overrides, progress=not args.quiet)
+    if args.text:
+        from nclayers.jobs.text_demo import run_text_demo
+
+        summary = run_text_demo(args.out or "runs/demo-text", overrides, progress=not args.quiet)
+    else:
+        from nclayers.jobs.demo import run_demo
+
+        summary = run_demo(args.out or "runs/demo", overrides, progress=not args.quiet)
     print(summary["text"])
 
 
@@ -66,7 +71,9 @@ def cmd_train(args) -> None:
     result = train_job(cfg, folder, progress=not args.quiet, resume=args.resume,
                        force=args.force)  # fmt: skip
     final = result.summary["final"] or {}
-    if _main_rank():
+    if _main_rank() and "test_perplexity" in final:  # a language model
+        print(f"test perplexity {final['test_perplexity']:.3f}; run folder {folder.path}")
+    elif _main_rank():
         print(f"test accuracy {final.get('test_acc', float('nan')):.4f}; run folder {folder.path}")
 
 
@@ -101,11 +108,23 @@ def cmd_blocks(args) -> None:
     from nclayers.taps import probe_shapes
 
     cfg = load_config(None, [f"model.name={args.model}", *args.overrides])
-    model = build_from_config(cfg.model, args.num_classes).eval()
-    size = args.input_size or (get_entry(args.model).input_size if ":" not in args.model else 32)
+    if args.model.startswith("hf:"):  # a transformers model: its own head, its own inputs
+        from nclayers.models.hf import example_inputs, is_vision
+
+        # The layers do not depend on the weights: built from the config, fast, and a
+        # folder holding only a config.json lists its layers too.
+        model = build_from_config(cfg.model, args.num_classes or 0, fresh=True).eval()
+        sample = example_inputs(model, batch=1, length=8)
+        what = f"a 1x{sample.shape[1]}x{sample.shape[2]}x{sample.shape[3]} input" if is_vision(
+            model) else "a sequence of 8 tokens"  # fmt: skip
+    else:
+        model = build_from_config(cfg.model, args.num_classes or 10).eval()
+        size = args.input_size or (get_entry(args.model).input_size if ":" not in args.model
+                                   else 32)  # fmt: skip
+        sample, what = torch.zeros(1, 3, size, size), f"a 1x3x{size}x{size} input"
     blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
-    shapes = probe_shapes(model, blocks, torch.zeros(1, 3, size, size))
-    print(f"{args.model}: {len(blocks)} blocks on a 1x3x{size}x{size} input")
+    shapes = probe_shapes(model, blocks, sample)
+    print(f"{args.model}: {len(blocks)} blocks on {what}")
     print(f"{'index':>5}  {'module':<32} {'output shape':<22} {'pool':<7} {'dim':>5}")
     for i, (b, (shape, dim)) in enumerate(zip(blocks, shapes, strict=True), start=1):
         print(f"{i:>5}  {b.name:<32} {list(shape)!s:<22} {b.pool:<7} {dim:>5}")
@@ -242,6 +261,8 @@ def cmd_prune(args) -> None:
         print(note)
     cols = ["variant", "finetune_epochs", "n_removed", "layers", "blocks", "test_acc",
             "acc_change", "acc_change_same_finetune", "nc1_last"]  # fmt: skip
+    if "perplexity" in result.summary.columns:  # a language model
+        cols.insert(6, "perplexity")
     print(result.summary.format(cols))
     print(result.text)
     print(f"wrote {folder.file('prune.csv')}, prune_layers.csv and prune.png")
@@ -316,13 +337,20 @@ def _verb(sub, name: str, fn, help_text: str, target: str | None = "config", **k
 
 
 def _run_verbs(sub) -> None:
-    _verb(
+    p = _verb(
         sub,
         "demo",
         cmd_demo,
         "Train and measure a small ResNet on the embedded digits, offline.",
         target=None,
-        out_help="folder for the demo (default runs/demo)",
+        out_help="folder for the demo (default runs/demo, runs/demo-text with --text)",
+    )
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="the text demo: a small language model on the standard library's sources and "
+        "a text classifier, token-level collapse, probes, which layers can go (needs the hf "
+        "extra)",
     )
     p = _verb(sub, "train", cmd_train, "Train a model with a paper recipe.")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
@@ -357,9 +385,10 @@ def _run_verbs(sub) -> None:
     p.add_argument("--blocks", help="plateau (default), or indices / module names: 10,11,layer3.2")
     p.add_argument("--finetune-epochs", type=int, help="fine-tune every variant (prune.*)")
     p = sub.add_parser("blocks", help="List a model's blocks and their pooled dimensions.")
-    p.add_argument("model", help="registry name or package.module:function")
+    p.add_argument("model", help="registry name, package.module:function or hf:PATH_OR_ID")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the head (default 10; hf: the model's own)")  # fmt: skip
     p.add_argument("--input-size", type=int, default=None)
     p.set_defaults(fn=cmd_blocks)
 

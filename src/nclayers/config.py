@@ -99,10 +99,23 @@ class DataConfig(Section):
     workers: NonNegativeInt | None = None  # file-reading processes (null: from the CPUs)
     decoder: Literal["auto", "torchvision", "pil", "device"] = "auto"  # JPEG decoding
     skip_bad: bool = False  # skip unreadable image files (and count them) instead of failing
-    # Text and Hugging Face data sets.
+    # Hugging Face data sets (data.name=hf:PATH_OR_ID): text for sequence models, images
+    # (an image_column) for vision models.
     text_column: str = "text"
-    label_column: str = "label"
+    label_column: str = "label"  # absent from a text data set: language-model text
+    image_column: str = "image"
     max_length: PositiveInt | None = None  # tokens per sequence (null: the model's limit)
+    # The tokenizer: a folder or hub id (null: the model's own, model.name's folder/id).
+    tokenizer: str | None = None
+    # The data set's splits that serve as train and test: names, or slices of one file
+    # ("train[:90%]" / "train[90%:]"); e.g. test_split=validation where test has no labels.
+    train_split: str = "train"
+    test_split: str = "test"
+    config_name: str | None = None  # a hub data set's configuration (e.g. glue's sst2)
+    # Text batches: sorted by length within windows of this many batches (less padding),
+    # padded on this side (left padding adds position_ids, as generation does).
+    window: PositiveInt = 100
+    padding_side: Literal["right", "left"] = "right"
 
     @field_validator("name")
     @classmethod
@@ -125,6 +138,13 @@ class DataConfig(Section):
                 f"data.corruption={self.corruption!r} needs data.severity: 1..5 or the "
                 "paper's level L1, L2, L3 (= 1, 3, 5)"
             )
+        hf_only = ("tokenizer", "config_name")
+        for key in hf_only if not self.name.startswith("hf:") else ():
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"data.{key}={getattr(self, key)!r} applies to Hugging Face data sets "
+                    f"(data.name=hf:PATH_OR_ID), not {self.name}"
+                )
         if isinstance(self.noise, str) and self.noise != "clean" and self.name not in (
             "cifar10", "cifar100"
         ):  # fmt: skip
@@ -145,7 +165,8 @@ class ModelConfig(Section):
     untrained: bool = False
     blocks: str | list[str] = "auto"  # "auto", or module names / glob patterns
     # Pooling of a block's output: nchw | nhwc | tokens | cls | flat; for sequences mean
-    # (over real tokens) | cls | last (the last real token). null: the model's own.
+    # (over real tokens) | cls | last (the last real token). null: the model's own
+    # (analyze.task=next_token always takes every position: "token").
     pool: Literal["nchw", "nhwc", "tokens", "cls", "flat", "mean", "last"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # extra constructor keywords
 
@@ -172,6 +193,11 @@ class TrainConfig(Section):
     gamma: PositiveFloat = 0.1
     warmup_epochs: NonNegativeInt = 0
     warmup_lr: PositiveFloat = 1e-4
+    # Linear warm-up over this many optimiser steps, from lr/warmup_steps at the first step
+    # up to lr (transformers' fine-tuning recipe, for runs of a few epochs); then the
+    # schedule runs per step too (linear or cosine decay to min_lr over the other steps).
+    # 0: the schedule moves once per epoch (warmup_epochs), as the image recipes do.
+    warmup_steps: NonNegativeInt = 0
     min_lr: NonNegativeFloat = 1e-5
     label_smoothing: Unit = 0.0
     augment: bool = True
@@ -188,6 +214,11 @@ class TrainConfig(Section):
     def _schedule(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
+        if self.warmup_steps and self.warmup_epochs:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} and train.warmup_epochs="
+                f"{self.warmup_epochs}: choose one warm-up (set the other to 0)"
+            )
         if self.warmup_epochs >= self.epochs and self.warmup_epochs:
             raise ValueError(
                 f"train.warmup_epochs={self.warmup_epochs} leaves no epoch after the "
@@ -208,8 +239,11 @@ class AnalyzeConfig(Section):
     classic_nc1: bool = False  # also trace(Sigma_W Sigma_B^+)/K (D x D scatter per layer)
     amp: bool = True  # bf16 autocast on CUDA while measuring (never on CPU)
     channels_last: bool = True  # convnets on CUDA while measuring
+    # classify: a sample's class is its label; next_token (causal LMs): every position is
+    # a sample whose class is the token after it, among the top_k most frequent next
+    # tokens of the reference split (else of the measured one), -1 (left out) otherwise.
     task: Literal["classify", "next_token"] = "classify"
-    top_k: PositiveInt = 100  # next_token: the K most frequent next tokens are the classes
+    top_k: Annotated[int, Field(ge=2)] = 100
 
 
 class EqualityConfig(Section):
@@ -231,6 +265,20 @@ class PruneConfig(Section):
     finetune_lr: PositiveFloat = 0.01  # constant; the optimiser settings are the run's train.*
     reference: Split | None = None  # split for the NCC accuracy (null: none)
     amp: bool = True
+    # The removal rules compared side by side, each removing prune.n layers: plateau (the
+    # NC rule), block_influence (ShortGPT), angular (Gromov et al., n consecutive layers),
+    # last, random (one set per seed). null: plateau and prune.baselines, and for sequence
+    # layers (transformers) block_influence and angular too.
+    criteria: list[Literal["plateau", "block_influence", "angular", "last", "random"]] | None = None
+    # Layers every criterion removes; null: as many as prune.blocks names (the plateau
+    # blocks of the equality rule, or the list).
+    n: PositiveInt | None = None
+    # Where the angular distance is measured: each sequence's last real token (Gromov et
+    # al.'s choice) or the mean over every real token.
+    angular_position: Literal["last", "mean"] = "last"
+    # Sequences of the training split the layer scores (block_influence, angular) are
+    # computed on: the first N (calibration data, apart from the held-out test split).
+    calibration_samples: PositiveInt = 1000
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -278,6 +326,15 @@ class Config(Section):
     device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "auto"  # auto | cpu | cuda[:N]
     run: str = ""  # a name for the run, written into every CSV row
 
+    @model_validator(mode="after")
+    def _task_pool(self) -> Config:
+        if self.analyze.task == "next_token" and self.model.pool is not None:
+            raise ValueError(
+                f"model.pool={self.model.pool!r}: analyze.task=next_token measures every "
+                "position of every layer (pool 'token'); leave model.pool unset (null)"
+            )
+        return self
+
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
@@ -294,8 +351,9 @@ WEIGHTS_SECTIONS = ("data", "model", "train")
 # Keys of those sections that do not change the weights: where the data lies and how it
 # is read, what the model is evaluated on, how often a checkpoint is written, TensorBoard.
 NOT_WEIGHTS = ("data.dir", "data.download", "data.workers", "data.decoder", "data.skip_bad",
-               "data.test_subset", "data.corrupt_test", "train.checkpoint_every",
-               "train.tensorboard", "train.track_nc_every", "train.track_nc_samples")  # fmt: skip
+               "data.test_subset", "data.test_split", "data.corrupt_test", "model.pool",
+               "model.blocks", "train.checkpoint_every", "train.tensorboard",
+               "train.track_nc_every", "train.track_nc_samples")  # fmt: skip
 
 
 def weights_settings(cfg: Config) -> dict[str, Any]:

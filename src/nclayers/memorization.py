@@ -99,6 +99,7 @@ def memorized_fraction(
     """
     from nclayers.data import make_batches
     from nclayers.runtime import autocast
+    from nclayers.taps import output_logits, run_model
 
     if "noisy" not in dataset.labels:
         raise NCLayersError(
@@ -116,9 +117,8 @@ def memorized_fraction(
     model.eval()
     try:
         for x, y in batches:
-            with autocast(device, amp):
-                out = model(x)
-            pred = (out[0] if isinstance(out, (tuple, list)) else out).argmax(dim=1)
+            with autocast(device, amp):  # images, or a tokenised batch (transformers)
+                pred = output_logits(run_model(model, x)).argmax(dim=1)
             changed = y["clean"] != y["noisy"]
             counts += torch.stack([
                 changed.sum(),

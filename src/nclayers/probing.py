@@ -10,8 +10,13 @@ torch.distributed one all_reduce. The loss is the sum of the heads' own mean los
 each head receives exactly the gradient it would get if it were trained alone; SGD's
 momentum and weight decay act element-wise, so each head also has its own optimiser state.
 
-The splits are what the data layer gives: in-memory `ArrayDataset`s (CIFAR, digits) or
-`FolderDataset`s (ImageNet and other image folders), batched by `make_batches`.
+The splits are what the data layer gives: in-memory `ArrayDataset`s (CIFAR, digits),
+`FolderDataset`s (ImageNet and other image folders) or tokenised `TextData` (Hugging Face
+models: the batch's attention mask reaches the pools), batched by `make_batches`. With
+`next_token` (NextTokenClasses, causal language models) every position whose next token
+is a class is a sample (blocks pooled "token"): the heads learn and are scored on those
+positions only (a position labelled -1 counts nothing); the cache holds one row per
+such position.
 
 Two modes end in the same `ProbeResult`:
 - "stream": the backbone runs on every training batch of every epoch, with the data
@@ -44,16 +49,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from nclayers.data import ArrayDataset, DeviceBatches, FolderDataset, make_batches
+from nclayers.data import ArrayDataset, DeviceBatches, FolderDataset, TextData, make_batches
 from nclayers.errors import NCLayersError
 from nclayers.models.blocks import find_blocks
 from nclayers.runtime import all_sum, autocast, counter
 from nclayers.runtime import world as world_of
 from nclayers.table import Table
-from nclayers.taps import Block, Taps, probe_shapes
+from nclayers.taps import Block, Taps, probe_shapes, run_model
 
 MODES = ("auto", "stream", "cache")
-Split = ArrayDataset | FolderDataset
+Split = ArrayDataset | FolderDataset | TextData
 GB = 1e9
 _EPS = 1e-8  # added to each feature's variance before standardising (constant features)
 
@@ -136,16 +141,23 @@ def _resolve_blocks(model: nn.Module, blocks) -> list[Block]:
     return blocks
 
 
-def _check_split(ds: Split, name: str, view: str, num_classes: int) -> None:
-    if not isinstance(ds, (ArrayDataset, FolderDataset)):
+def _check_split(ds: Split, name: str, view: str, num_classes: int, next_token=None) -> None:
+    if not isinstance(ds, (ArrayDataset, FolderDataset, TextData)):
         raise NCLayersError(
-            f"{name}: expected an ArrayDataset or a FolderDataset (what "
+            f"{name}: expected an ArrayDataset, FolderDataset or TextData (what "
             f"nclayers.data.load_dataset(cfg, '{name}') returns), got {type(ds).__name__}"
         )
     if len(ds) == 0:
         raise NCLayersError(
             f"{name}: the split is empty; check data.{name}_subset and the data folder"
         )
+    if next_token is not None:  # the classes are the next tokens, not labels
+        if not isinstance(ds, TextData) or next_token.num_classes != num_classes:
+            raise NCLayersError(
+                f"next_token: {next_token.num_classes} next-token classes of text, but the "
+                f"{name} split is a {type(ds).__name__} and num_classes={num_classes}"
+            )
+        return
     if view not in ds.labels:
         raise NCLayersError(f"view={view!r}: the {name} split has labels views {ds.views}")
     y = ds.labels[view]
@@ -201,9 +213,10 @@ class _Backbone:
         self._out[index] = feats
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x) -> torch.Tensor:
+        """Images, or a tokenised batch (its attention mask goes to the taps)."""
         with autocast(self.device, self.amp):
-            self.model(x)
+            run_model(self.model, x, self.taps)
         if any(f is None for f in self._out):
             missing = [b.name for b, f in zip(self.blocks, self._out, strict=True) if f is None]
             raise NCLayersError(
@@ -220,12 +233,14 @@ class _Stream:
     """Training features recomputed by the backbone on every batch (with augmentation)."""
 
     def __init__(
-        self, backbone, train, view, batch_size, augment, seed, shard, channels_last
-    ) -> None:
+        self, backbone, train, view, batch_size, augment, seed, shard, channels_last,
+        next_token=None,
+    ) -> None:  # fmt: skip
         self.backbone = backbone
         self.batches = make_batches(
             train, batch_size, backbone.device, train=True, shuffle=True, augment=augment,
             seed=seed, views=[view], shard=shard, channels_last=channels_last,
+            **_next_token_kw(next_token),
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -240,8 +255,13 @@ class _Stream:
         self.batches.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.batches:
-            yield self.backbone.features(x), y
+        for x, y in self.batches:  # next-token labels: N x T, one per position
+            yield self.backbone.features(x), y.reshape(-1)
+
+
+def _next_token_kw(next_token) -> dict:
+    """make_batches' keyword for next-token classes (none for images)."""
+    return {} if next_token is None else {"next_token": next_token}
 
 
 _NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
@@ -262,7 +282,7 @@ class _Cache:
             raise NCLayersError(f"cache_dtype={dtype}: use torch.bfloat16, float16 or float32")
         self.backbone, self.train, self.view, self.dtype = backbone, train, view, dtype
         self.shard, self.channels_last, self.seed = shard, channels_last, seed
-        self.n, self.width, self.batch_size = len(train), width, batch_size
+        self.n, self.width, self.batch_size = self._capacity(), width, batch_size
         need = self.n * width * dtype.itemsize
         self.path: Path | None = None
         self.where = backbone.device
@@ -270,10 +290,17 @@ class _Cache:
             self.where = torch.device("cpu")
             self.path = _memmap_path(need, budget_gb, cache_dir, shard[0])
         self.features: torch.Tensor | None = None
-        self.labels = train.labels[view].to(self.where)
+        self.labels = self._labels()
         self.rows = torch.arange(self.n)
         self.batches = self._draws(self.rows)
         self.skipped = 0
+
+    def _capacity(self) -> int:
+        """Rows of the cache: one per training sample."""
+        return len(self.train)
+
+    def _labels(self) -> torch.Tensor:
+        return self.train.labels[self.view].to(self.where)
 
     def _draws(self, rows: torch.Tensor) -> DeviceBatches:
         stand_in = ArrayDataset(
@@ -350,6 +377,42 @@ class _Cache:
             self.path.unlink(missing_ok=True)
 
 
+class _PositionCache(_Cache):
+    """Next-token probes: one row per position whose next token is a class, computed in
+    one pass of one process (room for every token of the split; the rows filled are
+    drawn). The fill pass reads how many positions each batch keeps (one host sync per
+    batch, once); the epochs then draw the rows like any cache."""
+
+    def __init__(self, backbone, train, next_token, width, batch_size, seed, channels_last,
+                 budget_gb, cache_dir, dtype) -> None:  # fmt: skip
+        self.next_token = next_token
+        super().__init__(backbone, train, None, width, batch_size, seed, (0, 1), channels_last,
+                         budget_gb, cache_dir, dtype)  # fmt: skip
+
+    def _capacity(self) -> int:
+        return int(self.train.lengths.sum())
+
+    def _labels(self) -> torch.Tensor:
+        return torch.full((self.n,), -1, dtype=torch.int64, device=self.where)
+
+    def fill(self, batch_size: int, bar) -> None:
+        self.features = cache = self._allocate()
+        batches = make_batches(self.train, batch_size, self.backbone.device,
+                               next_token=self.next_token)  # fmt: skip
+        filled = 0
+        for x, y in batches:
+            feats = self.backbone.features(x)
+            keep = (y.reshape(-1) >= 0).nonzero().flatten()
+            end = filled + len(keep)
+            cache[filled:end] = feats[keep].to(self.where, self.dtype)
+            self.labels[filled:end] = y.reshape(-1)[keep].to(self.where)
+            filled = end
+            if bar is not None:
+                bar.update(1)
+        self.rows = torch.arange(filled)
+        self.batches = self._draws(self.rows)
+
+
 def _memmap_path(need: int, budget_gb: float, cache_dir, rank: int) -> Path:
     fix = (
         f"raise cache_budget_gb (probe.cache_budget_gb) to {math.ceil(need / GB * 100) / 100} "
@@ -384,25 +447,28 @@ def evaluate_heads(
     amp: bool = True,
     channels_last: bool = False,
     progress: bool = False,
+    next_token=None,
 ) -> tuple[list[float], int]:
-    """Each head's accuracy on `test` (clean labels by default): (accuracies, samples),
-    summed over all torch.distributed ranks (each evaluates its disjoint shard)."""
+    """Each head's accuracy on `test` (clean labels by default; with `next_token` the
+    positions whose next token is a class): (accuracies, samples), summed over all
+    torch.distributed ranks (each evaluates its disjoint shard)."""
     rank, world = world_of()
     was_training = model.training
     model.eval()
     backbone = _Backbone(model, list(blocks), amp)
     batches = make_batches(
         test, batch_size, backbone.device, views=[view], shard=(rank, world),
-        channels_last=channels_last,
+        channels_last=channels_last, **_next_token_kw(next_token),
     )  # fmt: skip
     sums = torch.zeros(len(heads.dims) + 1, dtype=torch.float64, device=backbone.device)
     bar = counter(len(batches), progress, "probe test", unit="batch")
     try:
         with backbone.taps:
             for x, y in batches:
+                y = y.reshape(-1)  # next-token labels: one per position, -1 left out
                 logits = heads(backbone.features(x))
-                sums[:-1] += (logits.argmax(-1) == y).sum(1)
-                sums[-1] += len(y)
+                sums[:-1] += (logits.argmax(-1) == y).sum(1)  # -1 is never a class
+                sums[-1] += (y >= 0).sum() if next_token is not None else len(y)
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -476,6 +542,7 @@ def probe(
     on_epoch: Callable[[dict], Any] | None = None,
     progress: bool = True,
     run: str = "",
+    next_token=None,
 ) -> ProbeResult:
     """Train one linear probe per block of the frozen `model`; accuracy on `test`.
 
@@ -493,18 +560,17 @@ def probe(
         history; passed back as `state` it continues exactly (batches seeded by epoch).
     Under torch.distributed each rank trains on its shard (batch `batch_size // world`),
         head gradients are averaged with one all_reduce per step.
+    next_token: NextTokenClasses (causal LMs): a position whose next token is one is a sample.
     """
     blocks = _resolve_blocks(model, blocks)
     rank, world = world_of()
-    mode = _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world)
-    _check_split(train, "train", view, num_classes)
-    _check_split(test, "test", view, num_classes)
-    if not any(True for _ in model.parameters()):
-        raise NCLayersError("model: has no parameters to find its device by")
+    mode = _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world,
+                           positions=next_token is not None)  # fmt: skip
+    _check_inputs(model, train, test, view, num_classes, next_token)
     was_training = model.training
     model.eval()  # frozen: BatchNorm uses (and keeps) its running statistics
     try:
-        fit = _Fit(model, blocks, train, num_classes, amp, lr, momentum, weight_decay)
+        fit = _Fit(model, blocks, train, num_classes, amp, lr, momentum, weight_decay, next_token)
         if state is not None:
             fit.resume(state, epochs)
         t0 = time.perf_counter()
@@ -518,15 +584,22 @@ def probe(
     finally:
         model.train(was_training)
     accuracy, n_test = evaluate_heads(
-        model, fit.heads, blocks, test, view, eval_batch_size, amp, channels_last, progress
-    )
+        model, fit.heads, blocks, test, view, eval_batch_size, amp, channels_last, progress,
+        next_token,
+    )  # fmt: skip
     return ProbeResult(
         _rows(fit, accuracy, n_test, view, run), history=Table(fit.history), heads=fit.heads,
-        state=fit.snapshot(epochs),
-        mode=mode, epochs=epochs, resumed_from=fit.start, train_samples=len(train),
-        test_samples=n_test, world=world, seconds=time.perf_counter() - t0,
-        train_seconds=train_seconds, skipped=fit.skipped,
+        state=fit.snapshot(epochs), mode=mode, epochs=epochs, resumed_from=fit.start,
+        train_samples=len(train), test_samples=n_test, world=world,
+        seconds=time.perf_counter() - t0, train_seconds=train_seconds, skipped=fit.skipped,
     )  # fmt: skip
+
+
+def _check_inputs(model, train, test, view: str, num_classes: int, next_token) -> None:
+    _check_split(train, "train", view, num_classes, next_token)
+    _check_split(test, "test", view, num_classes, next_token)
+    if not any(True for _ in model.parameters()):
+        raise NCLayersError("model: has no parameters to find its device by")
 
 
 def _rows(fit, accuracy: list[float], n_test: int, view: str, run: str) -> list[dict]:
@@ -537,8 +610,18 @@ def _rows(fit, accuracy: list[float], n_test: int, view: str, run: str) -> list[
     ]  # fmt: skip
 
 
-def _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world) -> str:
-    """The validated mode ("stream" or "cache")."""
+def _check_settings(
+    epochs, batch_size, eval_batch_size, mode, augment, world, positions: bool = False
+) -> str:
+    """The validated mode ("stream" or "cache"); `positions` (next-token probes) are
+    cached by one process only, so under torch.distributed "auto" streams them."""
+    if positions and world > 1 and mode != "stream":
+        if mode == "cache":
+            raise NCLayersError(
+                "mode='cache' of next-token positions runs in one process; under torchrun "
+                "use mode='stream' (probe.mode=stream)"
+            )
+        mode = "stream"
     for name, value in (("epochs", epochs), ("batch_size", batch_size),
                         ("eval_batch_size", eval_batch_size)):  # fmt: skip
         if value < 1:
@@ -563,9 +646,11 @@ def _check_settings(epochs, batch_size, eval_batch_size, mode, augment, world) -
 class _Fit:
     """The heads, their optimiser and history, and the epochs that train them."""
 
-    def __init__(self, model, blocks, train, num_classes, amp, lr, momentum, weight_decay):
+    def __init__(self, model, blocks, train, num_classes, amp, lr, momentum, weight_decay,
+                 next_token=None):  # fmt: skip
         self.backbone = _Backbone(model, blocks, amp)
         self.train, self.device = train, self.backbone.device
+        self.next_token = next_token  # positions as samples, -1 left out
         sample = make_batches(train.subset(torch.arange(min(2, len(train)))), 2, self.device,
                               workers=0)  # fmt: skip
         self.dims = [d for _, d in probe_shapes(model, blocks, next(iter(sample))[0])]
@@ -586,7 +671,10 @@ class _Fit:
                dtype) -> _Stream | _Cache:  # fmt: skip
         if mode == "stream":
             return _Stream(self.backbone, self.train, view, batch, augment, seed, shard,
-                           channels_last)  # fmt: skip
+                           channels_last, self.next_token)  # fmt: skip
+        if self.next_token is not None:
+            return _PositionCache(self.backbone, self.train, self.next_token, sum(self.dims),
+                                  batch, seed, channels_last, budget, cache_dir, dtype)  # fmt: skip
         return _Cache(self.backbone, self.train, view, sum(self.dims), batch, seed, shard,
                       channels_last, budget, cache_dir, dtype)  # fmt: skip
 
@@ -624,11 +712,12 @@ class _Fit:
         source.set_epoch(epoch)
         h = len(self.dims)
         sums = torch.zeros(2 * h + 1, dtype=torch.float64, device=self.device)
+        masked = self.next_token is not None
         for feats, y in source:
-            loss, hits = _step(self.heads, self.optimizer, feats, y, world)
-            sums[:h] += loss * len(y)
+            loss, hits, count = _step(self.heads, self.optimizer, feats, y, world, masked)
+            sums[:h] += loss * count
             sums[h:-1] += hits
-            sums[-1] += len(y)
+            sums[-1] += count
             if bar is not None:
                 bar.update(1)
         sums = all_sum(sums).tolist()  # one host sync per epoch
@@ -649,12 +738,21 @@ def _step(
     feats: torch.Tensor,
     y: torch.Tensor,
     world: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step of every head: (per-head mean loss, per-head correct), on the device."""
+    masked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """One SGD step of every head: (per-head mean loss, per-head correct, samples), on
+    the device. `masked`: labels of -1 (next-token positions that are no class) count
+    nothing; the mean is over the others (their count a device tensor: no sync)."""
     logits = heads(feats)  # H x B x K
     h, n, k = logits.shape
-    losses = F.cross_entropy(logits.reshape(h * n, k), y.repeat(h), reduction="none")
-    losses = losses.view(h, n).mean(1)
+    losses = F.cross_entropy(logits.reshape(h * n, k), y.repeat(h), reduction="none",
+                             ignore_index=-1 if masked else -100)  # fmt: skip
+    if masked:
+        count = (y >= 0).sum()
+        losses = losses.view(h, n).sum(1) / count.clamp_min(1)
+    else:
+        count = n
+        losses = losses.view(h, n).mean(1)
     optimizer.zero_grad(set_to_none=False)
     losses.sum().backward()  # each head's own mean loss: each gets exactly its gradient
     if world > 1:
@@ -662,7 +760,7 @@ def _step(
         dist.all_reduce(grad)
         grad /= world
     optimizer.step()
-    return losses.detach().double(), (logits.detach().argmax(-1) == y).sum(1)
+    return losses.detach().double(), (logits.detach().argmax(-1) == y).sum(1), count
 
 
 def _stream_moments(

@@ -358,11 +358,6 @@ def prune_experiment(
     candidates = prunable_layers(model, blocks, sample)
     if finetune_epochs and (train_batches is None or train_cfg is None):
         raise NCLayersError("finetune_epochs > 0 needs train_batches and train_cfg")
-    if finetune_epochs and isinstance(sample, Mapping):
-        raise NCLayersError(
-            f"prune.finetune_epochs={finetune_epochs}: fine-tuning a model on tokenised "
-            "batches is not supported yet; use 0"
-        )
     unknown = set(baselines) - {"last", "random"}
     if unknown:
         raise NCLayersError(f"baselines: {sorted(unknown)} unknown; choose from ['last', 'random']")
@@ -397,40 +392,51 @@ def prune_experiment(
 def prune_summary(table: Sequence[dict]) -> str:
     """A few lines: each variant's test accuracy and, in brackets, its change against the
     unpruned model given the same fine-tune (as trained, on the no-fine-tune line); random
-    baselines as mean +- standard deviation over their seeds."""
+    baselines as mean +- standard deviation over their seeds. Where the rows hold a
+    language model's perplexity, the same lines for it follow."""
     table = list(table)
     if not table:
         return "no pruning measured"
+    lines = _summary_lines(table, "test_acc", "test accuracy", ".4f")
+    if all(r.get("perplexity") is not None for r in table):
+        lines += _summary_lines(table, "perplexity", "perplexity", ".3f")
+    return "\n".join(lines)
+
+
+def _summary_lines(table: list[dict], metric: str, what: str, fmt: str) -> list[str]:
+    """One line per fine-tune: `metric` of each kind of removal (see prune_summary)."""
     lines = []
     for epochs in sorted({r["finetune_epochs"] for r in table}):
         rows = [r for r in table if r["finetune_epochs"] == epochs]
         none = [r for r in rows if r["variant"] == NONE]
         head = "without fine-tune" if epochs == 0 else f"after a {epochs}-epoch fine-tune"
         which = "unpruned" if epochs == 0 else "unpruned, fine-tuned alike"
-        ref = f"{which} {none[0]['test_acc']:.4f}" if none else f"{which}: not measured"
+        ref = f"{which} {none[0][metric]:{fmt}}" if none else f"{which}: not measured"
         parts = []
         for kind in variant_kinds(rows):
             group = [r for r in rows if r["kind"] == kind]
             k = group[0]["n_removed"]
-            changes = [_change(r, none) for r in group]
-            accs = [r["test_acc"] for r in group]
+            changes = [_change(r, none, metric) for r in group]
+            values = [r[metric] for r in group]
             if len(group) > 1:
-                sd = statistics.stdev(accs)
+                sd = statistics.stdev(values)
                 parts.append(
-                    f"{kind} {k} blocks ({len(group)} seeds): {statistics.mean(accs):.4f} "
-                    f"+- {sd:.4f} ({statistics.mean(changes):+.4f})"
+                    f"{kind} {k} blocks ({len(group)} seeds): {statistics.mean(values):{fmt}} "
+                    f"+- {sd:{fmt}} ({statistics.mean(changes):+{fmt}})"
                 )
             else:
                 where = f" [{group[0]['layers']}]" if group[0]["layers"] else ""
-                parts.append(f"{kind} {k} blocks{where}: {accs[0]:.4f} ({changes[0]:+.4f})")
-        lines.append(f"test accuracy {head} ({ref}): " + "; ".join(parts))
-    return "\n".join(lines)
+                parts.append(f"{kind} {k} blocks{where}: {values[0]:{fmt}} ({changes[0]:+{fmt}})")
+        lines.append(f"{what} {head} ({ref}): " + "; ".join(parts))
+    return lines
 
 
-def _change(row: dict, none: Sequence[dict]) -> float:
+def _change(row: dict, none: Sequence[dict], metric: str = "test_acc") -> float:
     if none:  # against the unpruned model that had the same fine-tune
-        return row["test_acc"] - none[0]["test_acc"]
-    return row["acc_change"]
+        return row[metric] - none[0][metric]
+    if metric == "test_acc":
+        return row["acc_change"]
+    return float("nan")
 
 
 def variant_kinds(rows: Sequence[dict]) -> list[str]:

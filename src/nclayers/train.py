@@ -6,9 +6,16 @@ no folders (the `nclayers.jobs.train` job owns the run folder, checkpoints and l
 - `fit(...)` trains over a range of epochs and yields one record per epoch, so the caller
   decides what to log, measure and checkpoint between epochs;
 - `train_step`, `train_epoch`, `evaluate`: one step, one epoch, one evaluation, free of
-  host-device synchronisations inside the batch loop;
+  host-device synchronisations inside the batch loop. Their seams: a batch's inputs go
+  to the model as `run_model` does (a tensor: `model(x)`; a tokenised batch, a mapping:
+  `model(**x)`), the logits are `output_logits` of what it returns (a tensor, or the
+  `.logits` of a transformers output), and `batch_loss` is the cross-entropy against the
+  labels, or, for language-model text (labels None), the next-token loss `lm.lm_loss`
+  over the real positions (its accuracy: next-token accuracy);
 - the recipe: `make_optimizer` (SGD for ResNets, AdamW without decay on norms, biases and
-  tokens for Swin/ViT), `lr_factor` (multi-step, cosine, linear warm-up);
+  tokens for Swin/ViT/transformers), `lr_factor` (multi-step, cosine, linear, warm-up by
+  epochs), `step_lr_factor` (the same per optimiser step after a warm-up of
+  `train.warmup_steps`, transformers' fine-tuning recipe);
 - speed switches act on CUDA only (bf16 autocast, channels_last, torch.compile), so they
   never change CPU results;
 - torchrun/DDP: `setup_distributed` joins the process group (nccl on CUDA, gloo on CPU);
@@ -22,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +41,10 @@ from torch.nn import functional as F
 from nclayers.data import ArrayDataset, DeviceBatches
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_open
+from nclayers.lm import IGNORE, lm_loss, next_token_targets
 from nclayers.runtime import Distributed, all_sum, autocast, counter
 from nclayers.table import Table
+from nclayers.taps import batch_rows, output_logits, run_model
 
 EVAL_BATCH = 500
 
@@ -99,6 +108,23 @@ def lr_factor(tc, epoch: int) -> float:
     )
 
 
+def step_lr_factor(tc, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier for a 0-based optimiser step when the schedule runs per
+    step (`train.warmup_steps` > 0): linear warm-up (step+1)/W over the first W steps, so
+    the first step already learns; then linear or cosine decay to min_lr over the other
+    steps of train.epochs, or multistep/constant by the step's epoch."""
+    warm = tc.warmup_steps
+    if step < warm:
+        return (step + 1) / warm
+    low = tc.min_lr / tc.lr
+    t = (step - warm) / max(1, tc.epochs * steps_per_epoch - warm)
+    if tc.schedule == "linear":
+        return 1.0 - (1.0 - low) * t
+    if tc.schedule == "cosine":
+        return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return lr_factor(tc.model_copy(update={"warmup_epochs": 0}), step // steps_per_epoch)
+
+
 def is_convnet(model: nn.Module) -> bool:
     """More than one Conv2d. Swin and ViT have one (the patch embedding), and
     channels_last only pays off where convolutions dominate."""
@@ -151,25 +177,62 @@ def _sync_buffers(model: nn.Module, proc: Distributed) -> None:
 
 
 # ----------------------------------------------------------------------------- steps
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    amp: bool = False,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on a batch. Returns (mean loss, number correct) as device
-    tensors, without a host-device synchronisation."""
-    if x.is_cuda and hasattr(model, "_orig_mod"):  # compiled: a new iteration for CUDA
-        torch.compiler.cudagraph_mark_step_begin()  # graphs (mode="reduce-overhead")
-    with autocast(x.device, amp):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+def input_device(x) -> torch.device:
+    """The device of a batch's inputs (a tensor, or a tokenised mapping's input_ids)."""
+    if isinstance(x, torch.Tensor):
+        return x.device
+    return (x.get("input_ids") if "input_ids" in x else next(iter(x.values()))).device
+
+
+def batch_loss(
+    logits: torch.Tensor, x, y: torch.Tensor | None, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """(mean loss, number correct, count) of one batch, on the device: cross-entropy of
+    N x K logits against the labels `y` (count N, an int); for language-model text (`y`
+    None, N x T x V logits of a tokenised batch) the next-token loss over the positions
+    whose next token is real (count: those positions, a device tensor, so nothing waits)."""
+    if y is not None:
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        return loss, (logits.detach().argmax(1) == y).sum(), len(y)
+    if label_smoothing:
+        raise NCLayersError(
+            f"train.label_smoothing={label_smoothing}: applies to classifiers, not to "
+            "language-model text; set it to 0"
+        )
+    mask = x.get("attention_mask")
+    target = next_token_targets(x["input_ids"], mask)
+    count = (target != IGNORE).sum()
+    hits = (logits.detach()[:, :-1].argmax(-1) == target).sum()  # IGNORE is never a token
+    return lm_loss(logits, x["input_ids"], mask), hits, count
+
+
+def _step(model, optimizer, x, y, amp: bool, label_smoothing: float):
+    """One optimiser step: (mean loss, number correct, count) as device values."""
+    device = input_device(x)
+    if device.type == "cuda" and hasattr(model, "_orig_mod"):  # compiled: a new iteration
+        torch.compiler.cudagraph_mark_step_begin()  # for CUDA graphs (mode="reduce-overhead")
+    with autocast(device, amp):
+        logits = output_logits(run_model(model, x))
+    loss, hits, count = batch_loss(logits, x, y, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), (logits.detach().argmax(1) == y).sum()
+    return loss.detach(), hits, count
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x,
+    y: torch.Tensor | None,
+    amp: bool = False,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch (images, or a tokenised batch; labels, or None for
+    language-model text). Returns (mean loss, number correct) as device tensors, without
+    a host-device synchronisation."""
+    loss, hits, _ = _step(model, optimizer, x, y, amp, label_smoothing)
+    return loss, hits
 
 
 def train_epoch(
@@ -180,10 +243,13 @@ def train_epoch(
     label_smoothing: float = 0.0,
     bar=None,
     world: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """`train_step` over the batches: (summed loss, number correct, samples) of this
-    process, as device tensors and an int: nothing here waits for the device. `bar`
-    (tqdm) advances by the images all processes consumed.
+    lr_at: Callable[[int], float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """`train_step` over the batches: (summed loss, number correct, count) of this
+    process, as device tensors and an int (count: the samples; for language-model text
+    the counted positions, a device tensor): nothing here waits for the device. `bar`
+    (tqdm) advances by the samples all processes consumed. `lr_at(i)`: the learning rate
+    of the epoch's i-th step, where the schedule runs per step.
 
     A batch smaller than the first (the epoch's last) runs a `torch.compile`d model's
     original module: compiling would otherwise recompile for it, or switch every later
@@ -194,16 +260,20 @@ def train_epoch(
     loss_sum = correct = None
     seen = 0
     full = None
-    for x, y in batches:
-        full = len(y) if full is None else full
-        net = model if len(y) == full else eager
-        loss, hits = train_step(net, optimizer, x, y, amp, label_smoothing)
-        loss = loss * len(y)
+    for i, (x, y) in enumerate(batches):
+        rows = batch_rows(x)
+        full = rows if full is None else full
+        net = model if rows == full else eager
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(i)
+        loss, hits, count = _step(net, optimizer, x, y, amp, label_smoothing)
+        loss = loss * count
         loss_sum = loss if loss_sum is None else loss_sum + loss
         correct = hits if correct is None else correct + hits
-        seen += len(y)
+        seen = seen + count
         if bar is not None:
-            bar.update(len(y) * world)
+            bar.update(rows * world)
     if loss_sum is None:
         raise NCLayersError("the training batches are empty; check data.train_subset")
     return loss_sum, correct, seen
@@ -213,14 +283,22 @@ def train_epoch(
 def evaluate(
     model: nn.Module, batches: DeviceBatches, amp: bool, proc: Distributed | None = None
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) on the batches' first labels view, summed over all ranks."""
+    """(mean loss, accuracy) on the batches' first labels view, summed over all ranks;
+    for language-model text (labels None) the mean next-token loss (its exp is the
+    perplexity) and next-token accuracy over the counted positions."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss, correct, n
     for x, y in batches:
-        y = y if isinstance(y, torch.Tensor) else y[batches.views[0]]
-        with autocast(x.device, amp):
-            logits = model(x)
+        y = y if y is None or isinstance(y, torch.Tensor) else y[batches.views[0]]
+        with autocast(input_device(x), amp):
+            logits = output_logits(run_model(model, x))
+        if y is None:
+            loss, hits, count = batch_loss(logits, x, None)
+            sums[0] += loss * count
+            sums[1] += hits
+            sums[2] += count
+            continue
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
@@ -289,8 +367,15 @@ def fit(
     """
     proc = proc or Distributed()
     train_model = train_model or model
+    steps = len(train_batches)
     for epoch in epochs:
-        lr = tc.lr * lr_factor(tc, epoch)
+        lr_at = None
+        if tc.warmup_steps:  # the schedule moves every step
+
+            def lr_at(i: int, first: int = epoch * steps) -> float:
+                return tc.lr * step_lr_factor(tc, first + i, steps)
+
+        lr = lr_at(0) if lr_at is not None else tc.lr * lr_factor(tc, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         train_batches.set_epoch(epoch)
@@ -302,15 +387,21 @@ def fit(
         try:
             loss_sum, correct, seen = train_epoch(
                 train_model, optimizer, train_batches, tc.amp, tc.label_smoothing, bar,
-                proc.world,
+                proc.world, lr_at,
             )  # fmt: skip
         finally:
             if bar is not None:
                 bar.close()
         _sync_buffers(model, proc)
         sums = torch.stack([loss_sum.double(), correct.double()])
-        sums = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=sums.device)])
-        loss_sum, correct, seen = all_sum(sums).tolist()  # once per epoch
+        samples = None  # images: the samples are what the loss counted
+        if isinstance(seen, torch.Tensor):  # language-model text: positions, on the device
+            samples = train_batches.samples_per_epoch * proc.world
+            seen = seen.double().view(1)
+        else:
+            seen = torch.tensor([seen], dtype=torch.float64, device=sums.device)
+        loss_sum, correct, seen = all_sum(torch.cat([sums, seen])).tolist()  # once per epoch
+        samples = seen if samples is None else samples
         train_seconds = time.perf_counter() - t_epoch
         test_loss, test_acc = evaluate(model, test_batches, tc.amp, proc)
         yield {
@@ -320,6 +411,6 @@ def fit(
             "train_acc": correct / seen,
             "test_loss": test_loss,
             "test_acc": test_acc,
-            "img_per_s": seen / train_seconds,
+            "img_per_s": samples / train_seconds,  # samples (images or sequences) per second
             "epoch_seconds": time.perf_counter() - t_epoch,
         }

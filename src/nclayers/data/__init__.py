@@ -2,8 +2,10 @@
 
 `load_dataset(data_cfg, split)` returns an `ArrayDataset` (images in memory: digits,
 CIFAR) or a `FolderDataset` (file paths: ImageNet and other image folders, `data.name`
-imagenet or folder), both with the same API; `make_batches(ds, batch_size, device, ...)`
-batches either (`DeviceBatches` or `FolderBatches`). Their labels views are
+imagenet or folder), both with the same API, and for `data.name=hf:PATH_OR_ID` (see
+`nclayers.data.hf_data`) a `TextData` (tokenised text) or an `ArrayDataset` (images for
+vision transformers); `make_batches(ds, batch_size, device, ...)` batches any of them
+(`DeviceBatches`, `FolderBatches`, `TextBatches`). Their labels views are
 "clean" (the true labels) and, on the training split with label noise, "noisy" (the
 labels the model is trained on). `with_changed_views` adds the views that single out
 the samples whose label was changed. With `data.corruption`, the training split's images
@@ -35,14 +37,18 @@ from nclayers.data.noise import (
     shuffle_labels,
     uniform_labels,
 )
+from nclayers.data.text import TextBatches, TextData
 from nclayers.errors import NCLayersError
 
 DATASETS = ("digits", "cifar10", "cifar100", "cifar10c", "imagenet", "folder")
-Dataset = ArrayDataset | FolderDataset
+Dataset = ArrayDataset | FolderDataset | TextData
+# Keywords of the image batches that text batches have no use for.
+_IMAGE_ONLY = ("workers", "decoder", "prefetch", "channels_last", "crop_padding", "flip",
+               "dtype")  # fmt: skip
 log = logging.getLogger("nclayers.data")
 
 
-def load_dataset(cfg, split: str) -> Dataset:
+def load_dataset(cfg, split: str, model_name: str | None = None) -> Dataset:
     """Load `split` of the data set described by a `DataConfig`: the images, label noise
     (on the full training split, so a subset keeps each image's own label), the subset,
     then the corruption (per sample, by its index in the full split).
@@ -50,9 +56,14 @@ def load_dataset(cfg, split: str) -> Dataset:
     Image folders (`data.name` imagenet or folder) read `data.dir`/train and /val (the
     test split) and the keys `data.classes` (first N sorted classes), `data.image_size`,
     `data.resize`, `data.mean`, `data.std` (None: ImageNet's), `data.skip_bad`,
-    `data.workers` and `data.decoder` (see `load_folder_split` and `FolderBatches`)."""
+    `data.workers` and `data.decoder` (see `load_folder_split` and `FolderBatches`).
+    Hugging Face data sets (`data.name=hf:...`) are tokenised with `data.tokenizer`, else
+    with the tokenizer of `model_name` (`model.name`), and sized for that model's inputs
+    (`nclayers.data.hf_data`)."""
     name = cfg.name
     corruption = getattr(cfg, "corruption", None)
+    if name.startswith("hf:"):
+        return _load_hf(cfg, split, model_name)
     if corruption:  # bad names fail before any file is read
         from nclayers.data.corrupt import check_corruption
 
@@ -94,7 +105,17 @@ def load_dataset(cfg, split: str) -> Dataset:
         ds = ds.subset(
             balanced_subset(ds.labels["clean"], int(size), ds.num_classes, cfg.subset_seed)
         )
-    if "noisy" in ds.labels:  # the measured rate, on the samples actually used
+    _measured_noise(ds, name, split)
+
+    corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
+    if corruption and name != "cifar10c" and corrupt_split:
+        ds = corrupt_dataset(ds, corruption, cfg.severity, cfg.corruption_seed)
+    return ds
+
+
+def _measured_noise(ds: Dataset, name: str, split: str) -> None:
+    """Record the noise rate measured on the samples actually used (after the subset)."""
+    if "noisy" in ds.labels:
         changed = int((ds.labels["noisy"] != ds.labels["clean"]).sum())
         ds.meta.update(noise_changed=changed, noise_rate=changed / len(ds))
         log.info(
@@ -102,9 +123,32 @@ def load_dataset(cfg, split: str) -> Dataset:
             name, split, changed, len(ds), 100 * changed / len(ds),
         )  # fmt: skip
 
+
+def _load_hf(cfg, split: str, model_name: str | None) -> Dataset:
+    """A Hugging Face data set's split, with the noise, subset and corruption keys that
+    apply to it (corruptions: images only)."""
+    from nclayers.data.hf_data import load_hf_split
+
+    ds = load_hf_split(cfg, split, model_name)
+    if cfg.corruption and isinstance(ds, TextData):
+        raise NCLayersError(
+            f"data.corruption={cfg.corruption!r}: corruptions act on images; {cfg.name} is text"
+        )
+    if split == "train" and has_label_noise(cfg.noise):
+        if not ds.labels:
+            raise NCLayersError(f"data.noise={cfg.noise}: {cfg.name} has no labels to change")
+        ds = _with_label_noise(ds, cfg)
+    size = cfg.train_subset if split == "train" else cfg.test_subset
+    if size and "clean" in ds.labels:
+        ds = ds.subset(balanced_subset(ds.labels["clean"], int(size), ds.num_classes,
+                                       cfg.subset_seed))  # fmt: skip
+    elif size and int(size) < len(ds):  # language-model text: a seeded random subset
+        gen = torch.Generator().manual_seed(cfg.subset_seed)
+        ds = ds.subset(torch.randperm(len(ds), generator=gen)[: int(size)].sort().values)
+    _measured_noise(ds, cfg.name, split)
     corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
-    if corruption and name != "cifar10c" and corrupt_split:
-        ds = corrupt_dataset(ds, corruption, cfg.severity, cfg.corruption_seed)
+    if cfg.corruption and corrupt_split:
+        ds = corrupt_dataset(ds, cfg.corruption, cfg.severity, cfg.corruption_seed)
     return ds
 
 
@@ -128,10 +172,18 @@ def make_batches(
     device), `FolderBatches` for a `FolderDataset` (read from its files). Both take the
     same keywords (train, shuffle, seed, views, drop_last, shard, channels_last, dtype,
     ...) and yield (normalised images on the device, labels or a dict of views).
+    `TextBatches` for a `TextData` take the same (image settings are ignored) and
+    `next_token` (NextTokenClasses), and yield (tokenised inputs, labels).
 
     augment: the training augmentation of the data set's recipe, or none: CIFAR's
     random crop (padding 4) and flip, ImageNet's random resized crop and flip; None
-    leaves it to `train` (and `crop_padding`/`flip`)."""
+    leaves it to `train` (and `crop_padding`/`flip`). Text has none."""
+    if isinstance(ds, TextData):
+        for key in _IMAGE_ONLY:
+            kwargs.pop(key, None)
+        return TextBatches(ds, batch_size, device, **kwargs)
+    if kwargs.pop("next_token", None) is not None:
+        raise NCLayersError("next_token: next-token classes apply to text (a TextData)")
     if isinstance(ds, FolderDataset):
         return FolderBatches(ds, batch_size, device, augment=augment, **kwargs)
     if not isinstance(ds, ArrayDataset):
@@ -214,6 +266,8 @@ __all__ = [
     "DeviceBatches",
     "FolderBatches",
     "FolderDataset",
+    "TextBatches",
+    "TextData",
     "balanced_subset",
     "changed_views",
     "cifar10n_labels",

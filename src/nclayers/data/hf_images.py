@@ -69,12 +69,34 @@ def load_image_split(
     limit: int | None = None,
 ) -> ArrayDataset:
     """`split` of `source` as an `ArrayDataset` (see the module doc)."""
+    return dataset_images(
+        load_split(source, split), source=source, split=split, size=size, resize=resize,
+        image_column=image_column, label_column=label_column, classes=classes, mean=mean,
+        std=std, limit=limit,
+    )  # fmt: skip
+
+
+def dataset_images(
+    ds,
+    *,
+    source: str = "",
+    split: str = "",
+    size: int = 224,
+    resize: int | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    classes: Sequence[str] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    limit: int | None = None,
+) -> ArrayDataset:
+    """`load_image_split` of a `datasets.Dataset` already read (`source`, `split`: its
+    names)."""
     if size < 1:
         raise NCLayersError(f"size={size}: the model's input side in pixels, e.g. 224")
     resize = resize or round(size * 256 / 224)
     if resize < size:
         raise NCLayersError(f"resize={resize}: the short side must be at least size={size}")
-    ds = load_split(source, split)
     for column, key in ((image_column, "image_column"), (label_column, "label_column")):
         if column not in ds.column_names:
             raise NCLayersError(
@@ -94,4 +116,4 @@ def load_image_split(
     )  # fmt: skip
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image_split", "to_array"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "dataset_images", "load_image_split", "to_array"]

@@ -32,7 +32,7 @@ need them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +55,9 @@ class TextData:
     """Tokenised sequences of one split: `ids` all token ids one after the other (int64),
     `offsets` the N+1 starts, `labels` view -> N class indices (none for language
     modelling), `classes` the class names, `pad_id` the tokenizer's padding id and
-    `vocab_size` its vocabulary size (at least the largest id + 1)."""
+    `vocab_size` its vocabulary size (at least the largest id + 1). `window` and
+    `padding_side` are the defaults of its `TextBatches` (data.window, data.padding_side);
+    `meta` what the loading recorded (e.g. label noise)."""
 
     ids: torch.Tensor
     offsets: torch.Tensor
@@ -65,6 +67,9 @@ class TextData:
     vocab_size: int = 0
     name: str = ""
     split: str = ""
+    window: int = 100
+    padding_side: str = "right"
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (
@@ -105,12 +110,26 @@ class TextData:
     def subset(self, index: Sequence[int] | torch.Tensor) -> TextData:
         """The sequences at `index`, in that order."""
         index = torch.as_tensor(index, dtype=torch.int64)
-        seqs = [self.ids[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in index]
-        return TextData(
-            torch.cat(seqs) if seqs else self.ids[:0], _offsets([len(s) for s in seqs]),
-            {v: y[index] for v, y in self.labels.items()}, list(self.classes), self.pad_id,
-            self.vocab_size, self.name, self.split,
+        lengths = self.lengths[index]
+        # Every token of the chosen sequences at once: each sequence's start, repeated over
+        # its length, plus the position within it.
+        starts = torch.repeat_interleave(self.offsets[:-1][index], lengths)
+        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
+            _offsets(lengths.tolist())[:-1], lengths
+        )
+        return replace(
+            self, ids=self.ids[starts + within], offsets=_offsets(lengths.tolist()),
+            labels={v: y[index] for v, y in self.labels.items()}, classes=list(self.classes),
+            meta=dict(self.meta),
         )  # fmt: skip
+
+    def with_views(self, labels: dict[str, torch.Tensor]) -> TextData:
+        """The same sequences with other labels views (e.g. clean and noisy)."""
+        return replace(self, labels=dict(labels), meta=dict(self.meta))
+
+    def without_labels(self) -> TextData:
+        """The same sequences as language-model text (no labels views)."""
+        return replace(self, labels={}, classes=[], meta=dict(self.meta))
 
 
 def _offsets(lengths: Sequence[int]) -> torch.Tensor:
@@ -156,8 +175,9 @@ def _file_split(builder_files: dict[str, list[str]], split: str, source: str):
         raise NCLayersError(f"data.name={source!r}: split {split!r}: {err}") from None
 
 
-def load_split(source: str, split: str = "train"):
-    """The `datasets.Dataset` of `split` from `source` (see the module doc)."""
+def load_split(source: str, split: str = "train", config_name: str | None = None):
+    """The `datasets.Dataset` of `split` from `source` (see the module doc); `config_name`
+    names a hub data set's configuration (e.g. glue's "sst2")."""
     datasets = _datasets()
     source = source[len(PREFIX) :] if source.startswith(PREFIX) else source
     path = Path(source).expanduser()
@@ -200,7 +220,7 @@ def load_split(source: str, split: str = "train"):
             )
         return _file_split({"train": [str(path)]}, split, source)
     try:  # a hub id, where the machine is online
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, config_name, split=split)
     except Exception as err:  # offline, an unknown id, no such split: one message
         raise NCLayersError(
             f"data.name={source!r}: not a local folder or file, and not loadable from the hub "
@@ -291,7 +311,8 @@ def class_labels(values: list, classes: Sequence[str] | None, column: str) -> tu
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
             raise NCLayersError(
                 f"data.label_column={column!r}: labels {int(y.min())}..{int(y.max())} are not "
-                f"all classes 0..{len(classes) - 1}"
+                f"all classes 0..{len(classes) - 1} (a split without labels, e.g. a hub "
+                "test split marked -1, cannot be measured: choose another by data.test_split)"
             )
         return y, list(classes)
     names = [str(v) for v in values]
@@ -359,7 +380,26 @@ def load_text(
     """
     if tokenizer is None:
         raise NCLayersError("tokenizer: give the model's tokenizer (or its folder / hub id)")
-    ds = load_split(source, split)
+    return dataset_text(
+        load_split(source, split), tokenizer, source=source, split=split,
+        text_column=text_column, label_column=label_column, classes=classes,
+        max_length=max_length, limit=limit,
+    )  # fmt: skip
+
+
+def dataset_text(
+    ds,
+    tokenizer,
+    *,
+    source: str = "",
+    split: str = "",
+    text_column: str = "text",
+    label_column: str | None = "label",
+    classes: Sequence[str] | None = None,
+    max_length: int | None = 512,
+    limit: int | None = None,
+) -> TextData:
+    """`load_text` of a `datasets.Dataset` already read (`source`, `split`: its names)."""
     if text_column not in ds.column_names:
         raise NCLayersError(
             f"data.text_column={text_column!r}: not a column of {source} ({split}); its "
@@ -461,6 +501,7 @@ class TextBatches:
     labels: with `next_token` (NextTokenClasses), the N x T next-token classes (view
     "clean") and `token_classes` is set for `analyze`; else the data's views (one view:
     its tensor; several: a dict); data without labels give None.
+    window, padding_side: default to the data's (data.window, data.padding_side).
     """
 
     def __init__(
@@ -473,13 +514,15 @@ class TextBatches:
         shuffle: bool | None = None,
         seed: int = 0,
         views: list[str] | None = None,
-        window: int = 100,
-        padding_side: str = "right",
+        window: int | None = None,
+        padding_side: str | None = None,
         pad_id: int | None = None,
         drop_last: bool = False,
         shard: tuple[int, int] = (0, 1),
         next_token: NextTokenClasses | None = None,
     ) -> None:
+        window = data.window if window is None else window
+        padding_side = padding_side or data.padding_side
         if batch_size < 1:
             raise NCLayersError(f"batch_size={batch_size}: must be a positive integer")
         if window < 1:
@@ -605,6 +648,7 @@ __all__ = [
     "TextData",
     "class_labels",
     "count_next_tokens",
+    "dataset_text",
     "encode",
     "from_texts",
     "load_split",

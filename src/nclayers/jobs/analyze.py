@@ -8,6 +8,13 @@ stages' columns, e.g. probe_acc, stay); an "analyze" entry goes into summary.jso
 stages.json records the weights and settings measured. A run without trained weights is
 refused (see `RunFolder.weights`). Under torchrun each rank measures its shard of each
 split, the statistics are reduced exactly, rank 0 writes and the other ranks wait for it.
+
+Text data sets (data.name=hf:...) are tokenised with the model's tokenizer; a sequence
+classifier's layers pool `model.pool` (mean over the real tokens by default). With
+`analyze.task=next_token` (causal language models) every position of every layer is a
+sample whose class is the token after it, among the `analyze.top_k` most frequent next
+tokens of the reference split (else of the measured one), shared by both splits; the
+model's accuracy is its next-token accuracy on the kept positions.
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ from torch import nn
 
 from nclayers.analysis import AnalysisResult, analyze
 from nclayers.config import Config
-from nclayers.data import balanced_subset, load_dataset, make_batches
+from nclayers.data import balanced_subset, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import load_model, run_folder
+from nclayers.jobs.common import load_model, load_split, measure_setup, run_folder
 from nclayers.jobs.folder import LAYERS, STAGES, SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
 from nclayers.runtime import barrier, setup_distributed
@@ -64,13 +71,14 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
     with folder.lock():
         ac = cfg.analyze
         splits = [s for s in dict.fromkeys([ac.reference, ac.split]) if s]
-        data = {s: load_dataset(cfg.data, s) for s in splits}
-        num_classes = data[ac.split].num_classes
+        data = {s: load_split(cfg, s) for s in splits}
+        measure = measure_setup(cfg, data[ac.reference or ac.split], data[ac.split])
+        num_classes = measure.num_classes
         folder.check_run(cfg)  # before any work: another run's folder, no weights
         folder.check_inputs(LAYERS, SUMMARY, STAGES)
         weights = folder.weights(cfg)
         model = (model or load_model(cfg, folder, num_classes)).to(device)
-        blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
+        blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
         channels_last = ac.channels_last and device.type == "cuda" and is_convnet(model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -79,6 +87,7 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
 
         def batches(ds):
             return make_batches(ds, ac.batch_size, device, channels_last=channels_last,
+                                next_token=measure.next_token,
                                 shard=(proc.rank, proc.world))  # fmt: skip
 
         tables: dict[str, AnalysisResult] = {}
@@ -100,11 +109,14 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
             "settings": stage_settings("analyze", cfg),
             "weights": weights,
             "blocks": [b.name for b in blocks],
+            "task": ac.task,
             "accuracy": {s: tables[s].accuracy for s in splits},
             "samples": {s: tables[s].samples for s in splits},
             "seconds": {s: tables[s].seconds for s in splits},
             "device": str(device),
         }
+        if measure.next_token is not None:  # the classes: vocabulary ids, most frequent first
+            entry["next_token_classes"] = measure.next_token.tokens.tolist()
         summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
         folder.merge_layers("analyze", table)
         folder.write_json(SUMMARY, {**summary, "analyze": entry})

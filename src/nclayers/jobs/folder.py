@@ -101,9 +101,10 @@ STAGE_SETTINGS = {
     "analyze": ("data", "model", "analyze.split", "analyze.reference",
                 "analyze.reference_subset", "analyze.classic_nc1", "analyze.amp",
                 "analyze.task", "analyze.top_k", "run"),
-    "probe": ("data", "model", "probe", "run"),
+    "probe": ("data", "model", "probe", "analyze.task", "analyze.top_k", "run"),
     "memorization": ("data", "model", "analyze.amp", "run"),
-    "prune": ("data", "model", "prune", "equality", "train", "run"),
+    "prune": ("data", "model", "prune", "equality", "train", "analyze.task", "analyze.top_k",
+              "run"),
     "equality": ("equality", "run"),
 }  # fmt: skip
 UNSTEERING = ("data.dir", "data.download", "data.workers", "data.decoder",
@@ -471,9 +472,15 @@ class RunFolder:
             if (record.get("inputs") or {}).get(dep) != stages.get(dep, {}).get("id"):
                 return f"out of date: {dep} ran again since"
         settings = stage_settings(stage, cfg)
-        if record.get("settings") != settings:
-            then = record.get("settings") or {}
-            keys = sorted(k for k in {*then, *settings} if then.get(k) != settings.get(k))
+        then = record.get("settings") or {}
+        # A key added to nclayers after the stage ran had its default value then.
+        default = stage_settings(stage, Config())
+        keys = sorted(
+            k
+            for k in {*then, *settings}
+            if then.get(k, default.get(k)) != settings.get(k, default.get(k))
+        )
+        if keys:
             return f"out of date: settings changed ({', '.join(keys[:4])})"
         return "done"
 

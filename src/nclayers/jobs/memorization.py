@@ -101,7 +101,7 @@ def _measure(
     with folder.lock():
         folder.check_run(cfg)
         folder.check_inputs(SUMMARY, STAGES)
-        ds = load_dataset(cfg.data, "train")
+        ds = load_dataset(cfg.data, "train", cfg.model.name)
         clean_ds = ds.clean_twin() if corrupted else None  # fails here, before any pass
         weights = folder.weights(cfg)
         model = (model or load_model(cfg, folder, ds.num_classes)).to(device)

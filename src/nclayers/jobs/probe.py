@@ -16,6 +16,11 @@ After every epoch the heads and optimiser go to probe_state.pt; a probe that is
 interrupted continues from its last finished epoch when started again with the same
 weights and settings (a damaged probe_state.pt is only a cache: the probe starts over).
 Under torchrun each rank probes its shard; only rank 0 writes.
+
+Hugging Face models probe their data's pooled hidden states (text: `model.pool`, the mean
+over real tokens by default; no augmentation, so "auto" caches the features once) or,
+with `analyze.task=next_token`, every position whose next token is among the top_k
+classes of the training split (stream mode).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import torch
 from torch import nn
 
 from nclayers.config import Config
-from nclayers.data import load_dataset
-from nclayers.jobs.common import load_model, run_folder
+from nclayers.data import TextData
+from nclayers.jobs.common import load_model, load_split, measure_setup, run_folder
 from nclayers.jobs.folder import (
     LAYERS,
     PROBE,
@@ -75,13 +80,15 @@ def probe_job(
 
 def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Table:
     pc = cfg.probe
-    train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    measure = measure_setup(cfg, train, test)
     weights = folder.weights(cfg)
-    model = (model or load_model(cfg, folder, test.num_classes)).to(device)
+    model = (model or load_model(cfg, folder, measure.num_classes)).to(device)
     channels_last = pc.channels_last and device.type == "cuda" and is_convnet(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
+    blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
+    augment = pc.augment and not isinstance(train, TextData)  # text has no augmentation
 
     # Resume only a probe of the same weights and settings.
     fingerprint = {"settings": stage_settings("probe", cfg), "weights": weights}
@@ -102,14 +109,14 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
 
     folder.forget("probe")
     table = probe(
-        model, train, test, test.num_classes, blocks,
+        model, train, test, measure.num_classes, blocks,
         epochs=pc.epochs, lr=pc.lr, momentum=pc.momentum, weight_decay=pc.weight_decay,
         milestones=tuple(pc.milestones), gamma=pc.gamma, batch_size=pc.batch_size,
-        augment=pc.augment, standardize=pc.standardize, mode=pc.mode,
+        augment=augment, standardize=pc.standardize, mode=pc.mode,
         cache_budget_gb=pc.cache_budget_gb, cache_dir=folder.file(PROBE_CACHE),
         eval_batch_size=pc.eval_batch_size, view="clean", seed=pc.seed, amp=pc.amp,
         channels_last=channels_last, state=state, on_epoch=checkpoint, progress=progress,
-        run=cfg.run,
+        run=cfg.run, next_token=measure.next_token,
     )  # fmt: skip
     _write(cfg, folder, table, weights, len(train), device)
     return table

@@ -12,7 +12,13 @@
   and leaves the last good checkpoint; the stage is not marked done;
 - under torchrun every rank calls it; only rank 0 writes;
 - `train.track_nc_every=N` measures NC1 and NC2 of every block on a fixed class-balanced
-  test subset before training and every N epochs, into nc_dynamics.csv.
+  test subset before training and every N epochs, into nc_dynamics.csv;
+- Hugging Face models (model.name=hf:...) train the same way on their data
+  (data.name=hf:...): a sequence or image classifier is fine-tuned on its labels (from
+  its pretrained weights, or from scratch with model.options.init=config), a causal
+  language model learns the next token of its text (`lm.lm_loss`; from scratch when
+  model.name is a folder holding only a config.json), its test metric the perplexity
+  (`test_perplexity` in each epoch's record).
 
 Files: config.yaml, train.log, checkpoint.pt, train_summary.json, nc_dynamics.csv,
 tb/ (when tensorboard is installed); stages.json records "train" with the weights'
@@ -32,9 +38,9 @@ import torch
 from torch import nn
 
 from nclayers.config import Config, weights_settings
-from nclayers.data import balanced_subset, load_dataset, make_batches
+from nclayers.data import TextData, balanced_subset, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import build_from_config, run_folder
+from nclayers.jobs.common import build_from_config, load_split, run_folder
 from nclayers.jobs.folder import (
     CHECKPOINT,
     DYNAMICS,
@@ -45,6 +51,7 @@ from nclayers.jobs.folder import (
 )
 from nclayers.memorization import memorized_fraction
 from nclayers.models import find_blocks
+from nclayers.models.hf import config_only, is_causal_lm
 from nclayers.runtime import Distributed, barrier, cudnn_benchmark, seeded, setup_distributed
 from nclayers.table import Table
 from nclayers.train import (
@@ -159,8 +166,38 @@ class _Setup:
     test_batches: Iterable
     train_ds: object
     test_ds: object
-    view: str
+    view: str | None  # the labels learnt (None: a language model's next tokens)
     tracker: object
+
+
+def _model_and_data(cfg: Config, folder: RunFolder):
+    """(model, train split, test split): a causal language model's splits as text
+    without labels (it learns the next token, whatever label column they have)."""
+    train_ds, test_ds = load_split(cfg, "train"), load_split(cfg, "test")
+    num_classes = train_ds.num_classes
+    fresh = config_only(cfg.model.name)  # a config folder: a model trained from scratch
+    model = build_from_config(cfg.model, num_classes, fresh=fresh)
+    if cfg.model.checkpoint:  # fine-tune from given weights
+        from nclayers.jobs.common import load_model
+
+        model = load_model(cfg, folder, num_classes)
+    if is_causal_lm(model):
+        if not isinstance(train_ds, TextData):
+            raise NCLayersError(f"model.name={cfg.model.name!r} is a language model: give it text")
+        if cfg.train.track_nc_every:
+            raise NCLayersError(
+                "train.track_nc_every: NC during training is tracked for classifiers; set it "
+                "to 0 for a language model (measure it after training: nclayers analyze RUN "
+                "analyze.task=next_token)"
+            )
+        train_ds, test_ds = train_ds.without_labels(), test_ds.without_labels()
+    elif isinstance(train_ds, TextData) and not train_ds.labels:
+        raise NCLayersError(
+            f"{cfg.data.name} has no labels (data.label_column={cfg.data.label_column!r}) to "
+            f"train the classifier {cfg.model.name} on; name the label column, or train a "
+            "causal language model on it"
+        )
+    return model, train_ds, test_ds
 
 
 def _setup(cfg: Config, proc: Distributed, device: torch.device, folder: RunFolder) -> _Setup:
@@ -170,25 +207,26 @@ def _setup(cfg: Config, proc: Distributed, device: torch.device, folder: RunFold
             f"train.batch_size={tc.batch_size} is smaller than the {proc.world} processes; each "
             f"needs at least one sample per batch: set train.batch_size >= {proc.world}"
         )
-    train_ds, test_ds = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
-    model = build_from_config(cfg.model, train_ds.num_classes)
-    if cfg.model.checkpoint:  # fine-tune from given weights
-        from nclayers.jobs.common import load_model
-
-        model = load_model(cfg, folder, train_ds.num_classes)
+    model, train_ds, test_ds = _model_and_data(cfg, folder)
     model = model.to(device)
     channels_last = tc.channels_last and device.type == "cuda" and is_convnet(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    view = train_labels_view(train_ds)
+    text = isinstance(train_ds, TextData)
+    view = train_labels_view(train_ds) if train_ds.labels else None
     shard = (proc.rank, proc.world)
+    views = [view] if view else None
+    # Text has no augmentation; its training shards are padded so DDP steps in lockstep.
     train_batches = make_batches(
-        train_ds, tc.batch_size // proc.world, device, train=tc.augment, shuffle=True,
-        seed=tc.seed, views=[view], shard=shard, channels_last=channels_last,
+        train_ds, tc.batch_size // proc.world, device, train=tc.augment or text, shuffle=True,
+        seed=tc.seed, views=views, shard=shard, channels_last=channels_last,
     )  # fmt: skip
+    # Text: N x T x V logits per batch; an evaluation batch of the training batch's size.
+    eval_batch = tc.batch_size // proc.world if text else EVAL_BATCH
     test_batches = make_batches(
-        test_ds, EVAL_BATCH, device, views=["clean"], shard=shard, channels_last=channels_last
-    )
+        test_ds, eval_batch, device, views=["clean"] if views else None, shard=shard,
+        channels_last=channels_last,
+    )  # fmt: skip
     train_model: nn.Module = model
     if proc.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -275,16 +313,22 @@ def _after_epoch(cfg, folder, proc, s: _Setup, record, history, t0, first, end, 
             f"(--force); the last good checkpoint ({last}) is kept in {folder.path}"
         )
     record["seconds"] = time.perf_counter() - t0
+    language = s.view is None
+    if language:  # the loss is the mean next-token loss in nats
+        record["test_perplexity"] = math.exp(min(record["test_loss"], 700.0))  # no overflow
     history.append(record)
     eta = record["seconds"] / (epoch - first) * (end - epoch)
+    unit = "seq/s" if isinstance(s.train_ds, TextData) else "img/s"
+    test = f"ppl {record['test_perplexity']:.2f}" if language else f"{record['test_acc']:.4f}"
     say(
         f"epoch {epoch:>3}/{tc.epochs}  loss {record['train_loss']:.4f}  "
-        f"train {record['train_acc']:.4f}  test {record['test_acc']:.4f}  "
-        f"lr {record['lr']:.3g}  {record['img_per_s']:.0f} img/s  "
+        f"train {record['train_acc']:.4f}  test {test}  "
+        f"lr {record['lr']:.3g}  {record['img_per_s']:.0f} {unit}  "
         f"{record['epoch_seconds']:.1f} s  eta {_duration(eta)}"
     )
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s"):
-        if board is not None:
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s",
+                "test_perplexity"):  # fmt: skip
+        if board is not None and key in record:
             board.add_scalar(key, record[key], epoch)
     if s.tracker is not None and (epoch % tc.track_nc_every == 0 or epoch == tc.epochs):
         s.tracker(epoch, board)
@@ -302,7 +346,7 @@ def _finish(cfg, folder, proc, device, s: _Setup, history, seconds, progress) ->
     summary = {
         "config": cfg.to_dict(),
         "epochs_done": len(history),
-        "train_labels": s.view,
+        "train_labels": s.view or "next token",
         "num_classes": s.train_ds.num_classes,
         "final": history[-1] if history else None,
         "best_test_acc": max((h["test_acc"] for h in history), default=None),

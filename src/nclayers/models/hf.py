@@ -59,6 +59,17 @@ def is_hf_name(name: str) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A transformers causal language model (its class: ...ForCausalLM, ...LMHeadModel)."""
+    return is_hf_model(model) and type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def config_only(name: str) -> bool:
+    """`hf:FOLDER` names a local folder with a config.json and no weights (a model to
+    train from scratch)."""
+    return is_hf_name(name) and _config_only(name[len(PREFIX) :])
+
+
 def is_hf_model(model: nn.Module) -> bool:
     """A `transformers` model (tested by class name, so transformers is not imported)."""
     return any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__)
@@ -229,8 +240,10 @@ __all__ = [
     "PREFIX",
     "TASKS",
     "build_hf_model",
+    "config_only",
     "default_pool",
     "example_inputs",
+    "is_causal_lm",
     "is_hf_model",
     "is_hf_name",
     "layer_names",

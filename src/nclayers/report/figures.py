@@ -38,6 +38,18 @@ def text_style(mathtext: bool = False):
         yield
 
 
+def _plain_log_ticks(fig) -> None:
+    """Log axes label their ticks in plain text ("9000", "1e+04"): their default labels
+    are mathtext ($10^{3}$), which reads as raw markup with mathtext off."""
+    from matplotlib.ticker import LogFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(LogFormatter())
+                axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+
+
 def save_figure(fig, path: str | Path, layout: bool = True, dpi: int = 120) -> Path:
     """Lay out and write a figure atomically, in the format its suffix names."""
     import io
@@ -46,6 +58,7 @@ def save_figure(fig, path: str | Path, layout: bool = True, dpi: int = 120) -> P
 
     path = Path(path)
     buf = io.BytesIO()
+    _plain_log_ticks(fig)
     with text_style(False):
         if layout:
             fig.tight_layout()

@@ -52,7 +52,8 @@ def plot_prune(
         ax.bar(xs, means, width, yerr=[lows, highs], capsize=3, label=label)
     k = max((r["n_removed"] for r in table), default=0)
     ax.set_xticks(range(len(kinds)))
-    ax.set_xticklabels([f"{kd}" for kd in kinds])
+    long = len(kinds) > 4  # e.g. every criterion of a transformer: slanted, readable labels
+    ax.set_xticklabels(kinds, rotation=25 if long else 0, ha="right" if long else "center")
     ax.set_ylabel(LABELS.get(metric, metric))
     if metric == "perplexity":
         ax.set_yscale("log")
