@@ -259,7 +259,7 @@ def test_ncc_means_from_a_class_balanced_reference_subset(trained, tmp_path):
 
     folder = RunFolder(copy_of(trained, tmp_path))
     cfg = folder.config(["analyze.reference_subset=30"])
-    table = analyze_job(cfg, folder, progress=False)
+    table = analyze_job(cfg, folder, progress=False).table
     assert {r["n"] for r in table if r["split"] == "train"} == {30}
     assert {r["n"] for r in table if r["split"] == "test"} == {100}
     subset = reference_set(cfg, load_dataset(cfg.data, "train"))

@@ -475,18 +475,19 @@ def _sweep_verbs(sub) -> None:
     p.set_defaults(fn=cmd_make_folder)
 
 
-class _Stdout(logging.StreamHandler):
-    """A handler writing to whatever sys.stdout is when a line is logged."""
+class _Console(logging.StreamHandler):
+    """Progress lines to whatever sys.stdout is when a line is logged, warnings and errors
+    (a failed stage, a damaged file) to sys.stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
         super().emit(record)
 
 
 def _logging(quiet: bool) -> None:
-    """The jobs' progress lines on stdout (rank 0 only); warnings always."""
+    """The jobs' progress lines on stdout (rank 0 only); warnings always, on stderr."""
     level = logging.WARNING if quiet or not _main_rank() else logging.INFO
-    handler = _Stdout()
+    handler = _Console()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("nclayers")
     root.handlers[:] = [handler]
