@@ -476,3 +476,21 @@ def test_close_means_far_from_the_centre_are_recomputed_exactly():
     x[y == 3] = x[y == 2]  # classes 2 and 3: the same samples, so the same mean
     with pytest.raises(ValueError, match="identical feature means"):
         metrics.nc1(x, y, 40)
+
+
+def test_when_most_pairs_cancel_all_distances_are_exact_differences():
+    """Means all within 1e-6 of one point 1e3 from the origin, and a class absent (its
+    mean 0): nearly every pair's Gram value cancels; the distances are then all taken
+    from exact differences at once, equal to the two-pass reference, zeros kept."""
+    gen = torch.Generator().manual_seed(2)
+    point = torch.randn(64, dtype=torch.float64, generator=gen) * 1e3
+    means = point + 1e-6 * torch.randn(2, 30, 64, dtype=torch.float64, generator=gen)
+    means[1, 5] = 0.0
+    means[0, 7] = means[0, 6]
+    centred, gram = centred_gram(means)
+    _, redo = metrics.gram_distances(gram, 64)
+    assert len(redo) > metrics._DENSE_REDO * 2 * 30 * 29 // 2
+    got = metrics.square_distances(means, centred, gram)
+    want = (means[:, :, None] - means[:, None]).square().sum(-1)  # every difference, float64
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0.0)
+    assert got[0, 6, 7] == 0.0

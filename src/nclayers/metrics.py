@@ -596,6 +596,7 @@ def collapse_metrics(states: Sequence[ClassStats]) -> torch.Tensor:
 DIST_RTOL = 1e-11
 _UNIT_ROUNDOFF = 2.0**-53
 _PAIR_CHUNK = 1 << 22  # elements of the differences recomputed at a time (32 MB)
+_DENSE_REDO = 0.05  # above this share of pairs to recompute, recompute them all at once
 
 
 def square_distances(
@@ -625,8 +626,13 @@ def square_distances(
     way (d^ ~ 0 <= bound), so their exact zero still marks an undefined CDNV.
     """
     if means.device.type != "cpu":
-        return torch.cdist(means, means, compute_mode="donot_use_mm_for_euclid_dist").square()
+        return _exact_distances(means)
     dists, redo = gram_distances(gram, means.shape[-1])
+    pairs = means.shape[0] * means.shape[1] * (means.shape[1] - 1) // 2
+    if redo.shape[0] > pairs * _DENSE_REDO:
+        # Most pairs cancel (means close together far from the centre): one pass of exact
+        # differences over every pair costs less than gathering them pair by pair.
+        return _exact_distances(means)
     step = max(1, _PAIR_CHUNK // max(means.shape[-1], 1))
     for part in redo.split(step):
         v, i, j = part.unbind(1)
@@ -635,6 +641,11 @@ def square_distances(
         dists[v, j, i] = exact
     dists.diagonal(dim1=1, dim2=2).zero_()
     return dists
+
+
+def _exact_distances(means: torch.Tensor) -> torch.Tensor:
+    """||mu_i - mu_j||^2 from exact differences (no matrix-product shortcut)."""
+    return torch.cdist(means, means, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
 def gram_distances(gram: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
