@@ -43,6 +43,7 @@ from nclayers.analysis import analyze
 from nclayers.data.text import NextTokenClasses, TextBatches, count_next_tokens, from_texts
 from nclayers.models import find_blocks
 from nclayers.runtime import autocast
+from profiled import profiled_overhead  # benchmarks/profiled.py beside this script
 
 
 def stdlib_texts(count: int, seed: int = 0) -> list[str]:
@@ -115,23 +116,6 @@ def timed(variants: dict, repeats: int, sync, clock=time.perf_counter) -> dict[s
             sync()
             times[name].append(clock() - t)
     return times
-
-
-def profiled_overhead(plain, analysed) -> float:
-    """1 + (the self CPU time of the calls `analysed` makes beyond `plain`, each costed at
-    its operator's mean) / (plain's self CPU time), from one profiled run of each."""
-    runs = []
-    for fn in (plain, analysed):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            fn()
-        runs.append({e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()})
-    base, more = runs
-    extra = 0.0
-    for key, (total, calls) in more.items():
-        added = calls - base.get(key, (0.0, 0))[1]
-        if added > 0:
-            extra += added * total / calls
-    return 1.0 + extra / sum(t for t, _ in base.values())
 
 
 def main() -> None:

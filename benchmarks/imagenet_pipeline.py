@@ -32,7 +32,10 @@ Prints and writes:
                             computation (NC1, NC2 of every block, once per pass), then
                             extrapolated to ImageNet's 50,000 validation images
                             ("ratio_50k", "cpu_ratio_50k": pass costs scaled by 50,000 / n,
-                            the end-of-pass cost added once)          target <= 1.05
+                            the end-of-pass cost added once)          target <= 1.05;
+                            with --profile (CPU) also "profiled": the operators analyze
+                            adds at their mean self CPU time (benchmarks/profiled.py),
+                            a figure neighbours on a shared machine hardly move
   stats_memory_mb           the statistics' device memory per block (K x D float64 sums
                             per labels view, and the shift), and their total
 
@@ -60,6 +63,7 @@ from nclayers.metrics import BlockStats, LabelViews, collapse_metrics
 from nclayers.models import build_model, find_blocks
 from nclayers.runtime import autocast
 from nclayers.taps import probe_shapes
+from profiled import profiled_overhead  # benchmarks/profiled.py beside this script
 
 VALIDATION_IMAGES = 50_000  # ImageNet's validation split, what analyze measures
 
@@ -156,7 +160,9 @@ def end_of_pass(table) -> None:
         collapse_metrics(list(layer.values())).tolist()
 
 
-def analyze_ratio(root: Path, device, batch: int, workers: int, repeats: int, amp, sync):
+def analyze_ratio(
+    root: Path, device, batch: int, workers: int, repeats: int, amp, sync, profile: bool
+):
     ds = load_folder_split(root, "test", workers=workers)
     torch.manual_seed(0)
     model = build_model("resnet50_in1k", num_classes=1000).to(device).eval()
@@ -194,6 +200,10 @@ def analyze_ratio(root: Path, device, batch: int, workers: int, repeats: int, am
           f"({med['end_of_pass']['cpu']:.2f} CPU s): ratio {out['ratio']:.3f} wall, "
           f"{out['cpu_ratio']:.3f} CPU; extrapolated to {VALIDATION_IMAGES} images "
           f"{out['ratio_50k']:.3f} wall, {out['cpu_ratio_50k']:.3f} CPU")  # fmt: skip
+    if profile and device.type == "cpu":  # what the analysis adds, whatever the neighbours do
+        out["profiled"] = profiled_overhead(runs["inference"], runs["analyze"])
+        print(f"profiled: analyze / inference = {out['profiled']:.3f} (the operators analyze "
+              "adds, at their mean self CPU time)")  # fmt: skip
     return out
 
 
@@ -235,6 +245,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--analyze-repeats", type=int, default=None, help="1 on CPU, 3 on CUDA")
     p.add_argument("--only", choices=["decode", "analyze"], help="measure one part only")
     p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also the profiled cost of the operators analyze adds (CPU)")  # fmt: skip
     return p.parse_args()
 
 
@@ -264,7 +276,7 @@ def main() -> None:
             result["analyze_over_inference"] = analyze_ratio(
                 k1000, device, batch, args.workers,
                 args.analyze_repeats or (3 if device.type == "cuda" else 1),
-                not args.no_amp, sync)  # fmt: skip
+                not args.no_amp, sync, args.profile)  # fmt: skip
             result["stats_memory_mb"] = stats_memory(device)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
