@@ -362,10 +362,11 @@ def _draw_layout(layers, layout, rows, curves, x, memorization, title, notes):
         fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(8, len(handles)),
                    frameon=False, title=curves, fontsize=9)  # fmt: skip
     caption = "\n".join([*([title] if title else []), *notes])
-    if caption:
-        fig.suptitle(caption, y=0.01, va="bottom", fontsize=9 if notes else 10)
+    if caption:  # a text, not a suptitle: tight_layout reserves a suptitle's room at the top
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=9 if notes else 10)
     top = 1 - 0.6 / fig.get_figheight() if curves and handles else 0.98
     bottom = (0.3 + 0.2 * caption.count("\n") + 0.15) / fig.get_figheight() if caption else 0.0
+    _plain_log_ticks(fig)  # before the layout: raw mathtext tick labels are wide
     fig.tight_layout(rect=(0, bottom, 1, top))
     return fig
 
