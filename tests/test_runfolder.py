@@ -189,6 +189,26 @@ def test_another_runs_folder_is_refused(trained, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- training
+def test_clean_labels_spelled_any_way_are_one_run(trained, tmp_path):
+    """Sweep files sharing a clean run, one saying data.noise: 0.0, another leaving it
+    out, have one run id; the second's train stage failed ('holds a run with other
+    settings (data.noise)') and blocked every stage after it. Records written with 0.0
+    still read as done."""
+    from nclayers.jobs.folder import STAGES
+    from nclayers.jobs.sweep import run_id
+
+    folder = RunFolder(copy_of(trained, tmp_path))
+    for recorded in (None, 0.0):  # 0.0: as an older run recorded it
+        stages = folder.read_json(STAGES)
+        stages["train"]["settings"]["data.noise"] = recorded
+        folder.write_json(STAGES, stages)
+        for spelling in ("data.noise=0.0", "data.noise=clean", "data.noise=null"):
+            cfg = load_config(None, [*TINY, spelling])
+            assert cfg.data.noise is None and run_id(cfg) == run_id(load_config(None, TINY))
+            # done: the sweep skips it (out of date, it trained and failed)
+            assert folder.status("train", cfg) == "done", (recorded, spelling)
+
+
 def test_train_never_retrains_a_run_silently(trained, tmp_path, capsys):
     """17.5: `train RUN` without --resume or --force refuses, saying what the folder holds."""
     run = copy_of(trained, tmp_path)

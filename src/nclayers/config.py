@@ -124,6 +124,13 @@ class DataConfig(Section):
             return name
         raise ValueError(f"expected one of {', '.join(IMAGE_DATASETS)} or hf:PATH_OR_ID")
 
+    @field_validator("noise")
+    @classmethod
+    def _clean_labels_are_none(cls, noise):
+        # 0 and "clean" say what null says: one setting, so that runs and stages compare
+        # equal whichever spelling a sweep file used.
+        return None if noise in CLEAN_LABELS else noise
+
     @field_validator("mean", "std")
     @classmethod
     def _three_channels(cls, value: list | None) -> list | None:
@@ -354,6 +361,19 @@ NOT_WEIGHTS = ("data.dir", "data.download", "data.workers", "data.decoder", "dat
                "data.test_subset", "data.test_split", "data.corrupt_test", "model.pool",
                "model.blocks", "train.checkpoint_every", "train.tensorboard",
                "train.track_nc_every", "train.track_nc_samples")  # fmt: skip
+
+
+# Every spelling of clean labels in data.noise; a config holds None for all of them.
+CLEAN_LABELS = (None, "", 0, "clean")
+
+
+def canonical_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened settings recorded earlier, spelled as a config spells them now (clean
+    labels as data.noise None), so that a comparison sees only real changes."""
+    out = dict(flat)
+    if "data.noise" in out and out["data.noise"] in CLEAN_LABELS:
+        out["data.noise"] = None
+    return out
 
 
 def weights_settings(cfg: Config) -> dict[str, Any]:

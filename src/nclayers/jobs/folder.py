@@ -48,7 +48,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nclayers.config import Config, config_text, flatten, load_config, weights_settings
+from nclayers.config import (
+    Config,
+    canonical_settings,
+    config_text,
+    flatten,
+    load_config,
+    weights_settings,
+)
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_open, atomic_write, dumps_json
 from nclayers.table import Table
@@ -472,7 +479,7 @@ class RunFolder:
             if (record.get("inputs") or {}).get(dep) != stages.get(dep, {}).get("id"):
                 return f"out of date: {dep} ran again since"
         settings = stage_settings(stage, cfg)
-        then = record.get("settings") or {}
+        then = canonical_settings(record.get("settings") or {})
         # A key added to nclayers after the stage ran had its default value then.
         default = stage_settings(stage, Config())
         keys = sorted(

@@ -168,12 +168,8 @@ def run_id(cfg: Config) -> str:
     """A short hash of the settings that define a run's weights: those that differ from
     the defaults, so a config key added to nclayers later (at its default) leaves every
     existing run's id, and folder, as it was."""
-    from nclayers.data.noise import has_label_noise
-
     defaults = weights_settings(Config())
-    mine = weights_settings(cfg)
-    if not has_label_noise(mine.get("data.noise")):  # every spelling of clean labels alike
-        mine["data.noise"] = defaults["data.noise"]
+    mine = weights_settings(cfg)  # every spelling of clean labels is data.noise None
     kept = {k: v for k, v in mine.items() if k not in defaults or v != defaults[k]}
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:ID_LENGTH]
