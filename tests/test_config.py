@@ -103,6 +103,13 @@ def test_unchecked_values_are_refused_when_loaded(override, message, capsys):
     assert f"(from the override '{override}')" in err
 
 
+def test_the_error_names_the_override_that_holds():
+    """A key given twice (a shell variable of defaults, then the user's value): the error
+    named the first override, whose value was fine, instead of the last one."""
+    with pytest.raises(ValueError, match=r"from the override 'data\.train_subset=-5'"):
+        load_config(None, ["data.train_subset=200", "device=cpu", "data.train_subset=-5"])
+
+
 def test_malformed_yaml_and_unknown_keys_name_the_file_and_line(tmp_path, capsys):
     """17.9: a YAML error or an unknown key read from a file names the file and the line
     (a config file, and a run folder's config.yaml)."""

@@ -629,7 +629,7 @@ def _section_of(path: list[str]) -> type[BaseModel]:
 
 
 def _source(key: str, where: str, overrides: tuple) -> str:
-    for text in overrides:
+    for text in reversed(overrides):  # the last override of a key is the one that holds
         given = parse_override(text)[0]
         if given == key or given.startswith(key + ".") or key.startswith(given + "."):
             return f" (from the override {text!r})"
