@@ -422,6 +422,7 @@ def _table_verbs(sub) -> None:
     p = sub.add_parser("report", help="One self-contained HTML report of a run or a sweep.")
     p.add_argument("path", help="a run folder, a sweep's output folder, or a sweep file")
     p.add_argument("--out", help="the HTML file (default: PATH/report.html)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no logs")
     p.set_defaults(fn=cmd_report)
 
 
