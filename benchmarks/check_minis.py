@@ -144,7 +144,7 @@ def judge_run(sweep: Sweep, run, row: dict) -> dict:
     rec["work_s"] = sum(float(stages.get(s, {}).get("seconds") or 0) for s in sweep.stages)
     for name in sweep.stages:
         state = str(row.get(name) or "missing")
-        if state != "done":
+        if state not in ("done", "n/a"):  # n/a: a clean baseline has no memorization ratio
             rec["why"].append(f"{name} {state}")
     rec["why"] += _rule(kind, rec, train)
     rec["report_notes"] = readability(run.config.to_dict(), train) if train else []

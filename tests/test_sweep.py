@@ -282,6 +282,20 @@ def test_failed_stages_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_clean_baseline_has_no_memorization_stage_to_fail(tmp_path, capsys):
+    """A corrupted-inputs or label-noise figure has a clean baseline run; its memorization
+    stage (nothing to compare) was recorded as failed, and the sweep exited 1 on a
+    complete figure. It is "n/a" now; the noisy run's is measured."""
+    path = write_sweep(tmp_path, stages=["train", "memorization"], figure=None)
+    sweep = load_sweep(path)
+    assert main(["sweep", str(path), "-q"]) == 0, capsys.readouterr().err
+    runs = Table.from_csv(sweep.out / "runs.csv")
+    assert [r["memorization"] for r in runs] == ["n/a", "done"]
+    assert not runs[0].get("errors")
+    assert RunFolder(sweep.runs[1].folder).exists("memorization.csv")
+    assert main(["sweep", str(path), "--index", "0", "-q"]) == 0
+
+
 def test_a_stage_without_weights_is_refused_in_a_sweep(tmp_path):
     """17.2: a sweep with stages [analyze] on a run that was never trained records the
     refusal instead of measuring a random model."""

@@ -141,7 +141,7 @@ def cmd_sweep(args) -> int:
         return 0
     if args.index is not None:
         status = run_one(sweep, args.index, progress=not args.quiet)
-        return int(any(s["status"] != "done" for s in status["stages"].values()))
+        return int(any(s["status"] in ("failed", "blocked") for s in status["stages"].values()))
     gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     summary = run_sweep(sweep, launcher=args.launcher, gpus=gpus, progress=not args.quiet,
                         collect_only=args.collect, wait=not args.no_wait)  # fmt: skip

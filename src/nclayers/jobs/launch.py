@@ -94,7 +94,7 @@ class SweepTask(_checkpointable()):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         sweep = load_sweep(self.sweep_file, self.overrides)
         status = run_one(sweep, index, progress=False)
-        failed = [n for n, s in status["stages"].items() if s["status"] != "done"]
+        failed = [n for n, s in status["stages"].items() if s["status"] in ("failed", "blocked")]
         log.info("run %d: %s", index, f"failed stages {failed}" if failed else "every stage done")
         return status
 

@@ -69,6 +69,12 @@ class MemorizationResult:
     info: dict
 
 
+def memorization_applies(cfg: Config) -> bool:
+    """Whether a run has a memorization ratio to measure: trained with label noise or with
+    corrupted inputs (one kind at a time). A clean baseline run of a sweep has none."""
+    return bool(cfg.data.corruption) != has_label_noise(cfg.data.noise)
+
+
 def memorization_job(
     cfg: Config,
     folder: RunFolder | str | Path,
@@ -179,4 +185,4 @@ def _label_noise(measure, ds, model, cfg) -> tuple[Table, Table, dict]:
     return rows, memorization_ratio(rows), info
 
 
-__all__ = ["FIGURE", "MemorizationResult", "memorization_job"]
+__all__ = ["FIGURE", "MemorizationResult", "memorization_applies", "memorization_job"]

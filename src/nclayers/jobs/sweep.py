@@ -29,9 +29,10 @@ is not done or is out of date (other weights or settings, see `RunFolder.status`
 the run folder's lock, and skips the others; an interrupted training resumes from its
 checkpoint. A user error (`NCLayersError`) is recorded against the run and the sweep goes
 on; any other exception is a bug: recorded with its traceback (error.log), printed, and
-the sweep goes on too. Then the runs' tables are gathered into tidy CSVs (a column per
-axis), the figures are drawn (a figure that fails costs itself, not the report) and the
-report written, all in ROOT/<name>/.
+the sweep goes on too. A run's memorization stage is "n/a" when the run has no ratio to
+measure (a figure's clean baseline: no label noise, no corruption). Then the runs' tables
+are gathered into tidy CSVs (a column per axis), the figures are drawn (a figure that fails
+costs itself, not the report) and the report written, all in ROOT/<name>/.
 
 Launchers: in this process (default); `--gpus 0,1` one run per GPU through submitit's
 local executor; `--launcher slurm` one Slurm job array through submitit, each task
@@ -64,6 +65,8 @@ from nclayers.table import Table
 ID_LENGTH = 12
 StageName = Literal["train", "analyze", "probe", "memorization", "prune", "equality"]
 STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
+NOT_APPLICABLE = "n/a"  # the status of a stage that does not apply to a run
+
 # A stage runs after these (when they are in the sweep) and is blocked when they fail.
 NEEDS = {"analyze": ("train",), "probe": ("train",), "memorization": ("train",),
          "prune": ("train",), "equality": ("analyze",)}  # fmt: skip
@@ -343,6 +346,8 @@ def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
         if blocked:
             record = {"status": "blocked", "error": f"needs {blocked}, which failed"}
             failed.add(name)
+        elif not _applies(name, run.config):
+            record = {"status": NOT_APPLICABLE}
         else:
             with folder.lock():
                 record = _run_stage(jobs[name], name, run, folder, progress)
@@ -353,6 +358,16 @@ def run_one(sweep: Sweep, index: int, progress: bool = True) -> dict:
     with out_lock(sweep):
         atomic_write(status_path(sweep, run), dumps_json(status))
     return status
+
+
+def _applies(stage: str, cfg: Config) -> bool:
+    """A sweep's clean baseline run (no label noise, no corruption) has no memorization
+    ratio: its memorization stage is "n/a", not a failure."""
+    if stage != "memorization":
+        return True
+    from nclayers.jobs.memorization import memorization_applies
+
+    return memorization_applies(cfg)
 
 
 def _run_stage(job: Callable, name: str, run: Run, folder, progress: bool) -> dict:
@@ -451,7 +466,8 @@ def _run_row(sweep: Sweep, run: Run, folder, damaged: list[str]) -> dict:
         for name in sweep.stages:
             rec = (status.get("stages") or {}).get(name) or {}
             now = folder.status(name, run.config)
-            row[name] = rec["status"] if rec.get("status") in ("failed", "blocked") else now
+            kept = ("failed", "blocked", NOT_APPLICABLE)
+            row[name] = rec["status"] if rec.get("status") in kept else now
         train = folder.read_json(TRAIN_SUMMARY)
         final = train.get("final") or {}
         from nclayers.jobs.folder import MEMORIZATION
