@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from nclayers.data.arrays import ArrayDataset
-from nclayers.data.text import class_labels, load_split
+from nclayers.data.text import checked_rows, class_labels, class_names, load_split
 from nclayers.errors import NCLayersError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,25 +55,10 @@ def to_array(image, size: int, resize: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def load_image_split(
-    source: str,
-    split: str = "train",
-    *,
-    size: int = 224,
-    resize: int | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
-    classes: Sequence[str] | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    limit: int | None = None,
-) -> ArrayDataset:
-    """`split` of `source` as an `ArrayDataset` (see the module doc)."""
-    return dataset_images(
-        load_split(source, split), source=source, split=split, size=size, resize=resize,
-        image_column=image_column, label_column=label_column, classes=classes, mean=mean,
-        std=std, limit=limit,
-    )  # fmt: skip
+def load_image_split(source: str, split: str = "train", **options) -> ArrayDataset:
+    """`split` of `source` as an `ArrayDataset` (see the module doc): `dataset_images` of
+    the split read, `options` its keywords."""
+    return dataset_images(load_split(source, split), source=source, split=split, **options)
 
 
 def dataset_images(
@@ -90,24 +75,16 @@ def dataset_images(
     std: Sequence[float] = IMAGENET_STD,
     limit: int | None = None,
 ) -> ArrayDataset:
-    """`load_image_split` of a `datasets.Dataset` already read (`source`, `split`: its
-    names)."""
+    """A `datasets.Dataset` already read (`source`, `split`: its names) as an
+    `ArrayDataset` of `size` x `size` images (see the module doc)."""
     if size < 1:
         raise NCLayersError(f"size={size}: the model's input side in pixels, e.g. 224")
     resize = resize or round(size * 256 / 224)
     if resize < size:
         raise NCLayersError(f"resize={resize}: the short side must be at least size={size}")
-    for column, key in ((image_column, "image_column"), (label_column, "label_column")):
-        if column not in ds.column_names:
-            raise NCLayersError(
-                f"data.{key}={column!r}: not a column of {source} ({split}); its columns are "
-                f"{ds.column_names}"
-            )
-    if limit is not None:
-        ds = ds.select(range(min(int(limit), len(ds))))
-    feature = ds.features[label_column]
-    if classes is None and hasattr(feature, "names"):
-        classes = list(feature.names)
+    columns = {"image_column": image_column, "label_column": label_column}
+    ds = checked_rows(ds, columns, source, split, limit)
+    classes = class_names(ds, label_column, classes)
     y, classes = class_labels(list(ds[label_column]), classes, label_column)
     images = np.stack([to_array(im, size, resize) for im in ds[image_column]])
     return ArrayDataset(

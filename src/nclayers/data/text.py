@@ -360,31 +360,34 @@ def from_texts(
     )  # fmt: skip
 
 
-def load_text(
-    source: str,
-    split: str = "train",
-    tokenizer=None,
-    *,
-    text_column: str = "text",
-    label_column: str | None = "label",
-    classes: Sequence[str] | None = None,
-    max_length: int | None = 512,
-    limit: int | None = None,
-) -> TextData:
-    """Read `split` of `source` (see the module doc) and tokenise its `text_column`.
+def checked_rows(ds, columns: dict[str, str], source: str, split: str, limit: int | None):
+    """`ds` (its first `limit` rows) once each of `columns` ({config key: column}) is one
+    of its columns; else the error names the key, the source and the columns there are."""
+    for key, column in columns.items():
+        if column not in ds.column_names:
+            raise NCLayersError(
+                f"data.{key}={column!r}: not a column of {source} ({split}); its columns "
+                f"are {ds.column_names}"
+            )
+    return ds if limit is None else ds.select(range(min(int(limit), len(ds))))
 
-    label_column: the class of each text (a ClassLabel, integers or names); absent from
-        the data (or None): no labels, for language modelling. classes: the class names
-        to number text labels by (give the training split's to the test split).
-    limit: keep the first `limit` rows.
-    """
+
+def class_names(ds, label_column: str, classes: Sequence[str] | None) -> Sequence[str] | None:
+    """`classes` if given, else the names of a datasets ClassLabel column (else None)."""
+    feature = ds.features[label_column]
+    if classes is None and hasattr(feature, "names"):
+        return list(feature.names)
+    return classes
+
+
+def load_text(source: str, split: str = "train", tokenizer=None, **options) -> TextData:
+    """Read `split` of `source` (see the module doc) and tokenise it: `dataset_text` of
+    the split read, `options` its keywords (text_column, label_column, classes,
+    max_length, limit)."""
     if tokenizer is None:
         raise NCLayersError("tokenizer: give the model's tokenizer (or its folder / hub id)")
-    return dataset_text(
-        load_split(source, split), tokenizer, source=source, split=split,
-        text_column=text_column, label_column=label_column, classes=classes,
-        max_length=max_length, limit=limit,
-    )  # fmt: skip
+    return dataset_text(load_split(source, split), tokenizer, source=source, split=split,
+                        **options)  # fmt: skip
 
 
 def dataset_text(
@@ -399,19 +402,17 @@ def dataset_text(
     max_length: int | None = 512,
     limit: int | None = None,
 ) -> TextData:
-    """`load_text` of a `datasets.Dataset` already read (`source`, `split`: its names)."""
-    if text_column not in ds.column_names:
-        raise NCLayersError(
-            f"data.text_column={text_column!r}: not a column of {source} ({split}); its "
-            f"columns are {ds.column_names}"
-        )
-    if limit is not None:
-        ds = ds.select(range(min(int(limit), len(ds))))
+    """A `datasets.Dataset` already read (`source`, `split`: its names) as `TextData`.
+
+    label_column: the class of each text (a ClassLabel, integers or names); absent from
+        the data (or None): no labels, for language modelling. classes: the class names
+        to number text labels by (give the training split's to the test split).
+    limit: keep the first `limit` rows.
+    """
+    ds = checked_rows(ds, {"text_column": text_column}, source, split, limit)
     labels = None
     if label_column and label_column in ds.column_names:
-        feature = ds.features[label_column]
-        if classes is None and hasattr(feature, "names"):  # a datasets ClassLabel
-            classes = list(feature.names)
+        classes = class_names(ds, label_column, classes)
         labels = ds[label_column]
     return from_texts(
         ds[text_column], tokenizer, labels, classes=classes, max_length=max_length,
@@ -646,7 +647,9 @@ __all__ = [
     "NextTokenClasses",
     "TextBatches",
     "TextData",
+    "checked_rows",
     "class_labels",
+    "class_names",
     "count_next_tokens",
     "dataset_text",
     "encode",
