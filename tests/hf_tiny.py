@@ -92,3 +92,24 @@ def padded(sequences: list[list[int]], side: str = "right", pad: int = 0):
         ids[i, sl] = torch.tensor(s)
         mask[i, sl] = 1
     return ids, mask
+
+
+def positions_by_hand(model, blocks, sequences, tokens: list[int]):
+    """The reference for next-token measurements: every block's hidden state at every
+    position, one sequence at a time through forward hooks (no padding, no batching), and
+    each position's class, the index of its next token in `tokens` (-1: not a class, and
+    every sequence's last position). Returns (per block N x D, N labels)."""
+    feats: list[list[torch.Tensor]] = [[] for _ in blocks]
+    hooks = [b.module.register_forward_hook(
+        lambda m, a, o, i=i: feats[i].append(o[0] if isinstance(o, tuple) else o))
+        for i, b in enumerate(blocks)]  # fmt: skip
+    labels: list[int] = []
+    try:
+        with torch.no_grad():
+            for ids in sequences:
+                model(input_ids=torch.tensor([ids]))
+                labels += [tokens.index(t) if t in tokens else -1 for t in ids[1:]] + [-1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat([f[0] for f in block]) for block in feats], torch.tensor(labels)

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from hf_tiny import TEXT, tiny_config, tiny_model, word_tokenizer
+from hf_tiny import TEXT, positions_by_hand, tiny_config, tiny_model, word_tokenizer
 from nclayers import metrics
 from nclayers.cli import main
 from nclayers.config import load_config
@@ -207,23 +207,12 @@ def test_next_token_analysis_of_the_run_equals_hand_statistics(workspace, lm_run
     for text in read_texts(workspace / "lm" / "train.jsonl"):
         counts.update(tok(text)["input_ids"][1:])
     top = sorted(counts, key=lambda t: (-counts[t], t))[:6]
-    feats, labels = [[] for _ in range(4)], []
-    hooks = [b.module.register_forward_hook(
-        lambda m, a, o, i=i: feats[i].append(o[0] if isinstance(o, tuple) else o))
-        for i, b in enumerate(find_blocks(model))]  # fmt: skip
-    try:
-        for text in read_texts(workspace / "lm" / "test.jsonl"):
-            ids = tok(text)["input_ids"]
-            model(input_ids=torch.tensor([ids]))
-            labels += [top.index(t) if t in top else -1 for t in ids[1:]] + [-1]
-    finally:
-        for h in hooks:
-            h.remove()
-    y = torch.tensor(labels)
+    sequences = [tok(text)["input_ids"] for text in read_texts(workspace / "lm" / "test.jsonl")]
+    feats, y = positions_by_hand(model, find_blocks(model), sequences, top)
     keep = y >= 0
     assert all(r["n"] == int(keep.sum()) for r in test)
     for layer, row in enumerate(test):
-        x = torch.cat([f[0] for f in feats[layer]])[keep].double()
+        x = feats[layer][keep].double()
         assert row["nc1"] == pytest.approx(metrics.nc1(x, y[keep], 6), rel=1e-4)
         assert row["nc2"] == pytest.approx(metrics.nc2(x, y[keep], 6), rel=1e-4, abs=1e-6)
     summary = json.loads((lm_run / "summary.json").read_text())["analyze"]

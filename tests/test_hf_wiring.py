@@ -10,12 +10,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from hf_tiny import TEXT, tiny_model, word_tokenizer
+from hf_tiny import TEXT, positions_by_hand, tiny_model, word_tokenizer
 from nclayers.config import load_config
 from nclayers.data import ArrayDataset, TextBatches, TextData, load_dataset, make_batches
 from nclayers.data.text import NextTokenClasses, count_next_tokens, from_texts
@@ -122,24 +121,11 @@ def test_next_token_probe_accuracy_equals_its_heads_on_hand_features():
                    eval_batch_size=4, next_token=classes, progress=False)  # fmt: skip
     assert result.mode == "cache"
     heads = result.heads.linear()
-    feats = [[] for _ in blocks]
-    hooks = [b.module.register_forward_hook(
-        lambda m, a, o, i=i: feats[i].append(o[0] if isinstance(o, tuple) else o))
-        for i, b in enumerate(blocks)]  # fmt: skip
-    labels = []
-    try:
-        for i in range(len(test)):
-            ids = test.sequence(i)
-            model(input_ids=torch.tensor([ids]))
-            lookup = classes.tokens.tolist()
-            labels += [lookup.index(t) if t in lookup else -1 for t in ids[1:]] + [-1]
-    finally:
-        for h in hooks:
-            h.remove()
-    y = torch.tensor(labels)
+    sequences = [test.sequence(i) for i in range(len(test))]
+    feats, y = positions_by_hand(model, blocks, sequences, classes.tokens.tolist())
     keep = y >= 0
     for layer, row in enumerate(result):
-        x = torch.cat([f[0] for f in feats[layer]])[keep].detach()
+        x = feats[layer][keep]
         hand = float((heads[layer](x).argmax(1) == y[keep]).double().mean())
         assert row["probe_acc"] == pytest.approx(hand, abs=1e-9)
         assert row["n"] == int(keep.sum())
