@@ -523,12 +523,6 @@ def config_text(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def save_config(cfg: Config, path: str | Path) -> Path:
-    from nclayers.files import atomic_write
-
-    return atomic_write(path, config_text(cfg))
-
-
 # ----------------------------------------------------------------------------- helpers
 def _nested(settings: Mapping, where: str) -> dict:
     """Dotted keys ('train.lr') unfolded into nested mappings, recursively."""
@@ -661,6 +655,5 @@ __all__ = [
     "parse_override",
     "read_config_file",
     "read_yaml",
-    "save_config",
     "weights_settings",
 ]

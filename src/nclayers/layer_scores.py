@@ -37,7 +37,7 @@ from nclayers.models.blocks import find_blocks
 from nclayers.runtime import all_sum, autocast
 from nclayers.runtime import progress as progress_bar
 from nclayers.table import Table
-from nclayers.taps import Block, TokenMask, hidden_state, run_model, to_device
+from nclayers.taps import Block, TokenMask, batch_rows, hidden_state, run_model, to_device
 
 CRITERIA = ("plateau", "block_influence", "angular", "last", "random")
 POSITIONS = ("last", "mean")
@@ -169,17 +169,12 @@ def layer_scores(
             if any(x is None for x in scorer.ins):
                 raise NCLayersError(f"blocks: {[b.name for b in blocks]} did not all run")
             scorer.finish_batch()
-            sequences += _rows(inputs)
+            sequences += batch_rows(inputs)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
     return _result(scorer, blocks, position, sequences)
-
-
-def _rows(inputs) -> int:
-    first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
-    return int(first.shape[0])
 
 
 def _result(scorer: _Scorer, blocks: list[Block], position: str, sequences: int) -> LayerScores:

@@ -578,7 +578,7 @@ def collapse_metrics(states: Sequence[ClassStats]) -> torch.Tensor:
     gram = centred @ centred.transpose(1, 2)  # nc2's Gram; on the CPU nc1's distances too
     # nc1: every squared distance between class means at once (K = 1000: 999,000 ordered
     # pairs), each within a relative DIST_RTOL of the exact differences' value
-    dists = square_distances(means, centred, gram)
+    dists = square_distances(means, gram)
     eye = torch.eye(k, dtype=torch.bool, device=means.device)
     ratio = (variances[:, :, None] + variances[:, None, :]) / (2.0 * dists)
     nc1_ = ratio.masked_fill(eye, 0.0).sum((1, 2))
@@ -599,9 +599,7 @@ _PAIR_CHUNK = 1 << 22  # elements of the differences recomputed at a time (32 MB
 _DENSE_REDO = 0.05  # above this share of pairs to recompute, recompute them all at once
 
 
-def square_distances(
-    means: torch.Tensor, centred: torch.Tensor, gram: torch.Tensor
-) -> torch.Tensor:
+def square_distances(means: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """||mu_i - mu_j||^2 of every pair of class means (V x K x K float64, the diagonal 0).
 
     On an accelerator: exact differences (torch.cdist without matrix products), cheap there,

@@ -18,11 +18,9 @@ import numpy as np
 import torch
 
 from nclayers.data.arrays import ArrayDataset
+from nclayers.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from nclayers.data.text import checked_rows, class_labels, class_names, load_split
 from nclayers.errors import NCLayersError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _pil(value):
