@@ -289,6 +289,7 @@ def test_a_clean_baseline_has_no_memorization_stage_to_fail(tmp_path, capsys):
     path = write_sweep(tmp_path, stages=["train", "memorization"], figure=None)
     sweep = load_sweep(path)
     assert main(["sweep", str(path), "-q"]) == 0, capsys.readouterr().err
+    assert "memorization" not in capsys.readouterr().err  # n/a is not a warning
     runs = Table.from_csv(sweep.out / "runs.csv")
     assert [r["memorization"] for r in runs] == ["n/a", "done"]
     assert not runs[0].get("errors")

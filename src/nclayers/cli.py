@@ -132,7 +132,7 @@ def cmd_blocks(args) -> None:
 
 def cmd_sweep(args) -> int:
     from nclayers.jobs.launch import run_sweep
-    from nclayers.jobs.sweep import commands, describe, load_sweep, run_one
+    from nclayers.jobs.sweep import FAILED, commands, describe, load_sweep, run_one, stage_failed
 
     sweep = load_sweep(args.file, args.overrides)
     if args.print:
@@ -141,7 +141,7 @@ def cmd_sweep(args) -> int:
         return 0
     if args.index is not None:
         status = run_one(sweep, args.index, progress=not args.quiet)
-        return int(any(s["status"] in ("failed", "blocked") for s in status["stages"].values()))
+        return int(any(map(stage_failed, status["stages"].values())))
     gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     summary = run_sweep(sweep, launcher=args.launcher, gpus=gpus, progress=not args.quiet,
                         collect_only=args.collect, wait=not args.no_wait)  # fmt: skip
@@ -160,7 +160,7 @@ def cmd_sweep(args) -> int:
     for problem in summary.get("damaged", []):  # gathered without them: said, one line each
         print(f"nclayers sweep: {problem}", file=sys.stderr)
     # Failed stages were recorded and the others ran; the exit status still says so.
-    failed = any(k.endswith((" failed", " blocked")) for k in summary["stages"])
+    failed = any(k.endswith(tuple(f" {s}" for s in FAILED)) for k in summary["stages"])
     return int(failed or bool(summary.get("damaged")))
 
 

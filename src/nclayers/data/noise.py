@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nclayers.config import CLEAN_LABELS
 from nclayers.errors import NCLayersError
 
 NOISE_MODES = ("shuffle", "uniform")
@@ -43,7 +44,7 @@ LEFT_OUT = -1
 
 def has_label_noise(noise) -> bool:
     """Whether a `data.noise` value asks for noisy labels (None, "", 0 and "clean" do not)."""
-    return noise not in (None, "", 0, "clean")
+    return noise not in CLEAN_LABELS
 
 
 def _check_rate(rate: float) -> float:

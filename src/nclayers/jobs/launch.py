@@ -25,6 +25,7 @@ from nclayers.jobs.sweep import (
     load_sweep,
     out_lock,
     run_one,
+    stage_failed,
     status_path,
     sweep_json,
 )
@@ -94,7 +95,7 @@ class SweepTask(_checkpointable()):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         sweep = load_sweep(self.sweep_file, self.overrides)
         status = run_one(sweep, index, progress=False)
-        failed = [n for n, s in status["stages"].items() if s["status"] in ("failed", "blocked")]
+        failed = [n for n, s in status["stages"].items() if stage_failed(s)]
         log.info("run %d: %s", index, f"failed stages {failed}" if failed else "every stage done")
         return status
 

@@ -85,7 +85,7 @@ def memorization_job(
     """Measure the memorization ratio of the run in `folder` (see the module doc)."""
     folder = run_folder(folder)
     corrupted, noisy = bool(cfg.data.corruption), has_label_noise(cfg.data.noise)
-    if corrupted == noisy:
+    if not memorization_applies(cfg):
         what = "both data.noise and data.corruption" if noisy else "neither data.noise nor "
         raise NCLayersError(
             f"run {str(folder.path)!r} was trained with {what}"

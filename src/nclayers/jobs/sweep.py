@@ -66,6 +66,13 @@ ID_LENGTH = 12
 StageName = Literal["train", "analyze", "probe", "memorization", "prune", "equality"]
 STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
 NOT_APPLICABLE = "n/a"  # the status of a stage that does not apply to a run
+FAILED = ("failed", "blocked")  # the statuses of a stage that did not run to the end
+
+
+def stage_failed(record: dict) -> bool:
+    """Whether a stage's status record says it failed (or was blocked by one that did)."""
+    return record.get("status") in FAILED
+
 
 # A stage runs after these (when they are in the sweep) and is blocked when they fail.
 NEEDS = {"analyze": ("train",), "probe": ("train",), "memorization": ("train",),
@@ -391,11 +398,12 @@ def _run_stage(job: Callable, name: str, run: Run, folder, progress: bool) -> di
 
 
 def _say(sweep: Sweep, run: Run, name: str, record: dict, progress: bool) -> None:
-    if not progress and record["status"] == "done":
+    failed = stage_failed(record)
+    if not progress and not failed:
         return
     state = "skipped (done and up to date)" if record.get("skipped") else record["status"]
     why = f": {record['error']}" if "error" in record else ""
-    level = logging.INFO if record["status"] == "done" else logging.WARNING
+    level = logging.WARNING if failed else logging.INFO  # an n/a stage is no warning
     log.log(level, "[sweep %s] run %d (%s): %s %s%s", sweep.name, run.index, _describe(run),
             name, state, why)  # fmt: skip
 
@@ -466,8 +474,8 @@ def _run_row(sweep: Sweep, run: Run, folder, damaged: list[str]) -> dict:
         for name in sweep.stages:
             rec = (status.get("stages") or {}).get(name) or {}
             now = folder.status(name, run.config)
-            kept = ("failed", "blocked", NOT_APPLICABLE)
-            row[name] = rec["status"] if rec.get("status") in kept else now
+            kept = rec.get("status") == NOT_APPLICABLE or stage_failed(rec)
+            row[name] = rec["status"] if kept else now
         train = folder.read_json(TRAIN_SUMMARY)
         final = train.get("final") or {}
         from nclayers.jobs.folder import MEMORIZATION
