@@ -240,7 +240,7 @@ class _Stream:
         self.batches = make_batches(
             train, batch_size, backbone.device, train=True, shuffle=True, augment=augment,
             seed=seed, views=[view], shard=shard, channels_last=channels_last,
-            **_next_token_kw(next_token),
+            next_token=next_token,
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -257,11 +257,6 @@ class _Stream:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.batches:  # next-token labels: N x T, one per position
             yield self.backbone.features(x), y.reshape(-1)
-
-
-def _next_token_kw(next_token) -> dict:
-    """make_batches' keyword for next-token classes (none for images)."""
-    return {} if next_token is None else {"next_token": next_token}
 
 
 _NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
@@ -458,7 +453,7 @@ def evaluate_heads(
     backbone = _Backbone(model, list(blocks), amp)
     batches = make_batches(
         test, batch_size, backbone.device, views=[view], shard=(rank, world),
-        channels_last=channels_last, **_next_token_kw(next_token),
+        channels_last=channels_last, next_token=next_token,
     )  # fmt: skip
     sums = torch.zeros(len(heads.dims) + 1, dtype=torch.float64, device=backbone.device)
     bar = counter(len(batches), progress, "probe test", unit="batch")

@@ -104,6 +104,7 @@ class _Run:
     sample: object  # two test inputs, to trace the layers' shapes
     device: torch.device
     language: bool  # a causal language model: judged by perplexity too
+    eval_batch: int  # sequences (text: analyze.batch_size) or images per evaluation batch
 
 
 def _load(cfg: Config, folder: RunFolder) -> _Run:
@@ -125,13 +126,10 @@ def _load(cfg: Config, folder: RunFolder) -> _Run:
     blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
     batch = cfg.analyze.batch_size if text else EVAL_BATCH
     test_batches = make_batches(test, batch, device, views=["clean"] if test.labels else None,
-                                **_classes_kw(measure))  # fmt: skip
+                                next_token=measure.next_token)  # fmt: skip
     sample = head(next(iter(test_batches))[0], 2)
-    return _Run(model, blocks, test, train, measure, test_batches, sample, device, language)
-
-
-def _classes_kw(measure) -> dict:
-    return {} if measure.next_token is None else {"next_token": measure.next_token}
+    return _Run(model, blocks, test, train, measure, test_batches, sample, device, language,
+                batch)  # fmt: skip
 
 
 def _criteria(cfg: Config, model) -> list[str]:
@@ -162,8 +160,8 @@ def _prune(cfg: Config, folder: RunFolder, progress: bool) -> PruneResult:
     if pc.reference:
         ref = run.train if pc.reference == "train" and run.train is not None else (
             load_split(cfg, pc.reference))  # fmt: skip
-        reference = make_batches(ref, run.test_batches.batch_size, run.device,
-                                 **_classes_kw(run.measure))  # fmt: skip
+        reference = make_batches(ref, run.eval_batch, run.device,
+                                 next_token=run.measure.next_token)  # fmt: skip
     summary, layers = prune_experiment(
         run.model, run.blocks, first, run.test_batches, run.measure.num_classes, label=label,
         seeds=pc.seeds, baselines=[b for b in BASELINES if b in criteria], criteria=others,
@@ -252,8 +250,8 @@ def _scores(cfg: Config, run: _Run, progress: bool):
     pc = cfg.prune
     calib = run.train if run.train is not None else run.test
     calib = calib.subset(torch.arange(min(pc.calibration_samples, len(calib))))
-    batch = cfg.analyze.batch_size if isinstance(calib, TextData) else EVAL_BATCH
-    batches = make_batches(calib, batch, run.device, views=["clean"] if calib.labels else None)
+    views = ["clean"] if calib.labels else None
+    batches = make_batches(calib, run.eval_batch, run.device, views=views)
     return layer_scores(run.model, batches, run.blocks, position=pc.angular_position,
                         amp=pc.amp, progress=progress)  # fmt: skip
 
