@@ -150,7 +150,12 @@ def test_text_demo_at_a_reduced_size(tmp_path):
         "classifier/checkpoint.pt",
     ):
         assert (out / name).is_file(), name  # fmt: skip
+    from nclayers.jobs import RunFolder
     from nclayers.table import Table
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    for figure in ("text_demo.png", "prune.png"):  # written like every file: checksummed
+        assert figure in manifest and RunFolder(out).verify(figure), figure
 
     layers = Table.from_csv(out / "layers.csv")
     for run, blocks in (("lm", TINY.lm_layers), ("classifier", TINY.cls_layers)):

@@ -36,7 +36,6 @@ a file. Under torchrun only rank 0 writes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -231,13 +230,6 @@ class RunFolder:
             if plot(drawn) is None or not drawn.is_file():
                 return None
             return self.write(name, drawn.read_bytes())
-
-    def save_figure(self, name: str, fig) -> Path:
-        """A matplotlib Figure saved atomically (by its file name's format)."""
-        buf = io.BytesIO()
-        fig.savefig(buf, format=Path(name).suffix.lstrip(".") or "png", dpi=150,
-                    bbox_inches="tight")  # fmt: skip
-        return self.write(name, buf.getvalue())
 
     def remove(self, *names: str) -> None:
         if not self.writes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nclayers.jobs.folder import REPORT, RunFolder
+from nclayers.jobs.prune import PRUNE_PNG
 from nclayers.prune import prune_summary
 from nclayers.report.figures import new_figure, save_figure
 from nclayers.report.html import Figure, Section, render_html
@@ -31,7 +32,7 @@ def split_rows(layers: Table, run: str) -> Table:
     return Table(r for r in layers if r.get("run") == run and r.get("split") == "test")
 
 
-def draw_layers(folder: RunFolder, layers: Table) -> Path:
+def draw_layers(folder: RunFolder, layers: Table) -> Path | None:
     """Per run (row): NC1 (log), NC2, and NCC / probe accuracy against the layer."""
     runs = [r for r in RUN_TITLES if split_rows(layers, r)]
     fig, axes = new_figure(len(runs), 3, figsize=(12, 3.4 * len(runs)), squeeze=False)
@@ -55,13 +56,14 @@ def draw_layers(folder: RunFolder, layers: Table) -> Path:
             ax.set_xticks(x)
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-    return save_figure(fig, folder.file(FIGURE))  # laid out, written atomically
+    # laid out, written atomically and checksummed in the folder's manifest
+    return folder.draw(FIGURE, lambda path: save_figure(fig, path))
 
 
 def draw_figures(folder: RunFolder, layers: Table, prune) -> list[Path]:
-    """text_demo.png and prune.png in `folder`."""
-    return [draw_layers(folder, layers),
-            plot_prune(prune.summary, folder.file("prune.png"), prune.layers)]  # fmt: skip
+    """text_demo.png and prune.png in `folder` (None on the ranks that do not write)."""
+    pruned = folder.draw(PRUNE_PNG, lambda path: plot_prune(prune.summary, path, prune.layers))
+    return [p for p in (draw_layers(folder, layers), pruned) if p is not None]
 
 
 def write_text_report(
