@@ -85,9 +85,10 @@ def test_pass_through_returns_what_the_parent_expects():
             assert getattr(stand_in, attr) == getattr(original, attr)
 
 
-def hand_scores(model, seqs):
+def hand_scores(model, seqs, position: str = "last"):
     """BI and angular distances from each sequence alone (no padding), in float64, from
-    hooks of our own on the decoder layers."""
+    hooks of our own on the decoder layers; angles at the last token, or averaged over
+    every token (position "mean")."""
     layers = list(model.model.layers)
     ins, outs = {}, {}
 
@@ -111,14 +112,16 @@ def hand_scores(model, seqs):
                 for t in range(len(s)):
                     cos_sum[l] += float(x[t] @ y[t] / (x[t].norm() * y[t].norm()))
                 for m in range(l, n):
-                    a, b = ins[l][-1].double(), outs[m][-1].double()
-                    c = float(a @ b / (a.norm() * b.norm()))
-                    ang[l][m] += math.acos(max(-1.0, min(1.0, c))) / math.pi
+                    for t in range(len(s)) if position == "mean" else [len(s) - 1]:
+                        a, b = ins[l][t].double(), outs[m][t].double()
+                        c = float(a @ b / (a.norm() * b.norm()))
+                        ang[l][m] += math.acos(max(-1.0, min(1.0, c))) / math.pi
     finally:
         for h in hooks:
             h.remove()
     bi = [1 - c / tokens for c in cos_sum]
-    return bi, [[v / len(seqs) for v in row] for row in ang]
+    count = tokens if position == "mean" else len(seqs)
+    return bi, [[v / count for v in row] for row in ang]
 
 
 @torch.no_grad()
@@ -147,6 +150,12 @@ def test_block_influence_and_angular_distance_equal_hand_computations():
         assert math.isnan(float(scores.angular[2, 1]))
     table = scores.table(n=2)
     assert [r["angular"] is None for r in table] == [False, False, False, True]
+    # position "mean": every real token of every padded sequence, once
+    _, ang = hand_scores(model, seqs, "mean")
+    scores = layer_scores(model, batches, position="mean")
+    for l in range(4):
+        for m in range(l, 4):
+            assert float(scores.angular[l, m]) == pytest.approx(ang[l][m], abs=1e-4)
 
 
 def test_choices_of_each_criterion():

@@ -83,6 +83,7 @@ class _Scorer:
         self.bi_sum, self.bi_count = torch.zeros(n, **f64), torch.zeros(n, **f64)
         self.ang_sum, self.ang_count = torch.zeros(n, n, **f64), torch.zeros((), **f64)
         self.mask: TokenMask | None = None
+        self.weight: torch.Tensor | None = None  # N x T float64, 1 on real tokens: per batch
         self.ins: list[torch.Tensor | None] = [None] * n
         self.outs: list[torch.Tensor | None] = [None] * n
 
@@ -104,9 +105,14 @@ class _Scorer:
         return record
 
     def _weight(self, y: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
-            return torch.ones(y.shape[:2], dtype=torch.float64, device=y.device)
-        return (self.mask.mask != 0).to(torch.float64)
+        """The batch's token weights, made by its first block and shared by the others."""
+        if self.weight is None:
+            self.weight = (
+                torch.ones(y.shape[:2], dtype=torch.float64, device=y.device)
+                if self.mask is None
+                else (self.mask.mask != 0).to(torch.float64)
+            )
+        return self.weight
 
     def _at(self, h: torch.Tensor) -> torch.Tensor:
         """Unit vectors at the scored positions: N x 1 x D (last) or N x T x D (mean)."""
@@ -123,12 +129,13 @@ class _Scorer:
         u, v = torch.stack(self.ins), torch.stack(self.outs)  # L x N x T' x D
         cos = torch.einsum("lntd,mntd->lmnt", u, v).clamp(-1.0, 1.0)
         angle = torch.arccos(cos).double() / math.pi
-        if self.position == "last" or self.mask is None:
+        if self.position == "last":  # one position per sequence
             weight = torch.ones(angle.shape[2:], dtype=torch.float64, device=angle.device)
         else:
-            weight = (self.mask.mask != 0).to(torch.float64)
+            weight = self.weight
         self.ang_sum += (angle * weight).sum((2, 3))
         self.ang_count += weight.sum()
+        self.weight = None
         self.ins = [None] * len(self.blocks)
         self.outs = [None] * len(self.blocks)
 
