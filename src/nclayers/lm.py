@@ -39,10 +39,12 @@ def lm_loss(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of N x T x V `logits` (float32 accumulation): the mean
     over counted positions ("mean"), their sum ("sum"), or N x (T-1) ("none", 0 where a
-    position does not count)."""
+    position does not count). `target`: `next_token_targets(input_ids, attention_mask)`
+    when the caller has it already."""
     if logits.ndim != 3 or logits.shape[:2] != input_ids.shape:
         raise NCLayersError(
             f"logits: expected N x T x V for input_ids {tuple(input_ids.shape)}, got "
@@ -50,7 +52,8 @@ def lm_loss(
         )
     if reduction not in ("mean", "sum", "none"):
         raise NCLayersError(f"reduction={reduction!r}: choose 'mean', 'sum' or 'none'")
-    target = next_token_targets(input_ids, attention_mask)
+    if target is None:
+        target = next_token_targets(input_ids, attention_mask)
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     losses = F.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE, reduction="none")
     if reduction == "none":
@@ -89,9 +92,9 @@ def perplexity(
             inputs = to_device({k: v for k, v in inputs.items() if k != "labels"}, device)
             with autocast(device, amp):
                 logits = output_logits(run_model(model, inputs))
-            mask = inputs.get("attention_mask")
-            sums[0] += lm_loss(logits, inputs["input_ids"], mask, reduction="sum")
-            target = next_token_targets(inputs["input_ids"], mask)
+            ids = inputs["input_ids"]
+            target = next_token_targets(ids, inputs.get("attention_mask"))
+            sums[0] += lm_loss(logits, ids, reduction="sum", target=target)
             sums[1] += (target != IGNORE).sum()
     finally:
         model.train(was_training)

@@ -203,7 +203,7 @@ def batch_loss(
     target = next_token_targets(x["input_ids"], mask)
     count = (target != IGNORE).sum()
     hits = (logits.detach()[:, :-1].argmax(-1) == target).sum()  # IGNORE is never a token
-    return lm_loss(logits, x["input_ids"], mask), hits, count
+    return lm_loss(logits, x["input_ids"], target=target), hits, count
 
 
 def _step(model, optimizer, x, y, amp: bool, label_smoothing: float):
