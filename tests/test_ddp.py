@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from nclayers.metrics import ClassStats, NCCAccuracy
 from nclayers.models import build_model
 from nclayers.table import Table
 from nclayers.train import evaluate, load_checkpoint
+from ports import free_port
 
 WORLD = 2
 TRAIN = [
@@ -42,12 +42,6 @@ pytestmark = [
     ),
     pytest.mark.usefixtures("one_thread"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def features(n: int = 600, dim: int = 7, classes: int = 5):

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from killing import context
 from nclayers.config import compose
 from nclayers.jobs import RunFolder, analyze_job, memorization_job, probe_job, train_job
 from nclayers.table import Table
+from ports import free_port
 from tinyruns import TINY
 
 pytestmark = [
@@ -39,12 +39,6 @@ VERBS = {"train": ("clean", ["--resume", "train.epochs=3"], "run folder"),
          "analyze": ("clean", [], "wrote"), "probe": ("clean", [], "wrote"),
          "memorization": ("noisy", [], "wrote"),
          "prune": ("clean", ["--blocks", "1"], "wrote")}  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(rank: int, runs: dict[str, str], ports: list[int], out: str) -> None:

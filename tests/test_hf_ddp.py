@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,12 @@ pytest.importorskip("datasets")
 from nclayers.config import load_config
 from nclayers.jobs.folder import CHECKPOINT
 from nclayers.train import load_checkpoint
+from ports import free_port
 
 WORLD = 2
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings(tmp: Path) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from nclayers.data import ArrayDataset, DeviceBatches
 from nclayers.models import build_model, find_blocks
 from nclayers.probing import ProbeHeads, evaluate_heads, heads_state, load_heads, probe
 from nclayers.taps import Taps
+from ports import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -278,12 +278,6 @@ def test_public_api():
 
 # ----------------------------------------------------------------------------- two ranks
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ddp_runs(model, rank_tag: str, out: Path) -> None:
