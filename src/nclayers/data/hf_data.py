@@ -26,7 +26,14 @@ import json
 from pathlib import Path
 
 from nclayers.data.arrays import ArrayDataset
-from nclayers.data.text import PREFIX, TextData, dataset_text, load_split, load_tokenizer
+from nclayers.data.text import (
+    PREFIX,
+    TextData,
+    class_labels,
+    dataset_text,
+    load_split,
+    load_tokenizer,
+)
 from nclayers.errors import NCLayersError
 
 DEFAULT_MAX_LENGTH = 512
@@ -104,16 +111,14 @@ def _train_classes(cfg, ds, split: str) -> list[str] | None:
     train = load_split(cfg.name, cfg.train_split, cfg.config_name)
     if cfg.label_column not in train.column_names:
         return None
-    values = train[cfg.label_column]
-    if all(isinstance(v, (int, bool)) for v in values):
-        return [str(i) for i in range(max(values) + 1)] if values else None
-    return sorted({str(v) for v in values})
+    values = list(train[cfg.label_column])
+    return class_labels(values, None, cfg.label_column)[1] if values else None
 
 
 def _model_source(model_name: str | None) -> str | None:
     if not model_name:
         return None
-    return model_name[len(PREFIX) :] if model_name.startswith(PREFIX) else model_name
+    return model_name.removeprefix(PREFIX)
 
 
 def _model_file(model_name: str | None, name: str) -> dict:

@@ -179,7 +179,7 @@ def load_split(source: str, split: str = "train", config_name: str | None = None
     """The `datasets.Dataset` of `split` from `source` (see the module doc); `config_name`
     names a hub data set's configuration (e.g. glue's "sst2")."""
     datasets = _datasets()
-    source = source[len(PREFIX) :] if source.startswith(PREFIX) else source
+    source = source.removeprefix(PREFIX)
     path = Path(source).expanduser()
     saved_folder = path.is_dir() and any(
         (path / f).is_file() for f in ("dataset_dict.json", "state.json")
@@ -244,7 +244,7 @@ def load_tokenizer(spec):
     if not isinstance(spec, (str, Path)):
         return spec
     spec = str(spec)
-    spec = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
+    spec = spec.removeprefix(PREFIX)
     try:
         from transformers import AutoTokenizer
     except ImportError:

@@ -67,7 +67,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 def config_only(name: str) -> bool:
     """`hf:FOLDER` names a local folder with a config.json and no weights (a model to
     train from scratch)."""
-    return is_hf_name(name) and _config_only(name[len(PREFIX) :])
+    return is_hf_name(name) and _config_only(name.removeprefix(PREFIX))
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -120,7 +120,7 @@ def build_hf_model(
     """Load `hf:PATH_OR_ID` (or a bare path/id) through the Auto class of its task; see
     the module doc. Returns the `transformers` model in eval mode."""
     transformers = _transformers()
-    source = name[len(PREFIX) :] if is_hf_name(name) else name
+    source = name.removeprefix(PREFIX)
     if init not in INITS:
         raise NCLayersError(f"init={init!r}: choose one of {list(INITS)}")
     if not source:
