@@ -19,7 +19,6 @@ from nclayers.data.text import (
     count_next_tokens,
     from_texts,
     load_text,
-    next_token_labels,
 )
 
 SENTENCES = [s.strip() + " ." for s in TEXT.split(" . ") if s.strip(" .")]
@@ -48,7 +47,7 @@ def test_next_token_classes_equal_a_hand_count():
         for j in range(len(w) - 1):
             if w[j + 1] in ranked[:k]:
                 hand[i, j] = ranked.index(w[j + 1])
-    got = next_token_labels(ids, mask, k, count_next_tokens(data))
+    got = classes.labels(ids, mask)
     assert torch.equal(got, hand)
     assert (got[0, len(words[0]) - 1 :] == -1).all()  # last real token and padding
     with pytest.raises(ValueError, match=r"analyze\.top_k=500"):

@@ -114,11 +114,10 @@ class TextData:
         # Every token of the chosen sequences at once: each sequence's start, repeated over
         # its length, plus the position within it.
         starts = torch.repeat_interleave(self.offsets[:-1][index], lengths)
-        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
-            _offsets(lengths.tolist())[:-1], lengths
-        )
+        offsets = _offsets(lengths.tolist())
+        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(offsets[:-1], lengths)
         return replace(
-            self, ids=self.ids[starts + within], offsets=_offsets(lengths.tolist()),
+            self, ids=self.ids[starts + within], offsets=offsets,
             labels={v: y[index] for v, y in self.labels.items()}, classes=list(self.classes),
             meta=dict(self.meta),
         )  # fmt: skip
@@ -480,18 +479,6 @@ class NextTokenClasses:
         return out
 
 
-def next_token_labels(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    top_k: int,
-    vocab_counts: torch.Tensor,
-) -> torch.Tensor:
-    """N x T next-token classes of a batch: the class of the token that follows each
-    position among the `top_k` most frequent next tokens of `vocab_counts` (counted over
-    the split, `count_next_tokens`), numbered 0..K-1 by frequency; -1 elsewhere."""
-    return NextTokenClasses.from_counts(vocab_counts, top_k).labels(input_ids, attention_mask)
-
-
 # ----------------------------------------------------------------------------- batches
 class TextBatches:
     """Iterate (inputs, labels) batches of a `TextData` on `device` (see the module doc).
@@ -657,7 +644,6 @@ __all__ = [
     "load_split",
     "load_text",
     "load_tokenizer",
-    "next_token_labels",
     "pad_id_of",
     "vocab_size_of",
 ]
