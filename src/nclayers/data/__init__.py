@@ -60,10 +60,7 @@ def load_dataset(cfg, split: str, model_name: str | None = None) -> Dataset:
     Hugging Face data sets (`data.name=hf:...`) are tokenised with `data.tokenizer`, else
     with the tokenizer of `model_name` (`model.name`), and sized for that model's inputs
     (`nclayers.data.hf_data`)."""
-    name = cfg.name
     corruption = getattr(cfg, "corruption", None)
-    if name.startswith("hf:"):
-        return _load_hf(cfg, split, model_name)
     if corruption:  # bad names fail before any file is read
         from nclayers.data.corrupt import check_corruption
 
@@ -74,11 +71,46 @@ def load_dataset(cfg, split: str, model_name: str | None = None) -> Dataset:
                 "level L1, L2, L3 (= 1, 3, 5)"
             )
         parse_severity(cfg.severity)
+    ds = _read(cfg, split, model_name)
+
+    if split == "train" and has_label_noise(cfg.noise):
+        if not ds.labels:
+            raise NCLayersError(f"data.noise={cfg.noise}: {cfg.name} has no labels to change")
+        ds = _with_label_noise(ds, cfg)
+
+    size = cfg.train_subset if split == "train" else cfg.test_subset
+    if size and "clean" in ds.labels:
+        ds = ds.subset(
+            balanced_subset(ds.labels["clean"], int(size), ds.num_classes, cfg.subset_seed)
+        )
+    elif size and int(size) < len(ds):  # language-model text: a seeded random subset
+        gen = torch.Generator().manual_seed(cfg.subset_seed)
+        ds = ds.subset(torch.randperm(len(ds), generator=gen)[: int(size)].sort().values)
+    _measured_noise(ds, cfg.name, split)
+
+    corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
+    if corruption and cfg.name != "cifar10c" and corrupt_split:  # cifar10c comes corrupted
+        ds = corrupt_dataset(ds, corruption, cfg.severity, cfg.corruption_seed)
+    return ds
+
+
+def _read(cfg, split: str, model_name: str | None) -> Dataset:
+    """The split as its files hold it (no noise, subset or corruption yet)."""
+    name = cfg.name
+    if name.startswith("hf:"):
+        from nclayers.data.hf_data import load_hf_split
+
+        ds = load_hf_split(cfg, split, model_name)
+        if cfg.corruption and isinstance(ds, TextData):
+            raise NCLayersError(
+                f"data.corruption={cfg.corruption!r}: corruptions act on images; {name} is text"
+            )
+        return ds
     if name == "digits":
         from nclayers.data.digits import load_digits_split
 
-        ds = load_digits_split(split)
-    elif name in ("cifar10", "cifar100", "cifar10c"):
+        return load_digits_split(split)
+    if name in ("cifar10", "cifar100", "cifar10c"):
         if not cfg.dir:
             raise NCLayersError(
                 f"data.dir is not set: {name} is read from a local folder; pass "
@@ -87,30 +119,13 @@ def load_dataset(cfg, split: str, model_name: str | None = None) -> Dataset:
         if name == "cifar10c":
             from nclayers.data.cifar10c import load_cifar10c_split
 
-            ds = load_cifar10c_split(split, cfg.dir, corruption, cfg.severity)
-        else:
-            from nclayers.data.cifar import load_cifar_split
+            return load_cifar10c_split(split, cfg.dir, cfg.corruption, cfg.severity)
+        from nclayers.data.cifar import load_cifar_split
 
-            ds = load_cifar_split(name, split, cfg.dir, download=cfg.download)
-    elif name in ("imagenet", "folder"):
-        ds = _load_folder(cfg, split)
-    else:
-        raise NCLayersError(f"data.name={name!r}: expected one of {DATASETS}")
-
-    if split == "train" and has_label_noise(cfg.noise):
-        ds = _with_label_noise(ds, cfg)
-
-    size = cfg.train_subset if split == "train" else cfg.test_subset
-    if size:
-        ds = ds.subset(
-            balanced_subset(ds.labels["clean"], int(size), ds.num_classes, cfg.subset_seed)
-        )
-    _measured_noise(ds, name, split)
-
-    corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
-    if corruption and name != "cifar10c" and corrupt_split:
-        ds = corrupt_dataset(ds, corruption, cfg.severity, cfg.corruption_seed)
-    return ds
+        return load_cifar_split(name, split, cfg.dir, download=cfg.download)
+    if name in ("imagenet", "folder"):
+        return _load_folder(cfg, split)
+    raise NCLayersError(f"data.name={name!r}: expected one of {DATASETS}")
 
 
 def _measured_noise(ds: Dataset, name: str, split: str) -> None:
@@ -122,34 +137,6 @@ def _measured_noise(ds: Dataset, name: str, split: str) -> None:
             "%s %s: %d of %d training labels differ from the true ones (%.2f%%)",
             name, split, changed, len(ds), 100 * changed / len(ds),
         )  # fmt: skip
-
-
-def _load_hf(cfg, split: str, model_name: str | None) -> Dataset:
-    """A Hugging Face data set's split, with the noise, subset and corruption keys that
-    apply to it (corruptions: images only)."""
-    from nclayers.data.hf_data import load_hf_split
-
-    ds = load_hf_split(cfg, split, model_name)
-    if cfg.corruption and isinstance(ds, TextData):
-        raise NCLayersError(
-            f"data.corruption={cfg.corruption!r}: corruptions act on images; {cfg.name} is text"
-        )
-    if split == "train" and has_label_noise(cfg.noise):
-        if not ds.labels:
-            raise NCLayersError(f"data.noise={cfg.noise}: {cfg.name} has no labels to change")
-        ds = _with_label_noise(ds, cfg)
-    size = cfg.train_subset if split == "train" else cfg.test_subset
-    if size and "clean" in ds.labels:
-        ds = ds.subset(balanced_subset(ds.labels["clean"], int(size), ds.num_classes,
-                                       cfg.subset_seed))  # fmt: skip
-    elif size and int(size) < len(ds):  # language-model text: a seeded random subset
-        gen = torch.Generator().manual_seed(cfg.subset_seed)
-        ds = ds.subset(torch.randperm(len(ds), generator=gen)[: int(size)].sort().values)
-    _measured_noise(ds, cfg.name, split)
-    corrupt_split = split == "train" or (split == "test" and cfg.corrupt_test)
-    if cfg.corruption and corrupt_split:
-        ds = corrupt_dataset(ds, cfg.corruption, cfg.severity, cfg.corruption_seed)
-    return ds
 
 
 def _load_folder(cfg, split: str) -> FolderDataset:
