@@ -11,9 +11,11 @@ pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
 from hf_tiny import tiny_model
+from nclayers import metrics
 from nclayers.analysis import analyze
 from nclayers.data import DeviceBatches
 from nclayers.data.hf_images import load_image_split
+from nclayers.models import find_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,5 +41,19 @@ def test_images_from_a_saved_dataset_feed_a_vit(tmp_path):
     vit = tiny_model("vit", "image", layers=2)
     table = analyze(vit, DeviceBatches(ds, 5), 3, progress=False)
     assert [r["n"] for r in table] == [12, 12] and table.samples == 12
+    # By hand: every layer's mean over its patch tokens (after the class token, the
+    # default pool) on the normalised pixels.
+    blocks = find_blocks(vit)
+    assert {(b.pool, b.prefix_tokens) for b in blocks} == {("tokens", 1)}
+    outs = []
+    hooks = [b.module.register_forward_hook(lambda m, a, o: outs.append(o[0] if
+             isinstance(o, tuple) else o)) for b in blocks]  # fmt: skip
+    with torch.no_grad():
+        vit((ds.images.float() / 255 - 0.5) / 0.5)
+    for h in hooks:
+        h.remove()
+    y = ds.labels["clean"]
+    for row, out in zip(table, outs, strict=True):
+        assert row["nc1"] == pytest.approx(metrics.nc1(out[:, 1:].double().mean(1), y, 3), rel=1e-4)
     with pytest.raises(ValueError, match=r"data\.image_column='image'"):
         load_image_split(str(tmp_path / "imgs"), "test", size=16)
