@@ -40,7 +40,7 @@ from torch import nn
 from nclayers.config import Config, weights_settings
 from nclayers.data import TextData, balanced_subset, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import build_from_config, load_split, run_folder
+from nclayers.jobs.common import build_from_config, load_model, load_split, run_folder
 from nclayers.jobs.folder import (
     CHECKPOINT,
     DYNAMICS,
@@ -175,12 +175,10 @@ def _model_and_data(cfg: Config, folder: RunFolder):
     without labels (it learns the next token, whatever label column they have)."""
     train_ds, test_ds = load_split(cfg, "train"), load_split(cfg, "test")
     num_classes = train_ds.num_classes
-    fresh = config_only(cfg.model.name)  # a config folder: a model trained from scratch
-    model = build_from_config(cfg.model, num_classes, fresh=fresh)
     if cfg.model.checkpoint:  # fine-tune from given weights
-        from nclayers.jobs.common import load_model
-
         model = load_model(cfg, folder, num_classes)
+    else:  # a config folder (config_only) is a model trained from scratch
+        model = build_from_config(cfg.model, num_classes, fresh=config_only(cfg.model.name))
     if is_causal_lm(model):
         if not isinstance(train_ds, TextData):
             raise NCLayersError(f"model.name={cfg.model.name!r} is a language model: give it text")
