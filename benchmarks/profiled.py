@@ -9,6 +9,8 @@ call `analysed` makes beyond `plain` at its operator's mean self CPU time:
 
 a ratio that stays put when the clocks do not. Only this process's operators count: work
 in DataLoader workers (decoding) is the same on both sides and left out of both.
+`operator_times`, `added_time` and `self_time` are its parts, for a caller that also
+separates a fixed cost (e.g. the end-of-pass metrics) from the per-batch one.
 """
 
 from __future__ import annotations
@@ -17,19 +19,33 @@ from collections.abc import Callable
 
 import torch
 
+OperatorTimes = dict[str, tuple[float, int]]  # operator -> (self CPU microseconds, calls)
 
-def profiled_overhead(plain: Callable[[], object], analysed: Callable[[], object]) -> float:
-    """1 + (the self CPU time of the calls `analysed` makes beyond `plain`, each costed at
-    its operator's mean) / (plain's self CPU time), from one profiled run of each."""
-    runs = []
-    for fn in (plain, analysed):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            fn()
-        runs.append({e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()})
-    base, more = runs
+
+def operator_times(fn: Callable[[], object]) -> OperatorTimes:
+    """Each operator's total self CPU time and call count in one profiled run of fn()."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+
+
+def self_time(ops: OperatorTimes) -> float:
+    """The self CPU microseconds of every operator together."""
+    return sum(t for t, _ in ops.values())
+
+
+def added_time(base: OperatorTimes, more: OperatorTimes) -> float:
+    """Microseconds of the calls `more` makes beyond `base`, each at its operator's mean."""
     extra = 0.0
     for key, (total, calls) in more.items():
         added = calls - base.get(key, (0.0, 0))[1]
         if added > 0:
             extra += added * total / calls
-    return 1.0 + extra / sum(t for t, _ in base.values())
+    return extra
+
+
+def profiled_overhead(plain: Callable[[], object], analysed: Callable[[], object]) -> float:
+    """1 + (the self CPU time of the calls `analysed` makes beyond `plain`, each costed at
+    its operator's mean) / (plain's self CPU time), from one profiled run of each."""
+    base, more = operator_times(plain), operator_times(analysed)
+    return 1.0 + added_time(base, more) / self_time(base)
