@@ -108,19 +108,20 @@ def test_overrides_after_options(tmp_path):
         main(["analyze", "--out", str(out), "--bogus"])
 
 
-def _huge_pages_offered() -> bool:
-    path = "/sys/kernel/mm/transparent_hugepage/enabled"
+def _huge_pages_mode() -> str:
+    """The kernel's transparent huge pages mode: "always", "madvise", "never" (or "")."""
     try:
-        with open(path) as f:
-            return "[never]" not in f.read()
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
     except OSError:
-        return False
+        return ""
+    return text[text.find("[") + 1 : text.find("]")]
 
 
 def test_import_backs_large_cpu_buffers_with_huge_pages_unless_told_not_to():
     """`import nclayers` sets THP_MEM_ALLOC_ENABLE=1 for PyTorch's CPU allocator, keeps a
     value the user set, and the allocator acts on it: a fresh 64 MB tensor then takes a
-    few dozen page faults instead of 16,384 (its 4 KB pages)."""
+    few hundred page faults (583 here) instead of 16,384, one per 4 KB page."""
     code = (
         "import os, resource, nclayers, torch\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -137,6 +138,8 @@ def test_import_backs_large_cpu_buffers_with_huge_pages_unless_told_not_to():
 
     (on, faults_on), (off, faults_off) = run({}), run({"THP_MEM_ALLOC_ENABLE": "0"})
     assert (on, off) == ("1", "0")
-    assert faults_off >= 2**26 // 4096
-    if _huge_pages_offered():
+    # Only where the kernel gives huge pages to the regions that ask for them, and only
+    # to those, does the switch decide ("always" gives them to all, "never" to none).
+    if _huge_pages_mode() == "madvise":
+        assert faults_off >= 2**26 // 4096
         assert faults_on < faults_off // 4
