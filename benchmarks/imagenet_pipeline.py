@@ -39,13 +39,15 @@ Prints and writes:
                             (benchmarks/profiled.py), the end of pass's operators counted
                             once in the 50k figure; figures neighbours on a shared
                             machine hardly move
+                            "passes": every pass's wall and CPU seconds and page faults
+                            (this process's), in run order
   stats_memory_mb           the statistics' device memory per block (K x D float64 sums
                             per labels view, and the shift), and their total
 
 Each decoding variant runs `--repeats` times, interleaved, and the median counts; the two
 sides of the analysis ratio run `--analyze-repeats` times in ABBA order (inference,
-analyze, analyze, inference, ...) and their means count: this machine's clock drifts by
-up to 20 % within minutes (e.g. under a virtual machine's CPU-time credits), which a
+analyze, analyze, inference, ...) and their means count: on a shared machine the same
+pass takes longer or shorter as the run goes on (the JSON's "passes" show it), which a
 fixed order charges to the side that runs second.
 """
 
@@ -82,6 +84,11 @@ def cpu_seconds() -> float:
     workers of both sides end, and are joined, with each pass)."""
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + child.ru_utime + child.ru_stime
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def timed(fn, sync) -> tuple[float, float, object]:
@@ -195,18 +202,22 @@ def analyze_ratio(
         # again from exact differences), so it is timed on the pass's own.
         "end_of_pass": lambda: end_of_pass(last["result"]),
     }  # fmt: skip
-    times: dict[str, dict[str, list]] = {k: {"wall": [], "cpu": []} for k in runs}
+    times: dict[str, dict[str, list]] = {k: {"wall": [], "cpu": [], "faults": []} for k in runs}
     # ABBA: a machine that slows down (or speeds up) over the run slows both sides alike.
     sides = [["inference", "analyze", "end_of_pass"], ["analyze", "end_of_pass", "inference"]]
     for r in range(repeats):
         for name in sides[r % 2]:
+            # this process's page faults: on the CPU fresh pages for activations cost time
+            faults = page_faults()
             w, c, result = timed(runs[name], sync)
             times[name]["wall"].append(w)
             times[name]["cpu"].append(c)
+            times[name]["faults"].append(page_faults() - faults)
             if name == "analyze":
                 assert len(result) == 16 and result[0]["n"] == len(ds)
     mean = {k: {c: statistics.fmean(v) for c, v in t.items()} for k, t in times.items()}
-    out: dict = {"images": len(ds), "repeats": repeats, "seconds": mean}
+    out: dict = {"images": len(ds), "repeats": repeats, "seconds": mean,
+                 "passes": times}  # each pass, in run order: the drift shows  # fmt: skip
     scale = VALIDATION_IMAGES / len(ds)
     for clock, key in (("wall", "ratio"), ("cpu", "cpu_ratio")):
         analyze, inference = mean["analyze"][clock], mean["inference"][clock]
@@ -219,7 +230,9 @@ def analyze_ratio(
           f"{mean['end_of_pass']['wall']:.2f} s ({mean['end_of_pass']['cpu']:.2f} CPU s): ratio "
           f"{out['ratio']:.3f} wall, {out['cpu_ratio']:.3f} CPU; extrapolated to "
           f"{VALIDATION_IMAGES} images {out['ratio_50k']:.3f} wall, "
-          f"{out['cpu_ratio_50k']:.3f} CPU")  # fmt: skip
+          f"{out['cpu_ratio_50k']:.3f} CPU; page faults per image: analyze "
+          f"{mean['analyze']['faults'] / len(ds):.0f}, inference "
+          f"{mean['inference']['faults'] / len(ds):.0f}")  # fmt: skip
     if profile and device.type == "cpu":  # what the analysis adds, whatever the neighbours do
         out.update(profiled_ratios(runs, scale))
     return out
