@@ -17,11 +17,11 @@ import os
 __version__ = "0.1.0"
 
 # PyTorch's CPU allocator backs buffers of 2 MB or more with huge pages when this is set:
-# a forward pass on the CPU then takes ~25x fewer page faults (ResNet50, 224 px, batch 64:
-# 2.5 M -> 0.1 M), which were a third of its time here, and the analysis's extra faults go
-# with them (benchmarks/imagenet_pipeline.py). torch reads it once, when it first needs it
-# (after `import torch` still counts, after large tensors may not);
-# THP_MEM_ALLOC_ENABLE=0 in the environment keeps the default.
+# a ResNet50 pass on the CPU then takes ~30x fewer page faults (966 per image at 224 px
+# instead of 28,944: benchmarks/imagenet_pipeline.py --only analyze, with and without
+# THP_MEM_ALLOC_ENABLE=0). torch reads it once, when it first needs it (after `import
+# torch` still counts, after large tensors may not); THP_MEM_ALLOC_ENABLE=0 in the
+# environment keeps the default.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _LAZY = {
