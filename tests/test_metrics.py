@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -411,6 +412,32 @@ def test_block_ncc_counts_every_view():
         keep = y >= 0
         assert int(ncc.correct[v]) == int((pred[keep] == y[keep]).sum())
         assert int(space.kept()[v]) == keep.sum()
+
+
+@pytest.mark.filterwarnings("error")  # e.g. torch resizing a buffer given as out=
+def test_batches_that_shrink_and_grow_reuse_the_buffers_exactly():
+    """BlockStats and BlockNCC write each batch into buffers kept between batches; batch
+    sizes that shrink and grow again (a last short batch, a loader with uneven batches)
+    give the two-pass statistics and the brute-force NCC hits, nothing left over."""
+    feats, labels = make_data(n=300, seed=23, spread=2.0)
+    x = torch.from_numpy(feats).float()
+    y = torch.from_numpy(labels)
+    ref = ClassStats(5, 12).update(x[:100], y[:100])
+    space = LabelViews(["clean"], 5)
+    block, ncc = BlockStats(space, 12), BlockNCC(ref)
+    edges = np.cumsum([0, 7, 60, 3, 90, 1, 139])  # sizes 7, 60, 3, 90, 1, 139
+    assert edges[-1] == len(x)
+    for a, b in itertools.pairwise(edges):
+        plan = space.plan([y[a:b]])
+        block.update(x[a:b], plan)
+        ncc.update(x[a:b], plan)
+    got = block.class_stats()["clean"]
+    want = two_pass(x.double().numpy(), labels, 5)
+    np.testing.assert_allclose(got.means.numpy(), want["means"], rtol=1e-12)
+    np.testing.assert_allclose(got.variances.numpy(), want["var"], rtol=1e-12)
+    means = ref.means.numpy()
+    pred = ((x.double().numpy()[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+    assert int(ncc.correct[0]) == int((pred == labels).sum())
 
 
 def test_state_dict_keeps_the_invalid_count():

@@ -189,7 +189,7 @@ class BlockStats:
 
     Per row of the `LabelViews` index space: float64 sums of `h - s` and, per dimension,
     of `(h - s)^2`, with the shift `s` the class mean of the first batch (for a class
-    absent from it: that batch's mean). One update is six tensor operations for all
+    absent from it: that batch's mean). One update is five tensor operations for all
     views together, none of which waits for the device.
     """
 
@@ -204,6 +204,7 @@ class BlockStats:
         self.s2 = torch.zeros(views.rows, self.dim, **f64)
         nv = len(views.names)
         self.scatter = torch.zeros(nv, self.dim, self.dim, **f64) if scatter else None
+        self._work: torch.Tensor | None = None  # the centred batch, reused
 
     def update(self, features: torch.Tensor, plan: LabelPlan) -> BlockStats:
         """Add one batch: `features` B x D (any float dtype, on the views' device)."""
@@ -216,14 +217,24 @@ class BlockStats:
         x = features.repeat(nv, 1) if nv > 1 else features
         if self.shift is None:
             self.shift = self._first_shift(x, plan)
-        # float32 - float64 promotes to float64: the float32 values are exact in it.
-        c = x - self.shift.index_select(0, plan.index)
+        c = self._centred(x, plan.index)
         self.s1.index_add_(0, plan.index, c)
-        self.s2.index_add_(0, plan.index, c * c)
         if self.scatter is not None:
             cw = (c * plan.weight).view(nv, plan.batch, self.dim)
             self.scatter.baddbmm_(cw.transpose(1, 2), cw)
+        self.s2.index_add_(0, plan.index, c.square_())
         return self
+
+    def _centred(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """`x - shift[index]` in float64 (float32 - float64 promotes: the float32 values
+        are exact in it), written into a buffer kept for the next batch: a pass then
+        allocates nothing per batch, which on the CPU spares fresh pages every batch."""
+        rows = x.shape[0]
+        if self._work is None or self._work.shape[0] < rows:
+            self._work = torch.empty(rows, self.dim, dtype=torch.float64, device=x.device)
+        work = self._work[:rows]
+        torch.index_select(self.shift, 0, index, out=work)
+        return torch.sub(x, work, out=work)
 
     def _first_shift(self, x: torch.Tensor, plan: LabelPlan) -> torch.Tensor:
         x = x.to(torch.float64)
@@ -280,9 +291,17 @@ class BlockNCC:
         # argmin ||x - mu||^2 = argmax (x . mu - ||mu||^2 / 2)
         self.bias = -0.5 * means.square().sum(1)
         self.correct: torch.Tensor | None = None
+        self._work: tuple[torch.Tensor, torch.Tensor] | None = None  # reused per batch
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, features.to(self.device) - self.centre, self.weight).argmax(1)
+        rows = features.shape[0]
+        if self._work is None or self._work[0].shape[0] < rows:
+            f64 = dict(dtype=torch.float64, device=self.device)
+            dim, k = self.weight.shape
+            self._work = (torch.empty(rows, dim, **f64), torch.empty(rows, k, **f64))
+        centred, scores = (t[:rows] for t in self._work)
+        torch.sub(features.to(self.device), self.centre, out=centred)
+        return torch.addmm(self.bias, centred, self.weight, out=scores).argmax(1)
 
     def update(self, features: torch.Tensor, plan: LabelPlan) -> BlockNCC:
         hits = (plan.labels == self.predict(features)).sum(1)
