@@ -142,6 +142,19 @@ class _Reader(Dataset):
         }
 
 
+def _normalise_on_this_thread(x: torch.Tensor, mean: np.ndarray, std: np.ndarray):
+    """(x - mean) / std of a uint8 CPU batch as float32, bit for bit what torch computes,
+    in numpy on the calling thread. torch would split each step over its OpenMP threads,
+    one of which then waits for a core the DataLoader workers hold: with 2 workers on 2
+    cores that cost the main process 0.75 ms of CPU per image instead of 0.25 (and
+    numpy's uint8 -> float32 conversion is the faster one: 13 ms per 64 x 3 x 224 x 224
+    batch on one thread, torch 29 ms on one, 17 ms on two)."""
+    out = x.numpy().astype(np.float32)
+    np.subtract(out, mean, out=out)
+    np.divide(out, std, out=out)
+    return torch.from_numpy(out)
+
+
 def _as_bytes_tensor(data: bytes) -> torch.Tensor:
     if not data:
         return torch.empty(0, dtype=torch.uint8)
@@ -298,8 +311,11 @@ class FolderBatches:
                 continue  # every file of the batch was skipped
             # In place on the one float copy: the same values as (x - mean) / std (what
             # DeviceBatches computes) without two more batch-sized allocations.
-            x = x.float() if x.dtype != torch.float32 else x
-            x = x.sub_(self.mean).div_(self.std)
+            if x.dtype == torch.uint8 and x.device.type == "cpu":
+                x = _normalise_on_this_thread(x, self.mean.numpy(), self.std.numpy())
+            else:
+                x = x.float() if x.dtype != torch.float32 else x
+                x = x.sub_(self.mean).div_(self.std)
             if self.dtype != torch.float32:
                 x = x.to(self.dtype)
             if self.channels_last:
