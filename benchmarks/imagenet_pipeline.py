@@ -11,9 +11,9 @@ class-balanced images of each split are read, the same on both sides) and `--k10
 generated in a temporary folder: digits upscaled to about ImageNet's sizes (400 px wide,
 aspect ratios 3/4 to 4/3, with grain so they decode like photographs), and a 1,000-class
 folder of tiny images for the analysis. Every figure is measured twice in the same run:
-wall-clock time, and CPU time (this process and its DataLoader workers, which are joined
-at the end of each pass), because on a shared machine the wall clock also measures the
-neighbours.
+wall-clock time, and CPU time (for decoding: this process and its DataLoader workers,
+which are joined at the end of each pass; for the analysis: this process), because on a
+shared machine the wall clock also measures the neighbours.
 Prints and writes:
 
   decode_over_torchvision   images/s of nclayers' FolderBatches over torchvision's
@@ -25,35 +25,38 @@ Prints and writes:
                             "cpu_ratio" (images per CPU second)      target >= 1.5 on CPU
   analyze_over_inference    nclayers.analyze of resnet50_in1k (all 16 blocks, K = 1000,
                             NCC against reference means, the 1,000-class folder's val/)
-                            over plain inference of the same model on the same
-                            FolderBatches, same autocast (bf16 on CUDA unless --no-amp, none
-                            on the CPU). Measured on this run's images ("ratio",
-                            "cpu_ratio") and split into the pass and the end-of-pass metric
-                            computation (NC1, NC2 of every block from that pass's own
-                            statistics, once per pass), then extrapolated to ImageNet's
-                            50,000 validation images ("ratio_50k", "cpu_ratio_50k": pass
-                            costs scaled by 50,000 / n, the end-of-pass cost added once)
+                            over plain inference of the same model (a copy without taps)
+                            on the same FolderBatches, same autocast (bf16 on CUDA unless
+                            --no-amp, none on the CPU), paired per batch: each batch goes
+                            through inference right before or right after analyze works on
+                            it, so drift over minutes cancels. "ratio", "cpu_ratio": on
+                            this run's images, each pass's end-of-pass metrics (NC1, NC2 of
+                            every block, timed on the pass's own statistics) included;
+                            "ratio_50k", "cpu_ratio_50k": extrapolated to ImageNet's 50,000
+                            validation images (per-image costs of the batches after a pass's
+                            first; the first batch's extra and the end of pass once);
+                            "*_pair_median", "*_pair_sem": the median and the standard
+                            error of the per-batch ratios, what the noise leaves
                                                                       target <= 1.05;
                             with --profile (CPU) also "profiled" and "profiled_50k": the
-                            operators analyze adds, at their mean self CPU time
-                            (benchmarks/profiled.py), the end of pass's operators counted
-                            once in the 50k figure; figures neighbours on a shared
-                            machine hardly move
-                            "passes": every pass's wall and CPU seconds and page faults
-                            (this process's), in run order
+                            operators analyze adds, each at the mean self CPU time of its
+                            operator and input shapes (benchmarks/profiled.py), the end of
+                            pass's operators counted once in the 50k figure
+                            "batches": every batch's wall and CPU seconds and page faults
+                            (this process's), per side and pass
   stats_memory_mb           the statistics' device memory per block (K x D float64 sums
                             per labels view, and the shift), and their total
 
-Each decoding variant runs `--repeats` times, interleaved, and the median counts; the two
-sides of the analysis ratio run `--analyze-repeats` times in ABBA order (inference,
-analyze, analyze, inference, ...) and their means count: on a shared machine the same
-pass takes longer or shorter as the run goes on (the JSON's "passes" show it), which a
-fixed order charges to the side that runs second.
+Each decoding variant runs `--repeats` times, interleaved, and the median counts; the
+analysis runs `--analyze-passes` passes. Whole passes of the two sides, one after the
+other, drifted by up to 20 % here between identical passes, which a pass-level ratio
+charges to whichever side ran slower; a pair of one batch is a few seconds apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -176,72 +179,135 @@ def end_of_pass(table) -> None:
         collapse_metrics(list(layer.values())).tolist()
 
 
+class Paired:
+    """The batches of `batches` for analyze, each also run through plain inference of
+    `plain` (a copy of the analysed model, without taps) right before (even batches) or
+    right after (odd batches) analyze works on it. Both sides are timed per batch: wall
+    and CPU seconds of this process (decoding happens in the workers, outside both) and
+    its page faults. The two halves of a pair run seconds apart on the same pixels, so
+    what the machine's neighbours do over minutes is the same on both sides."""
+
+    def __init__(self, batches, plain, amp: bool, sync) -> None:
+        self.batches, self.plain, self.amp, self.sync = batches, plain, amp, sync
+        self.views = getattr(batches, "views", None)
+        self.rows: list[int] = []
+        self.times = {side: {"wall": [], "cpu": [], "faults": []}
+                      for side in ("inference", "analyze")}  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _now(self) -> tuple[float, float, int]:
+        self.sync()
+        return time.perf_counter(), time.process_time(), page_faults()
+
+    def _record(self, side: str, start: tuple[float, float, int]) -> None:
+        end = self._now()
+        for clock, a, b in zip(("wall", "cpu", "faults"), start, end, strict=True):
+            self.times[side][clock].append(b - a)
+
+    @torch.no_grad()
+    def _infer(self, x: torch.Tensor) -> None:
+        start = self._now()
+        with autocast(x.device, self.amp):
+            self.plain(x)
+        self._record("inference", start)
+
+    def __iter__(self):
+        for i, (x, y) in enumerate(self.batches):
+            self.rows.append(len(x))
+            if i % 2 == 0:
+                self._infer(x)
+            start = self._now()
+            yield x, y  # analyze works on this batch until it asks for the next
+            self._record("analyze", start)
+            if i % 2 == 1:
+                self._infer(x)
+
+
+def paired_ratios(passes: list[Paired], ends: list[dict], images: int) -> dict:
+    """analyze / inference from the paired batches of every pass and the end of pass.
+
+    On this run's images: all batches and the end of pass of each pass. Extrapolated to
+    50,000 images: the per-image cost of every batch but a pass's first (which also
+    allocates the statistics and fixes their shift), plus what the first batch adds over
+    its inference and the end of pass, both once."""
+    out: dict = {}
+    for clock, key in (("wall", "ratio"), ("cpu", "cpu_ratio")):
+        a = [p.times["analyze"][clock] for p in passes]
+        i = [p.times["inference"][clock] for p in passes]
+        end = statistics.fmean(e[clock] for e in ends)
+        out[key] = (sum(map(sum, a)) + end * len(passes)) / sum(map(sum, i))
+        rows = sum(sum(p.rows[1:]) for p in passes)
+        per_image_a = sum(sum(t[1:]) for t in a) / rows
+        per_image_i = sum(sum(t[1:]) for t in i) / rows
+        first = statistics.fmean(ta[0] - ti[0] for ta, ti in zip(a, i, strict=True))
+        out[f"{key}_50k"] = (per_image_a * VALIDATION_IMAGES + first + end) / (
+            per_image_i * VALIDATION_IMAGES
+        )
+        pairs = [x / y for ta, ti in zip(a, i, strict=True)
+                 for x, y in zip(ta[1:], ti[1:], strict=True)]  # fmt: skip
+        out[f"{key}_pair_median"] = statistics.median(pairs)
+        out[f"{key}_pair_sem"] = statistics.stdev(pairs) / len(pairs) ** 0.5
+        out[f"{clock}_first_batch_extra_s"] = first
+        out[f"{clock}_end_of_pass_s"] = end
+    for side in ("analyze", "inference"):
+        faults = sum(sum(p.times[side]["faults"]) for p in passes)
+        out[f"faults_per_image_{side}"] = faults / (images * len(passes))
+    out["pairs"] = len(pairs)
+    out["batches"] = [p.times for p in passes]  # per pass, per batch: the noise shows
+    return out
+
+
 def analyze_ratio(
-    root: Path, device, batch: int, workers: int, repeats: int, amp, sync, profile: bool
+    root: Path, device, batch: int, workers: int, passes: int, amp, sync, profile: bool
 ):
     ds = load_folder_split(root, "test", workers=workers)
     torch.manual_seed(0)
     model = build_model("resnet50_in1k", num_classes=1000).to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model)  # the inference side: the same weights, no taps
     batches = FolderBatches(ds, batch, device, channels_last=device.type == "cuda")
     # The NCC means: any reference costs the same per image; this one is measured once,
     # untimed (it is the run's training-split pass, not part of the validation pass).
     reference = nclayers.analyze(model, batches, 1000, amp=amp, progress=False)
-    last: dict = {}  # the latest analysis, whose end of pass is then timed on its own
-
-    def analysis():
-        last["result"] = nclayers.analyze(model, batches, 1000, reference=reference, amp=amp,
-                                          progress=False)  # fmt: skip
-        return last["result"]
-
-    runs = {
-        "inference": lambda: plain_inference(model, batches, amp),
-        "analyze": analysis,
+    runs, ends, result = [], [], None
+    for _ in range(passes):
+        paired = Paired(batches, plain, amp, sync)
+        result = nclayers.analyze(model, paired, 1000, reference=reference, amp=amp,
+                                  progress=False)  # fmt: skip
+        assert len(result) == 16 and result[0]["n"] == len(ds)
         # The metrics' cost depends on the statistics (close class means are measured
         # again from exact differences), so it is timed on the pass's own.
-        "end_of_pass": lambda: end_of_pass(last["result"]),
-    }  # fmt: skip
-    times: dict[str, dict[str, list]] = {k: {"wall": [], "cpu": [], "faults": []} for k in runs}
-    # ABBA: a machine that slows down (or speeds up) over the run slows both sides alike.
-    sides = [["inference", "analyze", "end_of_pass"], ["analyze", "end_of_pass", "inference"]]
-    for r in range(repeats):
-        for name in sides[r % 2]:
-            # this process's page faults: on the CPU fresh pages for activations cost time
-            faults = page_faults()
-            w, c, result = timed(runs[name], sync)
-            times[name]["wall"].append(w)
-            times[name]["cpu"].append(c)
-            times[name]["faults"].append(page_faults() - faults)
-            if name == "analyze":
-                assert len(result) == 16 and result[0]["n"] == len(ds)
-    mean = {k: {c: statistics.fmean(v) for c, v in t.items()} for k, t in times.items()}
-    out: dict = {"images": len(ds), "repeats": repeats, "seconds": mean,
-                 "passes": times}  # each pass, in run order: the drift shows  # fmt: skip
-    scale = VALIDATION_IMAGES / len(ds)
-    for clock, key in (("wall", "ratio"), ("cpu", "cpu_ratio")):
-        analyze, inference = mean["analyze"][clock], mean["inference"][clock]
-        end = mean["end_of_pass"][clock]
-        out[key] = analyze / inference
-        out[f"{key}_50k"] = ((analyze - end) * scale + end) / (inference * scale)
-    print(f"analyze {mean['analyze']['wall']:.1f} s ({mean['analyze']['cpu']:.1f} CPU s), "
-          f"inference {mean['inference']['wall']:.1f} s ({mean['inference']['cpu']:.1f} CPU s) "
-          f"over {len(ds)} images, mean of {repeats} in ABBA order; end of pass "
-          f"{mean['end_of_pass']['wall']:.2f} s ({mean['end_of_pass']['cpu']:.2f} CPU s): ratio "
-          f"{out['ratio']:.3f} wall, {out['cpu_ratio']:.3f} CPU; extrapolated to "
-          f"{VALIDATION_IMAGES} images {out['ratio_50k']:.3f} wall, "
-          f"{out['cpu_ratio_50k']:.3f} CPU; page faults per image: analyze "
-          f"{mean['analyze']['faults'] / len(ds):.0f}, inference "
-          f"{mean['inference']['faults'] / len(ds):.0f}")  # fmt: skip
+        wall, cpu, _ = timed(lambda r=result: end_of_pass(r), sync)
+        runs.append(paired)
+        ends.append({"wall": wall, "cpu": cpu})
+    out = {"images": len(ds), "passes": passes, **paired_ratios(runs, ends, len(ds))}
+    print(f"analyze over inference, {out['pairs']} batches paired over {passes} passes of "
+          f"{len(ds)} images: {out['ratio']:.3f} wall, {out['cpu_ratio']:.3f} CPU (median "
+          f"pair {out['ratio_pair_median']:.3f} +- {out['ratio_pair_sem']:.3f} standard "
+          f"error); extrapolated to {VALIDATION_IMAGES} images {out['ratio_50k']:.3f} wall, "
+          f"{out['cpu_ratio_50k']:.3f} CPU; a pass's first batch adds "
+          f"{out['wall_first_batch_extra_s']:.2f} s, its end {out['wall_end_of_pass_s']:.2f} s;"
+          f" page faults per image: analyze {out['faults_per_image_analyze']:.0f}, "
+          f"inference {out['faults_per_image_inference']:.0f}")  # fmt: skip
     if profile and device.type == "cpu":  # what the analysis adds, whatever the neighbours do
-        out.update(profiled_ratios(runs, scale))
+        fns = {
+            "inference": lambda: plain_inference(model, batches, amp),
+            "analyze": lambda: nclayers.analyze(model, batches, 1000, reference=reference,
+                                                amp=amp, progress=False),
+            "end_of_pass": lambda: end_of_pass(result),
+        }  # fmt: skip
+        out.update(profiled_ratios(fns, VALIDATION_IMAGES / len(ds)))
     return out
 
 
 def profiled_ratios(runs: dict, scale: float) -> dict:
-    """analyze / inference from the operators analyze adds at their mean self CPU time:
-    on this run's images, and with the per-batch part scaled by `scale` and the end of
-    pass (profiled on its own, after the profiled analysis) counted once."""
+    """analyze / inference from the operators analyze adds, each at the mean self CPU time
+    of its operator and input shapes: on this run's images, and with the per-batch part
+    scaled by `scale` and the end of pass (profiled on its own, after the profiled
+    analysis) counted once."""
     base = operator_times(runs["inference"])
     extra = added_time(base, operator_times(runs["analyze"]))
     end = self_time(operator_times(runs["end_of_pass"]))
@@ -250,7 +316,8 @@ def profiled_ratios(runs: dict, scale: float) -> dict:
            "profiled_50k": 1.0 + ((extra - end) * scale + end) / (plain * scale)}  # fmt: skip
     print(f"profiled: analyze / inference = {out['profiled']:.3f} on these images, "
           f"{out['profiled_50k']:.3f} extrapolated to {VALIDATION_IMAGES} (the operators "
-          f"analyze adds, at their mean self CPU time; end of pass {end / 1e6:.2f} s)")  # fmt: skip
+          f"analyze adds, at the mean self CPU time of their operator and shapes; end of "
+          f"pass {end / 1e6:.2f} s)")  # fmt: skip
     return out
 
 
@@ -289,8 +356,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--batch-size", type=int, default=None, help="64 on CPU, 256 on CUDA")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--analyze-repeats", type=int, default=None,
-                   help="passes of each side, in ABBA order: 2 on CPU, 4 on CUDA")  # fmt: skip
+    p.add_argument("--analyze-passes", type=int, default=4,
+                   help="analyze passes, each batch paired with plain inference")  # fmt: skip
     p.add_argument("--only", choices=["decode", "analyze"], help="measure one part only")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--profile", action="store_true",
@@ -323,7 +390,7 @@ def main() -> None:
                                   size=32)  # fmt: skip
             result["analyze_over_inference"] = analyze_ratio(
                 k1000, device, batch, args.workers,
-                args.analyze_repeats or (4 if device.type == "cuda" else 2),
+                args.analyze_passes,
                 not args.no_amp, sync, args.profile)  # fmt: skip
             result["stats_memory_mb"] = stats_memory(device)
     if args.json:

@@ -3,12 +3,17 @@
 Wall and CPU clocks on a shared machine also measure the neighbours (consecutive
 identical passes here differ by up to 20 %). The operators a run calls and their self CPU
 times hardly move with other work, so `profiled_overhead(plain, analysed)` costs each
-call `analysed` makes beyond `plain` at its operator's mean self CPU time:
+call `analysed` makes beyond `plain` at the mean self CPU time of its operator with the
+same input shapes:
 
-    1 + sum over operators of (extra calls x mean self CPU time) / plain's self CPU time
+    1 + sum over (operator, shapes) of (extra calls x mean self CPU time) / plain's time
 
-a ratio that stays put when the clocks do not. Only this process's operators count: work
-in DataLoader workers (decoding) is the same on both sides and left out of both.
+a ratio that stays put when the clocks do not. Shapes matter: `aten::sum` over a
+64 x 256 x 56 x 56 block output and over 64 labels are different costs, and costed at
+one mean the small extra calls would be charged as large ones. It counts the added
+calls only, not what they do to the shared calls (caches, memory): that shows only on
+the clocks. Only this process's operators count: work in DataLoader workers (decoding)
+is the same on both sides and left out of both.
 `operator_times`, `added_time` and `self_time` are its parts, for a caller that also
 separates a fixed cost (e.g. the end-of-pass metrics) from the per-batch one.
 """
@@ -19,14 +24,19 @@ from collections.abc import Callable
 
 import torch
 
-OperatorTimes = dict[str, tuple[float, int]]  # operator -> (self CPU microseconds, calls)
+# (operator, its input shapes) -> (self CPU microseconds, calls)
+OperatorTimes = dict[tuple[str, str], tuple[float, int]]
 
 
 def operator_times(fn: Callable[[], object]) -> OperatorTimes:
-    """Each operator's total self CPU time and call count in one profiled run of fn()."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    """Each (operator, input shapes)'s total self CPU time and calls in one profiled fn()."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, record_shapes=True) as prof:
         fn()
-    return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+    return {
+        (e.key, str(e.input_shapes)): (e.self_cpu_time_total, e.count)
+        for e in prof.key_averages(group_by_input_shape=True)
+    }
 
 
 def self_time(ops: OperatorTimes) -> float:
@@ -35,7 +45,8 @@ def self_time(ops: OperatorTimes) -> float:
 
 
 def added_time(base: OperatorTimes, more: OperatorTimes) -> float:
-    """Microseconds of the calls `more` makes beyond `base`, each at its operator's mean."""
+    """Microseconds of the calls `more` makes beyond `base`, each at the mean of its
+    operator with the same input shapes."""
     extra = 0.0
     for key, (total, calls) in more.items():
         added = calls - base.get(key, (0.0, 0))[1]
