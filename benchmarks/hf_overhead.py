@@ -21,11 +21,12 @@ timing), under the same autocast (bf16 on CUDA unless --no-amp; none on the CPU)
 eval mode under no_grad. Each variant runs `--repeats` times, interleaved, in
 alternating order; the median time counts. The ratios of the fastest runs are printed
 too (`*_min`), and with `--profile` the cost of the operations analyze adds, from
-torch.profiler (`*_profiled`: 1 + the extra calls of each operator times its mean self
-CPU time, over the profiled inference time), which other work on the machine hardly
-moves. On a CPU shared with other work, `--clock cpu --threads 1` times the
-process's own CPU time on one thread: waiting for a core (and, with several threads,
-for the other threads of a parallel region) is the other work's cost, not ours.
+torch.profiler (`*_profiled`: 1 + the extra calls of each operator times the mean self
+CPU time of that operator and input shapes, over the profiled inference time), which
+other work on the machine hardly moves. On a CPU shared with other work, `--clock cpu
+--threads 1` times the process's own CPU time on one thread: waiting for a core (and,
+with several threads, for the other threads of a parallel region) is the other work's
+cost, not ours.
 """
 
 from __future__ import annotations
