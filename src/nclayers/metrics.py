@@ -232,7 +232,7 @@ class BlockStats:
         rows = x.shape[0]
         if self._work is None or self._work.shape[0] < rows:
             self._work = torch.empty(rows, self.dim, dtype=torch.float64, device=x.device)
-        work = self._work[:rows]
+        work = self._work if self._work.shape[0] == rows else self._work[:rows]
         torch.index_select(self.shift, 0, index, out=work)
         return torch.sub(x, work, out=work)
 
@@ -299,7 +299,7 @@ class BlockNCC:
             f64 = dict(dtype=torch.float64, device=self.device)
             dim, k = self.weight.shape
             self._work = (torch.empty(rows, dim, **f64), torch.empty(rows, k, **f64))
-        centred, scores = (t[:rows] for t in self._work)
+        centred, scores = (t if t.shape[0] == rows else t[:rows] for t in self._work)
         torch.sub(features.to(self.device), self.centre, out=centred)
         return torch.addmm(self.bias, centred, self.weight, out=scores).argmax(1)
 
