@@ -206,11 +206,9 @@ class Paired:
         for clock, a, b in zip(("wall", "cpu", "faults"), start, end, strict=True):
             self.times[side][clock].append(b - a)
 
-    @torch.no_grad()
     def _infer(self, x: torch.Tensor) -> None:
         start = self._now()
-        with autocast(x.device, self.amp):
-            self.plain(x)
+        plain_inference(self.plain, [(x, None)], self.amp)
         self._record("inference", start)
 
     def __iter__(self):

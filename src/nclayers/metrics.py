@@ -72,6 +72,15 @@ def _as_tensor(x, name: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- streaming path
+def _scratch(buffer: torch.Tensor | None, rows: int, cols: int, device):
+    """(`buffer`, grown to at least `rows` x `cols` float64, and its first `rows` rows):
+    scratch that a pass reuses batch after batch instead of allocating (on the CPU every
+    fresh allocation costs fresh pages); sliced only for a shorter batch."""
+    if buffer is None or buffer.shape[0] < rows:
+        buffer = torch.empty(rows, cols, dtype=torch.float64, device=device)
+    return buffer, (buffer if buffer.shape[0] == rows else buffer[:rows])
+
+
 class LabelPlan:
     """The label work of one batch, built once by `LabelViews.plan` and shared by every
     block's update. `labels` is V x B (int64, as given); `index` the V*B rows of the
@@ -227,12 +236,8 @@ class BlockStats:
 
     def _centred(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """`x - shift[index]` in float64 (float32 - float64 promotes: the float32 values
-        are exact in it), written into a buffer kept for the next batch: a pass then
-        allocates nothing per batch, which on the CPU spares fresh pages every batch."""
-        rows = x.shape[0]
-        if self._work is None or self._work.shape[0] < rows:
-            self._work = torch.empty(rows, self.dim, dtype=torch.float64, device=x.device)
-        work = self._work if self._work.shape[0] == rows else self._work[:rows]
+        are exact in it), written into scratch kept for the next batch."""
+        self._work, work = _scratch(self._work, x.shape[0], self.dim, x.device)
         torch.index_select(self.shift, 0, index, out=work)
         return torch.sub(x, work, out=work)
 
@@ -291,15 +296,13 @@ class BlockNCC:
         # argmin ||x - mu||^2 = argmax (x . mu - ||mu||^2 / 2)
         self.bias = -0.5 * means.square().sum(1)
         self.correct: torch.Tensor | None = None
-        self._work: tuple[torch.Tensor, torch.Tensor] | None = None  # reused per batch
+        self._features: torch.Tensor | None = None  # scratch, reused per batch
+        self._scores: torch.Tensor | None = None
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        rows = features.shape[0]
-        if self._work is None or self._work[0].shape[0] < rows:
-            f64 = dict(dtype=torch.float64, device=self.device)
-            dim, k = self.weight.shape
-            self._work = (torch.empty(rows, dim, **f64), torch.empty(rows, k, **f64))
-        centred, scores = (t if t.shape[0] == rows else t[:rows] for t in self._work)
+        rows, (dim, k) = features.shape[0], self.weight.shape
+        self._features, centred = _scratch(self._features, rows, dim, self.device)
+        self._scores, scores = _scratch(self._scores, rows, k, self.device)
         torch.sub(features.to(self.device), self.centre, out=centred)
         return torch.addmm(self.bias, centred, self.weight, out=scores).argmax(1)
 
