@@ -12,6 +12,10 @@ few fused operations (`BlockStats`, `BlockNCC`); nothing in the pass reads the d
 the host never waits for it. Counts, accuracies and errors are read once, at the end.
 A label of -1 leaves the sample out of that view (its statistics and accuracies).
 
+The layers are the blocks in forward order, as the first batch runs them (its forward
+records the order in which the blocks' outputs come out), and a block that runs k > 1
+times per forward is k layers, one per call (`nclayers.taps.traced_forward`).
+
 Batches hold images (a tensor, `model(x)`) or a tokenised batch (a mapping of tensors,
 `model(**inputs)`, whose attention mask reaches the sequence pools of the taps). In a
 token-level task (blocks pooled "token", e.g. next-token classes) every position is a
@@ -22,6 +26,7 @@ N x T x V logits count as right where their top token is the position's class to
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,6 +56,7 @@ from nclayers.taps import (
     output_logits,
     run_model,
     to_device,
+    traced_forward,
 )
 
 # Keys of a mapping batch that hold labels, not model inputs.
@@ -66,7 +72,9 @@ class AnalysisResult(Table):
     accuracy: the model's accuracy per view (NaN where a view keeps no sample, or where
         the model's outputs cannot be read as the view's classes);
     samples: the samples (images or sequences) the pass ran over, on every rank together;
-    seconds: the time of the pass; split: the split's name, as in the rows.
+    seconds: the time of the pass; split: the split's name, as in the rows;
+    blocks: the measured `Block`s, one per layer in forward order (a shared module's calls
+        apart).
     `where()` and the other row selections return plain `Table`s.
     """
 
@@ -79,9 +87,11 @@ class AnalysisResult(Table):
         samples: int,
         seconds: float,
         split: str,
+        blocks: Sequence[Block] = (),
         schema: Mapping[str, type] | None = None,
     ) -> None:
         super().__init__(rows, schema)
+        self.blocks = list(blocks)
         self.stats = stats
         self.accuracy = accuracy
         self.samples = samples
@@ -127,7 +137,7 @@ def _model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def _reference_stats(reference: AnalysisResult | None, blocks: int) -> list[ClassStats] | None:
+def _reference_stats(reference: AnalysisResult | None) -> list[ClassStats] | None:
     """The reference's class statistics per layer: its "clean" view, else its first."""
     if reference is None:
         return None
@@ -137,13 +147,18 @@ def _reference_stats(reference: AnalysisResult | None, blocks: int) -> list[Clas
             "result of an earlier analyze() or a loader of the reference split"
         )
     ref_view = "clean" if "clean" in reference.stats[0] else next(iter(reference.stats[0]))
-    ref_stats = [layer[ref_view] for layer in reference.stats]
-    if len(ref_stats) != blocks:
+    return [layer[ref_view] for layer in reference.stats]
+
+
+def _check_reference(reference: AnalysisResult, blocks: Sequence[Block]) -> None:
+    """The reference measured the same layers (same count; same names where it has them)."""
+    names = [b.name for b in blocks]
+    ref_names = [b.name for b in reference.blocks] or names
+    if len(reference.stats) != len(blocks) or ref_names != names:
         raise NCLayersError(
-            f"reference has {len(ref_stats)} layers but {blocks} blocks are measured; "
-            "analyze the reference with the same blocks"
+            f"reference has {len(reference.stats)} layers but {len(blocks)} blocks are "
+            "measured; analyze the reference with the same blocks"
         )
-    return ref_stats
 
 
 class _Pass:
@@ -155,6 +170,7 @@ class _Pass:
         blocks: Sequence[Block],
         num_classes: int,
         device: torch.device,
+        reference: AnalysisResult | None,
         nccs: list[BlockNCC] | None,
         classic_nc1: bool,
         token_classes: torch.Tensor | None,
@@ -162,6 +178,7 @@ class _Pass:
         self.blocks = list(blocks)
         self.num_classes = num_classes
         self.device = device
+        self.reference = reference
         self.nccs = nccs
         self.classic_nc1 = classic_nc1
         self.token_classes = token_classes
@@ -172,6 +189,14 @@ class _Pass:
         self.readable = True  # the model's outputs can be read as classes
         self._lookup: torch.Tensor | None = None  # vocabulary id -> class (or -2)
         self.seen = 0
+
+    def start(self, blocks: list[Block]) -> None:
+        """After the first batch's forward: the blocks in forward order, one per call,
+        checked against the reference's layers."""
+        self.blocks = blocks
+        self.block_stats = [None] * len(self.blocks)
+        if self.reference is not None:
+            _check_reference(self.reference, blocks)
 
     def sink(self, index: int, feats: torch.Tensor) -> None:
         stats = self.block_stats[index]
@@ -224,20 +249,30 @@ class _Pass:
 
 
 def _run(model: nn.Module, loader: Iterable, acc: _Pass, amp: bool, progress: bool, split: str):
-    """The pass itself: every batch through the model with the taps on."""
+    """The pass itself: every batch through the model with the taps on; the first batch
+    with the hooks of `traced_forward`, which put the blocks in forward order."""
     default_view = (getattr(loader, "views", None) or ["clean"])[0]
     was_training = model.training
     model.eval()
     bar = progress_bar(loader, progress, f"analyze {split}")
     try:
-        with Taps(acc.blocks, acc.sink) as taps:
+        with contextlib.ExitStack() as stack:
+            taps = None
             for batch in bar:
                 x, ys = _split_batch(batch, default_view)
                 acc.labels(ys)
                 x = to_device(x, acc.device)
-                with autocast(acc.device, amp):
-                    logits = output_logits(run_model(model, x, taps))
-                acc.outputs(logits, batch_rows(x))
+                if taps is None:
+                    with autocast(acc.device, amp):
+                        blocks, pooled, out = traced_forward(model, acc.blocks, x, pool=True)
+                    acc.start(blocks)
+                    for i, feats in enumerate(pooled):
+                        acc.sink(i, feats)
+                    taps = stack.enter_context(Taps(acc.blocks, acc.sink))
+                else:
+                    with autocast(acc.device, amp):
+                        out = run_model(model, x, taps)
+                acc.outputs(output_logits(out), batch_rows(x))
     finally:
         model.train(was_training)
     if acc.space is None or acc.seen == 0:
@@ -345,7 +380,8 @@ def analyze(
         its top token is that position's class token.
     Returns an `AnalysisResult`: one row per (view, layer) with layer (1-based), block,
     dim, split, view, n, nc1, cdnv_mean, nc2, ncc_acc, and nc1_classic if asked; its
-    `stats`, `accuracy`, `samples`, `seconds` and `split`.
+    `stats`, `accuracy`, `samples`, `seconds`, `split` and `blocks` (forward order; a
+    module that runs k times per forward is k layers `NAME#1` ... `NAME#k`).
     """
     blocks = _resolve_blocks(model, blocks)
     device = _model_device(model)
@@ -356,10 +392,10 @@ def analyze(
             model, reference, num_classes, blocks, split="train", amp=amp, progress=progress,
             run=run, token_classes=token_classes,
         )  # fmt: skip
-    ref_stats = _reference_stats(reference, len(blocks))
+    ref_stats = _reference_stats(reference)
     # Reference means are checked and centred once, before the pass (that reads the device).
     nccs = [BlockNCC(r, device) for r in ref_stats] if ref_stats is not None else None
-    acc = _Pass(blocks, num_classes, device, nccs, classic_nc1, token_classes)
+    acc = _Pass(blocks, num_classes, device, reference, nccs, classic_nc1, token_classes)
     start = time.perf_counter()
     _run(model, loader, acc, amp, progress, split)
     stats, metrics, fractions, seen = _measure(acc)
@@ -367,7 +403,13 @@ def analyze(
     rows = _rows(acc, stats, metrics, fractions, split=split, run=run, extra=extra)
     accuracy = {view: fractions[0][v] for v, view in enumerate(acc.space.names)}
     return AnalysisResult(
-        rows, stats=stats, accuracy=accuracy, samples=seen, seconds=seconds, split=split
+        rows,
+        stats=stats,
+        accuracy=accuracy,
+        samples=seen,
+        seconds=seconds,
+        split=split,
+        blocks=acc.blocks,
     )
 
 

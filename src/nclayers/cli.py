@@ -122,7 +122,8 @@ def cmd_blocks(args) -> None:
         size = args.input_size or (get_entry(args.model).input_size if ":" not in args.model
                                    else 32)  # fmt: skip
         sample, what = torch.zeros(1, 3, size, size), f"a 1x3x{size}x{size} input"
-    blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
+    # In forward order, a module that runs k > 1 times as k layers NAME#1 ... NAME#k.
+    blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool, sample=sample)
     shapes = probe_shapes(model, blocks, sample)
     print(f"{args.model}: {len(blocks)} blocks on {what}")
     print(f"{'index':>5}  {'module':<32} {'output shape':<22} {'pool':<7} {'dim':>5}")

@@ -37,7 +37,15 @@ from nclayers.models.blocks import find_blocks
 from nclayers.runtime import all_sum, autocast
 from nclayers.runtime import progress as progress_bar
 from nclayers.table import Table
-from nclayers.taps import Block, TokenMask, batch_rows, hidden_state, run_model, to_device
+from nclayers.taps import (
+    Block,
+    CallHooks,
+    TokenMask,
+    batch_rows,
+    hidden_state,
+    run_model,
+    to_device,
+)
 
 CRITERIA = ("plateau", "block_influence", "angular", "last", "random")
 POSITIONS = ("last", "mean")
@@ -87,22 +95,20 @@ class _Scorer:
         self.ins: list[torch.Tensor | None] = [None] * n
         self.outs: list[torch.Tensor | None] = [None] * n
 
-    def hook(self, index: int):
-        def record(_module, args, kwargs, output):
-            x = args[0] if args else kwargs.get("hidden_states")
-            y = hidden_state(output)
-            if not isinstance(x, torch.Tensor) or x.shape != y.shape or y.ndim != 3:
-                raise NCLayersError(
-                    f"block {self.blocks[index].name}: its input and output hidden states "
-                    "must be N x T x D of one shape to be compared; score sequence layers"
-                )
-            x, y = x.float(), y.float()
-            weight = self._weight(y)
-            self.bi_sum[index] += (torch.cosine_similarity(x, y, dim=-1) * weight).sum()
-            self.bi_count[index] += weight.sum()
-            self.ins[index], self.outs[index] = self._at(x), self._at(y)
-
-        return record
+    def record(self, index: int, args, kwargs, output) -> None:
+        """One layer's call (a `CallHooks` hook): its input and output hidden states."""
+        x = args[0] if args else kwargs.get("hidden_states")
+        y = hidden_state(output)
+        if not isinstance(x, torch.Tensor) or x.shape != y.shape or y.ndim != 3:
+            raise NCLayersError(
+                f"block {self.blocks[index].name}: its input and output hidden states "
+                "must be N x T x D of one shape to be compared; score sequence layers"
+            )
+        x, y = x.float(), y.float()
+        weight = self._weight(y)
+        self.bi_sum[index] += (torch.cosine_similarity(x, y, dim=-1) * weight).sum()
+        self.bi_count[index] += weight.sum()
+        self.ins[index], self.outs[index] = self._at(x), self._at(y)
 
     def _weight(self, y: torch.Tensor) -> torch.Tensor:
         """The batch's token weights, made by its first block and shared by the others."""
@@ -161,8 +167,7 @@ def layer_scores(
         raise NCLayersError("blocks: no layer to score")
     device = next(model.parameters()).device
     scorer = _Scorer(blocks, position, device)
-    handles = [b.module.register_forward_hook(scorer.hook(i), with_kwargs=True)
-               for i, b in enumerate(blocks)]  # fmt: skip
+    hooks = CallHooks(blocks, scorer.record)  # a shared module's calls are separate layers
     was_training, sequences = model.training, 0
     model.eval()
     try:
@@ -171,6 +176,7 @@ def layer_scores(
             inputs = to_device(inputs, device)
             mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
             scorer.mask = TokenMask(mask) if mask is not None else None
+            hooks.reset()
             with autocast(device, amp):
                 run_model(model, inputs)
             if any(x is None for x in scorer.ins):
@@ -179,8 +185,7 @@ def layer_scores(
             sequences += batch_rows(inputs)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
+        hooks.remove()
     return _result(scorer, blocks, position, sequences)
 
 

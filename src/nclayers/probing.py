@@ -55,7 +55,7 @@ from nclayers.models.blocks import find_blocks
 from nclayers.runtime import all_sum, autocast, counter
 from nclayers.runtime import world as world_of
 from nclayers.table import Table
-from nclayers.taps import Block, Taps, probe_shapes, run_model
+from nclayers.taps import Block, Taps, forward_order, probe_shapes, run_model
 
 MODES = ("auto", "stream", "cache")
 Split = ArrayDataset | FolderDataset | TextData
@@ -579,7 +579,7 @@ def probe(
     finally:
         model.train(was_training)
     accuracy, n_test = evaluate_heads(
-        model, fit.heads, blocks, test, view, eval_batch_size, amp, channels_last, progress,
+        model, fit.heads, fit.blocks, test, view, eval_batch_size, amp, channels_last, progress,
         next_token,
     )  # fmt: skip
     return ProbeResult(
@@ -643,12 +643,15 @@ class _Fit:
 
     def __init__(self, model, blocks, train, num_classes, amp, lr, momentum, weight_decay,
                  next_token=None):  # fmt: skip
-        self.backbone = _Backbone(model, blocks, amp)
-        self.train, self.device = train, self.backbone.device
+        self.train, self.device = train, next(model.parameters()).device
         self.next_token = next_token  # positions as samples, -1 left out
         sample = make_batches(train.subset(torch.arange(min(2, len(train)))), 2, self.device,
                               workers=0)  # fmt: skip
-        self.dims = [d for _, d in probe_shapes(model, blocks, next(iter(sample))[0])]
+        x = next(iter(sample))[0]
+        # The layers: the blocks in forward order, a shared module's calls apart (one head each).
+        self.blocks = blocks = forward_order(model, blocks, x)
+        self.backbone = _Backbone(model, blocks, amp)
+        self.dims = [d for _, d in probe_shapes(model, blocks, x)]
         self.heads = ProbeHeads(self.dims, num_classes).to(self.device)
         self.optimizer = torch.optim.SGD(
             self.heads.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay

@@ -59,18 +59,30 @@ def io_shapes(
 
 
 def prunable_layers(model: nn.Module, blocks: Sequence[Block], sample: torch.Tensor) -> list[int]:
-    """1-based indices of the blocks whose output has the shape of their input."""
+    """1-based indices of the blocks whose output has the shape of their input and whose
+    module runs once per forward (not one call of a shared block)."""
     return [
         i + 1
         for i, (x, y) in enumerate(io_shapes(model, blocks, sample))
-        if x is not None and x == y
+        if x is not None and x == y and not blocks[i].call
     ]
 
 
 def check_prunable(
     model: nn.Module, blocks: Sequence[Block], layers: Sequence[int], sample: torch.Tensor
 ) -> None:
-    """Refuse, naming them, the chosen blocks whose output shape differs from the input."""
+    """Refuse, naming them, the chosen blocks that are one call of a shared module and
+    those whose output shape differs from the input."""
+    shared = [blocks[l - 1].name for l in layers if blocks[l - 1].call]
+    if shared:
+        name = shared[0]
+        path = name.rpartition("#")[0]
+        calls = [b.name for b in blocks if b.call and b.path == path]
+        raise NCLayersError(
+            f"blocks: {name} is one call of {path}, which runs more than once per forward "
+            f"({', '.join(calls)}): the identity would replace every call, not one; choose "
+            "blocks that run once"
+        )
     shapes = io_shapes(model, blocks, sample)
     bad = [l for l in layers if shapes[l - 1][0] is None or shapes[l - 1][0] != shapes[l - 1][1]]
     if bad:
@@ -224,7 +236,7 @@ def prune_model(model: nn.Module, names: Sequence[str], sample=None) -> nn.Modul
 def rebind(blocks: Sequence[Block], model: nn.Module) -> list[Block]:
     """The same blocks (names, pooling) in another copy of the model, e.g. a pruned one:
     a removed block is tapped at its identity, which shows the previous block's output."""
-    return [dataclasses.replace(b, module=model.get_submodule(b.name)) for b in blocks]
+    return [dataclasses.replace(b, module=model.get_submodule(b.path)) for b in blocks]
 
 
 def finetune(

@@ -9,12 +9,19 @@ tensor, a tuple whose first entry is the hidden state, or a model-output object.
 pools need the batch's attention mask (1 = real token, 0 = padding), which the caller
 hands to the taps per batch (`Taps.set_mask`, or `run_model(model, inputs, taps)` with a
 tokenised batch): "mean" averages the real tokens only, "last" takes the last real token
-whatever the padding side, and "token" keeps every position as a sample (N*T x D; the
-labels of padded or excluded positions are -1).
+whatever the padding side, "cls" the first real token whatever the padding side, and
+"token" keeps every position as a sample (N*T x D; the labels of padded or excluded
+positions are -1).
+
+A module that runs k > 1 times in one forward (a shared or recurrent block, weight tying)
+is k layers: `forward_order` finds the blocks' calls on one dry forward and returns one
+`Block` per call, named `NAME#1` ... `NAME#k` (`call` 1..k), in the order their outputs
+come out; the taps then hand each call's output to its own layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,14 +43,25 @@ class Block:
     pool: "nchw" averages a N x C x H x W map over H and W; "nhwc" a N x H x W x C map
     (timm's Swin); "tokens" and "mean" average N x T x C tokens after `prefix_tokens`
     class or register tokens, over the real tokens only when the batch has an attention
-    mask; "cls" takes token 0; "last" the last real token; "token" keeps every position
-    (N*T x C); "flat" keeps an N x D output as it is.
+    mask; "cls" takes token 0 (the first real token when the batch has an attention mask);
+    "last" the last real token; "token" keeps every position (N*T x C); "flat" keeps an
+    N x D output as it is.
+
+    call: 0 for a module that runs once per forward; k >= 1 for the k-th call of a module
+    that runs `calls` times per forward (then `name` is `path#k`, `path` the module's name).
     """
 
     name: str
     module: nn.Module
     pool: str = "nchw"
     prefix_tokens: int = 0
+    call: int = 0
+    calls: int = 1
+
+    @property
+    def path(self) -> str:
+        """The module's name in `model.named_modules()` (`name` without its `#call`)."""
+        return self.name.rpartition("#")[0] if self.call else self.name
 
 
 class TokenMask:
@@ -58,6 +76,7 @@ class TokenMask:
         self.mask = mask
         self._weights: dict[int, torch.Tensor] = {}
         self._last: torch.Tensor | None = None
+        self._first: torch.Tensor | None = None
 
     def weights(self, prefix: int) -> torch.Tensor:
         """N x 1 x T float32: 1/(real tokens) on the real tokens from `prefix` on, else 0."""
@@ -77,6 +96,15 @@ class TokenMask:
             # any real token gives position 0.
             self._last = ((self.mask != 0) * positions).argmax(1)
         return self._last
+
+    def first(self) -> torch.Tensor:
+        """N int64: the position of each row's first real token (left or right padding)."""
+        if self._first is None:
+            t = self.mask.shape[1]
+            # The largest (T - position) x [real] is the first real token (0 without any).
+            weights = torch.arange(t, 0, -1, device=self.mask.device)
+            self._first = ((self.mask != 0) * weights).argmax(1)
+        return self._first
 
 
 def hidden_state(output) -> torch.Tensor:
@@ -100,17 +128,16 @@ def _pool_sequence(
     f32 = torch.float32
     if pool == "token":
         return output.reshape(-1, output.shape[-1]).to(f32)
-    if pool == "cls":
-        return output[:, 0].to(f32)
+    if pool in ("cls", "last") and mask is None:
+        return output[:, 0 if pool == "cls" else -1].to(f32)
     if mask is not None and mask.mask.shape != output.shape[:2]:
         raise NCLayersError(
             f"attention_mask of shape {tuple(mask.mask.shape)} does not fit a block output of "
             f"shape {tuple(output.shape)}; pool a block whose output has one row per token"
         )
-    if pool == "last":
-        if mask is None:
-            return output[:, -1].to(f32)
-        index = mask.last().view(-1, 1, 1).expand(-1, 1, output.shape[2])
+    if pool in ("cls", "last"):  # the first / last real token, whatever the padding side
+        at = mask.first() if pool == "cls" else mask.last()
+        index = at.view(-1, 1, 1).expand(-1, 1, output.shape[2])
         return output.gather(1, index).squeeze(1).to(f32)
     if mask is None:  # "tokens" / "mean" without padding
         return output[:, prefix_tokens:].mean(dim=1, dtype=f32)
@@ -140,6 +167,51 @@ def pool_output(
     )
 
 
+class CallHooks:
+    """One forward hook per module of `blocks` that hands each call to the block of that
+    call: `fn(index, args, kwargs, output)`, `index` the block's place in `blocks`. A
+    module that runs `calls` times per forward counts its calls 1..calls, then from 1
+    again (and from 1 after `reset()`, which starts a forward); calls no block names are
+    ignored. A block of `call` 0 takes every call of its module (one per forward once
+    `forward_order` has split a shared module's calls into blocks of their own)."""
+
+    def __init__(self, blocks: Sequence[Block], fn: Callable[..., None]) -> None:
+        self.fn = fn
+        self._table: dict[int, dict[int, int]] = {}  # id(module) -> call -> index
+        self._calls: dict[int, int] = {}  # id(module) -> its calls per forward
+        modules: dict[int, nn.Module] = {}
+        for i, b in enumerate(blocks):
+            key = id(b.module)
+            self._table.setdefault(key, {})[max(b.call, 1)] = i
+            self._calls[key] = max(self._calls.get(key, 1), b.calls, b.call)
+            modules[key] = b.module
+        self._counts: dict[int, int] = {}
+        self._handles = [
+            m.register_forward_hook(self._hook(key), with_kwargs=True) for key, m in modules.items()
+        ]
+
+    def _hook(self, key: int):
+        table, calls = self._table[key], self._calls[key]
+
+        def hook(_module, args, kwargs, output):
+            n = self._counts.get(key, 0) % calls + 1
+            self._counts[key] = n
+            index = table.get(n)
+            if index is not None:
+                self.fn(index, args, kwargs, output)
+
+        return hook
+
+    def reset(self) -> None:
+        """A new forward begins: count every module's calls from 1 again."""
+        self._counts.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
 class Taps:
     """Context manager: while active, every block's pooled output goes to `sink(index, x)`.
 
@@ -147,7 +219,8 @@ class Taps:
     ...     logits = run_model(model, inputs, taps)   # a tensor or a tokenised batch
 
     A tokenised batch's attention mask reaches the sequence pools through `set_mask`
-    (which `run_model` calls); it holds until the next call.
+    (which `run_model` calls before every batch); it holds until the next call. Each call
+    of a shared module goes to its own block (`path#1`, `path#2`, ...; see `CallHooks`).
     """
 
     def __init__(
@@ -158,27 +231,26 @@ class Taps:
         self.blocks = list(blocks)
         self.sink = sink
         self.mask: TokenMask | None = None
-        self._handles: list = []
+        self._hooks: CallHooks | None = None
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """The attention mask of the batch about to run (None: every token is real)."""
         self.mask = TokenMask(mask) if mask is not None else None
+        if self._hooks is not None:
+            self._hooks.reset()
 
-    def _hook(self, index: int, block: Block):
-        def hook(_module, _inputs, output):
-            self.sink(index, pool_output(output, block.pool, block.prefix_tokens, self.mask))
-
-        return hook
+    def _hook(self, index: int, _args, _kwargs, output) -> None:
+        block = self.blocks[index]
+        self.sink(index, pool_output(output, block.pool, block.prefix_tokens, self.mask))
 
     def __enter__(self) -> Taps:
-        for i, block in enumerate(self.blocks):
-            self._handles.append(block.module.register_forward_hook(self._hook(i, block)))
+        self._hooks = CallHooks(self.blocks, self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        if self._hooks is not None:
+            self._hooks.remove()
+        self._hooks = None
         self.mask = None
 
 
@@ -241,35 +313,97 @@ def trace_blocks(
     record: Callable[[Block, tuple, object], object],
 ) -> list:
     """Run `sample` (a tensor, or a tokenised batch as a mapping) once in eval mode; per
-    block what `record(block, inputs, output)` returned, `inputs` the positional inputs
-    (or the `hidden_states` keyword where a layer is called with keywords only). Raises
-    if a block never ran."""
+    block what `record(block, inputs, output)` returned for its call, `inputs` the
+    positional inputs (or the `hidden_states` keyword where a layer is called with
+    keywords only). Raises if a block never ran."""
     seen: list = [None] * len(blocks)
     ran = [False] * len(blocks)
 
-    def hook_for(index: int, block: Block):
-        def hook(_module, args, kwargs, output):
-            if not args and "hidden_states" in kwargs:
-                args = (kwargs["hidden_states"],)
-            seen[index], ran[index] = record(block, args, output), True
+    def hook(index: int, args, kwargs, output) -> None:
+        if not args and "hidden_states" in kwargs:
+            args = (kwargs["hidden_states"],)
+        seen[index], ran[index] = record(blocks[index], args, output), True
 
-        return hook
+    hooks = CallHooks(blocks, hook)
+    _dry_forward(model, sample, hooks.remove)
+    if not all(ran):
+        raise missing_blocks_error(b.name for b, r in zip(blocks, ran, strict=True) if not r)
+    return seen
 
-    handles = [
-        b.module.register_forward_hook(hook_for(i, b), with_kwargs=True)
-        for i, b in enumerate(blocks)
-    ]
+
+def _dry_forward(model: nn.Module, sample, remove_hooks: Callable[[], None]) -> None:
+    """One forward of `sample` in eval mode, then `remove_hooks()` and the model's mode back."""
     was_training = model.training
     try:
         model.eval()
         run_model(model, sample)
     finally:
         model.train(was_training)
+        remove_hooks()
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, blocks: Sequence[Block], sample) -> list[Block]:
+    """The blocks as the model runs them: one dry forward of `sample` (in eval mode)
+    orders them by when their outputs come out, and a block whose module runs k > 1
+    times becomes k blocks `path#1` ... `path#k`, one per call (a block that already
+    names one call, `call` k, stays that call). Raises, naming them, for blocks that
+    never ran and calls beyond a module's count."""
+    was_training = model.training
+    try:
+        model.eval()
+        return traced_forward(model, blocks, sample)[0]
+    finally:
+        model.train(was_training)
+
+
+def traced_forward(
+    model: nn.Module, blocks: Sequence[Block], inputs, pool: bool = False
+) -> tuple[list[Block], list[torch.Tensor | None], object]:
+    """One forward of `inputs` (a tensor or a tokenised mapping) as the caller set it up
+    (mode, grad, autocast): (the blocks in forward order, one per call, as
+    `forward_order` returns them; with `pool`, each one's pooled output, else None; the
+    model's output). A measuring pass runs its first batch through this, so ordering the
+    blocks costs no forward of its own."""
+    modules = {id(b.module): b for b in blocks}  # one block per module: its pooling
+    wanted = {(id(b.module), b.call) for b in blocks}
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    token_mask = TokenMask(mask) if mask is not None else None
+    events: list[tuple[int, int, torch.Tensor | None]] = []  # in the order outputs come out
+    counts: dict[int, int] = {}
+
+    def hook_for(key: int, b: Block):
+        def hook(_module, _args, output):
+            n = counts[key] = counts.get(key, 0) + 1
+            if (key, 0) in wanted or (key, n) in wanted:
+                feats = pool_output(output, b.pool, b.prefix_tokens, token_mask) if pool else None
+                events.append((key, n, feats))
+
+        return hook
+
+    handles = [b.module.register_forward_hook(hook_for(k, b)) for k, b in modules.items()]
+    try:
+        output = run_model(model, inputs)
+    finally:
         for h in handles:
             h.remove()
-    if not all(ran):
-        raise missing_blocks_error(b.name for b, r in zip(blocks, ran, strict=True) if not r)
-    return seen
+    missing = [b.name for b in blocks if id(b.module) not in counts]
+    if missing:
+        raise missing_blocks_error(missing)
+    for b in blocks:
+        if b.call > counts[id(b.module)]:
+            raise NCLayersError(
+                f"blocks: {b.name} names call {b.call} of {b.path}, which runs "
+                f"{counts[id(b.module)]} time(s) per forward"
+            )
+    ordered: list[Block] = []
+    for key, call, _ in events:
+        b, k = modules[key], counts[key]
+        if k == 1:  # runs once: the block is its module
+            ordered.append(dataclasses.replace(b, name=b.path, call=0, calls=1))
+        else:
+            ordered.append(dataclasses.replace(b, name=f"{b.path}#{call}", call=call, calls=k))
+    return ordered, [feats for *_, feats in events], output
 
 
 def probe_shapes(

@@ -108,7 +108,7 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
         entry = {
             "settings": stage_settings("analyze", cfg),
             "weights": weights,
-            "blocks": [b.name for b in blocks],
+            "blocks": [b.name for b in tables[ac.split].blocks],  # forward order, per call
             "task": ac.task,
             "accuracy": {s: tables[s].accuracy for s in splits},
             "samples": {s: tables[s].samples for s in splits},

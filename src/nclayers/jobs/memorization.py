@@ -112,21 +112,24 @@ def _measure(
         weights = folder.weights(cfg)
         model = (model or load_model(cfg, folder, ds.num_classes)).to(device)
         blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
+        layers: list = []  # the measured layers: forward order, a shared block's calls apart
 
         def measure(data, extra: dict | None = None) -> AnalysisResult:
             batches = make_batches(data, cfg.analyze.batch_size, device,
                                    shard=(proc.rank, proc.world))  # fmt: skip
-            return analyze(
+            result = analyze(
                 model, batches, ds.num_classes, blocks, split="train", amp=cfg.analyze.amp,
                 progress=progress, run=cfg.run, extra=extra,
             )  # fmt: skip
+            layers[:] = result.blocks
+            return result
 
         t0 = time.perf_counter()
         if corrupted:
             rows, ratios, info = _corrupted(measure, ds, clean_ds)
         else:
             rows, ratios, info = _label_noise(measure, ds, model, cfg)
-        info.update(samples=len(ds), blocks=[b.name for b in blocks], weights=weights,
+        info.update(samples=len(ds), blocks=[b.name for b in layers], weights=weights,
                     memorization_layers=memorization_layers(ratios),
                     seconds=time.perf_counter() - t0)  # fmt: skip
         summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here

@@ -102,7 +102,8 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
 
     def checkpoint(snapshot: dict) -> None:
         folder.save_torch(PROBE_STATE, {"state": snapshot, "fingerprint": fingerprint})
-        rows = snapshot["history"][-len(blocks) :]
+        last = snapshot["history"][-1]["epoch"]  # one row per layer (a shared block's calls apart)
+        rows = [r for r in snapshot["history"] if r["epoch"] == last]
         accs = [r["train_acc"] for r in rows]
         log.info("probe epoch %2d/%d  lr %.3g  train acc per block %.3f..%.3f",
                  rows[0]["epoch"], pc.epochs, rows[0]["lr"], min(accs), max(accs))  # fmt: skip

@@ -123,11 +123,11 @@ def _load(cfg: Config, folder: RunFolder) -> _Run:
             f"model.name={cfg.model.name!r} is a causal language model: its layers are "
             "measured on next-token classes; set analyze.task=next_token (and analyze.top_k)"
         )
-    blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
     batch = cfg.analyze.batch_size if text else EVAL_BATCH
     test_batches = make_batches(test, batch, device, views=["clean"] if test.labels else None,
                                 next_token=measure.next_token)  # fmt: skip
     sample = head(next(iter(test_batches))[0], 2)
+    blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool, sample=sample)
     return _Run(model, blocks, test, train, measure, test_batches, sample, device, language,
                 batch)  # fmt: skip
 
@@ -228,7 +228,7 @@ def _plateau(cfg, folder, run: _Run, keep: list[int], n, notes, progress) -> lis
         skipped = [l for l in wanted if l not in keep]
         if skipped:
             names = ", ".join(f"{l} ({run.blocks[l - 1].name})" for l in skipped)
-            notes.append(f"plateau blocks that change shape, kept: {names}")
+            notes.append(f"plateau blocks that change shape or are shared, kept: {names}")
         if not wanted:
             notes.append("no plateau: the rule finds no redundant block, nothing is removed")
         return [l for l in wanted if l in keep]

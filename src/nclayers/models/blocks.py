@@ -1,12 +1,19 @@
 """Which modules are a model's "blocks": the units whose outputs nclayers measures.
 
-`find_blocks(model, "auto")` returns, in forward order, the repeated residual or
-transformer blocks of torchvision and timm models, and the encoder/decoder layers of
-Hugging Face transformers (`nclayers.models.hf.layer_names`) (known block classes first, then a
-generic rule: the outermost modules of the most frequent class that is repeated inside
-Sequential/ModuleList containers; failing that, the conv-(BN-)activation units of a plain
-conv net such as torchvision's VGG, tapped at their activation). A list of module names or
-glob patterns picks modules explicitly, e.g. `["layer*.*"]` or `["features.2", "features.5"]`.
+`find_blocks(model, "auto")` returns the repeated residual or transformer blocks of
+torchvision and timm models, and the encoder/decoder layers of Hugging Face transformers
+(`nclayers.models.hf.layer_names`) (known block classes first, then a generic rule: the
+outermost modules of the most frequent class that is repeated inside Sequential/ModuleList
+containers; failing that, the conv-(BN-)activation units of a plain conv net such as
+torchvision's VGG, tapped at their activation). A list of module names or
+glob patterns picks modules explicitly, e.g. `["layer*.*"]` or `["features.2", "features.5"]`;
+`NAME#k` picks the k-th call of a module that runs several times per forward.
+
+Given a `sample` batch, `find_blocks` runs it once and returns the blocks in forward order
+(the order their outputs come out, which numbers the layers), a module that runs k > 1
+times as k blocks `NAME#1` ... `NAME#k` (see `nclayers.taps.forward_order`). Without a
+sample the order is that of `model.named_modules()`, and the measuring functions
+(`analyze`, `probe`) put the blocks in forward order on their first batch.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from torch import nn
 
 from nclayers.errors import NCLayersError
 from nclayers.models import hf
-from nclayers.taps import Block
+from nclayers.taps import Block, forward_order
 
 # Block classes by name, with the layout of their outputs.
 _KNOWN_BLOCKS: dict[str, str] = {
@@ -150,10 +157,13 @@ def find_blocks(
     model: nn.Module,
     spec: str | Sequence[str] = "auto",
     pool: str | None = None,
+    sample=None,
 ) -> list[Block]:
-    """Return the model's blocks in forward order.
+    """Return the model's blocks; in forward order, one per call, given a `sample` batch
+    (a tensor or a tokenised mapping) to run once.
 
-    spec: "auto", or module names / glob patterns (a comma-separated string or a list).
+    spec: "auto", or module names / glob patterns (a comma-separated string or a list);
+    `NAME#k` names the k-th call of a module that runs several times.
     pool: force one pooling for every block ("nchw", "nhwc", "tokens", "mean", "cls",
     "last", "token", "flat"; see `nclayers.taps.Block`); by default each block's class
     decides: a ViT's blocks are pooled as its head pools (the class token under timm's
@@ -175,6 +185,7 @@ def find_blocks(
         patterns = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
         names = []
         for pattern in patterns:
+            pattern, call = _call_of(pattern)
             hits = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
             if not hits:
                 sample = ", ".join(list(n for n in modules if n)[:8])
@@ -182,16 +193,29 @@ def find_blocks(
                     f"blocks: {pattern!r} matches no module of {type(model).__name__}; "
                     f"module names look like: {sample}, ..."
                 )
-            names += [n for n in hits if n not in names]
+            names += [f"{n}#{call}" if call else n for n in hits if n not in names]
         if any(any(ch in p for ch in "*?[") for p in patterns):
             names = _outermost(names)  # a glob like 'layer*.*' should not tap sub-modules too
         order = {n: i for i, n in enumerate(modules)}
-        names.sort(key=order.__getitem__)
+        names.sort(key=lambda n: (order[_call_of(n)[0]], _call_of(n)[1]))
     blocks = []
     for name in names:
-        module = modules[name]
+        path, call = _call_of(name)
+        module = modules[path]
         block_pool, prefix = _pool_for(model, module)
         if pool is not None:
             block_pool = pool
-        blocks.append(Block(name, module, block_pool, prefix))
-    return blocks
+        blocks.append(Block(name, module, block_pool, prefix, call))
+    return forward_order(model, blocks, sample) if sample is not None else blocks
+
+
+def _call_of(name: str) -> tuple[str, int]:
+    """('blocks.0', 2) for 'blocks.0#2' (the module's second call), (name, 0) otherwise."""
+    path, sep, call = name.rpartition("#")
+    if not sep:
+        return name, 0
+    if not call.isdigit() or int(call) < 1:
+        raise NCLayersError(
+            f"blocks: {name!r}: after '#' comes the call number (1, 2, ...), e.g. {path}#1"
+        )
+    return path, int(call)
