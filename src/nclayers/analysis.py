@@ -222,7 +222,8 @@ class _Pass:
     def outputs(self, logits: torch.Tensor, rows: int) -> None:
         """Count the model's hits: its top class against every view's labels. N x T x V
         logits give a class per position (through `token_classes`: vocabulary id ->
-        class); outputs of another shape than the labels count nothing."""
+        class); outputs of another shape than the labels, or fewer than the classes, count
+        nothing."""
         self.seen += rows
         tokens = logits.ndim == 3
         if tokens:
@@ -230,6 +231,8 @@ class _Pass:
             if self.token_classes is None and logits.shape[-1] != self.num_classes:
                 self.readable = False
         if logits.ndim != 2 or logits.shape[0] != self.plan.batch:
+            self.readable = False
+        elif not tokens and logits.shape[1] < self.num_classes:  # a head for fewer classes
             self.readable = False
         if not self.readable:
             return

@@ -176,6 +176,11 @@ class ModelConfig(Section):
     # (analyze.task=next_token always takes every position: "token").
     pool: Literal["nchw", "nhwc", "tokens", "cls", "flat", "mean", "last"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # extra constructor keywords
+    # Load model.checkpoint without its classifier: the model keeps its own head (sized
+    # by the data's classes), e.g. an ImageNet backbone measured on CIFAR.
+    skip_head: bool = False
+    # Glob patterns of model keys not loaded from model.checkpoint ('fc.*,head.*').
+    skip: list[str] = Field(default_factory=list)
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -183,6 +188,34 @@ class ModelConfig(Section):
         if isinstance(value, str) and value != "auto" and "," in value:
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("skip", mode="before")
+    @classmethod
+    def _skip_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return [] if value is None else value
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "num_classes" in value:
+            raise ValueError(
+                f"model.options.num_classes={value['num_classes']!r}: the head's size comes "
+                "from the data's classes, not from an option; remove it (a checkpoint "
+                "trained on other classes loads with model.skip_head=true)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _skips(self) -> ModelConfig:
+        if (self.skip_head or self.skip) and not self.checkpoint:
+            key = "model.skip_head=true" if self.skip_head else f"model.skip={self.skip}"
+            raise ValueError(
+                f"{key} applies to the weights of model.checkpoint=FILE, which is not set; "
+                "set it, or remove the skip"
+            )
+        return self
 
 
 class TrainConfig(Section):

@@ -268,12 +268,26 @@ def run_model(model: nn.Module, inputs, taps: Taps | None = None):
 
 
 def output_logits(output) -> torch.Tensor:
-    """The logits in a model's output: the tensor itself, a tuple's first entry, or the
-    `.logits` of a model-output object (Hugging Face)."""
-    if isinstance(output, (tuple, list)):
+    """The logits in a model's output: the tensor itself, a tuple's first entry, a
+    mapping's "logits" (a dict, or a Hugging Face model output), or the `.logits` of
+    another output object. Anything else is refused in one line."""
+    if isinstance(output, Mapping):
+        if "logits" not in output:
+            raise NCLayersError(
+                f"the model's forward returned a {type(output).__name__} with keys "
+                f"{list(output)[:6]} and no 'logits'; return the logits (a tensor), a tuple "
+                "whose first entry they are, or a mapping holding them under 'logits'"
+            )
+        output = output["logits"]
+    elif isinstance(output, (tuple, list)) and output:
         output = output[0]
-    if hasattr(output, "logits"):
+    elif hasattr(output, "logits"):
         output = output.logits
+    if not isinstance(output, torch.Tensor):
+        raise NCLayersError(
+            f"the model's forward returned a {type(output).__name__}, not logits; return a "
+            "tensor, a tuple whose first entry is one, or a mapping with 'logits'"
+        )
     return output
 
 

@@ -69,6 +69,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise NCLayersError(
+            f"model: {type(model).__name__} has no trainable parameter (none, or all with "
+            "requires_grad=False), so there is nothing to train; measure it as it is "
+            "(nclayers analyze ... model.untrained=true, or model.checkpoint=FILE)"
+        )
     # One fused kernel for the whole update on CUDA (the per-parameter loop is launch-bound).
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if tc.optimizer == "sgd":

@@ -7,14 +7,16 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from nclayers.config import Config
-from nclayers.data import Dataset, TextData, load_dataset
+from nclayers.data import Dataset, TextData, load_dataset, make_batches
 from nclayers.errors import NCLayersError
 from nclayers.jobs.folder import CHECKPOINT, RunFolder
 from nclayers.models import build_model, load_weights
 from nclayers.runtime import is_main, seeded
+from nclayers.taps import output_logits, run_model
 
 
 def run_folder(folder: RunFolder | str | Path) -> RunFolder:
@@ -78,6 +80,30 @@ def measure_setup(cfg: Config, reference: Dataset, measured: Dataset) -> Measure
     return Measure(measured.num_classes, None, cfg.model.pool)
 
 
+@torch.no_grad()
+def check_classifier(cfg: Config, model: nn.Module, ds: Dataset, num_classes: int) -> None:
+    """Refuse, in one line, a classifier whose forward does not give `num_classes` outputs
+    per sample (one dry forward of two samples of `ds`, in eval mode): a head built for
+    other classes, an entry point without num_classes, a forward returning features."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    two = ds.subset(torch.arange(min(2, len(ds))))
+    inputs = next(iter(make_batches(two, 2, device, workers=0)))[0]
+    was_training = model.training
+    try:
+        model.eval()
+        logits = output_logits(run_model(model, inputs))
+    finally:
+        model.train(was_training)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        shape = tuple(logits.shape)
+        what = f"{shape[1]} outputs" if logits.ndim == 2 else f"outputs of shape {shape}"
+        raise NCLayersError(
+            f"model.name={cfg.model.name}: its forward gives {what} per sample but "
+            f"{cfg.data.name} has {num_classes} classes; build its head with num_classes "
+            "outputs (an entry point def net(num_classes: int, **options) gets them)"
+        )
+
+
 def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
     """The configured model with the weights the run measures: `model.checkpoint`, else
     the folder's checkpoint.pt (checked against what train wrote). Refuses a model with
@@ -95,7 +121,10 @@ def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
     else:  # untrained on purpose, or a Hugging Face model with its own weights
         return model
     try:
-        load_weights(model, path)
+        # model.skip_head / model.skip apply to model.checkpoint, not to the run's own weights.
+        given = bool(cfg.model.checkpoint)
+        load_weights(model, path, skip=cfg.model.skip if given else (),
+                     skip_head=given and cfg.model.skip_head)  # fmt: skip
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise NCLayersError(
             f"{path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]}); "
@@ -107,6 +136,7 @@ def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
 __all__ = [
     "Measure",
     "build_from_config",
+    "check_classifier",
     "load_model",
     "load_split",
     "measure_setup",

@@ -40,7 +40,13 @@ from torch import nn
 from nclayers.config import Config, weights_settings
 from nclayers.data import TextData, balanced_subset, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import build_from_config, load_model, load_split, run_folder
+from nclayers.jobs.common import (
+    build_from_config,
+    check_classifier,
+    load_model,
+    load_split,
+    run_folder,
+)
 from nclayers.jobs.folder import (
     CHECKPOINT,
     DYNAMICS,
@@ -212,6 +218,8 @@ def _setup(cfg: Config, proc: Distributed, device: torch.device, folder: RunFold
         model = model.to(memory_format=torch.channels_last)
     text = isinstance(train_ds, TextData)
     view = train_labels_view(train_ds) if train_ds.labels else None
+    if view is not None:  # a classifier: one output per class of the data
+        check_classifier(cfg, model, test_ds, train_ds.num_classes)
     shard = (proc.rank, proc.world)
     views = [view] if view else None
     # Text has no augmentation; its training shards are padded so DDP steps in lockstep.

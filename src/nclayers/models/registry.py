@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +56,10 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def load_entry_point(spec: str, **kwargs) -> nn.Module:
-    """Build a model from 'package.module:function' (the function returns an nn.Module)."""
+    """Build a model from 'package.module:function' (the function returns an nn.Module):
+    `def net(num_classes: int, **options) -> nn.Module`, or a function without a
+    `num_classes` parameter (it is then not passed; the head is checked against the data
+    by the stages that need it)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise NCLayersError(f"entry point {spec!r}: expected 'package.module:function'")
@@ -63,12 +67,42 @@ def load_entry_point(spec: str, **kwargs) -> nn.Module:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise NCLayersError(f"entry point {spec!r} cannot be loaded: {err}") from err
-    model = fn(**kwargs)
+    if "num_classes" in kwargs and not _takes(fn, "num_classes"):
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    try:
+        model = fn(**kwargs)
+    except TypeError as err:
+        if not _signature_error(fn, kwargs):
+            raise
+        raise NCLayersError(
+            f"entry point {spec!r}: {err}; its options come from model.options (and "
+            "model.width): set only the keywords the function takes"
+        ) from None
     if not isinstance(model, nn.Module):
         raise NCLayersError(
             f"entry point {spec!r} returned {type(model).__name__}, not an nn.Module"
         )
     return model
+
+
+def _takes(fn: Callable, keyword: str) -> bool:
+    """Whether `fn` accepts `keyword` (by name or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C function: assume it does
+        return True
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _signature_error(fn: Callable, kwargs: dict) -> bool:
+    """Whether calling `fn` with `kwargs` fails at the call itself (not inside it)."""
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError:
+        return True
+    except ValueError:
+        return False
+    return False
 
 
 def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:

@@ -16,6 +16,9 @@ zoo (the paper's weights), torchvision (`ResNet50_Weights.IMAGENET1K_V2.url`, ..
 (the Hugging Face hub); `model.checkpoint=FILE` loads them. Nothing is downloaded here.
 
 Whatever does not match after that raises a ValueError naming the keys and shapes.
+`skip_head=True` (`model.skip_head=true`) loads a checkpoint without its classifier (the
+model's `head_keys`), `skip` (`model.skip='PATTERN,...'`) without any keys it names: the
+model keeps its own, e.g. an ImageNet backbone with a head for CIFAR's 10 classes.
 """
 
 from __future__ import annotations
@@ -236,6 +239,24 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return extract_state_dict(obj)
 
 
+def head_keys(model: nn.Module) -> list[str]:
+    """Glob patterns of the classifier's keys: the module timm's `get_classifier()` returns,
+    else the last `nn.Linear` of the model (torchvision's `fc` / `classifier.6`, a
+    transformers classifier's `classifier` or `score`), e.g. ['fc.*']."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or id(head) not in names or not list(head.parameters()):
+        linears = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+        if not linears:
+            raise NCLayersError(
+                f"{type(model).__name__} has no nn.Linear classifier to skip; name its keys "
+                "with model.skip='PATTERN' instead of model.skip_head=true"
+            )
+        return [f"{linears[-1]}.*"]
+    return [f"{names[id(head)]}.*"]
+
+
 def _matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
     return lambda key: any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
@@ -279,12 +300,30 @@ def match_state_dict(
             lines.append(f"  {len(shape)} shape mismatches, e.g. {shape[:3]}")
         if len(missing) > len(wanted) // 2:
             lines.append("  most keys differ: it was saved from another architecture")
-        lines.append(
-            "  build the architecture and options (width, num_classes, img_size) it was saved "
-            "from; skip=['fc.*'] (or 'head.*') keeps the model's own classifier"
-        )
-        raise NCLayersError("\n".join(lines))
+        lines.append(_advice(model, [k for k in wanted if k in state and state[k].shape
+                                     != own[k].shape]))  # fmt: skip
+        raise NCLayersError("; ".join(line.strip() for line in lines))  # one line
     return state
+
+
+def _advice(model: nn.Module, mismatched: list[str]) -> str:
+    """What to do about a checkpoint that does not match: where only the classifier's
+    shape differs (another number of classes), load it without its head."""
+    try:
+        head = head_keys(model)
+    except NCLayersError:
+        head = []
+    if mismatched and all(_matcher(head)(k) for k in mismatched):
+        return (
+            f"  its classifier ({', '.join(head)}) was trained on another number of classes: "
+            "model.skip_head=true loads everything else and keeps the model's own head "
+            "(from Python: load_weights(model, path, skip_head=True))"
+        )
+    return (
+        "  build the architecture and options (width, img_size) it was saved from; "
+        f"model.skip='PATTERN' leaves keys out (model.skip_head=true: the classifier, "
+        f"{', '.join(head) or 'none found'})"
+    )
 
 
 def load_weights(
@@ -292,11 +331,15 @@ def load_weights(
     path: str | Path,
     strict: bool = True,
     skip: Sequence[str] = (),
+    skip_head: bool = False,
 ) -> nn.Module:
     """Load a checkpoint file into `model`; mismatched keys or shapes raise a ValueError.
 
-    See `match_state_dict` for `strict` and `skip`.
+    See `match_state_dict` for `strict` and `skip`; `skip_head` adds the classifier's keys
+    (`head_keys(model)`) to `skip`: the model keeps its own head.
     """
+    if skip_head:
+        skip = [*skip, *head_keys(model)]
     state = match_state_dict(
         model, read_checkpoint(path), strict, skip, source=f"checkpoint {str(path)!r}"
     )
