@@ -57,7 +57,8 @@ class DictOutput(Stack):
     """A forward that returns a mapping holding its logits."""
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.fc(self.features(x)), "features": self.features(x)}
+        h = self.features(x)
+        return {"logits": self.fc(h), "features": h}
 
 
 def dict_logits(num_classes: int = 10) -> nn.Module:
