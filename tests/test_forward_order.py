@@ -213,3 +213,15 @@ def test_prune_refuses_a_shared_block_in_one_line():
     message = str(err.value)
     assert "\n" not in message
     assert "blocks.0#2" in message and "every call" in message and "blocks.0#1" in message
+
+
+def test_prune_experiment_refuses_blocks_out_of_forward_order():
+    from nclayers.prune import prune_experiment
+
+    model = reversed_blocks(3).eval()
+    x, y = torch.randn(12, 3, 8, 8), torch.arange(12) % 3
+    with pytest.raises(NCLayersError, match="forward order"):
+        prune_experiment(model, find_blocks(model), [1], [(x, y)], 3)
+    summary, _ = prune_experiment(model, find_blocks(model, sample=x[:2]), [1], [(x, y)], 3,
+                                  seeds=(0,))  # fmt: skip
+    assert [r["blocks"] for r in summary if r["variant"] == "chosen"] == ["blocks.2"]

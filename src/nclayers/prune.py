@@ -34,7 +34,7 @@ from nclayers.analysis import analyze
 from nclayers.errors import NCLayersError
 from nclayers.runtime import seeded
 from nclayers.table import Table
-from nclayers.taps import Block, head, trace_blocks
+from nclayers.taps import Block, forward_order, head, trace_blocks
 
 NONE = "none"  # the unpruned model, the reference of every comparison
 
@@ -365,6 +365,12 @@ def prune_experiment(
     chosen = sorted(set(chosen))
     criteria = {k: sorted(set(v)) for k, v in (criteria or {}).items()}
     sample = head(next(iter(test_batches))[0], 2)
+    if [b.name for b in forward_order(model, blocks, sample)] != [b.name for b in blocks]:
+        raise NCLayersError(
+            "blocks: not the layers as the model runs them (forward order, a shared block's "
+            "calls apart), which the layer numbers refer to; pass find_blocks(model, ..., "
+            "sample=...)"
+        )
     for layers in (chosen, *criteria.values()):
         check_prunable(model, blocks, layers, sample)
     candidates = prunable_layers(model, blocks, sample)
