@@ -156,8 +156,9 @@ def _check_reference(reference: AnalysisResult, blocks: Sequence[Block]) -> None
     ref_names = [b.name for b in reference.blocks] or names
     if len(reference.stats) != len(blocks) or ref_names != names:
         raise NCLayersError(
-            f"reference has {len(reference.stats)} layers but {len(blocks)} blocks are "
-            "measured; analyze the reference with the same blocks"
+            f"reference has {len(reference.stats)} layers ({', '.join(ref_names[:3])}, ...) "
+            f"but {len(blocks)} blocks are measured ({', '.join(names[:3])}, ...); analyze "
+            "the reference with the same blocks"
         )
 
 
@@ -406,14 +407,9 @@ def analyze(
     rows = _rows(acc, stats, metrics, fractions, split=split, run=run, extra=extra)
     accuracy = {view: fractions[0][v] for v, view in enumerate(acc.space.names)}
     return AnalysisResult(
-        rows,
-        stats=stats,
-        accuracy=accuracy,
-        samples=seen,
-        seconds=seconds,
-        split=split,
+        rows, stats=stats, accuracy=accuracy, samples=seen, seconds=seconds, split=split,
         blocks=acc.blocks,
-    )
+    )  # fmt: skip
 
 
 __all__ = ["AnalysisResult", "analyze"]
