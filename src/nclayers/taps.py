@@ -406,9 +406,10 @@ def traced_forward(
         raise missing_blocks_error(missing)
     for b in blocks:
         if b.call > counts[id(b.module)]:
+            n = counts[id(b.module)]
             raise NCLayersError(
-                f"blocks: {b.name} names call {b.call} of {b.path}, which runs "
-                f"{counts[id(b.module)]} time(s) per forward"
+                f"blocks: {b.name} names call {b.call} of {b.path}, which runs {n} time(s) "
+                f"per forward; name {b.path} (every call) or one of {b.path}#1 ... {b.path}#{n}"
             )
     ordered: list[Block] = []
     for key, call, _ in events:
