@@ -334,6 +334,7 @@ def cmd_make_folder(args) -> None:
     from nclayers.data.make_folder import make_image_folder, make_k1000_folder
 
     if args.k1000:
+
         def given_or(value, default):
             return default if value is None else value
 
@@ -541,6 +542,26 @@ def _logging(quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if quiet:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """-q: transformers' and huggingface_hub's progress bars (weight loading) and notes,
+    and submitit's warnings (e.g. "Bypassing sacct error", at every poll of a cluster
+    without accounting), are silenced too."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    if "transformers" in sys.modules:  # imported already: tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    os.environ["SUBMITIT_LOG_LEVEL"] = "ERROR"  # submitit sets its level when imported
+    logging.getLogger("submitit").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
