@@ -592,7 +592,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _path_problem(err: OSError) -> str:
     """One line for a path the user gave that cannot be written or read as asked."""
-    name = err.filename or "a path"
+    name = str(err.filename or "a path")
+    base = Path(name).name
+    if base == ".lock" or (base.startswith(".") and base.endswith(".tmp")):
+        name = f"{Path(name).parent}/"  # a file nclayers writes there: the folder is the news
     if isinstance(err, NotADirectoryError):
         return (f"{name}: part of this path is a file, not a folder; choose another folder "
                 "(--out DIR)")  # fmt: skip

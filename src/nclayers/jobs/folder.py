@@ -54,6 +54,7 @@ from nclayers.config import (
     config_text,
     flatten,
     load_config,
+    read_config_file,
     weights_settings,
 )
 from nclayers.errors import NCLayersError
@@ -588,6 +589,7 @@ def check_edited_config(folder: RunFolder) -> None:
     except NCLayersError as damaged:
         error = damaged
     try:
+        written = flatten(read_config_file(folder.file(CONFIG)))
         now = flatten(load_config(folder.file(CONFIG)).to_dict())
     except NCLayersError as err:
         raise NCLayersError(
@@ -596,8 +598,8 @@ def check_edited_config(folder: RunFolder) -> None:
         ) from None
     recorded = {k: v for r in folder.stages().values() for k, v in
                 canonical_settings(r.get("settings") or {}).items()}  # fmt: skip
-    if not recorded:
-        raise error  # nothing to compare it with
+    if not recorded or set(flatten(Config().to_dict())) - set(written):
+        raise error  # nothing to compare it with, or keys missing: cut short, not edited
     fixed = [k for k in recorded if k.split(".", 1)[0] in ("data", "model", "train")
              and k not in NOT_WEIGHTS and k != "model.checkpoint"]  # fmt: skip
     changed = [f"{k}: {recorded[k]!r} -> {now.get(k)!r}" for k in fixed
