@@ -109,7 +109,6 @@ def test_data_classes_is_refused_on_language_model_text(tmp_path):
 def test_next_token_classes_need_a_causal_model():
     pytest.importorskip("transformers")
     from hf_tiny import tiny_model
-
     from nclayers.config import Config
     from nclayers.jobs.common import check_causal
 
@@ -119,3 +118,53 @@ def test_next_token_classes_need_a_causal_model():
     for family in ("bert", "roberta"):
         with pytest.raises(ValueError, match="is not a causal language model"):
             check_causal(tiny_model(family, "sequence"), cfg)
+
+
+# ----------------------------------------------------------------------------- every key
+# A value other than the default for every data key, with what it needs to act (a seed
+# acts with its option on). A key added to DataConfig without an entry fails the walk.
+DATA_VALUES = {
+    "name": ("cifar10", {}), "dir": ("/nowhere", {}), "download": (True, {}),
+    "noise": (0.4, {}), "noise_seed": (1, {"noise": 0.4}),
+    "noise_mode": ("uniform", {"noise": 0.4}), "corruption": ("gaussian_noise", {"severity": 3}),
+    "severity": (5, {"corruption": "gaussian_noise", "severity": 3}), "corrupt_test": (True, {
+        "corruption": "gaussian_noise", "severity": 3}),
+    "corruption_seed": (1, {"corruption": "gaussian_noise", "severity": 3}),
+    "train_subset": (100, {}), "test_subset": (50, {}),
+    "subset_seed": (1, {"train_subset": 100, "test_subset": 50}), "classes": (3, {}),
+    "image_size": (64, {}), "resize": (80, {}), "mean": ([0.5], {}), "std": ([0.5], {}),
+    "workers": (0, {}), "decoder": ("pil", {}), "skip_bad": (True, {}),
+    "text_column": ("t", {}), "label_column": ("y", {}), "image_column": ("img", {}),
+    "max_length": (8, {}), "tokenizer": ("tok", {}), "train_split": ("a", {}),
+    "test_split": ("b", {}), "config_name": ("c", {}), "window": (3, {}),
+    "padding_side": ("left", {}),
+}  # fmt: skip
+# Keys that name where the data lies, not what is measured: honoured by not being needed.
+WHERE = {"dir"}
+
+
+def _loaded(settings: dict) -> list:
+    out = []
+    for split in ("train", "test"):
+        ds = load_dataset(DataConfig(**settings), split)
+        out.append((ds.images, {k: v.tolist() for k, v in ds.labels.items()}, ds.classes))
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return all(torch.equal(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("key", sorted(DataConfig.model_fields))
+def test_every_data_key_is_honoured_or_refused_on_digits(key):
+    """Digits read every key: each changes the loaded splits, or is refused in one line
+    (a key of other sources: image folders, CIFAR, Hugging Face data)."""
+    value, needs = DATA_VALUES[key]
+    base = {"name": "digits", **needs}
+    try:
+        changed = _loaded({**base, key: value})
+    except ValueError as err:  # NCLayersError: refused, naming the key
+        assert f"data.{key}=" in str(err) or "data.dir" in str(err), str(err)
+        assert len(str(err).splitlines()) == 1
+        return
+    assert key in WHERE or not _same(changed, _loaded(base)), f"data.{key}={value!r} ignored"
