@@ -184,3 +184,18 @@ def test_an_unknown_slurm_key_lists_slurm_keys(tmp_path, capsys):
     line = one_line(capsys, main(["sweep", str(sweep), "slurm.partitio=x", "--print"]))
     assert "unknown key 'slurm.partitio'" in line and "slurm.partition," in line
     assert "mathtext" not in line
+
+
+def test_quiet_silences_submitit_warnings(tmp_path, capsys):
+    """-q: submitit's warnings (e.g. "Bypassing sacct error", at every poll of a cluster
+    without accounting) are not printed; without -q they are."""
+    from submitit.core import logger
+
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    logger.warning("Call #1 - Bypassing sacct error, status may be inaccurate.")
+    assert "Bypassing sacct error" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "missing"), "-q"]) == 2
+    capsys.readouterr()
+    logger.warning("Call #2 - Bypassing sacct error, status may be inaccurate.")
+    assert "Bypassing sacct error" not in capsys.readouterr().err
