@@ -203,7 +203,9 @@ def test_quiet_silences_submitit_warnings(tmp_path):
     code = ("import sys; from nclayers.cli import main; main(sys.argv[1:]); "
             "from submitit.core import logger; "
             "logger.warning('Call #1 - Bypassing sacct error')")  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    # A fresh command line: not the settings an earlier in-process `main(-q)` left.
+    env = {k: v for k, v in os.environ.items() if k != "SUBMITIT_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
     said = {}
     for quiet in ([], ["-q"]):
         args = [sys.executable, "-c", code, "analyze", str(tmp_path / "missing"), *quiet]
