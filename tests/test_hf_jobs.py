@@ -295,3 +295,37 @@ def test_label_noise_and_memorization_on_a_text_classifier(workspace, tmp_path, 
     ratios = RunFolder(out).read_table("memorization.csv")
     assert [r["layer"] for r in ratios] == [1, 2, 3]
     assert f"changed labels: {noise['changed']} of 90" in capsys.readouterr().out
+
+
+def test_next_token_measures_refuse_a_bidirectional_encoder(workspace, tmp_path, capsys):
+    """A BERT classifier sees the token after every position: analyze and probe on
+    next-token classes refuse it in one line (and -q shows no weight-loading bars)."""
+    args = [f"model.name=hf:{workspace / 'bert'}", f"data.name=hf:{workspace / 'lm'}",
+            "analyze.task=next_token", "analyze.top_k=6", "device=cpu"]  # fmt: skip
+    for verb in ("analyze", "probe"):
+        capsys.readouterr()
+        assert main([verb, *args, "--out", str(tmp_path / verb), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "is not a causal language model" in err and "analyze.task=classify" in err
+        assert "Loading" not in err and "%|" not in err
+
+
+def test_a_next_token_class_the_test_split_lacks_is_named(workspace, tmp_path, capsys):
+    """The top_k classes are counted on the training split; a class that never occurs as a
+    next token in the test split is named by its token, with the settings that help."""
+    data = tmp_path / "lm"
+    write_jsonl(data / "train.jsonl", [{"text": "the cat sat on the mat"}] * 5
+                + [{"text": "a bird ran"}] * 3)  # fmt: skip
+    write_jsonl(data / "test.jsonl", [{"text": "the cat sat on the mat"}] * 4)
+    args = [f"model.name=hf:{workspace / 'llama'}", f"data.name=hf:{data}", "device=cpu",
+            "model.untrained=true", "model.options.init=config", "analyze.task=next_token",
+            "analyze.top_k=7"]  # fmt: skip
+    capsys.readouterr()
+    assert main(["analyze", *args, "--out", str(tmp_path / "run"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "token 'ran'" in err and "lower analyze.top_k (to 5 or less)" in err
+    assert "analyze.reference=test" in err and "num_classes" not in err
+    assert main(["analyze", *args[:-1], "analyze.top_k=5", "--out", str(tmp_path / "ok"),
+                 "-q"]) == 0  # fmt: skip

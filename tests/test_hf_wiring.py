@@ -96,7 +96,7 @@ def test_images_go_to_vision_models_at_their_size(tmp_path):
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        (["data.tokenizer=x"], r"data.tokenizer='x' applies to Hugging Face data sets"),
+        (["data.tokenizer=x"], r"data.tokenizer='x' applies to Hugging Face data"),
         (["analyze.task=next_token", "model.pool=mean"], "leave model.pool unset"),
         (["prune.criteria=[plateau, depth]"], "prune.criteria"),
         (["analyze.top_k=1"], "analyze.top_k"),

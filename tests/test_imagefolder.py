@@ -114,6 +114,24 @@ def test_odd_files_load_as_rgb_like_pil(folder, kind):
     assert device_decodable(path.read_bytes()) is None  # left to the CPU on the GPU path
 
 
+def test_a_16_bit_greyscale_png_loads_as_pil_converts_it(folder, tmp_path):
+    """torchvision decodes a 16-bit PNG to uint16; nclayers takes PIL's convert("RGB")
+    (values above 255 saturate), in a batch too, where uint16 pixels failed in a worker."""
+    root, _ = folder
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    victim = sorted((copy / "val").glob("*/*.JPEG"))[0]
+    ramp = (np.arange(48 * 48).reshape(48, 48) * 7 % 700).astype(np.uint16)
+    Image.fromarray(ramp).save(victim, "PNG")  # a PNG under a .JPEG name, as ImageNet has
+    assert Image.open(victim).mode == "I;16"
+    image = read_image(victim)
+    assert image.dtype == torch.uint8 and torch.equal(image, pil_rgb(victim))
+    assert torch.equal(image[0], torch.from_numpy(np.minimum(ramp, 255).astype(np.uint8)))
+    for decoder in ("torchvision", "device"):
+        batches = FolderBatches(split(copy, "test"), 4, decoder=decoder)
+        assert sum(len(y) for _, y in batches) == 8 and batches.skipped == 0
+
+
 def test_device_decodable_takes_baseline_rgb_jpegs_only(tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 20, 3), np.uint8))
     image.save(tmp_path / "base.jpg", quality=90)
@@ -401,7 +419,7 @@ def test_generation_refuses_a_used_folder_and_bad_sizes(folder, tmp_path):
     root, _ = folder
     with pytest.raises(ValueError, match="is not empty"):
         make_image_folder(root)
-    with pytest.raises(ValueError, match="size >= 8"):
+    with pytest.raises(ValueError, match=r"size=4 \(--size\): expected at least 8 pixels"):
         make_image_folder(tmp_path / "x", size=4)
     with pytest.raises(ValueError, match="source='cifar10' needs data_dir"):
         make_image_folder(tmp_path / "y", "cifar10")

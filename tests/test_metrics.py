@@ -253,6 +253,23 @@ def test_bad_input_is_refused(feats, labels, match):
         metrics.nc1(feats, labels, num_classes=3)
 
 
+def test_the_empty_class_advice_names_real_settings():
+    """A class without a sample, and labels that skip numbers ({0, 2, 4}): the advice
+    names the settings that exist (data.classes, the subsets), and the skipped numbers."""
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(30, 4))
+    with pytest.raises(ValueError) as top:
+        metrics.nc1(feats, np.arange(30) % 3, num_classes=4)
+    assert "class(es) [3] have no sample" in str(top.value) and "skip" not in str(top.value)
+    with pytest.raises(ValueError) as gaps:
+        metrics.nc1(feats, np.arange(30) % 3 * 2, num_classes=5)
+    text = str(gaps.value)
+    assert "class(es) [1, 3] have no sample" in text and "classes with samples: [0, 2, 4]" in text
+    for advice in (str(top.value), text):
+        assert "data.classes=N" in advice and "data.test_subset" in advice
+        assert "set num_classes to the classes present" not in advice
+
+
 def test_empty_class_and_too_few_classes():
     feats, labels = make_data(seed=16)
     with pytest.raises(ValueError, match=r"class\(es\) \[5\] have no sample"):

@@ -5,6 +5,9 @@ these tests skip where none answers."""
 
 from __future__ import annotations
 
+import itertools
+import math
+import re
 import shutil
 import subprocess
 import time
@@ -46,10 +49,14 @@ def _keyed(table: Table) -> list[tuple]:
 
 def test_sweep_on_slurm_equals_the_local_sweep(tmp_path, capsys):
     path = write_sweep(tmp_path, stages=["train", "analyze"])
-    assert main(["sweep", str(path), "--launcher", "slurm", *SLURM, "-q"]) == 0, (
-        capsys.readouterr().err
-    )
+    assert main(["sweep", str(path), "--launcher", "slurm", *SLURM]) == 0, capsys.readouterr().err
     sweep = load_sweep(path, SLURM)
+    # While it waits, the sweep says each task's Slurm state when it changes.
+    out = capsys.readouterr().out
+    for run in sweep.runs:
+        states = re.findall(rf"run {run.index} \(Slurm job \d+_{run.index}\): (\w+)", out)
+        assert states and "RUNNING" in states, out
+        assert all(a != b for a, b in itertools.pairwise(states)), out
     submissions = sorted((sweep.out / "slurm").glob("*/*_submission.sh"))
     assert len(submissions) == 1  # one array job for every run
     script = submissions[0].read_text()
@@ -66,8 +73,48 @@ def test_sweep_on_slurm_equals_the_local_sweep(tmp_path, capsys):
     assert _keyed(slurm_layers) == _keyed(local_layers)  # CPU training is deterministic
 
 
+def test_a_request_no_node_can_satisfy_is_refused_naming_the_key(tmp_path, capsys):
+    """Slurm would keep such an array pending forever (reason PartitionConfig)."""
+    path = write_sweep(tmp_path, stages=["train"])
+    node = subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%c|%m"],
+                          capture_output=True, text=True, check=True).stdout.split()[0]  # fmt: skip
+    cpus, mem_mb = (int(v.rstrip("+")) for v in node.split("|"))
+    asked = {"slurm.cpus_per_run": cpus + 1, "slurm.mem_gb": mem_mb // 1024 + 2,
+             "slurm.gpus_per_run": 64}  # fmt: skip
+    for key, value in asked.items():
+        line = f"{key}={value}"
+        assert main(["sweep", str(path), "--launcher", "slurm", *SLURM, line, "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"nclayers sweep: error: {key}=")
+        assert "partition 'debug'" in err and f"set {key} to at most" in err
+    assert main(["sweep", str(path), "--launcher", "slurm", *SLURM, "slurm.partition=nope"]) == 2
+    assert "slurm.partition='nope': no such partition" in capsys.readouterr().err
+    assert not (tmp_path / "root" / "tiny" / "slurm").exists()  # nothing was submitted
+
+
+def _kill_wait() -> float:
+    """Seconds Slurm waits between a job's SIGTERM and its SIGKILL (30 unless configured)."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                         timeout=30).stdout  # fmt: skip
+    found = re.search(r"^KillWait\s*=\s*(\d+)", out, re.MULTILINE)
+    return float(found.group(1)) if found else 30.0
+
+
 def test_a_requeued_task_continues_from_its_checkpoint(tmp_path):
-    long = {"train.epochs": 8, "data.train_subset": 600, "model.width": 8}
+    # `scontrol requeue` sends SIGTERM, which the task outlives for KillWait seconds: the
+    # run must last longer than that after the requeue, or it finishes before the kill.
+    # An epoch timed here sizes it (twice KillWait of epochs after the requeue at epoch 2).
+    long = {"data.train_subset": 600, "model.width": 8}
+    from nclayers.config import load_config
+    from nclayers.jobs.train import train_job
+
+    one = load_config(None, [f"{k}={v}" for k, v in {**_tiny(), **long}.items()] + [
+        "train.epochs=1"])  # fmt: skip
+    t0 = time.perf_counter()
+    train_job(one, tmp_path / "timing", progress=False)
+    epoch_s = time.perf_counter() - t0
+    epochs = max(8, 4 + math.ceil(2 * _kill_wait() / epoch_s))
+    long["train.epochs"] = epochs
     path = write_sweep(tmp_path, stages=["train"], figure=None, report=False,
                        axes={"noise": [{"label": "r=0%", "data.noise": 0.0}]},
                        config={**_tiny(), **long})  # fmt: skip
@@ -78,12 +125,10 @@ def test_a_requeued_task_continues_from_its_checkpoint(tmp_path):
     subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=30)
     wait_for(sweep, [job])
     log = folder.file("train.log").read_text()
-    starts = [line for line in log.splitlines() if "epochs" in line and "of 8" in line]
-    assert len(starts) >= 2 and not starts[-1].endswith("epochs 1..8 of 8"), log
+    starts = [line for line in log.splitlines() if "epochs" in line and f"of {epochs}" in line]
+    assert len(starts) >= 2 and not starts[-1].endswith(f"epochs 1..{epochs} of {epochs}"), log
     assert folder.status("train", sweep.runs[0].config) == "done"
     # The same weights as an uninterrupted run (exact resume on CPU).
-    from nclayers.jobs.train import train_job
-
     whole = train_job(sweep.runs[0].config, tmp_path / "whole", progress=False)
     requeued = torch.load(folder.file(CHECKPOINT), weights_only=True)["model"]
     for key, value in whole.model.state_dict().items():

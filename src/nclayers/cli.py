@@ -20,6 +20,7 @@ def _resolve(args, verb: str):
     """(config, run folder) of a verb: from a run folder (its config.yaml; --out elsewhere
     reads its weights), a config file, or overrides alone."""
     from nclayers.config import load_config
+    from nclayers.errors import NCLayersError
     from nclayers.jobs.common import run_folder
     from nclayers.jobs.folder import CHECKPOINT
 
@@ -32,17 +33,31 @@ def _resolve(args, verb: str):
         overrides.append(f"data.dir={args.data_dir}")
     if getattr(args, "device", None):
         overrides.append(f"device={args.device}")
+    if target and not Path(target).exists() and Path(target).suffix not in (".yaml", ".yml"):
+        raise NCLayersError(
+            f"run folder {target!r} does not exist; pass a run folder (written by nclayers "
+            "train or analyze) or a config file (.yaml)"
+        )
     if target and Path(target).is_dir():
         source = run_folder(target)
         cfg = source.config(overrides)
         folder = run_folder(args.out or target)
         if folder.path.resolve() != source.path.resolve() and not cfg.model.checkpoint:
             if source.exists(CHECKPOINT):  # measure the run's weights, write elsewhere
-                cfg = cfg.updated({"model.checkpoint": str(source.file(CHECKPOINT))})
-        return cfg, folder
+                cfg = cfg.updated({"model.checkpoint": str(source.file(CHECKPOINT).resolve())})
+        return _absolute_paths(cfg), folder
     cfg = load_config(target, overrides)
     default = f"runs/{Path(target).stem}" if target else f"runs/{verb}"
-    return cfg, run_folder(args.out or default)
+    return _absolute_paths(cfg), run_folder(args.out or default)
+
+
+def _absolute_paths(cfg):
+    """`cfg` with its relative file paths (model.checkpoint, data.dir) made absolute, so
+    that a run folder's config.yaml means the same files from any working directory."""
+    given = {"model.checkpoint": cfg.model.checkpoint, "data.dir": cfg.data.dir}
+    changes = {k: str(Path(v).resolve()) for k, v in given.items()
+               if v and not Path(v).is_absolute() and Path(v).exists()}  # fmt: skip
+    return cfg.updated(changes) if changes else cfg
 
 
 def _main_rank() -> bool:
@@ -170,10 +185,14 @@ def cmd_report(args) -> None:
     from nclayers.jobs.sweep import sweep_report
 
     sweep_file = Path(args.path).suffix in (".yaml", ".yml")
-    print((sweep_report if sweep_file else write_report)(args.path, out=args.out))
+    out = args.out
+    if out and Path(out).is_dir():  # a folder: the report goes inside it
+        out = str(Path(out) / "report.html")
+    print((sweep_report if sweep_file else write_report)(args.path, out=out))
 
 
 def cmd_plot(args) -> None:
+    from nclayers.errors import NCLayersError
     from nclayers.report.figures import plot_layers, plot_metric
     from nclayers.table import Table
 
@@ -186,8 +205,16 @@ def cmd_plot(args) -> None:
         return
     table = Table.from_csv(args.csv)
     out = Path(args.out or Path(args.csv).parent)
+    analyzed = "pass a layers.csv written by nclayers analyze"
+    wanted = args.metric or [m for m in ("nc1", "nc2", "ncc_acc", "probe_acc") if m in
+                             table.columns][:1] or ["nc1"]  # fmt: skip
+    _check_columns(args.csv, table, {m: f"--metric one of them, or {analyzed}" for m in wanted})
     if args.split:
+        splits = sorted({str(s) for s in table.column("split") if s not in (None, "")})
         table = table.where(split=args.split)
+        if not len(table):
+            raise NCLayersError(f"--split {args.split}: {args.csv} has no rows of that split; "
+                                f"its splits: {', '.join(splits) or 'none'}")  # fmt: skip
     if any(r.get("epoch") is not None for r in table):  # train's nc_dynamics.csv
         from nclayers.report.dynamics import plot_dynamics
 
@@ -220,15 +247,32 @@ def cmd_memorization(args) -> None:
     from nclayers.report.figures import plot_metric
     from nclayers.table import Table
 
+    table = Table.from_csv(args.csv)
+    _check_columns(args.csv, table, {
+        "nc1": "pass a layers.csv written by nclayers analyze",
+        args.key: "--key names the column that tells clean from noisy rows: view (label "
+        "noise), input (corrupted inputs, written by nclayers memorization RUN) or run",
+    })  # fmt: skip
     ratios = memorization_ratio(
-        Table.from_csv(args.csv), split=args.split, clean=args.clean, noisy=args.noisy,
-        key=args.key,
-    )  # fmt: skip
+        table, split=args.split, clean=args.clean, noisy=args.noisy, key=args.key
+    )
     out = Path(args.out or Path(args.csv).parent)
     ratios.to_csv(out / "memorization.csv")
     plot_metric(ratios, "ratio", out / "memorization.png", group=("run",))
     print(ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]))
     print(f"memorization layers (ratio > 1): {memorization_layers(ratios)}")
+
+
+def _check_columns(csv: str, table, needed: dict[str, str]) -> None:
+    """Refuse a table that lacks a column a verb reads: {column: the fix}."""
+    from nclayers.errors import NCLayersError
+
+    have = table.columns
+    for name, fix in needed.items():
+        if name not in have:
+            raise NCLayersError(
+                f"{csv} has no {name!r} column (its columns: {', '.join(have)}); {fix}"
+            )
 
 
 def _print_ratios(ratios, meta: dict, folder) -> None:
@@ -291,15 +335,19 @@ def cmd_make_folder(args) -> None:
     from nclayers.data.make_folder import make_image_folder, make_k1000_folder
 
     if args.k1000:
-        manifest = make_k1000_folder(args.out, per_class=args.per_class or 2,
-                                     val_per_class=args.val_per_class or 1,
-                                     size=args.size or 16, seed=args.seed)  # fmt: skip
+
+        def given_or(value, default):
+            return default if value is None else value
+
+        manifest = make_k1000_folder(args.out, per_class=given_or(args.per_class, 2),
+                                     val_per_class=given_or(args.val_per_class, 1),
+                                     size=given_or(args.size, 16), seed=args.seed)  # fmt: skip
     else:
         given = {"per_class": args.per_class, "val_per_class": args.val_per_class,
                  "size": args.size}  # fmt: skip
         manifest = make_image_folder(
             args.out, source=args.source, data_dir=args.data_dir, classes=args.classes,
-            grain=args.grain, seed=args.seed, **{k: v for k, v in given.items() if v},
+            grain=args.grain, seed=args.seed, **{k: v for k, v in given.items() if v is not None},
         )  # fmt: skip
     counts = {k: v for k, v in manifest.items() if isinstance(v, (int, str))}
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -495,6 +543,26 @@ def _logging(quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if quiet:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """-q: transformers' and huggingface_hub's progress bars (weight loading) and notes,
+    and submitit's warnings (e.g. "Bypassing sacct error", at every poll of a cluster
+    without accounting), are silenced too."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    if "transformers" in sys.modules:  # imported already: tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    os.environ["SUBMITIT_LOG_LEVEL"] = "ERROR"  # submitit sets its level when imported
+    logging.getLogger("submitit").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,7 +582,28 @@ def main(argv: list[str] | None = None) -> int:
     except NCLayersError as err:
         print(f"nclayers {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except (NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        print(f"nclayers {args.verb}: error: {_path_problem(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nclayers {args.verb}: interrupted", file=sys.stderr)
+        return 130
     return rc or 0
+
+
+def _path_problem(err: OSError) -> str:
+    """One line for a path the user gave that cannot be written or read as asked."""
+    name = str(err.filename or "a path")
+    base = Path(name).name
+    if base == ".lock" or (base.startswith(".") and base.endswith(".tmp")):
+        name = f"{Path(name).parent}/"  # a file nclayers writes there: the folder is the news
+    if isinstance(err, NotADirectoryError):
+        return (f"{name}: part of this path is a file, not a folder; choose another folder "
+                "(--out DIR)")  # fmt: skip
+    if isinstance(err, IsADirectoryError):
+        return f"{name}: is a folder where a file is expected; name a file"
+    return (f"{name}: permission denied; write the results elsewhere with --out DIR, or "
+            "make the folder writable")  # fmt: skip
 
 
 if __name__ == "__main__":

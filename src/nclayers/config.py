@@ -145,12 +145,14 @@ class DataConfig(Section):
                 f"data.corruption={self.corruption!r} needs data.severity: 1..5 or the "
                 "paper's level L1, L2, L3 (= 1, 3, 5)"
             )
-        hf_only = ("tokenizer", "config_name")
-        for key in hf_only if not self.name.startswith("hf:") else ():
-            if getattr(self, key) is not None:
+        source = "hf:" if self.name.startswith("hf:") else self.name
+        for key, sources in SOURCE_KEYS.items():
+            value = getattr(self, key)
+            if source not in sources and value != type(self).model_fields[key].default:
+                where = ", ".join(s if s != "hf:" else "Hugging Face data (hf:PATH_OR_ID)"
+                                  for s in sources)  # fmt: skip
                 raise ValueError(
-                    f"data.{key}={getattr(self, key)!r} applies to Hugging Face data sets "
-                    f"(data.name=hf:PATH_OR_ID), not {self.name}"
+                    f"data.{key}={value!r} applies to {where}, not {self.name}: unset it"
                 )
         if isinstance(self.noise, str) and self.noise != "clean" and self.name not in (
             "cifar10", "cifar100"
@@ -160,6 +162,19 @@ class DataConfig(Section):
                 f"and cifar100 (CIFAR-100N), not {self.name}; or give a rate in [0, 1]"
             )
         return self
+
+
+# Data keys that act on some data sources only (data.name; "hf:" any Hugging Face data):
+# elsewhere a value other than the default would be ignored, so it is refused.
+_IMAGE_FILES = ("imagenet", "folder", "hf:")  # decoded and resized per image
+SOURCE_KEYS = {
+    "download": ("cifar10", "cifar100"),
+    **dict.fromkeys(("image_size", "resize", "mean", "std"), _IMAGE_FILES),
+    **dict.fromkeys(("workers", "decoder", "skip_bad"), ("imagenet", "folder")),
+    **dict.fromkeys(("text_column", "label_column", "image_column", "max_length", "tokenizer",
+                     "train_split", "test_split", "config_name", "window", "padding_side"),
+                    ("hf:",)),
+}  # fmt: skip
 
 
 class ModelConfig(Section):

@@ -521,11 +521,7 @@ class ClassStats:
             )
         empty = (self.counts == 0).nonzero().flatten().tolist()
         if empty:
-            raise NCLayersError(
-                f"class(es) {empty[:10]}{'...' if len(empty) > 10 else ''} have no sample; "
-                "every class needs at least one sample: use a larger or class-balanced "
-                "subset, or set num_classes to the classes present"
-            )
+            raise NCLayersError(_empty_classes_advice(empty, self.counts))
 
     def nc1(self) -> float:
         """Paper Eq. 4: sum of the CDNV over ordered pairs of distinct classes."""
@@ -567,6 +563,24 @@ class ClassStats:
             f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, "
             f"samples={int(self.counts.sum().item())}, device={self.device})"
         )
+
+
+def _empty_classes_advice(empty: list[int], counts: torch.Tensor) -> str:
+    """What to do about classes without a sample, naming the settings that help."""
+    shown = f"{empty[:10]}{'...' if len(empty) > 10 else ''}"
+    present = (counts > 0).nonzero().flatten().tolist()
+    text = f"class(es) {shown} have no sample; every class needs at least one"
+    if present and min(empty) < max(present):  # labels that skip numbers, e.g. {0, 2, 4}
+        text += (
+            f": the labels skip these numbers (classes with samples: {present[:10]}"
+            f"{'...' if len(present) > 10 else ''}); number the classes 0..K-1 in the data "
+            "(e.g. a ClassLabel column, or class names instead of numbers)"
+        )
+    return text + (
+        "; or measure more samples (data.test_subset, data.train_subset, "
+        "analyze.reference_subset: larger or null), or keep the first N classes "
+        "(data.classes=N); from Python, pass num_classes=the number of classes"
+    )
 
 
 def _identical_means_error(means: torch.Tensor) -> ValueError:

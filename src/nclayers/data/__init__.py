@@ -72,11 +72,19 @@ def load_dataset(cfg, split: str, model_name: str | None = None) -> Dataset:
             )
         parse_severity(cfg.severity)
     ds = _read(cfg, split, model_name)
+    classes = getattr(cfg, "classes", None)
+    # Image folders keep their first classes as they list them (load_folder_split); a
+    # human label set (CIFAR-N) is looked up over the whole split, so it is filtered after.
+    filtered = not classes or cfg.name in ("imagenet", "folder")
+    if not filtered and not isinstance(cfg.noise, str):
+        ds, filtered = first_classes(ds, int(classes), cfg.name), True
 
     if split == "train" and has_label_noise(cfg.noise):
         if not ds.labels:
             raise NCLayersError(f"data.noise={cfg.noise}: {cfg.name} has no labels to change")
         ds = _with_label_noise(ds, cfg)
+    if not filtered:
+        ds = first_classes(ds, int(classes), cfg.name)
 
     size = cfg.train_subset if split == "train" else cfg.test_subset
     if size and "clean" in ds.labels:
@@ -92,6 +100,28 @@ def load_dataset(cfg, split: str, model_name: str | None = None) -> Dataset:
     if corruption and cfg.name != "cifar10c" and corrupt_split:  # cifar10c comes corrupted
         ds = corrupt_dataset(ds, corruption, cfg.severity, cfg.corruption_seed)
     return ds
+
+
+def first_classes(ds: Dataset, n: int, name: str = "") -> Dataset:
+    """The samples of the first `n` classes (data.classes), numbered as before: a sample
+    is kept when its label is below `n` in every labels view (with human label noise, its
+    true and its noisy label)."""
+    from dataclasses import replace
+
+    if not ds.labels:
+        raise NCLayersError(
+            f"data.classes={n}: {name or ds.name} has no labels (language-model text); "
+            "unset data.classes (next-token classes are chosen by analyze.top_k)"
+        )
+    if not 2 <= n <= ds.num_classes:
+        raise NCLayersError(
+            f"data.classes={n}: {name or ds.name} has {ds.num_classes} classes; keep between "
+            f"2 and {ds.num_classes} (or unset data.classes for all of them)"
+        )
+    keep = torch.ones(len(ds), dtype=torch.bool)
+    for y in ds.labels.values():
+        keep &= (y >= 0) & (y < n)
+    return replace(ds.subset(keep.nonzero().flatten()), classes=list(ds.classes[:n]))
 
 
 def _read(cfg, split: str, model_name: str | None) -> Dataset:
@@ -261,6 +291,7 @@ __all__ = [
     "cifar100n_labels",
     "corrupt",
     "corrupt_dataset",
+    "first_classes",
     "has_label_noise",
     "load_dataset",
     "make_batches",

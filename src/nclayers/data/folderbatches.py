@@ -127,6 +127,9 @@ class _Reader(Dataset):
             except BadImage as err:
                 bad.append((path, str(err)))
                 continue
+            except (RuntimeError, ValueError) as err:  # decoded, but no transform takes it
+                bad.append((path, f"{type(err).__name__}: {str(err).strip()[:200]}"))
+                continue
             kept.append(position)
         empty = torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
         return {

@@ -294,7 +294,9 @@ def decode_bytes(data: bytes, decoder: str = "torchvision") -> torch.Tensor:
             return _decode_pil(data)
         try:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return decode_image(buf, mode=ImageReadMode.RGB)
+            image = decode_image(buf, mode=ImageReadMode.RGB)
+            if image.dtype == torch.uint8:  # a 16-bit PNG comes as uint16: PIL below
+                return image
         except (RuntimeError, ValueError):
             pass  # PIL below says whether the file is really unreadable
     return _decode_pil(data)

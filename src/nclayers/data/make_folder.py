@@ -145,11 +145,7 @@ def make_image_folder(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise NCLayersError(f"out={str(out)!r} is not empty; pass a new or empty folder")
-    if per_class < 1 or size < 8 or not 1 <= quality <= 100:
-        raise NCLayersError(
-            f"per_class={per_class}, size={size}, quality={quality}: need per_class >= 1, "
-            "size >= 8 pixels, 1 <= quality <= 100"
-        )
+    _check_counts(per_class, val_per_class, size, quality)
     val_per_class = per_class if val_per_class is None else val_per_class
     rng = np.random.default_rng(seed)
     manifest: dict = {"source": source, "size": size, "grain": grain, "special": {}}
@@ -168,6 +164,20 @@ def make_image_folder(
     return manifest
 
 
+def _check_counts(per_class: int, val_per_class: int | None, size: int, quality: int) -> None:
+    """Refuse a count or size that writes no image (0, negative), naming the option."""
+    checks = (("per_class", per_class, per_class >= 1, "at least 1 image per class"),
+              ("val_per_class", val_per_class, val_per_class is None or val_per_class >= 1,
+               "at least 1 image per class"),
+              ("size", size, size >= 8, "at least 8 pixels"),
+              ("quality", quality, 1 <= quality <= 100, "a JPEG quality in 1..100"))  # fmt: skip
+    for name, value, ok, need in checks:
+        if not ok:
+            # the command line's spelling (quality has none)
+            option = "" if name == "quality" else f" (--{name.replace('_', '-')})"
+            raise NCLayersError(f"{name}={value}{option}: expected {need}")
+
+
 def make_k1000_folder(
     out: str | Path,
     per_class: int = 2,
@@ -182,6 +192,7 @@ def make_k1000_folder(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise NCLayersError(f"out={str(out)!r} is not empty; pass a new or empty folder")
+    _check_counts(per_class, val_per_class, size, quality)
     rng = np.random.default_rng(seed)
     tint = rng.uniform(0.3, 1.7, size=(classes, 1, 1, 3)).astype(np.float32)
     names = [wnid(i) for i in range(classes)]

@@ -30,7 +30,7 @@ from nclayers.analysis import AnalysisResult, analyze
 from nclayers.config import Config
 from nclayers.data import balanced_subset, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import load_model, load_split, measure_setup, run_folder
+from nclayers.jobs.common import check_causal, load_model, load_split, measure_setup, run_folder
 from nclayers.jobs.folder import LAYERS, STAGES, SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
 from nclayers.runtime import barrier, setup_distributed
@@ -78,6 +78,8 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
         folder.check_inputs(LAYERS, SUMMARY, STAGES)
         weights = folder.weights(cfg)
         model = (model or load_model(cfg, folder, num_classes)).to(device)
+        if measure.next_token is not None:
+            check_causal(model, cfg)
         blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
         channels_last = ac.channels_last and device.type == "cuda" and is_convnet(model)
         if channels_last:

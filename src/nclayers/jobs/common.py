@@ -3,6 +3,7 @@ data splits, and what a measurement counts as classes (`Measure`)."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from nclayers.jobs.folder import CHECKPOINT, RunFolder
 from nclayers.models import build_model, load_weights
 from nclayers.runtime import is_main, seeded
 from nclayers.taps import output_logits, run_model
+
+log = logging.getLogger("nclayers.jobs")
 
 
 def run_folder(folder: RunFolder | str | Path) -> RunFolder:
@@ -70,6 +73,8 @@ def measure_setup(cfg: Config, reference: Dataset, measured: Dataset) -> Measure
                 "need a text data set (data.name=hf:PATH_OR_ID) and a causal language model"
             )
         classes = NextTokenClasses.from_counts(count_next_tokens(reference), ac.top_k)
+        if measured is not reference:
+            _check_next_tokens_present(cfg, classes, measured)
         return Measure(ac.top_k, classes, "token")
     if isinstance(measured, TextData) and not measured.labels:
         raise NCLayersError(
@@ -104,6 +109,73 @@ def check_classifier(cfg: Config, model: nn.Module, ds: Dataset, num_classes: in
         )
 
 
+def _check_next_tokens_present(cfg: Config, classes, measured: TextData) -> None:
+    """Refuse next-token classes (counted on the reference split) of which the measured
+    split holds no sample: every class needs one. Names the first such token."""
+    from nclayers.data.text import count_next_tokens
+
+    counts = count_next_tokens(measured, classes.vocab_size)
+    absent = [k for k, t in enumerate(classes.tokens.tolist()) if int(counts[t]) == 0]
+    if not absent:
+        return
+    k, token = absent[0], int(classes.tokens[absent[0]])
+    ref = cfg.analyze.reference
+    other = "test" if ref != "test" else "train"
+    fix = f"lower analyze.top_k (to {k} or less)" if k >= 2 else "raise the split's size"
+    raise NCLayersError(
+        f"analyze.top_k={cfg.analyze.top_k}: next-token class {k} (token {_token_text(cfg, token)}"
+        f", id {token}, counted on the {ref} split) never follows a token in the "
+        f"{measured.split} split ({len(absent)} class(es) have no sample there); {fix}, or "
+        f"count the classes on another split (analyze.reference={other})"
+    )
+
+
+def _token_text(cfg: Config, token: int) -> str:
+    """A token's text as the run's tokenizer spells it ('?' when no tokenizer loads)."""
+    from nclayers.data.text import PREFIX, load_tokenizer
+
+    source = cfg.data.tokenizer or cfg.model.name.removeprefix(PREFIX)
+    try:
+        tokenizer = load_tokenizer(source)
+        return repr(tokenizer.decode([token]))
+    except (OSError, ValueError, NCLayersError, ImportError, TypeError, AttributeError):
+        return "?"
+
+
+def check_causal(model: nn.Module, cfg: Config) -> None:
+    """Refuse next-token classes on a model that sees the tokens after a position (a
+    bidirectional encoder such as BERT): there the "next" token is part of the input.
+    Two forwards of one short sequence that differ in the last token: a causal model's
+    hidden states at the earlier positions do not change."""
+    import torch
+
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab < 2:  # not a transformers language model: nothing to try it on
+        return
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % vocab
+    states = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for x in (ids, other):
+            out = model(input_ids=x.to(device), attention_mask=torch.ones_like(x, device=device),
+                        output_hidden_states=True)  # fmt: skip
+            states.append(torch.stack([h[:, :-1].float() for h in out.hidden_states[1:]]))
+    model.train(was_training)
+    change = (states[0] - states[1]).abs().max() / states[0].abs().max().clamp_min(1e-12)
+    if float(change) > 1e-4:
+        raise NCLayersError(
+            f"analyze.task=next_token: {cfg.model.name} ({type(model).__name__}) is not a "
+            "causal language model: its hidden states at a position change with a later "
+            "token, so the next token is visible; measure it with analyze.task=classify, or "
+            "use a causal model (model.name=hf:... of a GPT-2, Llama, ...)"
+        )
+
+
 def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
     """The configured model with the weights the run measures: `model.checkpoint`, else
     the folder's checkpoint.pt (checked against what train wrote). Refuses a model with
@@ -118,6 +190,7 @@ def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
         path = Path(cfg.model.checkpoint)
     elif weights.get("file") == CHECKPOINT:
         path = folder.verify(CHECKPOINT)
+        _warn_unfinished(cfg, folder, path)
     else:  # untrained on purpose, or a Hugging Face model with its own weights
         return model
     try:
@@ -133,9 +206,28 @@ def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
     return model
 
 
+def _warn_unfinished(cfg: Config, folder: RunFolder, path: Path) -> None:
+    """Warn (measuring anyway) when the folder's training stopped before its last epoch."""
+    import torch
+
+    if (folder.stages().get("train") or {}).get("weights", {}).get("epoch") == cfg.train.epochs:
+        return  # train finished and recorded it
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, AttributeError):
+        return  # not nclayers' checkpoint: load_weights says what is wrong with it
+    if isinstance(epoch, int) and epoch < cfg.train.epochs:
+        log.warning(
+            "%s: training is unfinished (checkpoint at epoch %d of train.epochs=%d); measuring "
+            "these weights. Finish it with: nclayers train %s --resume",
+            folder.path, epoch, cfg.train.epochs, folder.path,
+        )  # fmt: skip
+
+
 __all__ = [
     "Measure",
     "build_from_config",
+    "check_causal",
     "check_classifier",
     "load_model",
     "load_split",

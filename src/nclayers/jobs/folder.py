@@ -48,11 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from nclayers.config import (
+    NOT_WEIGHTS,
     Config,
     canonical_settings,
     config_text,
     flatten,
     load_config,
+    read_config_file,
     weights_settings,
 )
 from nclayers.errors import NCLayersError
@@ -384,7 +386,7 @@ class RunFolder:
                 f"{str(self.path)!r} is not a run folder (no {CONFIG}); pass a folder written "
                 "by `nclayers train` or `nclayers analyze`, or a config file"
             )
-        self.verify(CONFIG)
+        check_edited_config(self)
         return load_config(self.file(CONFIG), overrides)
 
     def save_config(self, cfg: Config) -> None:
@@ -576,6 +578,47 @@ class RunFolder:
         return table
 
 
+def check_edited_config(folder: RunFolder) -> None:
+    """config.yaml as written, or edited by hand in keys that leave the weights as they
+    are (data.dir after moving the data, ...): such an edit is accepted, said once and
+    recorded. An edit of a key that defines the weights (recorded by the stages that ran)
+    is refused naming each change; a file that no longer reads as a config is damaged."""
+    try:
+        folder.verify(CONFIG)
+        return
+    except NCLayersError as damaged:
+        error = damaged
+    try:
+        written = flatten(read_config_file(folder.file(CONFIG)))
+        now = flatten(load_config(folder.file(CONFIG)).to_dict())
+    except NCLayersError as err:
+        raise NCLayersError(
+            f"{folder.file(CONFIG)} changed since nclayers wrote it and no longer reads as a "
+            f"config ({err}); undo the edit, or else {REMEDY[CONFIG]}"
+        ) from None
+    recorded = {k: v for r in folder.stages().values() for k, v in
+                canonical_settings(r.get("settings") or {}).items()}  # fmt: skip
+    if not recorded or set(flatten(Config().to_dict())) - set(written):
+        raise error  # nothing to compare it with, or keys missing: cut short, not edited
+    fixed = [k for k in recorded if k.split(".", 1)[0] in ("data", "model", "train")
+             and k not in NOT_WEIGHTS and k != "model.checkpoint"]  # fmt: skip
+    changed = [f"{k}: {recorded[k]!r} -> {now.get(k)!r}" for k in fixed
+               if k in now and now[k] != recorded[k]]  # fmt: skip
+    if changed:
+        raise NCLayersError(
+            f"{folder.file(CONFIG)} was edited in keys that define the trained weights "
+            f"({'; '.join(changed[:4])}); undo the edit (measurement keys such as data.dir may "
+            f"change freely), or train the edited run in a new folder: nclayers train "
+            f"{folder.file(CONFIG)} --out NEW_FOLDER"
+        )
+    raw = folder.file(CONFIG).read_bytes()
+    if folder.writes:
+        with folder.lock(wait_message=False):
+            folder._record(CONFIG, hashlib.sha256(raw).hexdigest(), len(raw))
+    log.warning("%s was edited; the keys that define the weights are unchanged: accepted",
+                folder.file(CONFIG))  # fmt: skip
+
+
 def equality_stem(ec) -> str:
     """equality.csv/.json/.png are named "equality", "equality-SPLIT" off the test split."""
     return EQUALITY if ec.split == "test" else f"{EQUALITY}-{slug(ec.split)}"
@@ -650,4 +693,11 @@ class _HashingWriter:
         self.f.flush()
 
 
-__all__ = ["RunFolder", "equality_stem", "file_sha256", "slug", "stage_settings"]
+__all__ = [
+    "RunFolder",
+    "check_edited_config",
+    "equality_stem",
+    "file_sha256",
+    "slug",
+    "stage_settings",
+]

@@ -12,7 +12,9 @@ continues where its run stopped; `scontrol requeue` of a running task does the s
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -101,10 +103,12 @@ class SweepTask(_checkpointable()):
 
 
 def submit_slurm(sweep: Sweep) -> list:
-    """Submit every run as one Slurm job array; returns submitit's jobs."""
+    """Submit every run as one Slurm job array; returns submitit's jobs. A request that no
+    node of the partition can satisfy is refused first (`check_request`)."""
     import submitit
 
     s = sweep.slurm
+    check_request(s)
     executor = submitit.AutoExecutor(folder=sweep.out / "slurm" / "%j", cluster="slurm",
                                      slurm_max_num_timeout=s.max_requeues)  # fmt: skip
     params: dict[str, Any] = {
@@ -129,15 +133,102 @@ def submit_slurm(sweep: Sweep) -> list:
     return jobs
 
 
+def check_request(s) -> None:
+    """Refuse, naming the key, a request (slurm.cpus_per_run, mem_gb, gpus_per_run,
+    time_min) that no node of the partition can satisfy: Slurm would keep such an array
+    pending forever (reason PartitionConfig). Reads `sinfo`; says nothing when it cannot."""
+    partition = s.partition or _default_partition()
+    nodes = _sinfo(["-N", "-p", partition, "-o", "%c|%m|%G|%l"]) if partition else None
+    if nodes is None:
+        return
+    if not nodes:
+        names = [p.rstrip("*") for p in (_sinfo(["-o", "%P"]) or [])]
+        raise NCLayersError(f"slurm.partition={partition!r}: no such partition (sinfo lists "
+                            f"{', '.join(dict.fromkeys(names)) or 'none'})")  # fmt: skip
+    fields = [line.split("|") for line in nodes if line.count("|") == 3]
+    cpus = max(_number(f[0]) for f in fields)
+    mem_gb = max(_number(f[1]) for f in fields) / 1024
+    gpus = max(_gpus(f[2]) for f in fields)
+    minutes = max(_minutes(f[3]) for f in fields)
+    where = f"partition {partition!r}"
+    asked = (("cpus_per_run", s.cpus_per_run, cpus, "CPUs"),
+             ("mem_gb", s.mem_gb or 0, mem_gb, "GB of memory"),
+             ("gpus_per_run", s.gpus_per_run, gpus, "GPUs"),
+             ("time_min", s.time_min, minutes, "minutes"))  # fmt: skip
+    for key, value, limit, unit in asked:
+        if value > limit:
+            best = f"{limit:.1f}" if key == "mem_gb" else f"{limit:.0f}"
+            why = (f"{where} allows jobs of at most {best} minutes" if key == "time_min" else
+                   f"no node of {where} has more than {best} {unit}")  # fmt: skip
+            raise NCLayersError(
+                f"slurm.{key}={value}: {why} (sinfo), so the array would stay pending; set "
+                f"slurm.{key} to at most {best}, or another partition (slurm.partition=NAME)"
+            )
+
+
+def _sinfo(args: list[str]) -> list[str] | None:
+    """sinfo's lines (no header); None when sinfo cannot be asked."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["sinfo", "-h", *args], capture_output=True, text=True,
+                             timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _default_partition() -> str | None:
+    for name in _sinfo(["-o", "%P"]) or []:
+        if name.endswith("*"):
+            return name.rstrip("*")
+    return None
+
+
+def _number(text: str) -> float:
+    digits = re.match(r"\d+(\.\d+)?", text.strip())
+    return float(digits.group()) if digits else math.inf  # unknown: no limit said
+
+
+def _gpus(gres: str) -> int:
+    """GPUs of a node from sinfo's GRES column ("gpu:4", "gpu:a100:4(S:0-1)", "(null)")."""
+    return sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def _minutes(limit: str) -> float:
+    """A Slurm time limit ("infinite", "30:00", "2:00:00", "1-12:00:00") in minutes."""
+    if limit.strip().lower() in ("infinite", "unlimited", "n/a", ""):
+        return math.inf
+    days, dash, rest = limit.strip().partition("-")
+    if not dash:
+        days, rest = "0", limit.strip()
+    parts = [int(p) for p in rest.split(":")]
+    if dash:  # days-hours[:minutes[:seconds]]
+        h, m, sec = [*parts, 0, 0][:3]
+    elif len(parts) == 3:  # hours:minutes:seconds
+        h, m, sec = parts
+    else:  # minutes[:seconds]
+        h, m, sec = 0, parts[0], (parts[1] if len(parts) > 1 else 0)
+    return (int(days or 0) * 24 + h) * 60 + m + sec / 60
+
+
 def wait_for(sweep: Sweep, jobs: list) -> None:
     """Wait for submitted jobs; a job that died without recording its run is recorded.
     Without Slurm accounting submitit cannot tell a killed job from a running one, so a
-    job that squeue no longer knows (twice in a row) counts as ended too."""
+    job that squeue no longer knows (twice in a row) counts as ended too. Each task's Slurm
+    state and pending reason are logged when they change (PENDING (Resources), RUNNING)."""
     pending = dict(zip((r.index for r in sweep.runs), jobs, strict=True))
     gone: dict[int, int] = {}
+    seen: dict[int, str] = {}
     while pending:
-        queued = _squeue() if pending else set()
+        states = _squeue() if pending else {}
+        queued = None if states is None else set(states)
         for index, job in list(pending.items()):
+            state = (states or {}).get(job.job_id)
+            if state is not None and seen.get(index) != state:
+                seen[index] = state
+                log.info("[sweep %s] run %d (Slurm job %s): %s", sweep.name, index,
+                         job.job_id, state)  # fmt: skip
             ended = queued is not None and job.job_id not in queued
             gone[index] = gone.get(index, 0) + 1 if ended else 0
             if job.done() or gone[index] >= 2:
@@ -147,17 +238,26 @@ def wait_for(sweep: Sweep, jobs: list) -> None:
             time.sleep(POLL_S)
 
 
-def _squeue() -> set[str] | None:
-    """Ids (array tasks as ARRAY_TASK) of this user's jobs Slurm still holds; None when
-    squeue cannot say."""
+def _squeue() -> dict[str, str] | None:
+    """The jobs Slurm still holds for this user (array tasks as ARRAY_TASK), each with its
+    state and, while pending, the reason ("PENDING (PartitionConfig)"); None when squeue
+    cannot say."""
     import subprocess
 
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout  # fmt: skip
+        out = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i|%T|%r"],
+                             capture_output=True, text=True, timeout=30,
+                             check=True).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    return set(out.split())
+    states = {}
+    for line in out.splitlines():
+        job, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if job:
+            shown = reason not in ("", "None") and state == "PENDING"
+            states[job] = f"{state} ({reason})" if shown else state
+    return states
 
 
 def run_on_gpus(sweep: Sweep, gpus: list[int]) -> None:
@@ -209,4 +309,4 @@ def _record_crash(sweep: Sweep, index: int, job) -> None:
             atomic_write(path, dumps_json(status))
 
 
-__all__ = ["SweepTask", "run_on_gpus", "run_sweep", "submit_slurm", "wait_for"]
+__all__ = ["SweepTask", "check_request", "run_on_gpus", "run_sweep", "submit_slurm", "wait_for"]

@@ -33,7 +33,7 @@ from torch import nn
 
 from nclayers.config import Config
 from nclayers.data import TextData
-from nclayers.jobs.common import load_model, load_split, measure_setup, run_folder
+from nclayers.jobs.common import check_causal, load_model, load_split, measure_setup, run_folder
 from nclayers.jobs.folder import (
     LAYERS,
     PROBE,
@@ -84,6 +84,8 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
     measure = measure_setup(cfg, train, test)
     weights = folder.weights(cfg)
     model = (model or load_model(cfg, folder, measure.num_classes)).to(device)
+    if measure.next_token is not None:
+        check_causal(model, cfg)
     channels_last = pc.channels_last and device.type == "cuda" and is_convnet(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

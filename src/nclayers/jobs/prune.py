@@ -34,7 +34,7 @@ from nclayers.config import Config
 from nclayers.data import TextData, make_batches
 from nclayers.equality import analyze_equality
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import load_model, load_split, measure_setup, run_folder
+from nclayers.jobs.common import check_causal, load_model, load_split, measure_setup, run_folder
 from nclayers.jobs.equality import equality_stem
 from nclayers.jobs.folder import LAYERS, PRUNE, PRUNE_LAYERS, STAGES, RunFolder
 from nclayers.layer_scores import choose_layers, layer_scores
@@ -118,6 +118,8 @@ def _load(cfg: Config, folder: RunFolder) -> _Run:
     measure = measure_setup(cfg, train if train is not None else test, test)
     model = load_model(cfg, folder, measure.num_classes).to(device).eval()
     language = is_causal_lm(model)
+    if measure.next_token is not None:
+        check_causal(model, cfg)
     if language and measure.next_token is None:
         raise NCLayersError(
             f"model.name={cfg.model.name!r} is a causal language model: its layers are "

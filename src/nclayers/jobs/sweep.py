@@ -237,9 +237,25 @@ def _spec(raw: dict, path: Path, sweep_overrides: list[str]) -> SweepSpec:
         e = err.errors()[0]
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            valid = ", ".join(SweepSpec.model_fields)
-            raise NCLayersError(f"{path}: unknown key {key!r}; valid keys: {valid}") from None
+            prefix, section = _section_keys(e["loc"][:-1])
+            valid = ", ".join(prefix + name for name in section)
+            given = [t for t in sweep_overrides if parse_override(t)[0] == key]
+            where = f"the override {given[-1]!r}" if given else str(path)
+            raise NCLayersError(f"{where}: unknown key {key!r}; valid keys: {valid}") from None
         raise NCLayersError(f"{path}: {key}: {e['msg']} (got {e.get('input')!r})") from None
+
+
+def _section_keys(loc: tuple) -> tuple[str, dict]:
+    """The dotted prefix and the fields of the section an error location points into
+    (slurm.partitio: slurm's keys, not the sweep's top level)."""
+    model: type[BaseModel] = SweepSpec
+    prefix = ""
+    for part in loc:
+        ann = getattr(model.model_fields.get(str(part)), "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model, prefix = ann, f"{prefix}{part}."
+    return prefix, model.model_fields
 
 
 def _bases(spec: SweepSpec, path: Path) -> list:

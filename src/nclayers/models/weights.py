@@ -229,7 +229,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as err:
+        # a text or other non-checkpoint file: the legacy unpickler's KeyError / ValueError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NCLayersError(
             f"checkpoint={str(path)!r} cannot be read with torch.load(weights_only=True): "
