@@ -593,8 +593,8 @@ def check_edited_config(folder: RunFolder) -> None:
         now = flatten(load_config(folder.file(CONFIG)).to_dict())
     except NCLayersError as err:
         raise NCLayersError(
-            f"{folder.file(CONFIG)} changed since nclayers wrote it and no longer reads as a "
-            f"config ({err}); undo the edit, or else {REMEDY[CONFIG]}"
+            f"{folder.file(CONFIG)} is damaged: it changed since nclayers wrote it and no "
+            f"longer reads as a config ({err}); undo the edit, or else {REMEDY[CONFIG]}"
         ) from None
     recorded = {k: v for r in folder.stages().values() for k, v in
                 canonical_settings(r.get("settings") or {}).items()}  # fmt: skip
