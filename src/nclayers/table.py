@@ -29,7 +29,7 @@ TEXT, INT, FLOAT, BOOL = str, int, float, bool
 COLUMNS: dict[str, type] = {
     "run": TEXT, "epoch": INT, "split": TEXT, "view": TEXT, "input": TEXT, "layer": INT,
     "block": TEXT, "dim": INT, "n": INT, "nc1": FLOAT, "cdnv_mean": FLOAT, "nc2": FLOAT,
-    "ncc_acc": FLOAT, "probe_acc": FLOAT, "nc1_classic": FLOAT,
+    "ncc_acc": FLOAT, "probe_acc": FLOAT, "nc1_classic": FLOAT, "measurement": TEXT,
     # memorization.csv
     "nc1_clean": FLOAT, "nc1_noisy": FLOAT, "nc1_corrupted": FLOAT, "ratio": FLOAT,
     "memorizing": BOOL, "nc1_changed_clean": FLOAT, "nc1_changed_noisy": FLOAT,

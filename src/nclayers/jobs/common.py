@@ -78,6 +78,23 @@ def measure_setup(cfg: Config, reference: Dataset, measured: Dataset) -> Measure
     return Measure(measured.num_classes, None, cfg.model.pool)
 
 
+def number_blocks(model: nn.Module, blocks: list, rows, pool: str | None = None) -> list[dict]:
+    """`rows` with `layer` set to each block's position (1-based) among the model's
+    blocks in forward order (`find_blocks(model, "auto")`), so the same block has the same
+    layer whichever subset (`model.blocks`) a stage measured; blocks outside that list
+    keep their position among the measured ones."""
+    from nclayers.models import find_blocks
+
+    try:
+        every = [b.name for b in find_blocks(model, "auto", pool=pool)]
+    except NCLayersError:
+        every = []
+    names = [b.name for b in blocks]
+    order = every if all(n in every for n in names) else names
+    position = {n: i + 1 for i, n in enumerate(order)}
+    return [{**r, "layer": position.get(r.get("block"), r.get("layer"))} for r in rows]
+
+
 def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
     """The configured model with the weights the run measures: `model.checkpoint`, else
     the folder's checkpoint.pt (checked against what train wrote). Refuses a model with
@@ -110,5 +127,6 @@ __all__ = [
     "load_model",
     "load_split",
     "measure_setup",
+    "number_blocks",
     "run_folder",
 ]

@@ -41,8 +41,15 @@ from nclayers.data import (
     with_changed_views,
 )
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import load_model, run_folder
-from nclayers.jobs.folder import MEMORIZATION, MEMORIZATION_LAYERS, STAGES, SUMMARY, RunFolder
+from nclayers.jobs.common import load_model, number_blocks, run_folder
+from nclayers.jobs.folder import (
+    MEASURED,
+    MEMORIZATION,
+    MEMORIZATION_LAYERS,
+    STAGES,
+    SUMMARY,
+    RunFolder,
+)
 from nclayers.memorization import (
     CLEAN_INPUT,
     CORRUPTED_INPUT,
@@ -106,7 +113,7 @@ def _measure(
 ) -> MemorizationResult:
     with folder.lock():
         folder.check_run(cfg)
-        folder.check_inputs(SUMMARY, STAGES)
+        folder.check_inputs(SUMMARY, STAGES, MEASURED)
         ds = load_dataset(cfg.data, "train", cfg.model.name)
         clean_ds = ds.clean_twin() if corrupted else None  # fails here, before any pass
         weights = folder.weights(cfg)
@@ -116,10 +123,14 @@ def _measure(
         def measure(data, extra: dict | None = None) -> AnalysisResult:
             batches = make_batches(data, cfg.analyze.batch_size, device,
                                    shard=(proc.rank, proc.world))  # fmt: skip
-            return analyze(
+            result = analyze(
                 model, batches, ds.num_classes, blocks, split="train", amp=cfg.analyze.amp,
                 progress=progress, run=cfg.run, extra=extra,
             )  # fmt: skip
+            for row, numbered in zip(result, number_blocks(model, blocks, result, cfg.model.pool),
+                                     strict=True):  # fmt: skip
+                row["layer"] = numbered["layer"]  # the block's position in forward order
+            return result
 
         t0 = time.perf_counter()
         if corrupted:
@@ -130,6 +141,7 @@ def _measure(
                     memorization_layers=memorization_layers(ratios),
                     seconds=time.perf_counter() - t0)  # fmt: skip
         summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
+        folder.save_measurement("memorization", cfg, ratios)
         folder.write_table(MEMORIZATION, ratios)
         folder.write_table(MEMORIZATION_LAYERS, rows)
         kind = "corrupted" if corrupted else "noisy"
