@@ -726,8 +726,11 @@ class RunFolder:
                     rows = self.read_table(MEMORIZATION) if self.exists(MEMORIZATION) else Table()
                 else:
                     owned = STAGE_COLUMNS[stage]
-                    rows = Table({k: v for k, v in r.items() if k not in _other_columns(stage)}
-                                 for r in layers if any(r.get(c) is not None for c in owned))
+                    rows = Table(
+                        {k: v for k, v in r.items() if k not in _other_columns(stage)}
+                        for r in layers
+                        if any(r.get(c) is not None for c in owned)
+                    )
                 self.write_table(measurement_file(stage, key),
                                  Table({"measurement": key, **r} for r in rows))  # fmt: skip
                 record["key"] = key
