@@ -292,8 +292,8 @@ def _check_distinct(runs: list[Run], path: Path) -> None:
         key = json.dumps(r.config.to_dict(), sort_keys=True, default=str)
         if key in seen:
             raise NCLayersError(
-                f"{path}: runs {seen[key].index} and {r.index} resolve to the same run and settings "
-                f"({seen[key].labels} vs {r.labels}); an axis value changes nothing"
+                f"{path}: runs {seen[key].index} and {r.index} resolve to the same run and "
+                f"settings ({seen[key].labels} vs {r.labels}); an axis value changes nothing"
             )
         seen[key] = r
 
