@@ -173,9 +173,6 @@ def cmd_report(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from nclayers.report.figures import plot_layers, plot_metric
-    from nclayers.table import Table
-
     if Path(args.csv).is_dir() or args.layout:  # a sweep's folder, or a paper layout
         from nclayers.jobs.report import plot_paths
 
@@ -183,22 +180,10 @@ def cmd_plot(args) -> None:
                             x=args.x, out=args.out):  # fmt: skip
             print(p)
         return
-    table = Table.from_csv(args.csv)
-    out = Path(args.out or Path(args.csv).parent)
-    if args.split:
-        table = table.where(split=args.split)
-    if any(r.get("epoch") is not None for r in table):  # train's nc_dynamics.csv
-        from nclayers.report.dynamics import plot_dynamics
+    from nclayers.jobs.report import plot_csv
 
-        metrics = tuple(args.metric or ("nc1", "nc2"))
-        paths = [plot_dynamics(table, out / f"{Path(args.csv).stem}.png", metrics)]
-    elif args.metric:
-        paths = [plot_metric(table, m, out / f"{m}.png") for m in args.metric]
-    else:
-        paths = plot_layers(table, out)
-    for p in paths:
-        if p:
-            print(p)
+    for p in plot_csv(args.csv, args.out, split=args.split, metrics=args.metric):
+        print(p)
 
 
 def cmd_memorization(args) -> None:
@@ -215,19 +200,14 @@ def cmd_memorization(args) -> None:
         return
     if args.overrides:
         raise NCLayersError("key=value overrides apply to a run folder, not to a layers.csv")
-    from nclayers.memorization import memorization_layers, memorization_ratio
-    from nclayers.report.figures import plot_metric
-    from nclayers.table import Table
+    from nclayers.jobs.memorization import memorization_from_csv
+    from nclayers.memorization import memorization_layers
 
-    ratios = memorization_ratio(
-        Table.from_csv(args.csv), split=args.split, clean=args.clean, noisy=args.noisy,
-        key=args.key,
-    )  # fmt: skip
-    out = Path(args.out or Path(args.csv).parent)
-    ratios.to_csv(out / "memorization.csv")
-    plot_metric(ratios, "ratio", out / "memorization.png", group=("run",))
+    options = {"split": args.split, "clean": args.clean, "noisy": args.noisy, "key": args.key}
+    ratios, written = memorization_from_csv(args.csv, args.out, **options)
     print(ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]))
     print(f"memorization layers (ratio > 1): {memorization_layers(ratios)}")
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def _print_ratios(ratios, meta: dict, folder) -> None:

@@ -197,4 +197,27 @@ def _label_noise(measure, ds, model, cfg) -> tuple[Table, Table, dict]:
     return rows, memorization_ratio(rows), info
 
 
-__all__ = ["FIGURE", "MemorizationResult", "memorization_applies", "memorization_job"]
+def memorization_from_csv(
+    csv: str | Path, out: str | Path | None = None, **options
+) -> tuple[Table, list[Path]]:
+    """Δ per layer from a layers.csv's clean and noisy views (`memorization_ratio`'s
+    options). Written beside it through the folder's store; in a run or sweep folder as
+    memorization-from-layers.csv/.png, never over the memorization stage's own files."""
+    csv = Path(csv)
+    ratios = memorization_ratio(Table.from_csv(csv), **options)
+    folder = RunFolder(Path(out) if out else csv.parent)
+    stem = "memorization" if out or not _holds_results(folder) else "memorization-from-layers"
+    written = [folder.write_table(f"{stem}.csv", ratios)]
+    drawn = folder.draw(f"{stem}.png", lambda path: plot_metric(ratios, "ratio", path,
+                                                               group=("run",)))  # fmt: skip
+    return ratios, written + ([drawn] if drawn else [])
+
+
+def _holds_results(folder: RunFolder) -> bool:
+    """A run folder or a sweep's output folder (whose memorization.csv is a stage's)."""
+    return any(folder.exists(n) for n in ("config.yaml", "stages.json", "sweep.json",
+                                          "manifest.json"))  # fmt: skip
+
+
+__all__ = ["FIGURE", "MemorizationResult", "memorization_applies", "memorization_from_csv",
+           "memorization_job"]  # fmt: skip

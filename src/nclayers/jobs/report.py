@@ -493,6 +493,31 @@ def plot_paths(
                         info.get("title", ""), info.get("name", "layout"))  # fmt: skip
 
 
+def plot_csv(
+    csv: str | Path, out: str | Path | None = None, split: str | None = None,
+    metrics: list[str] | None = None,
+) -> list[Path]:  # fmt: skip
+    """`nclayers plot FILE.csv`: a layers.csv's per-block metrics (or nc_dynamics.csv's
+    curves), written beside it (or into `out`) through the folder's store. The report
+    never embeds them: it draws its own figures from the rows it shows."""
+    from nclayers.report.figures import plot_layers, plot_metric
+
+    table = Table.from_csv(csv)
+    folder = RunFolder(Path(out) if out else Path(csv).parent)
+    if split:
+        table = table.where(split=split)
+    if any(r.get("epoch") is not None for r in table):  # train's nc_dynamics.csv
+        from nclayers.report.dynamics import plot_dynamics
+
+        chosen = tuple(metrics or ("nc1", "nc2"))
+        return folder.draw_all(lambda tmp: plot_dynamics(table, tmp / f"{Path(csv).stem}.png",
+                                                         chosen))  # fmt: skip
+    if metrics:
+        return folder.draw_all(lambda tmp: [plot_metric(table, m, tmp / f"{m}.png")
+                                            for m in metrics])  # fmt: skip
+    return folder.draw_all(lambda tmp: plot_layers(table, tmp))
+
+
 # ----------------------------------------------------------------------------- files
 def _ratios(folder: RunFolder, layers: Table) -> Table:
     ratios = folder.read_table(MEMORIZATION)
