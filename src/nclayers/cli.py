@@ -164,6 +164,13 @@ def cmd_sweep(args) -> int:
     return int(failed or bool(summary.get("damaged")))
 
 
+def cmd_upgrade(args) -> None:
+    from nclayers.jobs.folder import RunFolder
+
+    done = RunFolder(args.run).upgrade()
+    print(f"{args.run}: " + (f"kept {', '.join(done)} as measurements" if done else "up to date"))
+
+
 def cmd_report(args) -> None:
     from nclayers.jobs.report import write_report
     from nclayers.jobs.sweep import sweep_report
@@ -404,6 +411,9 @@ def _table_verbs(sub) -> None:
     p.add_argument("--out", help="the HTML file (default: PATH/report.html)")
     p.add_argument("-q", "--quiet", action="store_true", help="no logs")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("upgrade", help="Convert a run folder of an older nclayers in place.")
+    p.add_argument("run", help="the run folder")
+    p.set_defaults(fn=cmd_upgrade)
 
 
 def _sweep_verbs(sub) -> None:

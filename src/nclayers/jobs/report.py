@@ -39,7 +39,7 @@ LAYER_COLUMNS = ["run", "split", "view", "layer", "block", "dim", "n", "nc1", "c
                  "nc2", "ncc_acc", "probe_acc"]  # fmt: skip
 RATIO_COLUMNS = ["run", "layer", "block", "nc1_clean", "nc1_noisy", "ratio", "memorizing"]
 KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
-STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
+STAGE_ORDER = ("train", "analyze", "probe", "memorization", "equality", "prune")  # needs first
 # A figure can be read when a clean model is well above chance (this many times it) and
 # a noisy one fits this share of its changed labels (Δ needs memorization to mean anything).
 # The stage that draws each of a run's own figures (by file stem, before any "-SPLIT").

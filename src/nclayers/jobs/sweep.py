@@ -64,7 +64,7 @@ from nclayers.table import Table
 
 ID_LENGTH = 12
 StageName = Literal["train", "analyze", "probe", "memorization", "prune", "equality"]
-STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
+STAGE_ORDER = ("train", "analyze", "probe", "memorization", "equality", "prune")  # needs first
 NOT_APPLICABLE = "n/a"  # the status of a stage that does not apply to a run
 FAILED = ("failed", "blocked")  # the statuses of a stage that did not run to the end
 
