@@ -14,7 +14,7 @@ import yaml
 
 from nclayers.cli import main
 from nclayers.config import load_config
-from nclayers.jobs import RunFolder, train_job
+from nclayers.jobs import RunFolder, analyze_job, probe_job, train_job
 from nclayers.jobs.folder import LAYERS, MEMORIZATION, STAGES
 from nclayers.jobs.sweep import load_sweep
 from nclayers.table import Table
@@ -46,11 +46,6 @@ def copy(run, tmp_path):
     return tmp_path / "run"
 
 
-def measured(run, stage: str) -> Table:
-    """The rows of the stage's latest measurement."""
-    return RunFolder(run).measured_rows(stage)
-
-
 def by_block(rows: Table, column: str) -> dict:
     return {r["block"]: r[column] for r in rows if r.get(column) is not None}
 
@@ -59,29 +54,33 @@ def test_a_row_never_shows_another_blocks_value(trained, tmp_path):
     """Re-analysing only layer4.* after a full analyze and probe: the row of layer1.0 held
     layer4.0's NC1 (rows were merged by layer index). Now each row shows only values
     measured on the block it names, at its position in forward order."""
-    run = str(copy(trained, tmp_path))
-    assert main(["analyze", run, "-q"]) == 0
-    assert main(["probe", run, "probe.epochs=1", "-q"]) == 0
-    probe_acc = by_block(measured(run, "probe"), "probe_acc")
-    assert main(["analyze", run, "model.blocks=layer4.*", "-q"]) == 0
-    layers = Table.from_csv(f"{run}/{LAYERS}").where(split="test", view="clean")
-    nc1 = by_block(measured(run, "analyze").where(split="test", view="clean"), "nc1")
+    run = copy(trained, tmp_path)
+    folder = RunFolder(run)
+    cfg = folder.config()
+    analyze_job(cfg, folder, progress=False)
+    probed = probe_job(cfg.updated({"probe.epochs": 1}), folder, progress=False)
+    again = analyze_job(cfg.updated({"model.blocks": "layer4.*"}), folder, progress=False)
+    layers = Table.from_csv(run / LAYERS).where(split="test", view="clean")
+    nc1 = by_block(again.table.where(split="test", view="clean"), "nc1")
     assert set(nc1) == {"layer4.0", "layer4.1"}
     assert by_block(layers, "nc1") == nc1
-    assert by_block(layers, "probe_acc") == probe_acc and len(probe_acc) == 8
+    assert by_block(layers, "probe_acc") == by_block(probed, "probe_acc")
+    assert len(by_block(layers, "probe_acc")) == 8
     assert {r["block"]: r["layer"] for r in layers}["layer4.0"] == 7
     assert len({r["block"] for r in layers}) == len(layers) == 8
     # The full analysis is kept as a measurement of its own settings.
-    assert len(list((tmp_path / "run" / "measurements").glob("analyze-*.csv"))) == 2
+    assert len(list((run / "measurements").glob("analyze-*.csv"))) == 2
 
 
 def test_probing_one_block_fills_only_its_row(trained, tmp_path):
     """`probe RUN model.blocks=layer4.1` wrote layer4.1's accuracy into layer1.0's row."""
-    run = str(copy(trained, tmp_path))
-    assert main(["analyze", run, "-q"]) == 0
-    assert main(["probe", run, "model.blocks=layer4.1", "-q"]) == 0
-    layers = Table.from_csv(f"{run}/{LAYERS}")
-    assert by_block(layers, "probe_acc") == by_block(measured(run, "probe"), "probe_acc")
+    run = copy(trained, tmp_path)
+    folder = RunFolder(run)
+    cfg = folder.config()
+    analyze_job(cfg, folder, progress=False)
+    probed = probe_job(cfg.updated({"model.blocks": "layer4.1"}), folder, progress=False)
+    layers = Table.from_csv(run / LAYERS)
+    assert by_block(layers, "probe_acc") == by_block(probed, "probe_acc")
     assert list(by_block(layers, "probe_acc")) == ["layer4.1"]
 
 
