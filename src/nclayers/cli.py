@@ -79,23 +79,24 @@ def cmd_train(args) -> None:
 
 def cmd_analyze(args) -> None:
     from nclayers.jobs import analyze_job
+    from nclayers.table import shown_columns
 
     cfg, folder = _resolve(args, "analyze")
     result = analyze_job(cfg, folder, progress=not args.quiet)
     if _main_rank():
-        print(
-            result.table.format(["split", "view", "layer", "block", "dim", "nc1", "nc2", "ncc_acc"])
-        )
+        cols = ["split", "view", "layer", "block", "dim", *shown_columns("analyze")]
+        print(result.table.format(cols))
         print(f"wrote {folder.file('layers.csv')} and summary.json")
 
 
 def cmd_probe(args) -> None:
     from nclayers.jobs import probe_job
+    from nclayers.table import shown_columns
 
     cfg, folder = _resolve(args, "probe")
     table = probe_job(cfg, folder, progress=not args.quiet)
     if _main_rank():
-        print(table.format(["layer", "block", "dim", "probe_acc"]))
+        print(table.format(["layer", "block", "dim", *shown_columns("probe")]))
         print(f"wrote probe_acc into {folder.file('layers.csv')}, probe.csv, probe_heads.pt")
 
 

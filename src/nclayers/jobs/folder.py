@@ -65,7 +65,8 @@ from nclayers.config import (
 )
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_open, atomic_write, dumps_json
-from nclayers.table import Table
+from nclayers.jobs.stages import STAGES as DECLARED
+from nclayers.table import Table, stage_columns
 
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint.pt"
@@ -95,39 +96,22 @@ MEASURED = "measurements.json"
 # block, and the measurement columns each stage owns there.
 LAYER_KEYS = ("split", "view", "input", "block")
 LAYER_DESCRIPTORS = ("run", "layer", "dim")
-STAGE_COLUMNS = {
-    "analyze": ("n", "nc1", "cdnv_mean", "nc2", "ncc_acc", "nc1_classic"),
-    "probe": ("probe_acc",),
-}
-# The files a finished stage leaves (equality's, equality[-SPLIT].csv/.json, by its
-# settings): one missing or damaged makes the stage out of date, so a sweep redoes it.
-STAGE_FILES = {
-    "train": (CHECKPOINT, TRAIN_SUMMARY),
-    "analyze": (SUMMARY,),
-    "probe": (PROBE, PROBE_HEADS, SUMMARY),
-    "memorization": (MEMORIZATION_LAYERS, SUMMARY),
-    "prune": (PRUNE, PRUNE_LAYERS),
-}
-# What a stage's result depends on besides its own settings: the run's weights, and the
-# results of other stages.
-NEEDS_WEIGHTS = ("analyze", "probe", "memorization", "prune")
+# Each stage's declaration (`nclayers.jobs.stages`) gives these tables: the columns it
+# measures into layers.csv (declared with the column schema), the files a finished stage
+# leaves (equality's, equality[-SPLIT].csv/.json, by its settings; one missing or damaged
+# makes the stage out of date, so a sweep redoes it), which stages measure the weights,
+# whose results another's depend on, and the config keys (prefixes) whose values a
+# stage's result depends on; keys that only say where or how fast (data.dir, device,
+# batch sizes) are left out.
+STAGE_COLUMNS = {s.name: stage_columns(s.name) for s in DECLARED if stage_columns(s.name)}
+STAGE_FILES = {s.name: s.files for s in DECLARED if s.files}
+NEEDS_WEIGHTS = tuple(s.name for s in DECLARED if s.weights)
+DEPENDS_ON = {s.name: s.depends_on for s in DECLARED if s.depends_on}
+STAGE_SETTINGS = {s.name: s.settings for s in DECLARED if s.name != "train"}
 # Stages whose results are measurements kept per settings (measurements/<stage>-<key>.csv),
 # and those of them joined into the layers.csv view, in column order.
-MEASURING = ("analyze", "probe", "memorization")
-VIEW_STAGES = ("analyze", "probe")
-DEPENDS_ON = {"equality": ("analyze",), "prune": ()}
-# The config keys whose values a stage's result depends on (prefixes); keys that only
-# say where or how fast (data.dir, device, batch sizes) are left out.
-STAGE_SETTINGS = {
-    "analyze": ("data", "model", "analyze.split", "analyze.reference",
-                "analyze.reference_subset", "analyze.classic_nc1", "analyze.amp",
-                "analyze.task", "analyze.top_k", "run"),
-    "probe": ("data", "model", "probe", "analyze.task", "analyze.top_k", "run"),
-    "memorization": ("data", "model", "analyze.amp", "run"),
-    "prune": ("data", "model", "prune", "equality", "train", "analyze.task", "analyze.top_k",
-              "run"),
-    "equality": ("equality", "run"),
-}  # fmt: skip
+MEASURING = tuple(s.name for s in DECLARED if s.measured)
+VIEW_STAGES = tuple(s for s in MEASURING if s in STAGE_COLUMNS)
 UNSTEERING = ("data.dir", "data.download", "data.workers", "data.decoder",
               "probe.eval_batch_size", "model.checkpoint")  # fmt: skip
 
@@ -482,9 +466,9 @@ class RunFolder:
             measured = self.measurements()
             self.write_json(MEASURED, {**measured, record["key"]: {"stage": stage, **record}})
         stages[stage] = record
+        if stage in VIEW_STAGES:  # the view first: a kill between leaves the stage not done
+            self.refresh_layers(stages)
         self.write_json(STAGES, stages)
-        if stage in VIEW_STAGES:
-            self.refresh_layers()
         return record
 
     def forget(self, *stages: str) -> None:
@@ -652,7 +636,7 @@ class RunFolder:
     def layers(self) -> Table:
         return self.read_table(LAYERS)
 
-    def layers_at(self, cfg: Config | None = None) -> Table:
+    def layers_at(self, cfg: Config | None = None, stages: dict | None = None) -> Table:
         """The layers view: per stage, its measurement at `cfg`'s settings (None: the
         latest) made with the weights the run holds now, joined on the block's row key.
         A value is never shown on a row of another block."""
@@ -661,8 +645,9 @@ class RunFolder:
         except NCLayersError:
             now = None
         tables = []
+        stages = self.stages() if stages is None else stages
         for stage in VIEW_STAGES:
-            record = self.measurement(stage, cfg) if cfg else self.stages().get(stage)
+            record = self.measurement(stage, cfg) if cfg else stages.get(stage)
             if not record or "key" not in record:
                 continue
             then = (record.get("weights") or {}).get("sha256")
@@ -671,12 +656,13 @@ class RunFolder:
             tables.append((stage, self.read_table(measurement_file(stage, record["key"]))))
         return join_layers(tables)
 
-    def refresh_layers(self) -> Table:
-        """Write layers.csv again from the measurements (removed when none is current)."""
-        table = self.layers_at()
+    def refresh_layers(self, stages: dict | None = None) -> Table:
+        """Write layers.csv again from the measurements `stages` (default: stages.json)
+        records (removed when none is current)."""
+        table = self.layers_at(stages=stages)
         if table:
             self.write_table(LAYERS, table)
-        elif self.exists(LAYERS) and self.stages():
+        elif self.exists(LAYERS) and (stages or self.stages()):
             self.remove(LAYERS)
         return table
 
@@ -690,8 +676,9 @@ class RunFolder:
         record = {"key": key, "settings": stage_settings(stage, cfg), "weights": {}}
         stages[stage] = {**stages.get(stage, {}), **record}
         self.write_json(MEASURED, {**self.measurements(), key: {"stage": stage, **record}})
+        table = self.refresh_layers(stages)
         self.write_json(STAGES, stages)
-        return self.refresh_layers()
+        return table
 
     # ----------------------------------------------------------------- older layouts
     def _older_layout(self) -> str:

@@ -32,19 +32,19 @@ from nclayers.jobs.folder import (
     TRAIN_SUMMARY,
     RunFolder,
 )
+from nclayers.jobs.stages import ORDER, STAGES
 from nclayers.report.html import Figure, Section, render_html
-from nclayers.table import Table
+from nclayers.table import COLUMNS, Table, shown_columns
 
-LAYER_COLUMNS = ["run", "split", "view", "layer", "block", "dim", "n", "nc1", "cdnv_mean",
-                 "nc2", "ncc_acc", "probe_acc"]  # fmt: skip
+LAYER_COLUMNS = ["run", "split", "view", "layer", "block", "dim", "n",
+                 *(c for c in COLUMNS if c in {"cdnv_mean", *shown_columns()})]  # fmt: skip
 RATIO_COLUMNS = ["run", "layer", "block", "nc1_clean", "nc1_noisy", "ratio", "memorizing"]
 KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
-STAGE_ORDER = ("train", "analyze", "probe", "memorization", "equality", "prune")  # needs first
+STAGE_ORDER = ORDER
 # A figure can be read when a clean model is well above chance (this many times it) and
 # a noisy one fits this share of its changed labels (Δ needs memorization to mean anything).
 # The stage that draws each of a run's own figures (by file stem, before any "-SPLIT").
-FIGURE_STAGES = {"probe_acc": "probe", "memorization": "memorization", "prune": "prune",
-                 "equality": "equality"}  # fmt: skip
+FIGURE_STAGES = {Path(s.figure).stem: s.name for s in STAGES if s.figure}
 ABOVE_CHANCE = 3.0
 FITS_NOISE = 0.9
 

@@ -60,11 +60,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from nclayers.config import Config, compose, weights_settings
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_write, dumps_json
+from nclayers.jobs.stages import ORDER, STAGES
 from nclayers.table import Table
 
 ID_LENGTH = 12
-StageName = Literal["train", "analyze", "probe", "memorization", "prune", "equality"]
-STAGE_ORDER = ("train", "analyze", "probe", "memorization", "equality", "prune")  # needs first
+STAGE_ORDER = ORDER  # each stage after those it needs (nclayers.jobs.stages)
+StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]
 NOT_APPLICABLE = "n/a"  # the status of a stage that does not apply to a run
 FAILED = ("failed", "blocked")  # the statuses of a stage that did not run to the end
 
@@ -75,23 +76,13 @@ def stage_failed(record: dict) -> bool:
 
 
 # A stage runs after these (when they are in the sweep) and is blocked when they fail.
-NEEDS = {"analyze": ("train",), "probe": ("train",), "memorization": ("train",),
-         "prune": ("train",), "equality": ("analyze",)}  # fmt: skip
+NEEDS = {s.name: s.needs for s in STAGES if s.needs}
 log = logging.getLogger("nclayers.sweep")
 
 
 def stage_jobs() -> dict[str, Callable]:
     """The sweep's stages: each is the plain job of its verb."""
-    from nclayers.jobs.analyze import analyze_job
-    from nclayers.jobs.equality import equality_job
-    from nclayers.jobs.memorization import memorization_job
-    from nclayers.jobs.probe import probe_job
-    from nclayers.jobs.prune import prune_job
-    from nclayers.jobs.train import train_job
-
-    return {"train": train_job, "analyze": analyze_job, "probe": probe_job,
-            "memorization": memorization_job, "prune": prune_job,
-            "equality": equality_job}  # fmt: skip
+    return {s.name: s.load() for s in STAGES}
 
 
 # ----------------------------------------------------------------------------- the file
