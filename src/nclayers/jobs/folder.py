@@ -700,6 +700,11 @@ class RunFolder:
         """Convert a folder of the older layout: each recorded measuring stage's values in
         layers.csv (memorization.csv) become its measurement at its recorded settings.
         Returns the stages converted."""
+        if not self.exists(STAGES):
+            raise NCLayersError(
+                f"upgrade: {str(self.path)!r} holds no {STAGES}; pass a run folder written "
+                "by nclayers"
+            )
         with self.lock():
             stages, done = self.stages(), []
             layers = self.layers() if self.exists(LAYERS) else Table()
