@@ -651,7 +651,7 @@ class RunFolder:
             if not record or "key" not in record:
                 continue
             then = (record.get("weights") or {}).get("sha256")
-            if record.get("weights", {}).get("file") == CHECKPOINT and then != now:
+            if (record.get("weights") or {}).get("file") == CHECKPOINT and then != now:
                 continue  # measured on weights the run no longer holds
             tables.append((stage, self.read_table(measurement_file(stage, record["key"]))))
         return join_layers(tables)
