@@ -228,3 +228,15 @@ def test_prune_runs_after_the_equality_it_reads():
     from nclayers.jobs.sweep import STAGE_ORDER
 
     assert STAGE_ORDER.index("equality") < STAGE_ORDER.index("prune")
+
+
+def test_a_sweep_gathers_the_probe_history_of_its_own_settings(trained, tmp_path):
+    from nclayers.jobs.sweep import _probe_history
+
+    run = copy(trained, tmp_path)
+    folder = RunFolder(run)
+    one, two = (folder.config().updated({"probe.epochs": e}) for e in (1, 2))
+    probe_job(one, folder, progress=False)
+    probe_job(two, folder, progress=False)
+    assert max(r["epoch"] for r in _probe_history(folder, one)) == 1
+    assert max(r["epoch"] for r in _probe_history(folder, two)) == 2

@@ -743,8 +743,9 @@ def _key(stage: str, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def measurement_file(stage: str, key: str) -> str:
-    return f"{MEASUREMENTS}/{stage}-{key}.csv"
+def measurement_file(stage: str, key: str, part: str = "") -> str:
+    """A measurement's rows (or another of its tables, `part`, e.g. the probe's history)."""
+    return f"{MEASUREMENTS}/{stage}-{key}{'-' + part if part else ''}.csv"
 
 
 def _other_columns(stage: str) -> set[str]:

@@ -48,6 +48,8 @@ from nclayers.jobs.folder import (
     STAGES,
     SUMMARY,
     RunFolder,
+    measurement_file,
+    measurement_key,
     stage_settings,
 )
 from nclayers.models import find_blocks
@@ -134,7 +136,9 @@ def _write(
 ) -> None:
     pc = cfg.probe
     summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
-    folder.write_table(PROBE, Table({"run": cfg.run, **r} for r in table.history))
+    history = Table({"run": cfg.run, **r} for r in table.history)
+    folder.write_table(PROBE, history)  # the latest probe's; each one's kept beside its rows
+    folder.write_table(measurement_file("probe", measurement_key("probe", cfg), "history"), history)
     # the heads: tensors, numbers and strings only (loads with weights_only=True)
     folder.save_torch(PROBE_HEADS, {**heads_state(table), "config": cfg.to_dict()})
     # n belongs to the analysis rows (its own sample count); the probe fills its column.

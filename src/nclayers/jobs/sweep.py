@@ -426,7 +426,7 @@ def _describe(run: Run) -> str:
 def collect(sweep: Sweep) -> dict:
     """Gather every run's tables into ROOT/<name>/: layers.csv, memorization.csv,
     probe.csv (when any run has one), runs.csv; then draw the figures."""
-    from nclayers.jobs.folder import PROBE, RunFolder
+    from nclayers.jobs.folder import RunFolder
     from nclayers.jobs.report import draw_figures
 
     out = sweep.out
@@ -446,7 +446,7 @@ def collect(sweep: Sweep) -> dict:
         reads = {"layers": lambda f, c: f.layers_at(c),
                  "memorization": lambda f, c: _columns_out(f.measured_rows("memorization", c),
                                                            "measurement"),
-                 "probe": lambda f, c: f.read_table(PROBE)}  # fmt: skip
+                 "probe": _probe_history}  # fmt: skip
         for key, read in reads.items():
             try:
                 got[key] = read(folder, run.config)
@@ -509,6 +509,16 @@ def _run_row(sweep: Sweep, run: Run, folder, damaged: list[str]) -> dict:
         damaged.append(f"run {run.index}: {err}")
     row.update(errors="; ".join(errors) or None, folder=str(run.folder))
     return row
+
+
+def _probe_history(folder, cfg: Config) -> Table:
+    """The probe's per-epoch history at the sweep's settings (the folder's latest
+    probe.csv for a probe recorded before histories were kept per measurement)."""
+    from nclayers.jobs.folder import PROBE, measurement_file
+
+    record = folder.measurement("probe", cfg)
+    name = measurement_file("probe", record["key"], "history") if record else None
+    return folder.read_table(name if name and folder.exists(name) else PROBE)
 
 
 def _columns_out(rows: Table, *names: str) -> Table:
