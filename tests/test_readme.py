@@ -75,6 +75,9 @@ def test_the_quick_blocks_run_as_written(tmp_path, monkeypatch, one_thread):
         args = nclayers_args(command)
         assert args is not None, command
         assert main(args) == 0, command
+    # The tour ends with a report in which nothing is out of date.
+    reports = list(tmp_path.rglob("report.html"))
+    assert reports and all("out of date" not in r.read_text() for r in reports)
 
 
 def _known_key(key: str) -> bool:

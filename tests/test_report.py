@@ -137,7 +137,7 @@ def test_run_report_has_every_part(tmp_path):
     assert EVIL in text and "b" not in page.tags and page.scripts == 1
     pngs = decoded_images(page)
     assert pngs and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert (folder / "figures" / "layers.png").is_file()
+    assert len(list((folder / "figures").glob("layers-*.png"))) == 1
 
 
 def test_report_verb_and_clear_errors(tmp_path, capsys):
@@ -172,26 +172,44 @@ def test_every_figure_loads_in_a_real_browser(tmp_path):
     assert Page(dom).body.get("data-figures") == "broken 0/1"
 
 
-def test_report_redraws_a_figure_whose_data_is_newer(tmp_path):
-    """14.5: figures were drawn only when missing, so a report after a new analysis or a
-    probe showed the old figure; now a figure older than its data is drawn again."""
-    import os
+def test_report_redraws_a_figure_whose_data_changed(tmp_path):
+    """A figure is named by the hash of the rows it draws: the same rows reuse it, other
+    rows (even written within the same clock tick) get a new drawing and the old one
+    goes; a cut drawing is drawn again, not inlined."""
+
+    def layout(folder):
+        (png,) = (folder / "figures").glob("layers-*.png")
+        return png
 
     folder = make_run_folder(tmp_path / "run")
     write_report(folder)
-    png = folder / "figures" / "layers.png"
+    png = layout(folder)
     first = png.read_bytes()
     write_report(folder)
-    assert png.read_bytes() == first  # nothing changed: not redrawn
+    assert layout(folder) == png and png.read_bytes() == first  # nothing changed
     rows = Table.from_csv(folder / "layers.csv")
     Table({**r, "nc1": r["nc1"] * 10} for r in rows).to_csv(folder / "layers.csv")
-    later = png.stat().st_mtime_ns + 1_000_000_000
-    os.utime(folder / "layers.csv", ns=(later, later))
     write_report(folder)
-    assert png.read_bytes() != first
-    png.write_bytes(first[: len(first) // 2])  # a cut figure is drawn again, not inlined
+    assert layout(folder) != png and layout(folder).read_bytes() != first
+    png = layout(folder)
+    png.write_bytes(first[: len(first) // 2])
     write_report(folder)
     assert png.read_bytes()[-8:-4] == b"IEND"
+
+
+def test_a_stray_png_is_never_embedded(tmp_path):
+    """A PNG the report did not draw from the rows it shows (an older `plot`, a copy) is
+    left out of the report."""
+    folder = make_run_folder(tmp_path / "run")
+    import base64
+    import re
+
+    html = write_report(folder).read_text()
+    png = re.findall(r'src="data:image/png;base64,([^"]+)"', html)[0]
+    stray = folder / "nc1.png"
+    stray.write_bytes(base64.b64decode(png))  # a whole PNG no stage drew
+    html = write_report(folder).read_text()
+    assert "nc1.png" not in html
 
 
 def test_report_says_when_a_figure_cannot_be_read(tmp_path):

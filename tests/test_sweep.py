@@ -94,7 +94,7 @@ def test_grid_ids_and_settings(tmp_path):
                              {"label": "a", "data.noise": 0.2}]}}, "repeated labels"),
         ({"axes": {"data.noise": [0.1, 0.1]}}, "repeated labels"),
         ({"axes": {"noise": [{"label": "a", "train.seed": 1}, {"label": "b", "train.seed": 1}]}},
-         "resolve to the same run"),
+         "resolve to the same run and settings"),
         ({"figure": {"layout": "noisy", "rows": "model"}}, "is not an axis"),
         ({"figure": {"layout": "fancy"}}, "figure layout"),
         ({"colour": "red"}, "unknown key 'colour'"),
@@ -270,7 +270,7 @@ def test_failed_stages_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
         {"label": "ok", "train.seed": 0},
         {"label": "bad", "train.seed": 1, "model.checkpoint": str(tmp_path / "nope.pt")},
     ]
-    path = write_sweep(tmp_path, axes={"run": axis}, stages=["analyze", "equality"],
+    path = write_sweep(tmp_path, axes={"case": axis}, stages=["analyze", "equality"],
                        figure=None)  # fmt: skip
     sweep = load_sweep(path)
     train_job(sweep.runs[0].config, sweep.runs[0].folder, progress=False)

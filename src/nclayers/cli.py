@@ -94,23 +94,24 @@ def cmd_train(args) -> None:
 
 def cmd_analyze(args) -> None:
     from nclayers.jobs import analyze_job
+    from nclayers.table import shown_columns
 
     cfg, folder = _resolve(args, "analyze")
     result = analyze_job(cfg, folder, progress=not args.quiet)
     if _main_rank():
-        print(
-            result.table.format(["split", "view", "layer", "block", "dim", "nc1", "nc2", "ncc_acc"])
-        )
+        cols = ["split", "view", "layer", "block", "dim", *shown_columns("analyze")]
+        print(result.table.format(cols))
         print(f"wrote {folder.file('layers.csv')} and summary.json")
 
 
 def cmd_probe(args) -> None:
     from nclayers.jobs import probe_job
+    from nclayers.table import shown_columns
 
     cfg, folder = _resolve(args, "probe")
     table = probe_job(cfg, folder, progress=not args.quiet)
     if _main_rank():
-        print(table.format(["layer", "block", "dim", "probe_acc"]))
+        print(table.format(["layer", "block", "dim", *shown_columns("probe")]))
         print(f"wrote probe_acc into {folder.file('layers.csv')}, probe.csv, probe_heads.pt")
 
 
@@ -180,6 +181,13 @@ def cmd_sweep(args) -> int:
     return int(failed or bool(summary.get("damaged")))
 
 
+def cmd_upgrade(args) -> None:
+    from nclayers.jobs.folder import RunFolder
+
+    done = RunFolder(args.run).upgrade()
+    print(f"{args.run}: " + (f"kept {', '.join(done)} as measurements" if done else "up to date"))
+
+
 def cmd_report(args) -> None:
     from nclayers.jobs.report import write_report
     from nclayers.jobs.sweep import sweep_report
@@ -192,10 +200,6 @@ def cmd_report(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from nclayers.errors import NCLayersError
-    from nclayers.report.figures import plot_layers, plot_metric
-    from nclayers.table import Table
-
     if Path(args.csv).is_dir() or args.layout:  # a sweep's folder, or a paper layout
         from nclayers.jobs.report import plot_paths
 
@@ -203,30 +207,21 @@ def cmd_plot(args) -> None:
                             x=args.x, out=args.out):  # fmt: skip
             print(p)
         return
+    from nclayers.errors import NCLayersError
+    from nclayers.jobs.report import plot_csv
+    from nclayers.table import Table
+
     table = Table.from_csv(args.csv)
-    out = Path(args.out or Path(args.csv).parent)
     analyzed = "pass a layers.csv written by nclayers analyze"
     wanted = args.metric or [m for m in ("nc1", "nc2", "ncc_acc", "probe_acc") if m in
                              table.columns][:1] or ["nc1"]  # fmt: skip
     _check_columns(args.csv, table, {m: f"--metric one of them, or {analyzed}" for m in wanted})
-    if args.split:
+    if args.split and not len(table.where(split=args.split)):
         splits = sorted({str(s) for s in table.column("split") if s not in (None, "")})
-        table = table.where(split=args.split)
-        if not len(table):
-            raise NCLayersError(f"--split {args.split}: {args.csv} has no rows of that split; "
-                                f"its splits: {', '.join(splits) or 'none'}")  # fmt: skip
-    if any(r.get("epoch") is not None for r in table):  # train's nc_dynamics.csv
-        from nclayers.report.dynamics import plot_dynamics
-
-        metrics = tuple(args.metric or ("nc1", "nc2"))
-        paths = [plot_dynamics(table, out / f"{Path(args.csv).stem}.png", metrics)]
-    elif args.metric:
-        paths = [plot_metric(table, m, out / f"{m}.png") for m in args.metric]
-    else:
-        paths = plot_layers(table, out)
-    for p in paths:
-        if p:
-            print(p)
+        raise NCLayersError(f"--split {args.split}: {args.csv} has no rows of that split; "
+                            f"its splits: {', '.join(splits) or 'none'}")  # fmt: skip
+    for p in plot_csv(args.csv, args.out, split=args.split, metrics=args.metric):
+        print(p)
 
 
 def cmd_memorization(args) -> None:
@@ -243,24 +238,20 @@ def cmd_memorization(args) -> None:
         return
     if args.overrides:
         raise NCLayersError("key=value overrides apply to a run folder, not to a layers.csv")
-    from nclayers.memorization import memorization_layers, memorization_ratio
-    from nclayers.report.figures import plot_metric
+    from nclayers.jobs.memorization import memorization_from_csv
+    from nclayers.memorization import memorization_layers
     from nclayers.table import Table
 
-    table = Table.from_csv(args.csv)
-    _check_columns(args.csv, table, {
+    _check_columns(args.csv, Table.from_csv(args.csv), {
         "nc1": "pass a layers.csv written by nclayers analyze",
         args.key: "--key names the column that tells clean from noisy rows: view (label "
         "noise), input (corrupted inputs, written by nclayers memorization RUN) or run",
     })  # fmt: skip
-    ratios = memorization_ratio(
-        table, split=args.split, clean=args.clean, noisy=args.noisy, key=args.key
-    )
-    out = Path(args.out or Path(args.csv).parent)
-    ratios.to_csv(out / "memorization.csv")
-    plot_metric(ratios, "ratio", out / "memorization.png", group=("run",))
+    options = {"split": args.split, "clean": args.clean, "noisy": args.noisy, "key": args.key}
+    ratios, written = memorization_from_csv(args.csv, args.out, **options)
     print(ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]))
     print(f"memorization layers (ratio > 1): {memorization_layers(ratios)}")
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def _check_columns(csv: str, table, needed: dict[str, str]) -> None:
@@ -473,6 +464,9 @@ def _table_verbs(sub) -> None:
     p.add_argument("--out", help="the HTML file (default: PATH/report.html)")
     p.add_argument("-q", "--quiet", action="store_true", help="no logs")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("upgrade", help="Convert a run folder of an older nclayers in place.")
+    p.add_argument("run", help="the run folder")
+    p.set_defaults(fn=cmd_upgrade)
 
 
 def _sweep_verbs(sub) -> None:

@@ -17,6 +17,7 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +26,66 @@ from nclayers.files import atomic_write
 
 TEXT, INT, FLOAT, BOOL = str, int, float, bool
 
-# Known columns and their types; their order is the column order of layers.csv.
-COLUMNS: dict[str, type] = {
-    "run": TEXT, "epoch": INT, "split": TEXT, "view": TEXT, "input": TEXT, "layer": INT,
-    "block": TEXT, "dim": INT, "n": INT, "nc1": FLOAT, "cdnv_mean": FLOAT, "nc2": FLOAT,
-    "ncc_acc": FLOAT, "probe_acc": FLOAT, "nc1_classic": FLOAT,
+
+@dataclass(frozen=True)
+class Column:
+    """One known column: its name and type; for a per-block metric, the stage that
+    measures it into layers.csv, its label on a figure's axis, whether that axis is
+    logarithmic, and whether the CLI, the report and `nclayers plot` show it."""
+
+    name: str
+    type: type
+    stage: str | None = None
+    label: str | None = None
+    log: bool = False
+    shown: bool = False
+
+
+def _c(name: str, kind: type, stage: str | None = None, label: str | None = None,
+       log: bool = False, shown: bool = True) -> Column:  # fmt: skip
+    return Column(name, kind, stage, label, log, shown and stage is not None)
+
+
+# Every known column, once; their order is the column order of layers.csv. A new metric
+# of a stage is one line here (and the stage's rows carrying it).
+SCHEMA: tuple[Column, ...] = (
+    _c("run", TEXT), _c("epoch", INT), _c("split", TEXT), _c("view", TEXT), _c("input", TEXT),
+    _c("layer", INT), _c("block", TEXT), _c("dim", INT),
+    _c("n", INT, "analyze", shown=False),
+    _c("nc1", FLOAT, "analyze", "NC1 (sum of CDNV)", log=True),
+    _c("cdnv_mean", FLOAT, "analyze", "mean CDNV", log=True, shown=False),
+    _c("nc2", FLOAT, "analyze", "NC2 (distance to ETF)"),
+    _c("ncc_acc", FLOAT, "analyze", "NCC accuracy"),
+    _c("probe_acc", FLOAT, "probe", "linear-probe accuracy"),
+    _c("nc1_classic", FLOAT, "analyze", shown=False), _c("measurement", TEXT),
     # memorization.csv
-    "nc1_clean": FLOAT, "nc1_noisy": FLOAT, "nc1_corrupted": FLOAT, "ratio": FLOAT,
-    "memorizing": BOOL, "nc1_changed_clean": FLOAT, "nc1_changed_noisy": FLOAT,
-    "ratio_changed": FLOAT,
+    _c("nc1_clean", FLOAT), _c("nc1_noisy", FLOAT), _c("nc1_corrupted", FLOAT),
+    _c("ratio", FLOAT, label="memorization ratio Δ = NC1 clean / NC1 noisy"),
+    _c("memorizing", BOOL), _c("nc1_changed_clean", FLOAT), _c("nc1_changed_noisy", FLOAT),
+    _c("ratio_changed", FLOAT),
     # probe.csv, prune.csv, equality.csv, runs.csv
-    "lr": FLOAT, "loss": FLOAT, "train_loss": FLOAT, "train_acc": FLOAT, "test_loss": FLOAT,
-    "test_acc": FLOAT, "variant": TEXT, "kind": TEXT, "layers": TEXT, "blocks": TEXT,
-    "seed": INT, "finetune_epochs": INT, "n_removed": INT, "redundant": BOOL,
-    "index": INT, "folder": TEXT, "errors": TEXT, "stale": TEXT,
-}  # fmt: skip
+    _c("lr", FLOAT), _c("loss", FLOAT), _c("train_loss", FLOAT), _c("train_acc", FLOAT),
+    _c("test_loss", FLOAT), _c("test_acc", FLOAT), _c("variant", TEXT), _c("kind", TEXT),
+    _c("layers", TEXT), _c("blocks", TEXT), _c("seed", INT), _c("finetune_epochs", INT),
+    _c("n_removed", INT), _c("redundant", BOOL), _c("index", INT), _c("folder", TEXT),
+    _c("errors", TEXT), _c("stale", TEXT),
+)  # fmt: skip
+COLUMNS: dict[str, type] = {c.name: c.type for c in SCHEMA}
+LABELS: dict[str, str] = {c.name: c.label for c in SCHEMA if c.label}
+LOG_SCALE: frozenset[str] = frozenset(c.name for c in SCHEMA if c.log)
+
+
+def stage_columns(stage: str) -> tuple[str, ...]:
+    """The columns `stage` measures into layers.csv."""
+    return tuple(c.name for c in SCHEMA if c.stage == stage)
+
+
+def shown_columns(stage: str | None = None) -> list[str]:
+    """The per-block metrics shown by the CLI, the report's table and `nclayers plot`
+    (of one stage, or of all)."""
+    return [c.name for c in SCHEMA if c.shown and (stage is None or c.stage == stage)]
+
+
 _BOOLS = {"True": True, "False": False, "true": True, "false": False}
 
 
@@ -195,4 +241,5 @@ def _parse(text: str, kind: type | None) -> Any:
     return text
 
 
-__all__ = ["COLUMNS", "Table"]
+__all__ = ["COLUMNS", "LABELS", "LOG_SCALE", "SCHEMA", "Column", "Table", "shown_columns",
+           "stage_columns"]  # fmt: skip

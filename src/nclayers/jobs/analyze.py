@@ -3,8 +3,9 @@
 It measures the reference split (train by default, every labels view of it: clean, and
 noisy under label noise; or its class-balanced `analyze.reference_subset`), whose clean
 class means define the NCC accuracy, then the measured split (test), both under the same
-`analyze.amp`. The rows replace the analyze columns of the folder's layers.csv (other
-stages' columns, e.g. probe_acc, stay); an "analyze" entry goes into summary.json;
+`analyze.amp`. The rows are kept as the measurement at these settings
+(measurements/analyze-<key>.csv, replacing one made with the same settings) and shown in
+layers.csv joined on block with the other stages'; an "analyze" entry goes into summary.json;
 stages.json records the weights and settings measured. A run without trained weights is
 refused (see `RunFolder.weights`). Under torchrun each rank measures its shard of each
 split, the statistics are reduced exactly, rank 0 writes and the other ranks wait for it.
@@ -30,8 +31,16 @@ from nclayers.analysis import AnalysisResult, analyze
 from nclayers.config import Config
 from nclayers.data import balanced_subset, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import check_causal, load_model, load_split, measure_setup, run_folder
-from nclayers.jobs.folder import LAYERS, STAGES, SUMMARY, RunFolder, stage_settings
+from nclayers.jobs.common import (
+    check_causal,
+    load_model,
+    load_split,
+    measure_setup,
+    number_blocks,
+    run_folder,
+    sample_inputs,
+)
+from nclayers.jobs.folder import MEASURED, STAGES, SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
 from nclayers.runtime import barrier, setup_distributed
 from nclayers.table import Table
@@ -75,7 +84,7 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
         measure = measure_setup(cfg, data[ac.reference or ac.split], data[ac.split])
         num_classes = measure.num_classes
         folder.check_run(cfg)  # before any work: another run's folder, no weights
-        folder.check_inputs(LAYERS, SUMMARY, STAGES)
+        folder.check_inputs(SUMMARY, STAGES, MEASURED)
         weights = folder.weights(cfg)
         model = (model or load_model(cfg, folder, num_classes)).to(device)
         if measure.next_token is not None:
@@ -106,7 +115,10 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
                 model, batches(ds), num_classes, blocks, reference=ref, split=s,
                 classic_nc1=ac.classic_nc1, amp=ac.amp, progress=progress, run=cfg.run,
             )  # fmt: skip
-        table = Table(row for s in splits for row in tables[s])
+        rows = (row for s in splits for row in tables[s])
+        table = Table(
+            number_blocks(model, rows, measure.pool, sample_inputs(data[ac.split], device))
+        )
         entry = {
             "settings": stage_settings("analyze", cfg),
             "weights": weights,
@@ -120,7 +132,7 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
         if measure.next_token is not None:  # the classes: vocabulary ids, most frequent first
             entry["next_token_classes"] = measure.next_token.tokens.tolist()
         summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
-        folder.merge_layers("analyze", table)
+        folder.save_measurement("analyze", cfg, table)
         folder.write_json(SUMMARY, {**summary, "analyze": entry})
         folder.adopt(cfg)  # the run's config.yaml, once the stage succeeded
         folder.mark_done("analyze", cfg, seconds=time.perf_counter() - t0)

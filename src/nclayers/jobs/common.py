@@ -91,8 +91,7 @@ def check_classifier(cfg: Config, model: nn.Module, ds: Dataset, num_classes: in
     per sample (one dry forward of two samples of `ds`, in eval mode): a head built for
     other classes, an entry point without num_classes, a forward returning features."""
     device = next(iter(model.parameters()), torch.empty(0)).device
-    two = ds.subset(torch.arange(min(2, len(ds))))
-    inputs = next(iter(make_batches(two, 2, device, workers=0)))[0]
+    inputs = sample_inputs(ds, device)
     was_training = model.training
     try:
         model.eval()
@@ -176,6 +175,31 @@ def check_causal(model: nn.Module, cfg: Config) -> None:
         )
 
 
+def sample_inputs(ds: Dataset, device: torch.device):
+    """The inputs of a batch of (up to) two samples of `ds`: what a dry forward needs."""
+    two = ds.subset(torch.arange(min(2, len(ds))))
+    return next(iter(make_batches(two, 2, device, workers=0)))[0]
+
+
+def number_blocks(model: nn.Module, rows, pool: str | None = None, sample=None) -> list[dict]:
+    """`rows` with `layer` set to each block's position (1-based) among the model's
+    blocks in forward order (`find_blocks(model, "auto", sample=sample)`: one dry forward,
+    a shared module's calls apart), so the same block has the same layer whichever subset
+    (`model.blocks`) a stage measured; where a measured block is not among them, the rows
+    keep the positions the measuring pass gave them (forward order among the measured)."""
+    from nclayers.models import find_blocks
+
+    rows = list(rows)
+    try:
+        every = [b.name for b in find_blocks(model, "auto", pool=pool, sample=sample)]
+    except NCLayersError:
+        every = []
+    if not all(r.get("block") in every for r in rows):
+        return rows
+    position = {n: i + 1 for i, n in enumerate(every)}
+    return [{**r, "layer": position[r["block"]]} for r in rows]
+
+
 def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
     """The configured model with the weights the run measures: `model.checkpoint`, else
     the folder's checkpoint.pt (checked against what train wrote). Refuses a model with
@@ -232,5 +256,7 @@ __all__ = [
     "load_model",
     "load_split",
     "measure_setup",
+    "number_blocks",
     "run_folder",
+    "sample_inputs",
 ]

@@ -107,7 +107,11 @@ def run_demo(
 
 
 def _figures(folder: RunFolder, layers: Table, ratios: Table) -> list[Path]:
-    out = folder.path
+    """The demo's figures, written through the folder's store (atomic, checksummed)."""
+    return folder.draw_all(lambda tmp: _draw(tmp, layers, ratios))
+
+
+def _draw(out: Path, layers: Table, ratios: Table) -> list[Path]:
     labelled = Table({**r, "labels": _labels(r["run"])} for r in layers)
     figures = plot_layout(labelled, out / "demo", "noisy", curves="labels", memorization=Table(
         {**r, "labels": _labels(r["run"])} for r in ratios), formats=("png",),

@@ -10,13 +10,21 @@ never sees a path.
       train_summary.json   accuracies, history, timings, label-noise fit (train)
       train.log            one line per epoch (train)
       nc_dynamics.csv      NC per block during training (train, when tracked)
-      layers.csv           one row per (run, split, view, input, layer); each stage owns
-                           its columns: analyze nc1 .. ncc_acc, probe probe_acc
+      measurements/        one CSV per measurement: `<stage>-<key>.csv`, <key> a hash of the
+                           settings that change its numbers (`stage_settings`); every row
+                           names the block it measured; measuring again with the same
+                           settings replaces it, with other settings adds one
+      measurements.json    per measurement: stage, settings, weights, when
+      layers.csv           the view: each stage's latest measurement (stages.json) whose
+                           weights are the run's now, joined on (split, view, input, block);
+                           `layer` is the block's position in forward order; written again
+                           after every stage and training, never edited by hand
       summary.json         per stage: its settings, accuracies and timings
       probe.csv, probe_heads.pt, probe_state.pt (a resumable cache)   (probe)
       memorization.csv, memorization_layers.csv                       (memorization)
       prune.csv, prune_layers.csv; equality.csv, equality.json        (prune, equality)
-      *.png, figures/      figures, redrawn when their data is newer
+      *.png                a stage's own figure; figures/ the report's, named by a hash of
+                           the rows they draw and the plot settings (never stale)
       report.html          the self-contained report
       stages.json          finished stages: when, which weights, which settings
       manifest.json        sha256 of every file written here, to tell a damaged file
@@ -59,7 +67,8 @@ from nclayers.config import (
 )
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_open, atomic_write, dumps_json
-from nclayers.table import Table
+from nclayers.jobs.stages import STAGES as DECLARED
+from nclayers.table import Table, stage_columns
 
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint.pt"
@@ -81,40 +90,30 @@ STAGES = "stages.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 ERROR_LOG = "error.log"
+MEASUREMENTS = "measurements"  # measurements/<stage>-<key>.csv
+MEASURED = "measurements.json"
 
-# Columns that identify a row of layers.csv, those that describe the block, and the
-# measurement columns each stage owns there.
-LAYER_KEYS = ("run", "split", "view", "input", "layer")
-LAYER_DESCRIPTORS = ("block", "dim")
-STAGE_COLUMNS = {
-    "analyze": ("n", "nc1", "cdnv_mean", "nc2", "ncc_acc", "nc1_classic"),
-    "probe": ("probe_acc",),
-}
-# The files a finished stage leaves (equality's, equality[-SPLIT].csv/.json, by its
-# settings): one missing or damaged makes the stage out of date, so a sweep redoes it.
-STAGE_FILES = {
-    "train": (CHECKPOINT, TRAIN_SUMMARY),
-    "analyze": (LAYERS, SUMMARY),
-    "probe": (PROBE, PROBE_HEADS, LAYERS, SUMMARY),
-    "memorization": (MEMORIZATION, MEMORIZATION_LAYERS, SUMMARY),
-    "prune": (PRUNE, PRUNE_LAYERS),
-}
-# What a stage's result depends on besides its own settings: the run's weights, and the
-# results of other stages.
-NEEDS_WEIGHTS = ("analyze", "probe", "memorization", "prune")
-DEPENDS_ON = {"equality": ("analyze",), "prune": ()}
-# The config keys whose values a stage's result depends on (prefixes); keys that only
-# say where or how fast (data.dir, device, batch sizes) are left out.
-STAGE_SETTINGS = {
-    "analyze": ("data", "model", "analyze.split", "analyze.reference",
-                "analyze.reference_subset", "analyze.classic_nc1", "analyze.amp",
-                "analyze.task", "analyze.top_k", "run"),
-    "probe": ("data", "model", "probe", "analyze.task", "analyze.top_k", "run"),
-    "memorization": ("data", "model", "analyze.amp", "run"),
-    "prune": ("data", "model", "prune", "equality", "train", "analyze.task", "analyze.top_k",
-              "run"),
-    "equality": ("equality", "run"),
-}  # fmt: skip
+# Columns that identify a row of a measurement (with the measurement itself) and of the
+# layers.csv view (which joins the stages' measurements on them), those that describe the
+# block, and the measurement columns each stage owns there.
+LAYER_KEYS = ("split", "view", "input", "block")
+LAYER_DESCRIPTORS = ("run", "layer", "dim")
+# Each stage's declaration (`nclayers.jobs.stages`) gives these tables: the columns it
+# measures into layers.csv (declared with the column schema), the files a finished stage
+# leaves (equality's, equality[-SPLIT].csv/.json, by its settings; one missing or damaged
+# makes the stage out of date, so a sweep redoes it), which stages measure the weights,
+# whose results another's depend on, and the config keys (prefixes) whose values a
+# stage's result depends on; keys that only say where or how fast (data.dir, device,
+# batch sizes) are left out.
+STAGE_COLUMNS = {s.name: stage_columns(s.name) for s in DECLARED if stage_columns(s.name)}
+STAGE_FILES = {s.name: s.files for s in DECLARED if s.files}
+NEEDS_WEIGHTS = tuple(s.name for s in DECLARED if s.weights)
+DEPENDS_ON = {s.name: s.depends_on for s in DECLARED if s.depends_on}
+STAGE_SETTINGS = {s.name: s.settings for s in DECLARED if s.name != "train"}
+# Stages whose results are measurements kept per settings (measurements/<stage>-<key>.csv),
+# and those of them joined into the layers.csv view, in column order.
+MEASURING = tuple(s.name for s in DECLARED if s.measured)
+VIEW_STAGES = tuple(s for s in MEASURING if s in STAGE_COLUMNS)
 UNSTEERING = ("data.dir", "data.download", "data.workers", "data.decoder",
               "probe.eval_batch_size", "model.checkpoint")  # fmt: skip
 
@@ -180,8 +179,9 @@ class RunFolder:
                 log.warning("%s is in use by another process; waiting for it", self.path)
             self._lock.acquire()
         if self._lock.lock_counter == 1:  # the first holder: clear writes torn by a kill
-            for torn in self.path.glob(".*.tmp"):
-                torn.unlink(missing_ok=True)
+            for pattern in (".*.tmp", f"{MEASUREMENTS}/.*.tmp", "figures/.*.tmp"):
+                for torn in self.path.glob(pattern):
+                    torn.unlink(missing_ok=True)
         try:
             yield self
         finally:
@@ -199,6 +199,19 @@ class RunFolder:
             path = atomic_write(self.file(name), data)
             self._record(name, sha, len(raw))
         return path
+
+    def append(self, name: str, text: str) -> Path:
+        """Add `text` to the end of a log file (train.log, error.log), written like every
+        other file: the whole file atomically, checksummed. A log damaged by something
+        else is started over rather than refused (it is only a log)."""
+        if not self.writes:
+            return self.file(name)
+        with self.lock(wait_message=False):
+            try:
+                old = self.read_bytes(name).decode("utf-8", "replace") if self.exists(name) else ""
+            except NCLayersError:
+                old = ""
+            return self.write(name, old + text)
 
     def write_json(self, name: str, obj: Any) -> Path:
         return self.write(name, dumps_json(obj))
@@ -232,6 +245,17 @@ class RunFolder:
             if plot(drawn) is None or not drawn.is_file():
                 return None
             return self.write(name, drawn.read_bytes())
+
+    def draw_all(self, plot: Callable[[Path], Any], under: str = "") -> list[Path]:
+        """Every file `plot(tmpdir)` writes into a temporary folder, written into this
+        folder (below `under`) like every other file."""
+        if not self.writes:
+            return []
+        with tempfile.TemporaryDirectory(prefix="nclayers-") as tmp:
+            plot(Path(tmp))
+            drawn = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+            return [self.write(f"{under}/{p.name}" if under else p.name, p.read_bytes())
+                    for p in drawn]  # fmt: skip
 
     def remove(self, *names: str) -> None:
         if not self.writes:
@@ -342,6 +366,7 @@ class RunFolder:
         """Refuse now, before a stage writes anything, when a file it reads later (to
         write it back: layers.csv, summary.json, stages.json) is damaged: a stage never
         fails halfway with some of its files rewritten."""
+        self.check_layout()
         for name in names:
             if not self.exists(name):
                 continue
@@ -438,7 +463,13 @@ class RunFolder:
         }
         if stage in NEEDS_WEIGHTS:
             record["weights"] = self.weights(cfg)
+        if stage in MEASURING:
+            record["key"] = measurement_key(stage, cfg)
+            measured = self.measurements()
+            self.write_json(MEASURED, {**measured, record["key"]: {"stage": stage, **record}})
         stages[stage] = record
+        if stage in VIEW_STAGES:  # the view first: a kill between leaves the stage not done
+            self.refresh_layers(stages)
         self.write_json(STAGES, stages)
         return record
 
@@ -453,6 +484,13 @@ class RunFolder:
         record = stages.get(stage)
         if record is None:
             return "missing"
+        if stage in MEASURING:
+            if "key" not in record:
+                return f"out of date: {self._older_layout()}"
+            found = self.measurement(stage, cfg)
+            if found is None:  # measured, but not at these settings
+                return self._settings_changed(stage, cfg, record) or "missing"
+            record = found
         broken = self._broken_output(stage, cfg)
         if broken:
             return f"out of date: {broken}"
@@ -472,6 +510,9 @@ class RunFolder:
         for dep in DEPENDS_ON.get(stage, ()):
             if (record.get("inputs") or {}).get(dep) != stages.get(dep, {}).get("id"):
                 return f"out of date: {dep} ran again since"
+        return self._settings_changed(stage, cfg, record) or "done"
+
+    def _settings_changed(self, stage: str, cfg: Config, record: dict) -> str | None:
         settings = stage_settings(stage, cfg)
         then = canonical_settings(record.get("settings") or {})
         # A key added to nclayers after the stage ran had its default value then.
@@ -483,10 +524,14 @@ class RunFolder:
         )
         if keys:
             return f"out of date: settings changed ({', '.join(keys[:4])})"
-        return "done"
+        return None
 
     def stage_files(self, stage: str, cfg: Config) -> tuple[str, ...]:
         """The files `stage` (run with `cfg`) leaves in the folder."""
+        if stage in MEASURING:
+            found = self.measurement(stage, cfg)
+            key = found["key"] if found else measurement_key(stage, cfg)
+            return (measurement_file(stage, key), *STAGE_FILES.get(stage, ()))
         if stage == "equality":
             stem = equality_stem(cfg.equality)
             return (f"{stem}.csv", f"{stem}.json")
@@ -548,34 +593,190 @@ class RunFolder:
             "model.untrained=true to measure the model as initialised"
         )
 
+    # ----------------------------------------------------------------- measurements
+    def measurements(self) -> dict[str, dict]:
+        """Every measurement kept in the folder: key -> its record (stage, settings,
+        weights, when)."""
+        measured = self.read_json(MEASURED)
+        if not all(isinstance(v, dict) for v in measured.values()):
+            raise self.damaged(MEASURED, "expected one object per measurement")
+        return measured
+
+    def measurement(self, stage: str, cfg: Config) -> dict | None:
+        """The record of `stage`'s measurement at `cfg`'s settings (None: not measured so).
+        A settings key added to nclayers later counts at its default value."""
+        want = stage_settings(stage, cfg)
+        default = stage_settings(stage, Config())
+        exact = self.measurements().get(measurement_key(stage, cfg))
+        if exact is not None and exact.get("stage") == stage:
+            return exact
+        for record in reversed(self.measurements().values()):
+            then = canonical_settings(record.get("settings") or {})
+            if record.get("stage") == stage and all(
+                then.get(k, default.get(k)) == want.get(k, default.get(k)) for k in {*then, *want}
+            ):
+                return record
+        return None
+
+    def save_measurement(self, stage: str, cfg: Config, rows: Iterable[dict]) -> Table:
+        """Keep a stage's rows as its measurement at `cfg`'s settings (replacing the one
+        made with the same settings); `mark_done` then records it and redraws the view."""
+        key = measurement_key(stage, cfg)
+        table = Table({"measurement": key, **r} for r in rows)
+        self.write_table(measurement_file(stage, key), table)
+        return table
+
+    def measured_rows(self, stage: str, cfg: Config | None = None) -> Table:
+        """The rows of `stage`'s measurement at `cfg`'s settings (None: its latest, as
+        stages.json records it); an empty Table when there is none."""
+        record = self.measurement(stage, cfg) if cfg is not None else self.stages().get(stage)
+        if not record or "key" not in record:
+            return Table()
+        return self.read_table(measurement_file(stage, record["key"]))
+
     # ----------------------------------------------------------------- layers.csv
     def layers(self) -> Table:
         return self.read_table(LAYERS)
 
-    def merge_layers(self, stage: str, rows: Iterable[dict]) -> Table:
-        """Put a stage's rows into layers.csv: its columns are cleared everywhere first, so
-        running a stage again replaces what it wrote and never mixes two runs of it."""
-        owned = STAGE_COLUMNS[stage]
-        table = self.layers()
-        for row in table:
-            for col in owned:
-                row.pop(col, None)
-        index = {_row_key(r): r for r in table}
-        for new in rows:
-            key = _row_key(new)
-            kept = {k: new.get(k) for k in (*LAYER_KEYS, *LAYER_DESCRIPTORS) if k in new}
-            values = {k: v for k, v in new.items() if k in owned}
-            if key in index:
-                index[key].update(values)
-                for k, v in kept.items():
-                    index[key].setdefault(k, v)
-            else:
-                index[key] = {**kept, **values}
-                table.append(index[key])
-        measured = {c for cols in STAGE_COLUMNS.values() for c in cols}
-        table = Table(r for r in table if any(r.get(c) is not None for c in measured))
-        self.write_table(LAYERS, table)
+    def layers_at(self, cfg: Config | None = None, stages: dict | None = None) -> Table:
+        """The layers view: per stage, its measurement at `cfg`'s settings (None: the
+        latest) made with the weights the run holds now, joined on the block's row key.
+        A value is never shown on a row of another block."""
+        try:
+            now = self.checkpoint_sha() if self.exists(CHECKPOINT) else None
+        except NCLayersError:
+            now = None
+        tables = []
+        stages = self.stages() if stages is None else stages
+        for stage in VIEW_STAGES:
+            record = self.measurement(stage, cfg) if cfg else stages.get(stage)
+            if not record or "key" not in record:
+                continue
+            then = (record.get("weights") or {}).get("sha256")
+            if (record.get("weights") or {}).get("file") == CHECKPOINT and then != now:
+                continue  # measured on weights the run no longer holds
+            tables.append((stage, self.read_table(measurement_file(stage, record["key"]))))
+        return join_layers(tables)
+
+    def refresh_layers(self, stages: dict | None = None) -> Table:
+        """Write layers.csv again from the measurements `stages` (default: stages.json)
+        records (removed when none is current)."""
+        table = self.layers_at(stages=stages)
+        if table:
+            self.write_table(LAYERS, table)
+        elif self.exists(LAYERS) and (stages or self.stages()):
+            self.remove(LAYERS)
         return table
+
+    def merge_layers(self, stage: str, rows: Iterable[dict], cfg: Config | None = None) -> Table:
+        """Keep `rows` as `stage`'s measurement and show them in layers.csv (tests and
+        tools that hold rows without a job; jobs use `save_measurement` + `mark_done`)."""
+        cfg = cfg or Config()
+        self.save_measurement(stage, cfg, rows)
+        key = measurement_key(stage, cfg)
+        stages = self.stages()
+        record = {"key": key, "settings": stage_settings(stage, cfg), "weights": {}}
+        stages[stage] = {**stages.get(stage, {}), **record}
+        self.write_json(MEASURED, {**self.measurements(), key: {"stage": stage, **record}})
+        table = self.refresh_layers(stages)
+        self.write_json(STAGES, stages)
+        return table
+
+    # ----------------------------------------------------------------- older layouts
+    def _older_layout(self) -> str:
+        return (f"{self.path} was written by an older nclayers (layers.csv keyed by layer "
+                f"index); convert it with `nclayers upgrade {self.path}`")  # fmt: skip
+
+    def is_older_layout(self) -> bool:
+        if not self.exists(STAGES):
+            return False
+        stages = self.stages()
+        return any(s in stages and "key" not in stages[s] for s in MEASURING)
+
+    def check_layout(self) -> None:
+        """Refuse, in one line saying how to convert it, a folder of the older layout."""
+        if self.is_older_layout():
+            raise NCLayersError(self._older_layout())
+
+    def upgrade(self) -> list[str]:
+        """Convert a folder of the older layout: each recorded measuring stage's values in
+        layers.csv (memorization.csv) become its measurement at its recorded settings.
+        Returns the stages converted."""
+        if not self.exists(STAGES):
+            raise NCLayersError(
+                f"upgrade: {str(self.path)!r} holds no {STAGES}; pass a run folder written "
+                "by nclayers"
+            )
+        with self.lock():
+            stages, done = self.stages(), []
+            layers = self.layers() if self.exists(LAYERS) else Table()
+            for stage in MEASURING:
+                record = stages.get(stage)
+                if not record or "key" in record:
+                    continue
+                settings = record.get("settings") or {}
+                key = _key(stage, canonical_settings(settings))
+                if stage == "memorization":
+                    rows = self.read_table(MEMORIZATION) if self.exists(MEMORIZATION) else Table()
+                else:
+                    owned = STAGE_COLUMNS[stage]
+                    rows = Table(
+                        {k: v for k, v in r.items() if k not in _other_columns(stage)}
+                        for r in layers
+                        if any(r.get(c) is not None for c in owned)
+                    )
+                self.write_table(measurement_file(stage, key),
+                                 Table({"measurement": key, **r} for r in rows))  # fmt: skip
+                record["key"] = key
+                self.write_json(MEASURED, {**self.measurements(), key: {"stage": stage, **record}})
+                done.append(stage)
+            self.write_json(STAGES, stages)
+            self.refresh_layers()
+        return done
+
+
+def measurement_key(stage: str, cfg: Config) -> str:
+    """A short hash of the settings that change a stage's numbers (`stage_settings`)."""
+    return _key(stage, stage_settings(stage, cfg))
+
+
+def _key(stage: str, settings: dict) -> str:
+    text = json.dumps({"stage": stage, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def measurement_file(stage: str, key: str, part: str = "") -> str:
+    """A measurement's rows (or another of its tables, `part`, e.g. the probe's history)."""
+    return f"{MEASUREMENTS}/{stage}-{key}{'-' + part if part else ''}.csv"
+
+
+def _other_columns(stage: str) -> set[str]:
+    return {c for s, cols in STAGE_COLUMNS.items() if s != stage for c in cols}
+
+
+def join_layers(tables: Sequence[tuple[str, Table]]) -> Table:
+    """Join the stages' measurements on (split, view, input, block): each stage's columns
+    come from its own rows only; `measurement` says which measurement gave the row's
+    values (`stage=key`, one per stage)."""
+    index: dict[tuple, dict] = {}
+    order: dict[str, dict] = {"split": {}, "view": {}}
+    for stage, rows in tables:
+        owned = STAGE_COLUMNS[stage]
+        for r in rows:
+            key = _row_key(r)
+            for k in order:
+                order[k].setdefault(r.get(k) or "", len(order[k]))
+            row = index.setdefault(key, {k: r.get(k) for k in ("run", *LAYER_KEYS) if k in r})
+            for k in LAYER_DESCRIPTORS:
+                if row.get(k) in (None, "") and r.get(k) not in (None, ""):
+                    row[k] = r.get(k)
+            row.update({k: r.get(k) for k in owned if k in r})
+            tag = f"{stage}={r.get('measurement')}"
+            row["measurement"] = " ".join(filter(None, [row.get("measurement"), tag]))
+    rows = sorted(index.values(), key=lambda r: (
+        order["split"].get(r.get("split") or "", 0), order["view"].get(r.get("view") or "", 0),
+        r.get("input") or "", r.get("layer") or 0))  # fmt: skip
+    return Table(rows)
 
 
 def check_edited_config(folder: RunFolder) -> None:

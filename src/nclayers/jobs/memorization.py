@@ -41,8 +41,15 @@ from nclayers.data import (
     with_changed_views,
 )
 from nclayers.errors import NCLayersError
-from nclayers.jobs.common import load_model, run_folder
-from nclayers.jobs.folder import MEMORIZATION, MEMORIZATION_LAYERS, STAGES, SUMMARY, RunFolder
+from nclayers.jobs.common import load_model, number_blocks, run_folder, sample_inputs
+from nclayers.jobs.folder import (
+    MEASURED,
+    MEMORIZATION,
+    MEMORIZATION_LAYERS,
+    STAGES,
+    SUMMARY,
+    RunFolder,
+)
 from nclayers.memorization import (
     CLEAN_INPUT,
     CORRUPTED_INPUT,
@@ -106,7 +113,7 @@ def _measure(
 ) -> MemorizationResult:
     with folder.lock():
         folder.check_run(cfg)
-        folder.check_inputs(SUMMARY, STAGES)
+        folder.check_inputs(SUMMARY, STAGES, MEASURED)
         ds = load_dataset(cfg.data, "train", cfg.model.name)
         clean_ds = ds.clean_twin() if corrupted else None  # fails here, before any pass
         weights = folder.weights(cfg)
@@ -122,6 +129,9 @@ def _measure(
                 progress=progress, run=cfg.run, extra=extra,
             )  # fmt: skip
             layers[:] = result.blocks
+            numbered = number_blocks(model, result, cfg.model.pool, sample_inputs(data, device))
+            for row, number in zip(result, numbered, strict=True):
+                row["layer"] = number["layer"]  # the block's position in forward order
             return result
 
         t0 = time.perf_counter()
@@ -133,6 +143,7 @@ def _measure(
                     memorization_layers=memorization_layers(ratios),
                     seconds=time.perf_counter() - t0)  # fmt: skip
         summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
+        folder.save_measurement("memorization", cfg, ratios)
         folder.write_table(MEMORIZATION, ratios)
         folder.write_table(MEMORIZATION_LAYERS, rows)
         kind = "corrupted" if corrupted else "noisy"
@@ -188,4 +199,27 @@ def _label_noise(measure, ds, model, cfg) -> tuple[Table, Table, dict]:
     return rows, memorization_ratio(rows), info
 
 
-__all__ = ["FIGURE", "MemorizationResult", "memorization_applies", "memorization_job"]
+def memorization_from_csv(
+    csv: str | Path, out: str | Path | None = None, **options
+) -> tuple[Table, list[Path]]:
+    """Δ per layer from a layers.csv's clean and noisy views (`memorization_ratio`'s
+    options). Written beside it through the folder's store; in a run or sweep folder as
+    memorization-from-layers.csv/.png, never over the memorization stage's own files."""
+    csv = Path(csv)
+    ratios = memorization_ratio(Table.from_csv(csv), **options)
+    folder = RunFolder(Path(out) if out else csv.parent)
+    stem = "memorization" if out or not _holds_results(folder) else "memorization-from-layers"
+    written = [folder.write_table(f"{stem}.csv", ratios)]
+    drawn = folder.draw(f"{stem}.png", lambda path: plot_metric(ratios, "ratio", path,
+                                                               group=("run",)))  # fmt: skip
+    return ratios, written + ([drawn] if drawn else [])
+
+
+def _holds_results(folder: RunFolder) -> bool:
+    """A run folder or a sweep's output folder (whose memorization.csv is a stage's)."""
+    return any(folder.exists(n) for n in ("config.yaml", "stages.json", "sweep.json",
+                                          "manifest.json"))  # fmt: skip
+
+
+__all__ = ["FIGURE", "MemorizationResult", "memorization_applies", "memorization_from_csv",
+           "memorization_job"]  # fmt: skip

@@ -8,8 +8,8 @@ the test split of `cfg.data`, the run's model with its weights, and runs
     probe_heads.pt   the heads (`heads_state`): re-evaluate with `load_heads` +
                      `evaluate_heads`, or use the plain nn.Linear weights under "linear"
     probe_acc.png    probe accuracy against block index
-    layers.csv       its `probe_acc` column (rows of split "test", view "clean"): running
-                     the probe again replaces it
+    measurements/probe-<key>.csv   its `probe_acc` per block (split "test", view
+                     "clean") at these settings, shown in layers.csv joined on block
     summary.json     a "probe" entry: accuracy per block, mode, epochs, timings
 
 After every epoch the heads and optimiser go to probe_state.pt; a probe that is
@@ -33,15 +33,25 @@ from torch import nn
 
 from nclayers.config import Config
 from nclayers.data import TextData
-from nclayers.jobs.common import check_causal, load_model, load_split, measure_setup, run_folder
+from nclayers.jobs.common import (
+    check_causal,
+    load_model,
+    load_split,
+    measure_setup,
+    number_blocks,
+    run_folder,
+    sample_inputs,
+)
 from nclayers.jobs.folder import (
-    LAYERS,
+    MEASURED,
     PROBE,
     PROBE_HEADS,
     PROBE_STATE,
     STAGES,
     SUMMARY,
     RunFolder,
+    measurement_file,
+    measurement_key,
     stage_settings,
 )
 from nclayers.models import find_blocks
@@ -70,7 +80,7 @@ def probe_job(
     try:
         with folder.lock():
             folder.check_run(cfg)
-            folder.check_inputs(LAYERS, SUMMARY, STAGES)
+            folder.check_inputs(SUMMARY, STAGES, MEASURED)
             table = _probe(cfg, folder, model, device, progress and proc.main)
         barrier()
         return table
@@ -121,18 +131,23 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
         channels_last=channels_last, state=state, on_epoch=checkpoint, progress=progress,
         run=cfg.run, next_token=measure.next_token,
     )  # fmt: skip
-    _write(cfg, folder, table, weights, len(train), device)
+    rows = number_blocks(model, table, measure.pool, sample_inputs(test, device))
+    _write(cfg, folder, table, rows, weights, len(train), device)
     return table
 
 
-def _write(cfg: Config, folder: RunFolder, table: Table, weights, train_samples, device) -> None:
+def _write(
+    cfg: Config, folder: RunFolder, table: Table, rows: list, weights, train_samples, device
+) -> None:
     pc = cfg.probe
     summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
-    folder.write_table(PROBE, Table({"run": cfg.run, **r} for r in table.history))
+    history = Table({"run": cfg.run, **r} for r in table.history)
+    folder.write_table(PROBE, history)  # the latest probe's; each one's kept beside its rows
+    folder.write_table(measurement_file("probe", measurement_key("probe", cfg), "history"), history)
     # the heads: tensors, numbers and strings only (loads with weights_only=True)
     folder.save_torch(PROBE_HEADS, {**heads_state(table), "config": cfg.to_dict()})
     # n belongs to the analysis rows (its own sample count); the probe fills its column.
-    folder.merge_layers("probe", [{k: v for k, v in r.items() if k != "n"} for r in table])
+    folder.save_measurement("probe", cfg, [{k: v for k, v in r.items() if k != "n"} for r in rows])
     folder.draw(PROBE_FIGURE, lambda path: plot_metric(table, "probe_acc", path, group=("run",)))
     entry = {
         "settings": stage_settings("probe", cfg),

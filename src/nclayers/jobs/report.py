@@ -12,6 +12,7 @@ each run's settings. Figures are inlined as base64; values are escaped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,21 +32,19 @@ from nclayers.jobs.folder import (
     TRAIN_SUMMARY,
     RunFolder,
 )
+from nclayers.jobs.stages import ORDER, STAGES
 from nclayers.report.html import Figure, Section, render_html
-from nclayers.table import Table
+from nclayers.table import COLUMNS, Table, shown_columns
 
-LAYER_COLUMNS = ["run", "split", "view", "layer", "block", "dim", "n", "nc1", "cdnv_mean",
-                 "nc2", "ncc_acc", "probe_acc"]  # fmt: skip
+LAYER_COLUMNS = ["run", "split", "view", "layer", "block", "dim", "n",
+                 *(c for c in COLUMNS if c in {"cdnv_mean", *shown_columns()})]  # fmt: skip
 RATIO_COLUMNS = ["run", "layer", "block", "nc1_clean", "nc1_noisy", "ratio", "memorizing"]
 KNOWN_TABLES = {LAYERS, MEMORIZATION, DYNAMICS, "runs.csv"}
-STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
+STAGE_ORDER = ORDER
 # A figure can be read when a clean model is well above chance (this many times it) and
 # a noisy one fits this share of its changed labels (Δ needs memorization to mean anything).
-LAYOUT_FIGURE = "figures/layers.png"  # drawn by the report when its data is newer
-DYNAMICS_FIGURE = "figures/nc_dynamics.png"
 # The stage that draws each of a run's own figures (by file stem, before any "-SPLIT").
-FIGURE_STAGES = {"probe_acc": "probe", "memorization": "memorization", "prune": "prune",
-                 "equality": "equality"}  # fmt: skip
+FIGURE_STAGES = {Path(s.figure).stem: s.name for s in STAGES if s.figure}
 ABOVE_CHANCE = 3.0
 FITS_NOISE = 0.9
 
@@ -147,7 +146,19 @@ def stage_status(folder: RunFolder, config: dict) -> dict[str, str]:
     except ValueError:
         return {}
     stages = folder.stages()
-    return {f"stage {s}": folder.status(s, cfg) for s in STAGE_ORDER if s in stages}
+    return {f"stage {s}": folder.status(s, _recorded(cfg, stages[s]))
+            for s in STAGE_ORDER if s in stages}  # fmt: skip
+
+
+def _recorded(cfg, record: dict):
+    """`cfg` with the settings a stage recorded: the report judges the measurement it
+    shows (other weights since, damaged files), not settings the stage was not asked."""
+    if not isinstance(record.get("settings"), dict):
+        return cfg
+    try:
+        return cfg.updated(record["settings"])
+    except (ValueError, NCLayersError):
+        return cfg
 
 
 def _subrun(folder: RunFolder) -> Section:
@@ -162,38 +173,78 @@ def _subrun(folder: RunFolder) -> Section:
 def run_figures(
     folder: RunFolder, layers: Table, ratios: Table, notes: list[str]
 ) -> tuple[list[Figure], list[str]]:
-    """The run's figures: the paper's layout and the NC dynamics, drawn into figures/ when
-    missing, damaged or older than their data, and the stages' own PNGs that are whole;
-    and a note for each stage's PNG left out because it is damaged."""
-    from nclayers.report.figures import plot_layout
+    """The run's figures, each drawn from the rows the report shows (or reused when a
+    drawing of exactly those rows and settings is there: figures/<stem>-<hash>.png): the
+    paper's layout, probe accuracy, Δ, the NC dynamics; and equality's and prune's own
+    figures while their stage is up to date. Any other PNG in the folder is left out."""
+    from nclayers.report.figures import plot_layout, plot_metric
 
     figs, left_out = [], []
-    for p in sorted(folder.path.glob("*.png")):
-        if _whole_png(p) and _as_written(folder, p.name):
-            figs.append(Figure(p, p.name))
-        else:
-            stage = FIGURE_STAGES.get(p.stem.split("-")[0], "the stage that draws it:")
-            left_out.append(f"{p} is damaged and left out; run `nclayers {stage} "
-                            f"{folder.path}` again to redraw it.")  # fmt: skip
-    drawn = folder.file(LAYOUT_FIGURE)
-    sources = [folder.file(n) for n in (LAYERS, MEMORIZATION)]
-    if layers and _older(folder, LAYOUT_FIGURE, sources):
+    if layers:
         noisy = any(r.get("view") == "noisy" for r in layers)
         several = len({r.get("run") for r in layers}) > 1  # one curve per run
-        folder.draw(LAYOUT_FIGURE, lambda path: plot_layout(
+        settings = {"noisy": noisy, "several": several, "notes": notes}
+        drawn = keyed_figure(folder, "layers", [layers, ratios if noisy else Table()], settings,
+                             lambda path: plot_layout(
             layers, path.with_suffix(""), "noisy" if noisy else "clean",
             curves="run" if several else None, memorization=ratios if noisy else None,
             formats=("png",), notes=notes))  # fmt: skip
-    if drawn.is_file():
-        figs.insert(0, Figure(drawn, "NC per block (the paper's layout)"))
+        if drawn:
+            figs.append(Figure(drawn, "NC per block (the paper's layout)"))
+    probed = Table(r for r in layers if r.get("probe_acc") is not None)
+    if probed:
+        drawn = keyed_figure(folder, "probe_acc", [probed], {}, lambda path: plot_metric(
+            probed, "probe_acc", path, group=("run",)))  # fmt: skip
+        figs += [Figure(drawn, "linear-probe accuracy per block")] if drawn else []
+    if ratios:
+        drawn = keyed_figure(folder, "memorization", [ratios], {}, lambda path: plot_metric(
+            ratios, "ratio", path, group=("run",),
+            title="memorization ratio Δ = NC1(clean) / NC1(noisy)"))  # fmt: skip
+        figs += [Figure(drawn, "memorization ratio Δ per block")] if drawn else []
     if folder.exists(DYNAMICS):
         from nclayers.report.dynamics import plot_dynamics
 
-        if _older(folder, DYNAMICS_FIGURE, [folder.file(DYNAMICS)]):
-            dynamics = folder.read_table(DYNAMICS)
-            folder.draw(DYNAMICS_FIGURE, lambda path: plot_dynamics(dynamics, path))
-        figs.append(Figure(folder.file(DYNAMICS_FIGURE), "NC per block during training"))
+        dynamics = folder.read_table(DYNAMICS)
+        drawn = keyed_figure(folder, "nc_dynamics", [dynamics], {},
+                             lambda path: plot_dynamics(dynamics, path))  # fmt: skip
+        figs += [Figure(drawn, "NC per block during training")] if drawn else []
+    own, left_out = _stage_figures(folder)
+    return figs + own, left_out
+
+
+def _stage_figures(folder: RunFolder) -> tuple[list[Figure], list[str]]:
+    """equality's and prune's figures, while their stage is up to date (they are drawn
+    from the stage's own tables, which the report shows too)."""
+    figs, left_out = [], []
+    status = stage_status(folder, _config_dict(folder))
+    for p in sorted(folder.path.glob("*.png")):
+        stage = FIGURE_STAGES.get(p.stem.split("-")[0])
+        if stage not in ("equality", "prune") or status.get(f"stage {stage}") != "done":
+            continue
+        if _whole_png(p) and _as_written(folder, p.name):
+            figs.append(Figure(p, p.name))
+        else:
+            left_out.append(f"{p} is damaged and left out; run `nclayers {stage} "
+                            f"{folder.path}` again to redraw it.")  # fmt: skip
     return figs, left_out
+
+
+def keyed_figure(
+    folder: RunFolder, stem: str, tables: list[Table], settings: dict, plot
+) -> Path | None:
+    """figures/<stem>-<hash>.png, <hash> that of `tables` and `settings`: reused when it is
+    there and whole, drawn otherwise (older drawings of `stem` removed). A figure is thus
+    never shown beside numbers other than those it was drawn from."""
+    text = "\n".join(t.to_csv_text() if t else "" for t in tables)
+    text += json.dumps(settings, sort_keys=True, default=str)
+    name = f"figures/{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.png"
+    path = folder.file(name)
+    if not (path.is_file() and _whole_png(path) and _as_written(folder, name)):
+        if folder.draw(name, plot) is None:
+            return None
+    old = [f"figures/{p.name}" for p in folder.file("figures").glob(f"{stem}-*.png")]
+    folder.remove(*[o for o in old if o != name and len(o) == len(name)])
+    return path
 
 
 def _as_written(folder: RunFolder, name: str) -> bool:
@@ -203,15 +254,6 @@ def _as_written(folder: RunFolder, name: str) -> bool:
     except NCLayersError:
         return False
     return True
-
-
-def _older(folder: RunFolder, name: str, sources: list[Path]) -> bool:
-    """Whether the figure `name` is missing, damaged or older than any of `sources`."""
-    target = folder.file(name)
-    if not target.is_file() or not _whole_png(target) or not _as_written(folder, name):
-        return True
-    mtime = target.stat().st_mtime_ns
-    return any(s.is_file() and s.stat().st_mtime_ns > mtime for s in sources)
 
 
 def _whole_png(path: Path) -> bool:
@@ -449,6 +491,31 @@ def plot_paths(
                     "name": layout or "layout"}]  # fmt: skip
     return draw_figures(figures, Path(out) if out else folder, layers, memo or None,
                         info.get("title", ""), info.get("name", "layout"))  # fmt: skip
+
+
+def plot_csv(
+    csv: str | Path, out: str | Path | None = None, split: str | None = None,
+    metrics: list[str] | None = None,
+) -> list[Path]:  # fmt: skip
+    """`nclayers plot FILE.csv`: a layers.csv's per-block metrics (or nc_dynamics.csv's
+    curves), written beside it (or into `out`) through the folder's store. The report
+    never embeds them: it draws its own figures from the rows it shows."""
+    from nclayers.report.figures import plot_layers, plot_metric
+
+    table = Table.from_csv(csv)
+    folder = RunFolder(Path(out) if out else Path(csv).parent)
+    if split:
+        table = table.where(split=split)
+    if any(r.get("epoch") is not None for r in table):  # train's nc_dynamics.csv
+        from nclayers.report.dynamics import plot_dynamics
+
+        chosen = tuple(metrics or ("nc1", "nc2"))
+        return folder.draw_all(lambda tmp: plot_dynamics(table, tmp / f"{Path(csv).stem}.png",
+                                                         chosen))  # fmt: skip
+    if metrics:
+        return folder.draw_all(lambda tmp: [plot_metric(table, m, tmp / f"{m}.png")
+                                            for m in metrics])  # fmt: skip
+    return folder.draw_all(lambda tmp: plot_layers(table, tmp))
 
 
 # ----------------------------------------------------------------------------- files

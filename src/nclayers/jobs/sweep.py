@@ -60,11 +60,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from nclayers.config import Config, compose, weights_settings
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_write, dumps_json
+from nclayers.jobs.stages import ORDER, STAGES
 from nclayers.table import Table
 
 ID_LENGTH = 12
-StageName = Literal["train", "analyze", "probe", "memorization", "prune", "equality"]
-STAGE_ORDER = ("train", "analyze", "probe", "memorization", "prune", "equality")
+STAGE_ORDER = ORDER  # each stage after those it needs (nclayers.jobs.stages)
+StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]
 NOT_APPLICABLE = "n/a"  # the status of a stage that does not apply to a run
 FAILED = ("failed", "blocked")  # the statuses of a stage that did not run to the end
 
@@ -75,23 +76,13 @@ def stage_failed(record: dict) -> bool:
 
 
 # A stage runs after these (when they are in the sweep) and is blocked when they fail.
-NEEDS = {"analyze": ("train",), "probe": ("train",), "memorization": ("train",),
-         "prune": ("train",), "equality": ("analyze",)}  # fmt: skip
+NEEDS = {s.name: s.needs for s in STAGES if s.needs}
 log = logging.getLogger("nclayers.sweep")
 
 
 def stage_jobs() -> dict[str, Callable]:
     """The sweep's stages: each is the plain job of its verb."""
-    from nclayers.jobs.analyze import analyze_job
-    from nclayers.jobs.equality import equality_job
-    from nclayers.jobs.memorization import memorization_job
-    from nclayers.jobs.probe import probe_job
-    from nclayers.jobs.prune import prune_job
-    from nclayers.jobs.train import train_job
-
-    return {"train": train_job, "analyze": analyze_job, "probe": probe_job,
-            "memorization": memorization_job, "prune": prune_job,
-            "equality": equality_job}  # fmt: skip
+    return {s.name: s.load() for s in STAGES}
 
 
 # ----------------------------------------------------------------------------- the file
@@ -197,6 +188,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         raise NCLayersError(f"{path}: expected a mapping at the top level")
     run_overrides, sweep_overrides = _split_overrides(overrides)
     spec = _spec(raw, path, sweep_overrides)
+    _check_axis_names(spec.axes, path)
     axes = {a: _axis_values(a, v, str(path)) for a, v in spec.axes.items()}
     bases = _bases(spec, path)
     runs = []
@@ -300,14 +292,31 @@ def _axis_values(axis: str, values: list, where: str) -> list[tuple[str, dict]]:
 
 
 def _check_distinct(runs: list[Run], path: Path) -> None:
+    """Two grid points may share a run (an axis over how it is measured: the run is
+    trained once, measured per settings), but not every setting."""
     seen: dict[str, Run] = {}
     for r in runs:
-        if r.id in seen:
+        key = json.dumps(r.config.to_dict(), sort_keys=True, default=str)
+        if key in seen:
             raise NCLayersError(
-                f"{path}: runs {seen[r.id].index} and {r.index} resolve to the same run "
-                f"({seen[r.id].labels} vs {r.labels}); an axis value changes nothing"
+                f"{path}: runs {seen[key].index} and {r.index} resolve to the same run and "
+                f"settings ({seen[key].labels} vs {r.labels}); an axis value changes nothing"
             )
-        seen[r.id] = r
+        seen[key] = r
+
+
+def _check_axis_names(axes: Mapping[str, Any], path: Path) -> None:
+    """An axis becomes a column of the sweep's tables: it may not be named like one of
+    their data columns (split, view, layer, block, n, run, ...)."""
+    from nclayers.table import COLUMNS
+
+    for axis in axes:
+        if axis in COLUMNS:
+            raise NCLayersError(
+                f"{path}: axis {axis!r} has the name of a column of the sweep's tables; "
+                f"rename the axis (e.g. {axis}_: [...], or model_{axis}) and give its values "
+                "as mappings {label: ..., key: value}"
+            )
 
 
 def _check_figure(fig: FigureSpec, axes: dict, path: Path) -> dict:
@@ -407,9 +416,10 @@ def _run_stage(job: Callable, name: str, run: Run, folder, progress: bool) -> di
         error = f"{type(err).__name__}: {err} (a bug in nclayers; traceback in error.log)"
         trace = traceback.format_exc()
         log.error("%s", trace)
-    folder.mkdir()
-    with open(folder.file("error.log"), "a") as f:
-        f.write(f"--- stage {name}, {time.ctime()}\n{trace}\n")
+    try:
+        folder.append("error.log", f"--- stage {name}, {time.ctime()}\n{trace}\n")
+    except NCLayersError as why:  # e.g. a damaged manifest: the error is still recorded
+        log.warning("%s not written: %s", folder.file("error.log"), why)
     return {"status": "failed", "seconds": time.perf_counter() - t0, "error": error}
 
 
@@ -432,7 +442,7 @@ def _describe(run: Run) -> str:
 def collect(sweep: Sweep) -> dict:
     """Gather every run's tables into ROOT/<name>/: layers.csv, memorization.csv,
     probe.csv (when any run has one), runs.csv; then draw the figures."""
-    from nclayers.jobs.folder import LAYERS, MEMORIZATION, PROBE, RunFolder
+    from nclayers.jobs.folder import RunFolder
     from nclayers.jobs.report import draw_figures
 
     out = sweep.out
@@ -447,9 +457,15 @@ def collect(sweep: Sweep) -> dict:
         if row.get("notes"):
             notes.append(f"{_describe(run)}: {row['notes']}")
         got: dict[str, Table] = {}
-        for key, name in (("layers", LAYERS), ("memorization", MEMORIZATION), ("probe", PROBE)):
+        # The measurements made with this sweep's settings (another sweep sharing the run
+        # may have measured it differently since).
+        reads = {"layers": lambda f, c: f.layers_at(c),
+                 "memorization": lambda f, c: _columns_out(f.measured_rows("memorization", c),
+                                                           "measurement"),
+                 "probe": _probe_history}  # fmt: skip
+        for key, read in reads.items():
             try:
-                got[key] = folder.read_table(name)
+                got[key] = read(folder, run.config)
             except NCLayersError as err:  # a damaged table is reported, the others gathered
                 got[key] = Table()
                 row["errors"] = "; ".join(filter(None, [row.get("errors"), str(err)]))
@@ -494,9 +510,9 @@ def _run_row(sweep: Sweep, run: Run, folder, damaged: list[str]) -> dict:
             row[name] = rec["status"] if kept else now
         train = folder.read_json(TRAIN_SUMMARY)
         final = train.get("final") or {}
-        from nclayers.jobs.folder import MEMORIZATION
-
-        ratios = folder.read_table(MEMORIZATION) or _ratios(folder.layers())
+        ratios = folder.measured_rows("memorization", run.config) or _ratios(
+            folder.layers_at(run.config)
+        )
         row.update(
             test_acc=final.get("test_acc"), train_acc=final.get("train_acc"),
             memorized=(train.get("label_noise") or {}).get("memorized"),
@@ -509,6 +525,20 @@ def _run_row(sweep: Sweep, run: Run, folder, damaged: list[str]) -> dict:
         damaged.append(f"run {run.index}: {err}")
     row.update(errors="; ".join(errors) or None, folder=str(run.folder))
     return row
+
+
+def _probe_history(folder, cfg: Config) -> Table:
+    """The probe's per-epoch history at the sweep's settings (the folder's latest
+    probe.csv for a probe recorded before histories were kept per measurement)."""
+    from nclayers.jobs.folder import PROBE, measurement_file
+
+    record = folder.measurement("probe", cfg)
+    name = measurement_file("probe", record["key"], "history") if record else None
+    return folder.read_table(name if name and folder.exists(name) else PROBE)
+
+
+def _columns_out(rows: Table, *names: str) -> Table:
+    return Table({k: v for k, v in r.items() if k not in names} for r in rows)
 
 
 def _ratios(rows: Table) -> Table:

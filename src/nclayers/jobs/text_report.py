@@ -17,10 +17,10 @@ from nclayers.prune import prune_summary
 from nclayers.report.figures import new_figure, save_figure
 from nclayers.report.html import Figure, Section, render_html
 from nclayers.report.prune_figures import plot_prune
-from nclayers.table import Table
+from nclayers.table import Table, shown_columns
 
 FIGURE = "text_demo.png"
-LAYER_COLUMNS = ["layer", "block", "dim", "n", "nc1", "nc2", "ncc_acc", "probe_acc"]
+LAYER_COLUMNS = ["layer", "block", "dim", "n", *shown_columns()]
 PRUNE_COLUMNS = ["variant", "n_removed", "layers", "blocks", "perplexity", "test_acc",
                  "nc1_last"]  # fmt: skip
 RUN_TITLES = {"lm": "language model (next-token classes, every position)",

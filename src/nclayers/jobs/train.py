@@ -345,6 +345,17 @@ def _after_epoch(cfg, folder, proc, s: _Setup, record, history, t0, first, end, 
             "epoch": epoch, "history": history, "rng": states, "world": proc.world,
             "config": cfg.to_dict(),
         })  # fmt: skip
+        _drop_stale_values(folder)
+
+
+def _drop_stale_values(folder: RunFolder) -> None:
+    """layers.csv shows only measurements of the weights the folder holds: once the
+    checkpoint changed, it is written again without the older ones (they are kept in
+    measurements/ and say they are out of date)."""
+    try:
+        folder.refresh_layers()
+    except NCLayersError as err:  # a damaged measurement: said, training goes on
+        log.warning("layers.csv not updated: %s", err)
 
 
 def _finish(cfg, folder, proc, device, s: _Setup, history, seconds, progress) -> TrainResult:
@@ -394,21 +405,20 @@ def _trim_dynamics(folder: RunFolder, epoch: int) -> None:
 
 def _outputs(folder: RunFolder, proc: Distributed, start: _Start, tensorboard: bool):
     """(say, board, close): the epoch lines to train.log and the log, TensorBoard."""
-    logfile, board = None, None
-    if proc.main and folder.writes:
-        logfile = open(folder.mkdir().file(TRAIN_LOG), "a" if start.state else "w")
+    board, logs = None, proc.main and folder.writes
+    if logs:
+        if not start.state:  # a new training starts a new log
+            folder.write(TRAIN_LOG, "")
         if tensorboard:
             board = _tensorboard(folder, start.epoch + 1 if start.state else None)
 
     def say(line: str) -> None:
-        if logfile is not None:
-            print(line, file=logfile, flush=True)
+        if logs:
+            folder.append(TRAIN_LOG, line + "\n")  # through the folder's store: checksummed
         if proc.main:
             log.info(line)
 
     def close() -> None:
-        if logfile is not None:
-            logfile.close()
         if board is not None:
             board.close()
 

@@ -7,17 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nclayers.errors import NCLayersError
-from nclayers.table import Table
-
-LABELS = {
-    "nc1": "NC1 (sum of CDNV)",
-    "cdnv_mean": "mean CDNV",
-    "nc2": "NC2 (distance to ETF)",
-    "ncc_acc": "NCC accuracy",
-    "probe_acc": "linear-probe accuracy",
-    "ratio": "memorization ratio Δ = NC1 clean / NC1 noisy",
-}
-LOG_SCALE = {"nc1", "cdnv_mean"}
+from nclayers.table import LABELS, LOG_SCALE, Table, shown_columns
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
@@ -104,7 +94,7 @@ def plot_layers(table: Table, out: str | Path, prefix: str = "") -> list[Path]:
     """The standard per-layer figures of a layers table, as PNG files in `out`."""
     out = Path(out)
     written = []
-    for metric in ("nc1", "nc2", "ncc_acc", "probe_acc"):
+    for metric in shown_columns():
         p = plot_metric(table, metric, out / f"{prefix}{metric}.png")
         if p:
             written.append(p)
