@@ -533,8 +533,11 @@ def _probe_history(folder, cfg: Config) -> Table:
     from nclayers.jobs.folder import PROBE, measurement_file
 
     record = folder.measurement("probe", cfg)
-    name = measurement_file("probe", record["key"], "history") if record else None
-    return folder.read_table(name if name and folder.exists(name) else PROBE)
+    latest = (folder.stages().get("probe") or {}).get("key")
+    if record is None or record["key"] == latest:  # the folder's probe.csv is this one
+        return folder.read_table(PROBE)
+    name = measurement_file("probe", record["key"], "history")
+    return folder.read_table(name if folder.exists(name) else PROBE)
 
 
 def _columns_out(rows: Table, *names: str) -> Table:
