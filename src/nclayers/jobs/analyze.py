@@ -33,7 +33,7 @@ from nclayers.errors import NCLayersError
 from nclayers.jobs.common import load_model, load_split, measure_setup, run_folder
 from nclayers.jobs.folder import LAYERS, STAGES, SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
-from nclayers.runtime import barrier, setup_distributed
+from nclayers.runtime import barrier, setup_distributed, speed_switches
 from nclayers.table import Table
 from nclayers.train import is_convnet
 
@@ -77,9 +77,9 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
         folder.check_run(cfg)  # before any work: another run's folder, no weights
         folder.check_inputs(LAYERS, SUMMARY, STAGES)
         weights = folder.weights(cfg)
-        model = (model or load_model(cfg, folder, num_classes)).to(device)
+        model = (model if model is not None else load_model(cfg, folder, num_classes)).to(device)
         blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
-        channels_last = ac.channels_last and device.type == "cuda" and is_convnet(model)
+        channels_last = ac.channels_last and speed_switches(device) and is_convnet(model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
 
