@@ -160,7 +160,7 @@ def test_compiled_model_analysis_on_the_cpu_equals_eager(digits, model):
     import torch._dynamo
 
     torch._dynamo.reset()
-    train, test = digits
+    _, test = digits
     eager = analyze(model, DeviceBatches(test, 100), 10, amp=False, progress=False)
     before = compiled_graphs()
     compiled = analyze(torch.compile(model), DeviceBatches(test, 100), 10, amp=False,
