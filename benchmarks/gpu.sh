@@ -50,7 +50,7 @@ DEVICE=cuda WIDTH=64 BATCH=1000 SIZES=() TRAIN_SIZES=() TRAIN_STEPS=() SLOW=1
 IMAGENET=(--workers 16 --per-class 20 --k1000-per-class 2 --repeats 2 --analyze-passes 2)
 HF=(--sequences 4096 --repeats 3) PROBE=(--samples 10000 --epochs 2)
 if [ "${GPU_SH_SMOKE:-0}" = 1 ]; then
-  SLOW=3 BUDGET=175
+  SLOW=${GPU_SH_SLOW:-2} BUDGET=${GPU_BUDGET:-175}  # more for a CPU shared with other work
   DEVICE=cpu WIDTH=4 BATCH=100 SIZES=(--images 200 --repeats 1)
   TRAIN_SIZES=(data.train_subset=300 data.test_subset=200 analyze.batch_size=100)
   TRAIN_STEPS=(--images 300 --steps 2 --repeats 1 --workers 1)
@@ -88,7 +88,9 @@ step() {
   tail -n 6 "$LOGS/$name.log"
 }
 
-if [ "$DEVICE" = cpu ]; then ENV_DEVICES=(--device cpu); else ENV_DEVICES=(); fi
+# The smoke run leaves out inductor's compile check (a minute of C++ on two shared cores;
+# tests/test_gpu_paths.py and tests/test_env.py run it).
+if [ "$DEVICE" = cpu ]; then ENV_DEVICES=(--device cpu --skip compile); else ENV_DEVICES=(); fi
 step env_check 40 "$PYTHON" -m nclayers.cli env --check ${ENV_DEVICES[@]+"${ENV_DEVICES[@]}"}
 step analyze_resnet18 30 "$PYTHON" benchmarks/analyze_overhead.py --device "$DEVICE" \
   --data-dir "$DATA" --model resnet18 --width "$WIDTH" --batch-size "$BATCH" ${SIZES[@]+"${SIZES[@]}"} \

@@ -294,7 +294,7 @@ def cmd_env(args) -> int:
     if not args.check:
         return 0
     print("self-check:")
-    checks = self_check(args.device or None)
+    checks = self_check(args.device or None, args.skip or ())
     for check in checks:
         print("  " + check.line(), flush=True)
     return 0 if all(c.ok for c in checks) else 1
@@ -495,6 +495,8 @@ def _sweep_verbs(sub) -> None:
     )
     p.add_argument("--check", action="store_true", help="decode, bf16, compile and reduce checks")
     p.add_argument("--device", action="append", help="check only this device (repeatable)")
+    p.add_argument("--skip", action="append", help="leave out a check: decode, bf16, compile, "
+                   "gloo or nccl (repeatable)")  # fmt: skip
     p.set_defaults(fn=cmd_env)
 
 

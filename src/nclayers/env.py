@@ -234,23 +234,35 @@ def check_reduce(backend: str) -> str:
     return "2 processes' class statistics reduce to one process's"
 
 
-def self_check(devices=None) -> list[Check]:
-    """Every check on every device (default: the CPU and each GPU), one `Check` each."""
+CHECKS = ("decode", "bf16", "compile", "gloo", "nccl")
+
+
+def self_check(devices=None, skip=()) -> list[Check]:
+    """Every check (but those named in `skip`) on every device (default: the CPU and each
+    GPU), one `Check` each."""
     import torch
+
+    from nclayers.errors import NCLayersError
+
+    unknown = sorted(set(skip) - set(CHECKS))
+    if unknown:
+        raise NCLayersError(f"--skip {unknown[0]}: not a check; choose from {', '.join(CHECKS)}")
 
     if devices is None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         devices = ["cpu", *(f"cuda:{i}" for i in range(count))]
+    per_device = {"decode": check_decode, "bf16": check_bf16, "compile": check_compile}
     checks = []
     for name in devices:
         device = torch.device(name)
-        checks.append(_timed(name, "decode", lambda d=device: check_decode(d)))
-        checks.append(_timed(name, "bf16", lambda d=device: check_bf16(d)))
-        checks.append(_timed(name, "compile", lambda d=device: check_compile(d)))
-    checks.append(_timed("cpu", "gloo", lambda: check_reduce("gloo")))
-    if sum(str(d).startswith("cuda") for d in devices) >= 2:
+        for check, fn in per_device.items():
+            if check not in skip:
+                checks.append(_timed(name, check, lambda d=device, fn=fn: fn(d)))
+    if "gloo" not in skip:
+        checks.append(_timed("cpu", "gloo", lambda: check_reduce("gloo")))
+    if "nccl" not in skip and sum(str(d).startswith("cuda") for d in devices) >= 2:
         checks.append(_timed("cuda", "nccl", lambda: check_reduce("nccl")))
     return checks
 
 
-__all__ = ["Check", "describe", "huge_pages", "self_check"]
+__all__ = ["CHECKS", "Check", "describe", "huge_pages", "self_check"]
