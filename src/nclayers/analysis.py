@@ -211,8 +211,8 @@ class _Pass:
             return
         plan = self.plan
         if plan.compact is not None:  # positions of no class never count as hits
-            rows, plan = plan.compact
-            logits = logits.index_select(0, rows)
+            kept, plan = plan.compact
+            logits = logits.index_select(0, kept)
         pred = logits.argmax(dim=1)
         if tokens and self.token_classes is not None:
             pred = self._classes(logits.shape[-1])[pred]
