@@ -12,6 +12,8 @@ CUDA), two labels views (true labels and 20% shuffled). Prints and writes:
   two_pass_over_analyze   (two-pass baseline: class means in one pass, variances around
                           them in a second, one index_add_ per statistic, as existing tools
                           do) / (analyze)                                target >= 1.8
+On a CPU shared with other work, `--clock cpu --threads 1` times this process's own CPU
+time on one thread (waiting for a core is the other work's cost, not ours).
 Every variant runs on `--device` with the same input batches, the same autocast (bf16 on
 CUDA unless --no-amp; none on the CPU) and the same memory format (channels_last on
 CUDA). Each variant runs `--repeats` times, interleaved; the median time counts.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -93,6 +96,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (CPU runs only)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--json", help="write the ratios to this JSON file")
     args = p.parse_args()
     if not (Path(args.data_dir) / "cifar-10-batches-py").is_dir():
@@ -100,6 +106,10 @@ def main() -> None:
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and on_cuda:
+        p.error("--clock cpu times CPU runs; use the wall clock on CUDA")
     width = args.width or (64 if on_cuda else 16)
     images = args.images or (10000 if on_cuda else 2000)
     amp = on_cuda and not args.no_amp
@@ -132,6 +142,7 @@ def main() -> None:
         for v, s in layer.items():
             torch.testing.assert_close(s.variances, base[(i, v)], **tol)
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # warm-up
         fn()
@@ -141,10 +152,10 @@ def main() -> None:
             order.reverse()
         for name, fn in order:
             sync()
-            t = time.perf_counter()
+            t = clock()
             fn()
             sync()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "analyze_over_inference": med["analyze"] / med["inference"],
@@ -163,6 +174,8 @@ def main() -> None:
         "channels_last": on_cuda,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "clock": args.clock,
+        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "torch": torch.__version__,
     }
     print(f"{len(test)} CIFAR-10 test images, {args.model} width {width}, {len(table.stats)} "

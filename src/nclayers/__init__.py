@@ -6,23 +6,17 @@
 >>> nclayers.metrics.nc1(features, labels)                    # in-memory arrays
 
 The names below load on first use, so `import nclayers` (and `nclayers --help`) does not
-import torch.
+import torch. Importing it changes nothing process-wide (no environment variable,
+no allocator or thread setting): huge pages for PyTorch's CPU allocator are the user's
+choice, `THP_MEM_ALLOC_ENABLE=1` in the environment (see the README's Benchmarks).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 
 __version__ = "0.1.0"
 
-# PyTorch's CPU allocator backs buffers of 2 MB or more with huge pages when this is set:
-# a ResNet50 pass on the CPU then takes ~30x fewer page faults (966 per image at 224 px
-# instead of 28,944: benchmarks/imagenet_pipeline.py --only analyze, with and without
-# THP_MEM_ALLOC_ENABLE=0). torch reads it once, when it first needs it (after `import
-# torch` still counts, after large tensors may not); THP_MEM_ALLOC_ENABLE=0 in the
-# environment keeps the default.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _LAZY = {
     "analyze": "nclayers.analysis",

@@ -218,7 +218,8 @@ class _Pass:
                 f"{sorted(self.space.names)}; every batch needs the same views"
             )
         labels = [ys[v] for v in self.space.names]
-        self.plan = self.space.plan([y.reshape(-1) if y.ndim == 2 else y for y in labels])
+        tokens = any(y.ndim == 2 for y in labels)  # many positions -1: plan to skip them
+        self.plan = self.space.plan([y.reshape(-1) if y.ndim == 2 else y for y in labels], tokens)
 
     def outputs(self, logits: torch.Tensor, rows: int) -> None:
         """Count the model's hits: its top class against every view's labels. N x T x V
@@ -237,10 +238,14 @@ class _Pass:
             self.readable = False
         if not self.readable:
             return
+        plan = self.plan
+        if plan.compact is not None:  # positions of no class never count as hits
+            kept, plan = plan.compact
+            logits = logits.index_select(0, kept)
         pred = logits.argmax(dim=1)
         if tokens and self.token_classes is not None:
             pred = self._classes(logits.shape[-1])[pred]
-        h = (self.plan.labels == pred).sum(1)
+        h = (plan.labels == pred).sum(1)
         self.hits = h if self.hits is None else self.hits.add_(h)
 
     def _classes(self, vocab: int) -> torch.Tensor:

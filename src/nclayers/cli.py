@@ -322,6 +322,20 @@ def cmd_equality(args) -> None:
         print("wrote " + ", ".join(str(p) for p in result.written))
 
 
+def cmd_env(args) -> int:
+    from nclayers.env import describe, self_check
+
+    for name, value in describe():
+        print(f"{name:<13} {value}")
+    if not args.check:
+        return 0
+    print("self-check:")
+    checks = self_check(args.device or None, args.skip or ())
+    for check in checks:
+        print("  " + check.line(), flush=True)
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def cmd_make_folder(args) -> None:
     from nclayers.data.make_folder import make_image_folder, make_k1000_folder
 
@@ -517,6 +531,16 @@ def _sweep_verbs(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k1000", action="store_true", help="1,000 classes of tiny images")
     p.set_defaults(fn=cmd_make_folder)
+    p = sub.add_parser(
+        "env",
+        help="Versions, devices, threads and huge pages, for a bug report; --check runs a "
+        "self-check of each device (~10 s each).",
+    )
+    p.add_argument("--check", action="store_true", help="decode, bf16, compile and reduce checks")
+    p.add_argument("--device", action="append", help="check only this device (repeatable)")
+    p.add_argument("--skip", action="append", help="leave out a check: decode, bf16, compile, "
+                   "gloo or nccl (repeatable)")  # fmt: skip
+    p.set_defaults(fn=cmd_env)
 
 
 class _Console(logging.StreamHandler):

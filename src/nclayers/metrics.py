@@ -86,13 +86,42 @@ class LabelPlan:
     block's update. `labels` is V x B (int64, as given); `index` the V*B rows of the
     stacked index space, view-major."""
 
-    def __init__(self, views: LabelViews, labels: torch.Tensor, index: torch.Tensor) -> None:
+    def __init__(
+        self, views: LabelViews, labels: torch.Tensor, index: torch.Tensor, sparse: bool = False
+    ) -> None:
         self.views = views
+        self.sparse = sparse  # worth leaving out the samples of no class (`compact`)
         self.labels = labels
         self.index = index
         self.batch = labels.shape[1]
         self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._weight: torch.Tensor | None = None
+        self._compact: tuple[torch.Tensor, LabelPlan] | None = None
+        self._to_compact = sparse  # `compact` not built yet
+
+    @property
+    def compact(self) -> tuple[torch.Tensor, LabelPlan] | None:
+        """(the samples that belong to a class of some view, as int64 positions; the plan
+        of those samples alone), or None where every sample does, or where choosing them
+        would wait for the device. The other samples add only to rows that no statistic
+        reads (label -1, invalid labels: their counts are in `views.counts` already), so
+        leaving them out changes no value: every class row gets the same terms in the
+        same order. Next-token batches keep about half their positions (padding, the
+        last token and tokens outside the top K are -1).
+
+        Built for `sparse` plans (`LabelViews.plan(..., sparse=True)`: token labels) on
+        the CPU only: elsewhere the number of kept samples (`nonzero`) is a read of the
+        device, which the pass never waits for."""
+        if self._to_compact:
+            self._to_compact = False
+            if self.index.device.type == "cpu":
+                y = self.labels
+                keep = ((y >= 0) & (y < self.views.num_classes)).any(0)
+                rows = keep.nonzero().squeeze(1)  # its size is known on the host
+                if rows.shape[0] < self.batch:
+                    index = self.index.view(y.shape[0], -1).index_select(1, rows).reshape(-1)
+                    self._compact = (rows, LabelPlan(self.views, y.index_select(1, rows), index))
+        return self._compact
 
     def first_shift_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows with a sample in this batch, their counts clamped to >= 1), both rows x 1:
@@ -143,8 +172,10 @@ class LabelViews:
         self.counts = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
         self._ones: torch.Tensor | None = None
 
-    def plan(self, labels: Sequence[torch.Tensor]) -> LabelPlan:
-        """Map one batch's labels (one tensor per view, in `names` order) to rows."""
+    def plan(self, labels: Sequence[torch.Tensor], sparse: bool = False) -> LabelPlan:
+        """Map one batch's labels (one tensor per view, in `names` order) to rows.
+        `sparse`: many samples belong to no class (-1), e.g. the positions of next-token
+        labels: the updates may then leave them out (`LabelPlan.compact`)."""
         if len(labels) != len(self.names):
             raise NCLayersError(
                 f"labels: expected {len(self.names)} views {list(self.names)}, got {len(labels)}"
@@ -167,7 +198,7 @@ class LabelViews:
         y = y.to(self.device, torch.int64, non_blocking=async_copy)
         index = (y.clamp(-2, self.num_classes) + self._base).view(-1)
         self.counts.index_add_(0, index, self.ones(index.shape[0]))
-        return LabelPlan(self, y, index)
+        return LabelPlan(self, y, index, sparse)
 
     def ones(self, n: int) -> torch.Tensor:
         """n float64 ones, kept for the next batch of the same size."""
@@ -222,6 +253,9 @@ class BlockStats:
                 f"features: expected shape ({plan.batch}, {self.dim}) (one pooled vector per "
                 f"sample), got {tuple(features.shape)}"
             )
+        if self.shift is not None and plan.compact is not None:  # the first batch: all
+            rows, plan = plan.compact  # samples, for the shift of classes absent from it
+            features = features.index_select(0, rows)
         nv = len(self.views.names)
         x = features.repeat(nv, 1) if nv > 1 else features
         if self.shift is None:
@@ -307,6 +341,9 @@ class BlockNCC:
         return torch.addmm(self.bias, centred, self.weight, out=scores).argmax(1)
 
     def update(self, features: torch.Tensor, plan: LabelPlan) -> BlockNCC:
+        if plan.compact is not None:  # samples of no class never count
+            rows, plan = plan.compact
+            features = features.index_select(0, rows)
         hits = (plan.labels == self.predict(features)).sum(1)
         self.correct = hits if self.correct is None else self.correct.add_(hits)
         return self

@@ -4,7 +4,8 @@ One helper per idea, used by every stage:
 
 - `resolve_device("auto" | "cpu" | "cuda" | "cuda:N")`;
 - `autocast(device, amp)`: bf16 autocast on CUDA when asked, a no-op elsewhere, so CPU
-  results never depend on it;
+  results never depend on it; `speed_switches(device)` says where autocast,
+  channels_last and torch.compile act (`speed_switches_on("cpu")`: on the CPU too);
 - `Distributed`, `setup_distributed`, `world()`, `all_sum`: this process's rank among
   torchrun's processes (nccl on CUDA, gloo on CPU) and the sums that cross them;
 - `progress(iterable, ...)` and `counter(total, ...)`: tqdm bars with rate and ETA, or
@@ -42,10 +43,37 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+# The device types on which the speed switches act when a config or call asks for them:
+# bf16 autocast (`amp`), channels_last and torch.compile. The CPU is not one by default:
+# there they are slower on most cores, and CPU results stay the same whatever the
+# switches say. The code they run is the same on every device: tests add "cpu" here
+# (`speed_switches_on("cpu")`) to run the GPU paths on the CPU.
+SPEED_DEVICES: set[str] = {"cuda"}
+
+
+def speed_switches(device: torch.device | str) -> bool:
+    """Whether bf16 autocast, channels_last and torch.compile act on `device` when asked."""
+    return torch.device(device).type in SPEED_DEVICES
+
+
+@contextlib.contextmanager
+def speed_switches_on(device_type: str):
+    """Let the speed switches act on `device_type` (e.g. "cpu") inside the block: the GPU
+    code paths (bf16 autocast, channels_last, torch.compile) on another device."""
+    added = device_type not in SPEED_DEVICES
+    SPEED_DEVICES.add(device_type)
+    try:
+        yield
+    finally:
+        if added:
+            SPEED_DEVICES.discard(device_type)
+
+
 def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when `amp`; a no-op elsewhere (CPU results never change)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on `device` when `amp` and the speed switches act there (CUDA); a
+    no-op elsewhere (CPU results never change)."""
+    if amp and speed_switches(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -195,5 +223,7 @@ __all__ = [
     "resolve_device",
     "seeded",
     "setup_distributed",
+    "speed_switches",
+    "speed_switches_on",
     "world",
 ]

@@ -17,7 +17,7 @@ no folders (the `nclayers.jobs.train` job owns the run folder, checkpoints and l
   epochs), `step_lr_factor` (the same per optimiser step after a warm-up of
   `train.warmup_steps`, transformers' fine-tuning recipe);
 - speed switches act on CUDA only (bf16 autocast, channels_last, torch.compile), so they
-  never change CPU results;
+  never change CPU results (`runtime.speed_switches`; tests run them on the CPU too);
 - torchrun/DDP: `setup_distributed` joins the process group (nccl on CUDA, gloo on CPU);
   each rank takes its shard of every epoch's permutation; sums are reduced across ranks;
 - exact resume: `rng_state`/`set_rng_state`/`gather_rng_states` and atomic
@@ -75,7 +75,8 @@ def make_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
             "requires_grad=False), so there is nothing to train; measure it as it is "
             "(nclayers analyze ... model.untrained=true, or model.checkpoint=FILE)"
         )
-    # One fused kernel for the whole update on CUDA (the per-parameter loop is launch-bound).
+    # CUDA only: one fused kernel for the whole update (the per-parameter loop is
+    # launch-bound there; on the CPU the plain loop keeps results bit for bit).
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if tc.optimizer == "sgd":
         # The ResNet recipe decays every parameter, as the usual CIFAR code does.
@@ -215,7 +216,8 @@ def batch_loss(
 def _step(model, optimizer, x, y, amp: bool, label_smoothing: float):
     """One optimiser step: (mean loss, number correct, count) as device values."""
     device = input_device(x)
-    if device.type == "cuda" and hasattr(model, "_orig_mod"):  # compiled: a new iteration
+    # CUDA only: CUDA graphs. A compiled model's step is a new iteration for them.
+    if device.type == "cuda" and hasattr(model, "_orig_mod"):
         torch.compiler.cudagraph_mark_step_begin()  # for CUDA graphs (mode="reduce-overhead")
     with autocast(device, amp):
         logits = output_logits(run_model(model, x))
@@ -372,7 +374,9 @@ def fit(
     every rank iterates and the records are identical on all of them.
     """
     proc = proc or Distributed()
-    train_model = train_model or model
+    train_model = (
+        train_model if train_model is not None else model
+    )  # a compiled model has no truth value
     steps = len(train_batches)
     for epoch in epochs:
         lr_at = None

@@ -253,7 +253,7 @@ class FolderBatches:
 
         if name not in DECODERS:
             raise NCLayersError(f"decoder={name!r}: expected one of {DECODERS}")
-        if name == "auto":
+        if name == "auto":  # CUDA only: nvJPEG
             cuda = self.device.type == "cuda" and self.dataset.corruption is None
             return "device" if cuda else "torchvision"
         return name
@@ -291,7 +291,7 @@ class FolderBatches:
             extra = {"prefetch_factor": self.prefetch} if self.workers > 0 else {}
             self._loader = DataLoader(
                 self._reader, batch_size=None, sampler=_Tasks(self), num_workers=self.workers,
-                pin_memory=self.device.type == "cuda", **extra,
+                pin_memory=self.device.type == "cuda", **extra,  # CUDA only: pinned memory
             )  # fmt: skip
         return self._loader
 

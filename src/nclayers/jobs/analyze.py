@@ -42,7 +42,7 @@ from nclayers.jobs.common import (
 )
 from nclayers.jobs.folder import MEASURED, STAGES, SUMMARY, RunFolder, stage_settings
 from nclayers.models import find_blocks
-from nclayers.runtime import barrier, setup_distributed
+from nclayers.runtime import barrier, setup_distributed, speed_switches
 from nclayers.table import Table
 from nclayers.train import is_convnet
 
@@ -86,11 +86,11 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
         folder.check_run(cfg)  # before any work: another run's folder, no weights
         folder.check_inputs(SUMMARY, STAGES, MEASURED)
         weights = folder.weights(cfg)
-        model = (model or load_model(cfg, folder, num_classes)).to(device)
+        model = (model if model is not None else load_model(cfg, folder, num_classes)).to(device)
         if measure.next_token is not None:
             check_causal(model, cfg)
         blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
-        channels_last = ac.channels_last and device.type == "cuda" and is_convnet(model)
+        channels_last = ac.channels_last and speed_switches(device) and is_convnet(model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
 

@@ -117,7 +117,7 @@ def _measure(
         ds = load_dataset(cfg.data, "train", cfg.model.name)
         clean_ds = ds.clean_twin() if corrupted else None  # fails here, before any pass
         weights = folder.weights(cfg)
-        model = (model or load_model(cfg, folder, ds.num_classes)).to(device)
+        model = (model if model is not None else load_model(cfg, folder, ds.num_classes)).to(device)
         blocks = find_blocks(model, cfg.model.blocks, pool=cfg.model.pool)
         layers: list = []  # the measured layers: forward order, a shared block's calls apart
 

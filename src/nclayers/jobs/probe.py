@@ -57,7 +57,7 @@ from nclayers.jobs.folder import (
 from nclayers.models import find_blocks
 from nclayers.probing import heads_state, probe
 from nclayers.report.figures import plot_metric
-from nclayers.runtime import barrier, setup_distributed
+from nclayers.runtime import barrier, setup_distributed, speed_switches
 from nclayers.table import Table
 from nclayers.train import is_convnet
 
@@ -93,10 +93,11 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     measure = measure_setup(cfg, train, test)
     weights = folder.weights(cfg)
-    model = (model or load_model(cfg, folder, measure.num_classes)).to(device)
+    model = model if model is not None else load_model(cfg, folder, measure.num_classes)
+    model = model.to(device)
     if measure.next_token is not None:
         check_causal(model, cfg)
-    channels_last = pc.channels_last and device.type == "cuda" and is_convnet(model)
+    channels_last = pc.channels_last and speed_switches(device) and is_convnet(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)

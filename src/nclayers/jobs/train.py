@@ -58,7 +58,14 @@ from nclayers.jobs.folder import (
 from nclayers.memorization import memorized_fraction
 from nclayers.models import find_blocks
 from nclayers.models.hf import config_only, is_causal_lm
-from nclayers.runtime import Distributed, barrier, cudnn_benchmark, seeded, setup_distributed
+from nclayers.runtime import (
+    Distributed,
+    barrier,
+    cudnn_benchmark,
+    seeded,
+    setup_distributed,
+    speed_switches,
+)
 from nclayers.table import Table
 from nclayers.train import (
     EVAL_BATCH,
@@ -106,6 +113,7 @@ def train_job(
     proc, device = setup_distributed(cfg.device)
     folder = run_folder(folder)
     try:
+        # CUDA only: cuDNN's autotuner.
         with folder.lock(), seeded(cfg.train.seed), cudnn_benchmark(device.type == "cuda"):
             start = _start(cfg, folder, resume, force)
             result = _train(cfg, folder, proc, device, start, stop_after, progress and proc.main)
@@ -213,7 +221,7 @@ def _setup(cfg: Config, proc: Distributed, device: torch.device, folder: RunFold
         )
     model, train_ds, test_ds = _model_and_data(cfg, folder)
     model = model.to(device)
-    channels_last = tc.channels_last and device.type == "cuda" and is_convnet(model)
+    channels_last = tc.channels_last and speed_switches(device) and is_convnet(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     text = isinstance(train_ds, TextData)
@@ -235,10 +243,10 @@ def _setup(cfg: Config, proc: Distributed, device: torch.device, folder: RunFold
     )  # fmt: skip
     train_model: nn.Module = model
     if proc.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
+        train_model = nn.parallel.DistributedDataParallel(  # CUDA only: a GPU per rank
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if tc.compile and device.type == "cuda":
+    if tc.compile and speed_switches(device):
         # Static shapes: train_epoch runs the epoch's last, smaller batch eagerly, so one
         # graph serves every step (a dynamic-shape recompile made compiled runs slower).
         train_model = torch.compile(train_model, dynamic=False)
