@@ -117,7 +117,9 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
             )  # fmt: skip
         rows = (row for s in splits for row in tables[s])
         table = Table(
-            number_blocks(model, rows, measure.pool, sample_inputs(data[ac.split], device))
+            number_blocks(
+                model, rows, measure.pool, sample_inputs(data[ac.split], device, channels_last)
+            )
         )
         entry = {
             "settings": stage_settings("analyze", cfg),

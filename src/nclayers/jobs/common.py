@@ -175,10 +175,11 @@ def check_causal(model: nn.Module, cfg: Config) -> None:
         )
 
 
-def sample_inputs(ds: Dataset, device: torch.device):
-    """The inputs of a batch of (up to) two samples of `ds`: what a dry forward needs."""
+def sample_inputs(ds: Dataset, device: torch.device, channels_last: bool = False):
+    """The inputs of a batch of (up to) two samples of `ds`: what a dry forward needs,
+    in the memory format the measured batches have."""
     two = ds.subset(torch.arange(min(2, len(ds))))
-    return next(iter(make_batches(two, 2, device, workers=0)))[0]
+    return next(iter(make_batches(two, 2, device, channels_last=channels_last, workers=0)))[0]
 
 
 def number_blocks(model: nn.Module, rows, pool: str | None = None, sample=None) -> list[dict]:

@@ -132,7 +132,7 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
         channels_last=channels_last, state=state, on_epoch=checkpoint, progress=progress,
         run=cfg.run, next_token=measure.next_token,
     )  # fmt: skip
-    rows = number_blocks(model, table, measure.pool, sample_inputs(test, device))
+    rows = number_blocks(model, table, measure.pool, sample_inputs(test, device, channels_last))
     _write(cfg, folder, table, rows, weights, len(train), device)
     return table
 
