@@ -30,6 +30,7 @@ COLUMNS: dict[str, type] = {
     "run": TEXT, "epoch": INT, "split": TEXT, "view": TEXT, "input": TEXT, "layer": INT,
     "block": TEXT, "dim": INT, "n": INT, "nc1": FLOAT, "cdnv_mean": FLOAT, "nc2": FLOAT,
     "ncc_acc": FLOAT, "probe_acc": FLOAT, "nc1_classic": FLOAT,
+    "probe_lr": FLOAT, "probe_underfit": BOOL,  # issue 24 (layers.csv, probe.csv)
     # memorization.csv
     "nc1_clean": FLOAT, "nc1_noisy": FLOAT, "nc1_corrupted": FLOAT, "ratio": FLOAT,
     "memorizing": BOOL, "nc1_changed_clean": FLOAT, "nc1_changed_noisy": FLOAT,
@@ -39,6 +40,7 @@ COLUMNS: dict[str, type] = {
     "test_acc": FLOAT, "variant": TEXT, "kind": TEXT, "layers": TEXT, "blocks": TEXT,
     "seed": INT, "finetune_epochs": INT, "n_removed": INT, "redundant": BOOL,
     "index": INT, "folder": TEXT, "errors": TEXT, "stale": TEXT,
+    "finetune_lr": FLOAT, "baseline_drop": FLOAT, "baseline_flag": BOOL,  # issue 24 (prune.csv)
 }  # fmt: skip
 _BOOLS = {"True": True, "False": False, "true": True, "false": False}
 

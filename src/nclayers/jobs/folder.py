@@ -86,7 +86,7 @@ LAYER_KEYS = ("run", "split", "view", "input", "layer")
 LAYER_DESCRIPTORS = ("block", "dim")
 STAGE_COLUMNS = {
     "analyze": ("n", "nc1", "cdnv_mean", "nc2", "ncc_acc", "nc1_classic"),
-    "probe": ("probe_acc",),
+    "probe": ("probe_acc", "probe_lr", "probe_underfit"),  # issue 24: probe_lr, probe_underfit
 }
 # The files a finished stage leaves (equality's, equality[-SPLIT].csv/.json, by its
 # settings): one missing or damaged makes the stage out of date, so a sweep redoes it.
@@ -114,7 +114,7 @@ STAGE_SETTINGS = {
     "equality": ("equality", "run"),
 }  # fmt: skip
 UNSTEERING = ("data.dir", "data.download", "data.workers", "data.decoder",
-              "probe.eval_batch_size", "model.checkpoint")  # fmt: skip
+              "probe.eval_batch_size", "probe.cache_dir", "model.checkpoint")  # fmt: skip
 
 # What to do about a damaged file, by name.
 REMEDY = {
@@ -572,6 +572,11 @@ class RunFolder:
                 table.append(index[key])
         measured = {c for cols in STAGE_COLUMNS.values() for c in cols}
         table = Table(r for r in table if any(r.get(c) is not None for c in measured))
+        from nclayers.probing.result import underfit
+
+        for row in table:  # issue 24: derived from probe_acc and ncc_acc, whichever changed
+            if row.get("probe_acc") is not None:
+                row["probe_underfit"] = underfit(row["probe_acc"], row.get("ncc_acc"))
         self.write_table(LAYERS, table)
         return table
 
