@@ -367,6 +367,12 @@ def test_bad_input_names_the_fix(resnet, tmp_path, monkeypatch):
         fit(resnet, train.subset(torch.arange(0)), test, K, **FAST)
     with pytest.raises(ValueError, match="test: the split is empty"):
         fit(resnet, train, test.subset(torch.arange(0)), K, **FAST)
+    with pytest.raises(ValueError, match=r"set probe\.lrs=\[0\.05\]"):
+        ProbeSettings(lr=0.05)  # the single lr of before: a list now
+    with pytest.raises(ValueError, match="pass nclayers.config.ProbeSettings"):
+        probe(resnet, train, test, K, "auto", 0.1)
+    with pytest.raises(ValueError, match="no held-out rows"):
+        fit(resnet, train.subset(torch.arange(4)), test, K, lrs=[0.1, 1.0], **FAST)
     with pytest.raises(ValueError, match="num_classes=2"):
         fit(resnet, train, test, 2, **FAST)
     with pytest.raises(ValueError, match="set augment=False"):

@@ -27,6 +27,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 _LAZY = {
     "analyze": "nclayers.analysis",
     "probe": "nclayers.probing",
+    "ProbeSettings": "nclayers.config",
     "ClassStats": "nclayers.metrics",
     "nc1": "nclayers.metrics",
     "nc2": "nclayers.metrics",
