@@ -15,11 +15,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from hf_tiny import TEXT, positions_by_hand, tiny_model, word_tokenizer
-from nclayers.config import load_config
+from nclayers.config import ProbeSettings, load_config
 from nclayers.data import ArrayDataset, TextBatches, TextData, load_dataset, make_batches
 from nclayers.data.text import NextTokenClasses, count_next_tokens, from_texts
 from nclayers.models import find_blocks
-from nclayers.config import ProbeSettings
 from nclayers.probing import probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -369,7 +369,7 @@ def test_bad_input_names_the_fix(resnet, tmp_path, monkeypatch):
         fit(resnet, train, test.subset(torch.arange(0)), K, **FAST)
     with pytest.raises(ValueError, match=r"set probe\.lrs=\[0\.05\]"):
         ProbeSettings(lr=0.05)  # the single lr of before: a list now
-    with pytest.raises(ValueError, match="pass nclayers.config.ProbeSettings"):
+    with pytest.raises(ValueError, match=r"pass nclayers\.config\.ProbeSettings"):
         probe(resnet, train, test, K, "auto", 0.1)
     with pytest.raises(ValueError, match="no held-out rows"):
         fit(resnet, train.subset(torch.arange(4)), test, K, lrs=[0.1, 1.0], **FAST)
