@@ -109,8 +109,9 @@ def underfit(probe_acc: float | None, ncc_acc: float | None) -> bool | None:
 
 
 def underfit_note(rows: Sequence[dict]) -> str | None:
-    """One line naming the blocks whose probe underfits (`probe_underfit` rows), or None."""
-    bad = [r for r in rows if r.get("probe_underfit")]
+    """One line naming the blocks whose probe underfits (their probe_acc and ncc_acc),
+    or None."""
+    bad = [r for r in rows if underfit(r.get("probe_acc"), r.get("ncc_acc"))]
     if not bad:
         return None
     where = ", ".join(f"{r['block']} ({r['probe_acc']:.3f} vs NCC {r['ncc_acc']:.3f})" for r in bad)
