@@ -309,6 +309,31 @@ def test_the_grid_reaches_ncc_at_both_feature_scales_where_one_lr_fails_at_one()
     assert max(small.values()) == 1.0
 
 
+def test_each_head_of_the_grid_equals_the_head_trained_alone_at_its_lr(resnet):
+    """The grid shares the forward pass, not the optimisation: the head of lr j is the
+    head a single-lr probe trains on the same rows."""
+    from nclayers.probing.holdout import held_out
+
+    train, test = images(60), images(16, seed=1)
+    opts = dict(epochs=3, milestones=(2,), batch_size=16, weight_decay=1e-3, augment=False,
+                cache_dtype="float32")  # fmt: skip
+    lrs = [0.03, 0.3, 3.0]
+    grid = fit(resnet, train, test, K, lrs=lrs, **opts)
+    rows, _ = held_out(train, 0.1, 0, "clean")
+    assert grid.train_samples == len(rows) == 52  # 2 of each class of 15 held out
+    for j, lr in enumerate(lrs):
+        alone = fit(resnet, train.subset(rows), test, K, lrs=[lr], **opts)
+        w, b = alone.heads.weight[:, :, 0], alone.heads.bias[:, :, 0]
+        tol = 1e-5 * float(w.abs().max())  # float rounding of a differently blocked matmul
+        torch.testing.assert_close(grid.grid.weight[:, :, j], w, rtol=1e-4, atol=tol)
+        torch.testing.assert_close(grid.grid.bias[:, :, j], b, rtol=1e-4, atol=tol)
+        mine = grid.history.where(probe_lr=lr)
+        assert [r["train_acc"] for r in mine] == alone.history.column("train_acc")
+    for i, r in enumerate(grid):  # the chosen head is the grid's head of the chosen lr
+        j = lrs.index(r["probe_lr"])
+        assert torch.equal(grid.heads.weight[i, :, 0], grid.grid.weight[i, :, j])
+
+
 def test_held_out_rows_are_class_balanced_seeded_and_never_train():
     from nclayers.probing.holdout import held_out
 
