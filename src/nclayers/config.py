@@ -318,7 +318,8 @@ class ProbeSettings(Section):
     batch_size: PositiveInt = 128
     # One head per lr, all trained on the same forward pass; each block keeps the one with
     # the best accuracy on the held-out rows. The default spans 100x around the paper's
-    # 0.1; `[0.1]` is the paper's single lr (nothing to choose: no rows are held out).
+    # 0.1; `[0.1]` with `standardize: false` is the paper's recipe (nothing to choose: no
+    # rows are held out).
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] = Field(
         default_factory=lambda: list(DEFAULT_PROBE_LRS)
     )
@@ -331,7 +332,11 @@ class ProbeSettings(Section):
     milestones: list[PositiveInt] = Field(default_factory=lambda: [5, 7])
     gamma: PositiveFloat = 0.2
     augment: bool = True  # random crop + flip on the training images (stream mode)
-    standardize: bool = False  # per-feature mean/std of the training features first
+    # Each feature shifted and scaled by its mean and std (unaugmented, over the held-out
+    # rows, or as many drawn alike with one lr) before the heads: the same linear
+    # classifiers (folded into nn.Linear), but one lr grid then suits every block, whose
+    # features' scales differ by orders of magnitude. false: the paper's raw features.
+    standardize: bool = True
     mode: Literal["auto", "stream", "cache"] = "auto"  # auto: cache when augment is false
     cache_budget_gb: NonNegativeFloat = 4.0  # beyond it the cache is a memory-mapped file
     # Where that file goes (null: the run folder's probe_cache/ for `nclayers probe`; from

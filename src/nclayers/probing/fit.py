@@ -101,7 +101,10 @@ def probe(
         if state is not None:
             fit.resume(state, s.epochs)
         source = fit.source(mode, augment, (rank, world))
-        fit.run(source, s.standardize and state is None, world, on_epoch, progress)
+        stats = (
+            _stats_split(train, val, s, next_token) if s.standardize and state is None else False
+        )
+        fit.run(source, stats, world, on_epoch, progress)
         train_seconds = time.perf_counter() - t0
         choice, selection = fit.choose(val, progress)
     finally:
@@ -143,6 +146,21 @@ def _split(train: Split, s: ProbeSettings, next_token) -> tuple[Split, Split | N
         return train, None
     rows, val = held_out(train, s.val_fraction, s.seed, None if next_token else s.view)
     return train.subset(rows), train.subset(val)
+
+
+def _stats_split(train: Split, val: Split | None, s: ProbeSettings, next_token):
+    """The rows whose unaugmented features give the standardisation statistics: the
+    held-out rows, or (one lr) as many drawn by the same rule, which still train; a
+    tenth of the rows estimates a mean and variance per feature well and costs a tenth of
+    a pass. None (next-token positions): every cached or streamed training position."""
+    if next_token is not None:
+        return None
+    if val is not None:
+        return val
+    try:
+        return train.subset(held_out(train, s.val_fraction, s.seed, s.view)[1])
+    except NCLayersError:  # too few rows to draw from: all of them
+        return train
 
 
 def _resolve_blocks(model: nn.Module, blocks) -> list[Block]:
@@ -254,22 +272,27 @@ class _Fit:
                             shard, self.channels_last, s.cache_budget_gb, s.cache_dir,
                             dtype)  # fmt: skip
 
-    def run(self, source, standardize: bool, world: int, on_epoch, progress: bool) -> None:
-        """The cache pass (cache mode), the standardisation pass, then the epochs."""
+    def run(self, source, stats, world: int, on_epoch, progress: bool) -> None:
+        """The cache pass (cache mode), the standardisation pass over `stats` (a split;
+        None: every training row, from the cache where there is one; False: none), then
+        the epochs."""
         s, todo = self.s, self.s.epochs - self.start
-        fill = isinstance(source, FeatureCache) and todo > 0  # the cache pass gives moments too
-        passes = (fill + (standardize and not fill)) * -(
-            -len(self.train) // world // s.eval_batch_size
-        )
+        fill = isinstance(source, FeatureCache) and todo > 0
+        from_cache = stats is None and fill  # the cache pass gives the moments too
+        rows = len(self.train) if stats is None else (len(stats) if stats is not False else 0)
+        passes = -(-len(self.train) // world // s.eval_batch_size) if fill else 0
+        if stats is not False and not from_cache:
+            passes += -(-rows // world // s.eval_batch_size)
         bar = counter(todo * len(source) + passes, progress, "probe", unit="batch")
         try:
             with self.backbone.taps:
                 if fill:
                     source.fill(s.eval_batch_size, bar)
-                if standardize:
-                    mean, var = (source.moments() if fill else stream_moments(
-                        self.backbone, self.train, s.view, sum(self.dims), s.eval_batch_size,
-                        self.channels_last, world, bar))  # fmt: skip
+                if stats is not False:
+                    mean, var = (source.moments() if from_cache else stream_moments(
+                        self.backbone, self.train if stats is None else stats, s.view,
+                        sum(self.dims), s.eval_batch_size, self.channels_last, world,
+                        bar))  # fmt: skip
                     self.heads.set_standardization(mean, var)
                 for epoch in range(self.start, s.epochs):
                     factor = s.gamma ** sum(epoch >= m for m in s.milestones)
