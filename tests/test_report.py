@@ -157,7 +157,7 @@ def test_report_flags_an_underfit_probe_and_a_wrecked_baseline_only_where_they_a
     T(rows).to_csv(folder / "prune.csv")
     text = " ".join(Page(write_report(folder).read_text()).text)
     assert "probe below NCC" not in text
-    assert "baseline wrecked: the unpruned model lost 30.0% of test accuracy" in text
+    assert "baseline wrecked: the unpruned model lost 30.0 points of test accuracy" in text
 
 
 def test_report_verb_and_clear_errors(tmp_path, capsys):

@@ -278,7 +278,7 @@ def final_lr(train_cfg, steps_per_epoch: int | None = None) -> float:
 # model before the fine-tune: else it is no baseline, and the rows say so.
 BASELINE_DROP = 0.02
 BASELINE_FLAG = (
-    "baseline wrecked: the unpruned model lost {drop:.1%} of test accuracy in the fine-tune "
+    "baseline wrecked: the unpruned model lost {points:.1f} points of test accuracy in the fine-tune "
     "(lr {lr:.3g}); every variant is judged against it: lower prune.finetune_lr, or leave it "
     "unset (the lr the run's schedule ended with)"
 )
@@ -289,7 +289,8 @@ def baseline_note(table: Sequence[dict]) -> str | None:
     BASELINE_DROP, else None."""
     for r in table:
         if r.get("variant") == NONE and r.get("baseline_flag"):
-            return BASELINE_FLAG.format(drop=r["baseline_drop"], lr=r.get("finetune_lr") or 0.0)
+            points = 100 * r["baseline_drop"]
+            return BASELINE_FLAG.format(points=points, lr=r.get("finetune_lr") or 0.0)
     return None
 
 
