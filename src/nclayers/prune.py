@@ -279,8 +279,8 @@ def final_lr(train_cfg, steps_per_epoch: int | None = None) -> float:
 BASELINE_DROP = 0.02
 BASELINE_FLAG = (
     "baseline wrecked: the unpruned model lost {points:.1f} points of test accuracy in the "
-    "fine-tune (lr {lr:.3g}); every variant is judged against it: lower prune.finetune_lr, or leave it "
-    "unset (the lr the run's schedule ended with)"
+    "fine-tune (lr {lr:.3g}); every variant is judged against it: lower prune.finetune_lr, "
+    "or leave it unset (the lr the run's schedule ended with)"
 )
 
 
