@@ -21,7 +21,8 @@ from nclayers.report.prune_figures import plot_prune
 from nclayers.table import Table
 
 FIGURE = "text_demo.png"
-LAYER_COLUMNS = ["layer", "block", "dim", "n", "nc1", "nc2", "ncc_acc", "probe_acc"]
+LAYER_COLUMNS = ["layer", "block", "dim", "n", "nc1", "nc2", "ncc_acc", "probe_acc", "probe_lr",
+                 "probe_underfit"]  # fmt: skip
 PRUNE_COLUMNS = ["variant", "n_removed", "layers", "blocks", "perplexity", "test_acc",
                  "nc1_last"]  # fmt: skip
 RUN_TITLES = {"lm": "language model (next-token classes, every position)",
