@@ -177,7 +177,7 @@ def test_a_shared_block_is_one_layer_per_call():
 
 def test_probes_train_one_head_per_call():
     from nclayers.data import ArrayDataset
-    from nclayers.probing import _Backbone
+    from nclayers.probing.features import Backbone
     from nclayers.taps import forward_order
 
     torch.manual_seed(0)
@@ -186,13 +186,13 @@ def test_probes_train_one_head_per_call():
     images = torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8, generator=gen)
     labels = {"clean": torch.arange(30) % 3}
     ds = ArrayDataset(images, labels, ["a", "b", "c"], (0.5,) * 3, (0.25,) * 3)
-    result = nclayers.probe(model, ds, ds, 3, epochs=1, batch_size=10, augment=False,
-                            progress=False)  # fmt: skip
+    settings = {"epochs": 1, "batch_size": 10, "augment": False, "lrs": [0.1]}
+    result = nclayers.probe(model, ds, ds, 3, settings=settings)
     assert [r["block"] for r in result] == ["blocks.0#1", "blocks.0#2", "blocks.1"]
     # What the heads read: each call's pooled output, side by side.
     x = torch.randn(4, 3, 8, 8)
     blocks = forward_order(model, find_blocks(model), x)
-    backbone = _Backbone(model, blocks, amp=False)
+    backbone = Backbone(model, blocks, amp=False)
     with backbone.taps:
         feats = backbone.features(x)
     with torch.no_grad():

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from hf_tiny import TEXT, positions_by_hand, tiny_model, word_tokenizer
-from nclayers.config import load_config
+from nclayers.config import ProbeSettings, load_config
 from nclayers.data import ArrayDataset, TextBatches, TextData, load_dataset, make_batches
 from nclayers.data.text import NextTokenClasses, count_next_tokens, from_texts
 from nclayers.models import find_blocks
@@ -117,8 +117,9 @@ def test_next_token_probe_accuracy_equals_its_heads_on_hand_features():
     classes = NextTokenClasses.from_counts(count_next_tokens(train), 5)
     model = tiny_model("llama", "causal_lm", layers=2, vocab=train.vocab_size)
     blocks = find_blocks(model, pool="token")
-    result = probe(model, train, test, 5, blocks, epochs=3, augment=False, batch_size=16,
-                   eval_batch_size=4, next_token=classes, progress=False)  # fmt: skip
+    settings = ProbeSettings(epochs=3, augment=False, batch_size=16, eval_batch_size=4)
+    result = probe(model, train, test, 5, blocks, settings, next_token=classes)  # the lr grid
+    assert result.val_samples >= 1 and len(result.selection) == 5 * len(blocks)
     assert result.mode == "cache"
     heads = result.heads.linear()
     sequences = [test.sequence(i) for i in range(len(test))]

@@ -155,7 +155,8 @@ def test_1000_class_folder_end_to_end(tmp_path):
     assert len(table) == 8 and all(r["n"] == K for r in table)
     assert all(np.isfinite(r["nc1"]) and 0 < r["nc2"] < 2 for r in table)
     assert all(0.0 <= r["ncc_acc"] <= 1.0 for r in table)
-    probes = nclayers.probe(model, train, test, K, epochs=1, batch_size=250, augment=False,
-                            eval_batch_size=500, progress=False)  # fmt: skip
+    settings = nclayers.ProbeSettings(epochs=1, batch_size=250, augment=False, lrs=[0.1],
+                                      eval_batch_size=500)  # fmt: skip
+    probes = nclayers.probe(model, train, test, K, settings=settings)
     assert len(probes) == 8 and all(r["n"] == K for r in probes)
     assert probes.heads.num_classes == K

@@ -15,16 +15,30 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import nclayers
+from nclayers.config import ProbeSettings
 from nclayers.data import ArrayDataset, DeviceBatches
 from nclayers.models import build_model, find_blocks
 from nclayers.probing import ProbeHeads, evaluate_heads, heads_state, load_heads, probe
+from nclayers.probing.holdout import held_out
 from nclayers.taps import Taps
 from ports import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 4
-FAST = dict(progress=False, eval_batch_size=64)
+FAST = dict(eval_batch_size=64)
+PAPER = dict(lrs=[0.1], standardize=False)  # the paper's recipe: nothing held out
+
+
+def fit(model, train, test, k, blocks="auto", *, state=None, on_epoch=None, **settings):
+    """`probe` with ProbeSettings from keywords (the paper's single lr unless `lrs`)."""
+    settings = {**PAPER, **settings}
+    if isinstance(settings.get("cache_dtype"), torch.dtype):
+        settings["cache_dtype"] = str(settings["cache_dtype"]).removeprefix("torch.")
+    if settings.get("cache_dir") is not None:
+        settings["cache_dir"] = str(settings["cache_dir"])
+    return probe(model, train, test, k, blocks, ProbeSettings(**settings), state=state,
+                 on_epoch=on_epoch)  # fmt: skip
 
 
 def images(n: int, seed: int = 0, size: int = 8, classes: int = K) -> ArrayDataset:
@@ -83,7 +97,7 @@ def test_separable_features_reach_full_accuracy_on_the_clean_test_labels():
     train = train.with_views({"clean": y, "noisy": y[torch.randperm(200)]})
     test, y_test = separable(100, seed=2)
     model = Pixels()
-    table = probe(model, train, test, K, ["first", "second"], batch_size=32, augment=False, **FAST)
+    table = fit(model, train, test, K, ["first", "second"], batch_size=32, augment=False, **FAST)
     assert [r["probe_acc"] for r in table] == [1.0, 1.0]
     assert [(r["layer"], r["block"], r["dim"], r["split"], r["view"], r["n"]) for r in table] == [
         (1, "first", 4, "test", "clean", 100), (2, "second", 4, "test", "clean", 100),
@@ -121,7 +135,7 @@ def test_heads_equal_hand_derived_descent(resnet, standardize):
     """Full batch: one step per epoch, so the batch order cannot matter."""
     train, test = images(40), images(16, seed=1)
     blocks = find_blocks(resnet)
-    table = probe(resnet, train, test, K, blocks, augment=False, batch_size=64,
+    table = fit(resnet, train, test, K, blocks, augment=False, batch_size=64,
                   standardize=standardize, weight_decay=5e-3, cache_dtype=torch.float32,
                   **FAST)  # fmt: skip
     assert table.mode == "cache"
@@ -131,22 +145,23 @@ def test_heads_equal_hand_derived_descent(resnet, standardize):
         resnet(x)
     heads = table.heads  # the heads as trained (standardisation not folded in)
     for i, (d, f) in enumerate(zip(heads.dims, feats, strict=True)):
-        if standardize:  # population statistics of the training features
-            f = (f - f.mean(0)) / (f.var(0, unbiased=False) + 1e-8).sqrt()
+        if standardize:  # population statistics of the features of the sampled rows
+            g = f[held_out(train, 0.1, 0, "clean")[1]]
+            f = (f - g.mean(0)) / (g.var(0, unbiased=False) + 1e-8).sqrt()
         ref_w, ref_b = reference_probe(f, y, 10, 5e-3)
         assert ref_w.abs().max() > 1e-2  # the heads moved
-        torch.testing.assert_close(heads.weight[i, :d].T.double(), ref_w, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(heads.bias[i, 0].double(), ref_b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(heads.weight[i, :d, 0].T.double(), ref_w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(heads.bias[i, 0, 0].double(), ref_b, rtol=1e-4, atol=1e-6)
         assert torch.all(heads.weight[i, d:] == 0)  # padding stays zero
 
 
 def test_joint_heads_equal_heads_trained_one_at_a_time(resnet):
     train, test = images(48), images(16, seed=1)
     opts = dict(epochs=3, milestones=(1, 2), batch_size=16, weight_decay=1e-3, **FAST)
-    joint = probe(resnet, train, test, K, **opts)
+    joint = fit(resnet, train, test, K, **opts)
     assert joint.mode == "stream" and len(joint) == 8
     for i, block in enumerate(find_blocks(resnet)):
-        alone = probe(resnet, train, test, K, [block.name], **opts)
+        alone = fit(resnet, train, test, K, [block.name], **opts)
         (w, b), (w1, b1) = linear_weights(joint)[i], linear_weights(alone)[0]
         torch.testing.assert_close(w, w1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b, b1, rtol=1e-5, atol=1e-6)
@@ -161,8 +176,8 @@ def test_joint_heads_equal_heads_trained_one_at_a_time(resnet):
 def test_cache_and_stream_without_augmentation_train_the_same_heads(resnet, standardize):
     train, test = images(48), images(16, seed=1)
     opts = dict(epochs=2, batch_size=16, augment=False, standardize=standardize, **FAST)
-    stream = probe(resnet, train, test, K, mode="stream", **opts)
-    cache = probe(resnet, train, test, K, mode="cache", cache_dtype=torch.float32, **opts)
+    stream = fit(resnet, train, test, K, mode="stream", **opts)
+    cache = fit(resnet, train, test, K, mode="cache", cache_dtype=torch.float32, **opts)
     assert (stream.mode, cache.mode) == ("stream", "cache")
     for (w, b), (w1, b1) in zip(linear_weights(stream), linear_weights(cache), strict=True):
         torch.testing.assert_close(w, w1, rtol=1e-4, atol=1e-5)
@@ -173,8 +188,8 @@ def test_cache_and_stream_without_augmentation_train_the_same_heads(resnet, stan
 def test_memory_mapped_cache_equals_the_in_memory_one(resnet, tmp_path):
     train, test = images(48), images(16, seed=1)
     opts = dict(epochs=2, batch_size=16, augment=False, **FAST)
-    memory = probe(resnet, train, test, K, **opts)
-    mapped = probe(resnet, train, test, K, cache_budget_gb=0.0, cache_dir=tmp_path, **opts)
+    memory = fit(resnet, train, test, K, **opts)
+    mapped = fit(resnet, train, test, K, cache_budget_gb=0.0, cache_dir=tmp_path, **opts)
     assert torch.equal(memory.heads.theta, mapped.heads.theta)
     assert list(tmp_path.iterdir()) == []  # the file is removed at the end
 
@@ -183,7 +198,7 @@ def test_backbone_parameters_and_batchnorm_buffers_are_bit_identical():
     torch.manual_seed(1)
     model = build_model("resnet18", num_classes=K, width=4).train()  # as if mid-training
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    probe(model, images(32), images(16, seed=1), K, epochs=2, batch_size=16, **FAST)
+    fit(model, images(32), images(16, seed=1), K, epochs=2, batch_size=16, **FAST)
     after = model.state_dict()
     assert before.keys() == after.keys()
     for key, value in before.items():
@@ -194,7 +209,7 @@ def test_backbone_parameters_and_batchnorm_buffers_are_bit_identical():
 
 def test_heads_fold_standardisation_and_reload(resnet):
     train, test = images(48), images(16, seed=1)
-    table = probe(resnet, train, test, K, epochs=2, batch_size=16, standardize=True,
+    table = fit(resnet, train, test, K, epochs=2, batch_size=16, standardize=True,
                   augment=False, **FAST)  # fmt: skip
     heads = table.heads
     assert not torch.equal(heads.scale, torch.ones_like(heads.scale))
@@ -204,7 +219,7 @@ def test_heads_fold_standardisation_and_reload(resnet):
         resnet(x)
         logits = heads(torch.cat(feats, 1))
         for i, (linear, f) in enumerate(zip(heads.linear(), feats, strict=True)):
-            torch.testing.assert_close(linear(f), logits[i], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(linear(f), logits[i, :, 0], rtol=1e-4, atol=1e-4)
     saved = heads_state(table)
     reloaded = load_heads(saved)
     accuracy, n = evaluate_heads(resnet, reloaded, find_blocks(resnet), test, batch_size=7)
@@ -215,7 +230,7 @@ def test_heads_fold_standardisation_and_reload(resnet):
 def test_interrupted_probe_resumes_to_the_uninterrupted_heads(resnet):
     train, test = images(48), images(16, seed=1)
     opts = dict(epochs=4, milestones=(2, 3), batch_size=16, standardize=True, **FAST)
-    whole = probe(resnet, train, test, K, **opts)
+    whole = fit(resnet, train, test, K, **opts)
     saved = []
 
     class Stop(Exception):
@@ -227,8 +242,8 @@ def test_interrupted_probe_resumes_to_the_uninterrupted_heads(resnet):
             raise Stop
 
     with pytest.raises(Stop):
-        probe(resnet, train, test, K, on_epoch=checkpoint, **opts)
-    resumed = probe(resnet, train, test, K, state=saved[-1], **opts)
+        fit(resnet, train, test, K, on_epoch=checkpoint, **opts)
+    resumed = fit(resnet, train, test, K, state=saved[-1], **opts)
     assert resumed.resumed_from == 2
     assert torch.equal(resumed.heads.theta, whole.heads.theta)
     assert torch.equal(resumed.heads.scale, whole.heads.scale)
@@ -236,44 +251,185 @@ def test_interrupted_probe_resumes_to_the_uninterrupted_heads(resnet):
     assert resumed.column("probe_acc") == whole.column("probe_acc")
 
 
+# ----------------------------------------------------------------------------- the lr grid
+D = 8
+
+
+class Scaled(nn.Module):
+    """A 'backbone' whose one block outputs the standardised pixels times `scale`."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.gain = nn.Parameter(torch.ones(1))
+        self.block = nn.Identity()
+
+    def forward(self, x):
+        return self.block(x.flatten(1) * self.scale * self.gain)
+
+
+def gaussians(n: int, seed: int) -> ArrayDataset:
+    """K well-separated Gaussian classes in D dimensions (centres 2.5 sd apart per
+    dimension), stored as 1 x 1 uint8 images; standardised to unit noise."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    centres = torch.randn(K, D, generator=torch.Generator().manual_seed(99)) * 50
+    x = 128 + centres[y] + torch.randn(n, D, generator=gen) * 20
+    return ArrayDataset(x.clamp(0, 255).round().to(torch.uint8)[:, :, None, None],
+                        {"clean": y}, list("abcd"), (128 / 255,) * D, (20 / 255,) * D)  # fmt: skip
+
+
+def ncc_accuracy(train: ArrayDataset, test: ArrayDataset) -> float:
+    """Nearest class centre in float64 numpy (scale-free: the same at every scale)."""
+    import numpy as np
+
+    def feats(ds):
+        return (ds.images.double().flatten(1).numpy() - 128) / 20
+
+    xtr, ytr = feats(train), train.labels["clean"].numpy()
+    xte, yte = feats(test), test.labels["clean"].numpy()
+    mu = np.stack([xtr[ytr == k].mean(0) for k in range(K)])
+    return float((((xte[:, None] - mu[None]) ** 2).sum(-1).argmin(1) == yte).mean())
+
+
+def test_the_grid_reaches_ncc_at_both_feature_scales_where_one_lr_fails_at_one():
+    """The right lr moves with the features' scale (the loss' curvature in the weights
+    goes with its square): one lr cannot serve 1e-2 and 1e2, a grid across them can."""
+    train, test = gaussians(400, 1), gaussians(200, 2)
+    ncc = ncc_accuracy(train, test)
+    assert ncc >= 0.95
+    opts = dict(augment=False, batch_size=32, weight_decay=0.0, standardize=False)  # raw
+    grid = [1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3]
+    fixed = {}
+    for scale in (1e-2, 1e2):
+        chosen = fit(Scaled(scale), train, test, K, ["block"], lrs=grid, **opts)
+        assert chosen[0]["probe_acc"] >= ncc, scale
+        assert chosen.selection.where(chosen=True)[0]["probe_lr"] == chosen[0]["probe_lr"]
+        fixed[scale] = fit(Scaled(scale), train, test, K, ["block"], lrs=[0.1], **opts)
+    assert min(r[0]["probe_acc"] for r in fixed.values()) < ncc - 0.1  # 0.1 fails at 1e-2
+    small = {r["probe_lr"]: r["val_acc"] for r in chosen.selection}
+    assert max(small.values()) == 1.0
+    # The defaults (standardised features, the default grid) are scale-free: 1e-3 too,
+    # where the raw features' head is lost in its bias' batch-to-batch noise at every lr.
+    for scale in (1e-3, 1e3):
+        default = probe(Scaled(scale), train, test, K, ["block"],
+                        ProbeSettings(augment=False, batch_size=32))  # fmt: skip
+        assert default[0]["probe_acc"] >= ncc, scale
+
+
+def test_each_head_of_the_grid_equals_the_head_trained_alone_at_its_lr(resnet):
+    """The grid shares the forward pass, not the optimisation: the head of lr j is the
+    head a single-lr probe trains on the same rows."""
+
+    train, test = images(60), images(16, seed=1)
+    opts = dict(epochs=3, milestones=(2,), batch_size=16, weight_decay=1e-3, augment=False,
+                cache_dtype="float32")  # fmt: skip
+    lrs = [0.03, 0.3, 3.0]
+    grid = fit(resnet, train, test, K, lrs=lrs, **opts)
+    rows, _ = held_out(train, 0.1, 0, "clean")
+    assert grid.train_samples == len(rows) == 52  # 2 of each class of 15 held out
+    for j, lr in enumerate(lrs):
+        alone = fit(resnet, train.subset(rows), test, K, lrs=[lr], **opts)
+        w, b = alone.heads.weight[:, :, 0], alone.heads.bias[:, :, 0]
+        tol = 1e-5 * float(w.detach().abs().max())  # float rounding of a differently blocked matmul
+        torch.testing.assert_close(grid.grid.weight[:, :, j], w, rtol=1e-4, atol=tol)
+        torch.testing.assert_close(grid.grid.bias[:, :, j], b, rtol=1e-4, atol=tol)
+        mine = grid.history.where(probe_lr=lr)
+        assert [r["train_acc"] for r in mine] == alone.history.column("train_acc")
+    for i, r in enumerate(grid):  # the chosen head is the grid's head of the chosen lr
+        j = lrs.index(r["probe_lr"])
+        assert torch.equal(grid.heads.weight[i, :, 0], grid.grid.weight[i, :, j])
+
+
+def test_held_out_rows_are_class_balanced_seeded_and_never_train():
+
+    y = torch.tensor([0] * 30 + [1] * 50 + [2] * 20)
+    ds = ArrayDataset(torch.zeros(100, 1, 1, 1, dtype=torch.uint8), {"clean": y}, list("abc"),
+                      (0.5,), (0.5,))  # fmt: skip
+    rows, val = held_out(ds, 0.1, seed=3, view="clean")
+    assert set(rows.tolist()).isdisjoint(val.tolist())
+    assert sorted(rows.tolist() + val.tolist()) == list(range(100))
+    assert torch.bincount(y[val]).tolist() == [3, 5, 2]  # 10% of each class
+    assert torch.equal(held_out(ds, 0.1, seed=3, view="clean")[1], val)  # seeded
+    assert not torch.equal(held_out(ds, 0.1, seed=4, view="clean")[1], val)
+
+
+def test_the_probe_trains_on_rows_apart_from_those_that_choose_its_lr():
+    """The held-out rows get features of the next class: had they trained a head, the
+    training set would not be separable (train accuracy below 1); they are, to the
+    heads, wrong every time."""
+
+    train, y = separable(200, seed=1)
+    _, val = held_out(train, 0.1, seed=0, view="clean")  # what the probe holds out
+    images = train.images.clone()
+    images[val] = images[val].roll(1, dims=1)  # the class signal on the next channel
+    crafted = ArrayDataset(images, {"clean": y}, list("abcd"), (0.3,) * 4, (0.3,) * 4)
+    result = fit(Pixels(), crafted, separable(40, seed=2)[0], K, ["first"], lrs=[0.1, 1.0],
+                 augment=False, batch_size=32)  # fmt: skip
+    assert (result.train_samples, result.val_samples) == (180, 20)
+    assert [r["train_acc"] for r in result.history.where(epoch=10)] == [1.0, 1.0]
+    assert result.selection.column("val_acc") == [0.0, 0.0]
+    assert result[0]["probe_acc"] == 1.0
+
+
+def test_the_underfit_flag_fires_more_than_two_points_below_ncc_only():
+    from nclayers.probing import UNDERFIT, underfit, underfit_note
+
+    assert underfit(0.50, 0.60) is True
+    assert underfit(0.585, 0.60) is False  # within 2 points
+    assert underfit(0.70, 0.60) is False
+    assert underfit(None, 0.6) is None and underfit(0.5, None) is None
+    rows = [{"block": "a", "probe_acc": 0.3, "ncc_acc": 0.5, "probe_underfit": True},
+            {"block": "b", "probe_acc": 0.5, "ncc_acc": 0.5, "probe_underfit": False}]  # fmt: skip
+    note = underfit_note(rows)
+    assert note.startswith(UNDERFIT) and "a (0.300 vs NCC 0.500)" in note and " b " not in note
+    assert underfit_note(rows[1:]) is None
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_names_the_fix(resnet, tmp_path, monkeypatch):
     train, test = images(32), images(16, seed=1)
     with pytest.raises(ValueError, match="matches no module"):
-        probe(resnet, train, test, K, blocks="nothing*", **FAST)
+        fit(resnet, train, test, K, blocks="nothing*", **FAST)
     with pytest.raises(ValueError, match="blocks='auto' found no repeated blocks"):
-        probe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), train, test, K, **FAST)
+        fit(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), train, test, K, **FAST)
     with pytest.raises(ValueError, match="train: the split is empty"):
-        probe(resnet, train.subset(torch.arange(0)), test, K, **FAST)
+        fit(resnet, train.subset(torch.arange(0)), test, K, **FAST)
     with pytest.raises(ValueError, match="test: the split is empty"):
-        probe(resnet, train, test.subset(torch.arange(0)), K, **FAST)
+        fit(resnet, train, test.subset(torch.arange(0)), K, **FAST)
+    with pytest.raises(ValueError, match=r"set probe\.lrs=\[0\.05\]"):
+        ProbeSettings(lr=0.05)  # the single lr of before: a list now
+    with pytest.raises(ValueError, match=r"pass nclayers\.config\.ProbeSettings"):
+        probe(resnet, train, test, K, "auto", 0.1)
+    with pytest.raises(ValueError, match="no held-out rows"):
+        fit(resnet, train.subset(torch.arange(4)), test, K, lrs=[0.1, 1.0], **FAST)
     with pytest.raises(ValueError, match="num_classes=2"):
-        probe(resnet, train, test, 2, **FAST)
+        fit(resnet, train, test, 2, **FAST)
     with pytest.raises(ValueError, match="set augment=False"):
-        probe(resnet, train, test, K, mode="cache", **FAST)
+        fit(resnet, train, test, K, mode="cache", **FAST)
     with pytest.raises(ValueError, match="no cache_dir"):
-        probe(resnet, train, test, K, augment=False, cache_budget_gb=0.0, **FAST)
+        fit(resnet, train, test, K, augment=False, cache_budget_gb=0.0, **FAST)
 
     class Usage:
         free = 10
 
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: Usage)
     with pytest.raises(ValueError, match=r"only 0\.00 GB free"):
-        probe(resnet, train, test, K, augment=False, cache_budget_gb=0.0, cache_dir=tmp_path,
+        fit(resnet, train, test, K, augment=False, cache_budget_gb=0.0, cache_dir=tmp_path,
               **FAST)  # fmt: skip
     monkeypatch.undo()
-    state = probe(resnet, train, test, K, epochs=1, batch_size=16, **FAST).state
-    with pytest.raises(ValueError, match="probe the same model and blocks"):
-        probe(resnet, train, test, K, ["layer4.1"], state=state, **FAST)
+    state = fit(resnet, train, test, K, epochs=1, batch_size=16, **FAST).state
+    with pytest.raises(ValueError, match="probe the same model, blocks and lrs"):
+        fit(resnet, train, test, K, ["layer4.1"], state=state, **FAST)
     with pytest.raises(ValueError, match="raise epochs"):
-        probe(resnet, train, test, K, epochs=0 + 1, state={**state, "epoch": 2}, **FAST)
+        fit(resnet, train, test, K, epochs=0 + 1, state={**state, "epoch": 2}, **FAST)
 
 
 def test_public_api():
     assert nclayers.probe is probe
-    heads = ProbeHeads([3, 5], 2)
-    assert heads.weight.shape == (2, 5, 2) and heads.bias.shape == (2, 1, 2)
-    assert heads(torch.randn(7, 8)).shape == (2, 7, 2)
+    heads = ProbeHeads([3, 5], 2, n_lr=3)
+    assert heads.weight.shape == (2, 5, 3, 2) and heads.bias.shape == (2, 1, 3, 2)
+    assert heads(torch.randn(7, 8)).shape == (2, 7, 3, 2)
 
 
 # ----------------------------------------------------------------------------- two ranks
@@ -283,11 +439,12 @@ WORLD = 2
 def ddp_runs(model, rank_tag: str, out: Path) -> None:
     train, test = images(48), images(20, seed=1)
     for mode in ("stream", "cache"):
-        table = probe(model, train, test, K, epochs=2, batch_size=16, augment=False,
-                      mode=mode, standardize=True, **FAST)  # fmt: skip
+        table = fit(model, train, test, K, epochs=2, batch_size=16, augment=False,
+                    mode=mode, standardize=True, lrs=[0.03, 0.3, 3.0], **FAST)  # fmt: skip
         torch.save(
             {"theta": table.heads.theta.detach(), "scale": table.heads.scale,
              "acc": table.column("probe_acc"), "loss": table.history.column("loss"),
+             "lr": table.column("probe_lr"), "val": table.selection.column("val_acc"),
              "n": table[0]["n"]},
             out / f"{mode}{rank_tag}.pt",
         )  # fmt: skip
@@ -324,6 +481,7 @@ def test_two_gloo_ranks_train_the_heads_of_one_process(resnet, tmp_path):
             torch.testing.assert_close(two["theta"], one["theta"], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(two["scale"], one["scale"], rtol=1e-5, atol=1e-6)
             assert two["acc"] == one["acc"] and two["n"] == one["n"] == 20
+            assert two["lr"] == one["lr"] and two["val"] == one["val"]  # the same choice
             assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
@@ -357,14 +515,20 @@ def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
     assert all(0.0 <= r["probe_acc"] <= 1.0 and r["nc1"] > 0 for r in test)
     assert all(r["probe_acc"] is None for r in layers.where(split="train"))
     history = Table.from_csv(out / "probe.csv")
-    assert len(history) == 2 * 8 and {r["run"] for r in history} == {"r"}
-    assert [r["lr"] for r in history.where(layer=1)] == pytest.approx([0.1, 0.02])
+    assert len(history) == 2 * 8 * 5 and {r["run"] for r in history} == {"r"}  # 5 lrs
+    assert [r["lr"] for r in history.where(layer=1, probe_lr=0.1)] == pytest.approx([0.1, 0.02])
+    assert {r["probe_lr"] for r in test} <= {0.01, 0.03, 0.1, 0.3, 1.0}
+    for r in test:  # the flag: probe accuracy more than 2 points below NCC's
+        assert r["probe_underfit"] == (r["probe_acc"] < r["ncc_acc"] - 0.02)
     saved = torch.load(out / "probe_heads.pt", weights_only=True)
     assert saved["probe_acc"] == [r["probe_acc"] for r in test]
     assert len(saved["linear"]) == 8 and saved["linear"][7]["weight"].shape == (10, 32)
     summary = json.loads((out / "summary.json").read_text())
     assert "accuracy" in summary["analyze"] and summary["probe"]["mode"] == "stream"
     assert summary["probe"]["test_samples"] == 60 and summary["probe"]["train_samples"] == 120
+    assert summary["probe"]["val_samples"] == 10  # one of the 12 rows of each class
+    assert summary["probe"]["lr"] == {r["block"]: r["probe_lr"] for r in test}
+    assert saved["probe_lr"] == [r["probe_lr"] for r in test]
     stages = json.loads((out / "stages.json").read_text())
     assert "probe" in stages and "analyze" in stages
     assert (out / "probe_acc.png").is_file() and not (out / "probe_state.pt").exists()
@@ -434,11 +598,11 @@ def test_probe_on_an_image_folder_streams_caches_in_bf16_and_skips_bad_files(tmp
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=K, width=4).eval()
     kw = dict(epochs=2, batch_size=8, milestones=(1,), **FAST)
-    stream = probe(model, train, test, K, augment=True, **kw)  # random resized crops
+    stream = fit(model, train, test, K, augment=True, **kw)  # random resized crops
     assert stream.mode == "stream" and stream.skipped == 1 and stream.train_samples == 24
     assert len(stream.history) == 2 * 8 and stream.test_samples == 8
-    bf16 = probe(model, train, test, K, augment=False, **kw)
-    f32 = probe(model, train, test, K, augment=False, cache_dtype=torch.float32, **kw)
+    bf16 = fit(model, train, test, K, augment=False, **kw)
+    f32 = fit(model, train, test, K, augment=False, cache_dtype=torch.float32, **kw)
     assert bf16.mode == f32.mode == "cache" and bf16.skipped == f32.skipped == 1
     # bf16 keeps 8 significant bits of every feature: heads agree to about that.
     for (w, b), (w1, b1) in zip(linear_weights(bf16), linear_weights(f32), strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import pytest
@@ -324,3 +325,62 @@ def test_equality_and_prune_plateau_agree(tiny_run, tmp_path, capsys):
     keep = set(prunable_layers(model, find_blocks(model), X))
     row = next(r for r in folder.read_table("prune.csv") if r["variant"] == "plateau")
     assert row["layers"] == " ".join(str(b) for b in redundant if b in keep)
+
+
+# ----------------------------------------------------------------------------- the baseline
+ADAMW_RUN = [
+    "data.name=digits", "data.train_subset=300", "model.name=resnet18", "model.width=8",
+    "train.epochs=8", "train.batch_size=32", "train.optimizer=adamw", "train.lr=0.002",
+    "train.weight_decay=0.0005", "train.schedule=cosine", "train.min_lr=0.00002",
+    "train.augment=false", "train.tensorboard=false", "device=cpu", "run=adamw",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory):
+    from nclayers.config import load_config
+    from nclayers.jobs import train_job
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("adamw") / "run"
+    train_job(load_config(None, ADAMW_RUN), out, progress=False)
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_the_default_finetune_keeps_an_adamw_baseline_and_a_wrecking_one_is_flagged(
+    adamw_run, tmp_path, capsys
+):
+    """The run's own AdamW at the lr its cosine schedule ended with keeps the unpruned
+    model within 2 points; 0.05 (AdamW's steps are lr-sized whatever the gradient) wrecks
+    it, and prune.csv, the CLI print and the summary say so."""
+    from nclayers.cli import main
+    from nclayers.config import load_config
+    from nclayers.jobs import RunFolder
+    from nclayers.prune import BASELINE_DROP, final_lr
+
+    args = ["prune", str(adamw_run), "--blocks", "2", "--finetune-epochs", "1", "prune.seeds=[0]",
+            "-q"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "kept")]) == 0, capsys.readouterr().err
+    kept = capsys.readouterr().out
+    table = RunFolder(tmp_path / "kept").read_table("prune.csv")
+    none = {r["finetune_epochs"]: r for r in table.where(variant="none")}
+    assert none[0]["test_acc"] >= 0.6  # a trained model worth keeping
+    assert none[0]["test_acc"] - none[1]["test_acc"] <= BASELINE_DROP
+    tc = load_config(None, ADAMW_RUN).train
+    assert none[1]["finetune_lr"] == pytest.approx(final_lr(tc))
+    assert final_lr(tc) == pytest.approx(
+        2e-5 + (0.002 - 2e-5) * 0.5 * (1 + math.cos(math.pi * 7 / 8))  # epoch 8 of 8
+    )
+    assert [r["baseline_flag"] for r in table] == [None, False] * (len(table) // 2)
+    assert "baseline wrecked" not in kept
+
+    assert main([*args, "prune.finetune_lr=0.05", "--out", str(tmp_path / "wrecked")]) == 0
+    wrecked = capsys.readouterr().out
+    table = RunFolder(tmp_path / "wrecked").read_table("prune.csv")
+    none = {r["finetune_epochs"]: r for r in table.where(variant="none")}
+    assert none[0]["test_acc"] - none[1]["test_acc"] > BASELINE_DROP
+    assert none[1]["baseline_drop"] == pytest.approx(none[0]["test_acc"] - none[1]["test_acc"])
+    assert [r["baseline_flag"] for r in table] == [None, True] * (len(table) // 2)
+    assert "baseline wrecked" in wrecked and "baseline wrecked" in prune_summary(table)

@@ -140,6 +140,26 @@ def test_run_report_has_every_part(tmp_path):
     assert len(list((folder / "figures").glob("layers-*.png"))) == 1
 
 
+def test_report_flags_an_underfit_probe_and_a_wrecked_baseline_only_where_they_are(tmp_path):
+    from nclayers.table import Table as T
+
+    folder = make_run_folder(tmp_path / "run")  # probe 0.6 against NCC 0.7 on every block
+    text = " ".join(Page(write_report(folder).read_text()).text)
+    assert "probe below NCC: underfit; raise probe.epochs or widen probe.lrs" in text
+    assert "layer1.0 (0.600 vs NCC 0.700)" in text and "baseline wrecked" not in text
+    layers = T.from_csv(folder / "layers.csv")
+    T({**r, "probe_acc": 0.69 if r["probe_acc"] else None} for r in layers).to_csv(
+        folder / "layers.csv"
+    )  # within 2 points
+    rows = [{"variant": "none", "kind": "none", "finetune_epochs": e, "test_acc": a,
+             "baseline_drop": 0.3 if e else None, "baseline_flag": bool(e) if e else None,
+             "finetune_lr": 0.05 if e else None} for e, a in ((0, 0.8), (1, 0.5))]  # fmt: skip
+    T(rows).to_csv(folder / "prune.csv")
+    text = " ".join(Page(write_report(folder).read_text()).text)
+    assert "probe below NCC" not in text
+    assert "baseline wrecked: the unpruned model lost 30.0 points of test accuracy" in text
+
+
 def test_report_verb_and_clear_errors(tmp_path, capsys):
     folder = make_run_folder(tmp_path / "run")
     assert main(["report", str(folder), "--out", str(tmp_path / "r.html")]) == 0

@@ -159,8 +159,9 @@ def test_imagenet_panels_measure_pretrained_weights_and_have_a_cpu_mini_twin(pat
         assert (cfg.analyze.split, cfg.analyze.reference) == ("test", "train")
         assert cfg.analyze.reference_subset == 100_000
         pc = cfg.probe
-        assert (pc.epochs, pc.lr, pc.milestones, pc.gamma, pc.augment, pc.mode) == (
-            10, 0.1, [5, 7], 0.2, True, "stream")  # fmt: skip
+        assert (pc.epochs, pc.lrs, pc.milestones, pc.gamma, pc.augment, pc.mode) == (
+            10, [0.1], [5, 7], 0.2, True, "stream")  # fmt: skip
+        assert not pc.standardize
     twin = path.with_name(f"{path.stem}-cpu-mini.yaml")
     mini = load_sweep(twin)
     assert mini.stages[0] == "train" and set(sweep.stages) <= set(mini.stages)

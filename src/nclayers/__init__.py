@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "analyze": "nclayers.analysis",
     "probe": "nclayers.probing",
+    "ProbeSettings": "nclayers.config",
     "ClassStats": "nclayers.metrics",
     "nc1": "nclayers.metrics",
     "nc2": "nclayers.metrics",

@@ -111,7 +111,13 @@ def cmd_probe(args) -> None:
     cfg, folder = _resolve(args, "probe")
     table = probe_job(cfg, folder, progress=not args.quiet)
     if _main_rank():
-        print(table.format(["layer", "block", "dim", *shown_columns("probe")]))
+        print(table.format(["layer", "block", "dim", "ncc_acc", *shown_columns("probe"),
+                            "probe_underfit"]))  # fmt: skip
+        from nclayers.probing import underfit_note
+
+        note = underfit_note(table)
+        if note:
+            print(note)
         print(f"wrote probe_acc into {folder.file('layers.csv')}, probe.csv, probe_heads.pt")
 
 
@@ -299,6 +305,8 @@ def cmd_prune(args) -> None:
             "acc_change", "acc_change_same_finetune", "nc1_last"]  # fmt: skip
     if "perplexity" in result.summary.columns:  # a language model
         cols.insert(6, "perplexity")
+    if any(r["finetune_epochs"] for r in result.summary):  # the fine-tune's lr and baseline
+        cols += ["finetune_lr", "baseline_drop", "baseline_flag"]
     print(result.summary.format(cols))
     print(result.text)
     print(f"wrote {folder.file('prune.csv')}, prune_layers.csv and prune.png")

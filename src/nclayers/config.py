@@ -317,7 +317,10 @@ class PruneConfig(Section):
     baselines: list[Literal["last", "random"]] = Field(default_factory=lambda: ["last", "random"])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])  # one random set per seed
     finetune_epochs: NonNegativeInt = 0  # fine-tune every variant (the unpruned one too)
-    finetune_lr: PositiveFloat = 0.01  # constant; the optimiser settings are the run's train.*
+    # Constant, with the run's own optimiser (train.*); null: the lr the run's schedule
+    # ended with (train.lr times its factor in the last epoch, or the last step's where the
+    # schedule runs per step), so the unpruned model fine-tuned alike keeps its accuracy.
+    finetune_lr: PositiveFloat | None = None
     reference: Split | None = None  # split for the NCC accuracy (null: none)
     amp: bool = True
     # The removal rules compared side by side, each removing prune.n layers: plateau (the
@@ -346,28 +349,66 @@ class PruneConfig(Section):
         return value
 
 
-class ProbeConfig(Section):
-    """Linear probes on every block (paper A.1): 10 epochs, SGD momentum 0.9, lr 0.1
-    divided by 5 at epochs 5 and 7, batch 128, the recipe's crop + flip."""
+# The probe's default learning-rate grid: 100x around the paper's 0.1, five values.
+DEFAULT_PROBE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+class ProbeSettings(Section):
+    """Linear probes on every block (paper A.1: 10 epochs, SGD momentum 0.9, lr divided by
+    5 at epochs 5 and 7, batch 128, the recipe's crop + flip), with one head per learning
+    rate of `lrs` on the same features, the lr chosen per block on a held-out part of the
+    training split. The same object is the config's `probe:` section and the settings of
+    `nclayers.probe(...)`: one place for the defaults and their checks."""
 
     _key: ClassVar[str] = "probe"
 
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
-    lr: PositiveFloat = 0.1
+    # One head per lr, all trained on the same forward pass; each block keeps the one with
+    # the best accuracy on the held-out rows. The default spans 100x around the paper's
+    # 0.1; `[0.1]` with `standardize: false` is the paper's recipe (nothing to choose: no
+    # rows are held out).
+    lrs: Annotated[list[PositiveFloat], Field(min_length=1)] = Field(
+        default_factory=lambda: list(DEFAULT_PROBE_LRS)
+    )
+    # Share of the training split held out (class-balanced, seeded by `seed`) to choose
+    # each block's lr; those rows never train a head. Used when `lrs` has several values.
+    val_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.1
     momentum: Unit = 0.9
     # "The same SGD parameters as in pre-training": the recipe's 5e-4 (see train.weight_decay).
     weight_decay: NonNegativeFloat = 5e-4
     milestones: list[PositiveInt] = Field(default_factory=lambda: [5, 7])
     gamma: PositiveFloat = 0.2
     augment: bool = True  # random crop + flip on the training images (stream mode)
-    standardize: bool = False  # per-feature mean/std of the training features first
+    # Each feature shifted and scaled by its mean and std (unaugmented, over the held-out
+    # rows, or as many drawn alike with one lr) before the heads: the same linear
+    # classifiers (folded into nn.Linear), but one lr grid then suits every block, whose
+    # features' scales differ by orders of magnitude. false: the paper's raw features.
+    standardize: bool = True
     mode: Literal["auto", "stream", "cache"] = "auto"  # auto: cache when augment is false
     cache_budget_gb: NonNegativeFloat = 4.0  # beyond it the cache is a memory-mapped file
+    # Where that file goes (null: the run folder's probe_cache/ for `nclayers probe`; from
+    # Python, none: a cache over the budget is refused).
+    cache_dir: str | None = None
+    cache_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     eval_batch_size: PositiveInt = 500
+    view: str = "clean"  # the labels view the heads learn and are scored on (A.1: clean)
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA for the backbone (heads stay float32)
-    channels_last: bool = True
+    channels_last: bool = True  # convnets on CUDA
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_lr(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and "lr" in values:
+            raise ValueError(
+                f"probe.lr={values['lr']!r} is now a list of learning rates: set "
+                f"probe.lrs=[{values['lr']}] (one lr, the paper's recipe) or leave the grid"
+            )
+        return values
+
+
+ProbeConfig = ProbeSettings  # the name of the config section before ProbeSettings
 
 
 class Config(Section):
@@ -377,7 +418,7 @@ class Config(Section):
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     equality: EqualityConfig = Field(default_factory=EqualityConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
     device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "auto"  # auto | cpu | cuda[:N]
     run: str = ""  # a name for the run, written into every CSV row
 
@@ -694,6 +735,7 @@ __all__ = [
     "EqualityConfig",
     "ModelConfig",
     "ProbeConfig",
+    "ProbeSettings",
     "PruneConfig",
     "TrainConfig",
     "compose",

@@ -272,6 +272,40 @@ def finetune(
     return losses
 
 
+def final_lr(train_cfg, steps_per_epoch: int | None = None) -> float:
+    """The learning rate the run's schedule ended with: train.lr times the schedule's
+    factor in its last epoch (its last step where it runs per step, train.warmup_steps).
+    The default fine-tune lr: training goes on where it stopped, so the unpruned model
+    fine-tuned alike stays where it was."""
+    from nclayers.train import lr_factor, step_lr_factor
+
+    tc = train_cfg
+    if tc.warmup_steps and steps_per_epoch:
+        last = tc.epochs * steps_per_epoch - 1
+        return tc.lr * step_lr_factor(tc, last, steps_per_epoch)
+    return tc.lr * lr_factor(tc, tc.epochs - 1)
+
+
+# The unpruned model fine-tuned alike must keep its accuracy within this (2 points) of the
+# model before the fine-tune: else it is no baseline, and the rows say so.
+BASELINE_DROP = 0.02
+BASELINE_FLAG = (
+    "baseline wrecked: the unpruned model lost {points:.1f} points of test accuracy in the "
+    "fine-tune (lr {lr:.3g}); every variant is judged against it: lower prune.finetune_lr, "
+    "or leave it unset (the lr the run's schedule ended with)"
+)
+
+
+def baseline_note(table: Sequence[dict]) -> str | None:
+    """The flag's sentence where a fine-tune lost the unpruned model more than
+    BASELINE_DROP, else None."""
+    for r in table:
+        if r.get("variant") == NONE and r.get("baseline_flag"):
+            points = 100 * r["baseline_drop"]
+            return BASELINE_FLAG.format(points=points, lr=r.get("finetune_lr") or 0.0)
+    return None
+
+
 # ----------------------------------------------------------------------------- experiment
 @dataclasses.dataclass
 class _Setup:
@@ -343,7 +377,7 @@ def prune_experiment(
     train_batches=None,
     train_cfg=None,
     finetune_epochs: int = 0,
-    finetune_lr: float = 0.01,
+    finetune_lr: float | None = None,
     reference=None,
     amp: bool = False,
     run: str = "",
@@ -360,7 +394,10 @@ def prune_experiment(
     Returns (summary, layers): one summary row per (variant, fine-tune) with the removed
     blocks and test accuracy, and the per-block rows of `analyze` with `variant` and
     `finetune_epochs` columns. `reference`: a loader of the training split for the NCC
-    accuracy (None: no NCC).
+    accuracy (None: no NCC). `finetune_lr` None: `final_lr(train_cfg)`, the lr the run's
+    schedule ended with. Fine-tuned rows carry `finetune_lr`, `baseline_drop` (the
+    unpruned model's accuracy before minus after the same fine-tune) and `baseline_flag`
+    (that drop above BASELINE_DROP: see `baseline_note`).
     """
     chosen = sorted(set(chosen))
     criteria = {k: sorted(set(v)) for k, v in (criteria or {}).items()}
@@ -379,6 +416,8 @@ def prune_experiment(
     unknown = set(baselines) - {"last", "random"}
     if unknown:
         raise NCLayersError(f"baselines: {sorted(unknown)} unknown; choose from ['last', 'random']")
+    if finetune_epochs and finetune_lr is None:
+        finetune_lr = final_lr(train_cfg, _steps(train_batches))
     sets = baseline_sets(candidates, len(chosen), seeds if "random" in baselines else ())
     if "last" not in baselines:
         del sets["last"]
@@ -403,7 +442,19 @@ def prune_experiment(
         r["acc_change"] = r["test_acc"] - base[0]["test_acc"]
         r["acc_change_same_finetune"] = r["test_acc"] - base[r["finetune_epochs"]]["test_acc"]
         r["nc1_last_ratio"] = r["nc1_last"] / base[0]["nc1_last"]
+        tuned = r["finetune_epochs"] > 0
+        drop = base[0]["test_acc"] - base[r["finetune_epochs"]]["test_acc"] if tuned else None
+        r["finetune_lr"] = finetune_lr if tuned else None
+        r["baseline_drop"] = drop
+        r["baseline_flag"] = drop > BASELINE_DROP if tuned else None
     return Table(summary), Table(layer_rows)
+
+
+def _steps(batches) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -418,6 +469,9 @@ def prune_summary(table: Sequence[dict]) -> str:
     lines = _summary_lines(table, "test_acc", "test accuracy", ".4f")
     if all(r.get("perplexity") is not None for r in table):
         lines += _summary_lines(table, "perplexity", "perplexity", ".3f")
+    note = baseline_note(table)
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 

@@ -57,6 +57,9 @@ SCHEMA: tuple[Column, ...] = (
     _c("nc2", FLOAT, "analyze", "NC2 (distance to ETF)"),
     _c("ncc_acc", FLOAT, "analyze", "NCC accuracy"),
     _c("probe_acc", FLOAT, "probe", "linear-probe accuracy"),
+    _c("probe_lr", FLOAT, "probe", "probe learning rate (chosen on held-out rows)", log=True),
+    # derived in the layers view: probe_acc more than 2 points below ncc_acc
+    _c("probe_underfit", BOOL),
     _c("nc1_classic", FLOAT, "analyze", shown=False), _c("measurement", TEXT),
     # memorization.csv
     _c("nc1_clean", FLOAT), _c("nc1_noisy", FLOAT), _c("nc1_corrupted", FLOAT),
@@ -69,6 +72,7 @@ SCHEMA: tuple[Column, ...] = (
     _c("layers", TEXT), _c("blocks", TEXT), _c("seed", INT), _c("finetune_epochs", INT),
     _c("n_removed", INT), _c("redundant", BOOL), _c("index", INT), _c("folder", TEXT),
     _c("errors", TEXT), _c("stale", TEXT),
+    _c("finetune_lr", FLOAT), _c("baseline_drop", FLOAT), _c("baseline_flag", BOOL),
 )  # fmt: skip
 COLUMNS: dict[str, type] = {c.name: c.type for c in SCHEMA}
 LABELS: dict[str, str] = {c.name: c.label for c in SCHEMA if c.label}

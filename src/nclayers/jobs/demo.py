@@ -23,6 +23,7 @@ from nclayers.jobs.probe import probe_job
 from nclayers.jobs.report import describe_memorization, write_report
 from nclayers.jobs.train import train_job
 from nclayers.memorization import memorization_layers, memorization_ratio
+from nclayers.probing import underfit_note
 from nclayers.report.figures import plot_layers, plot_layout, plot_metric
 from nclayers.table import Table
 
@@ -130,7 +131,9 @@ def _story(layers, ratios, summary, accuracy, figures, report, out) -> str:
     test = layers.where(split="test", run="clean")
     lines = [
         "", "Clean model, test split, every block:",
-        test.format(["layer", "block", "dim", "nc1", "nc2", "ncc_acc", "probe_acc"]), "",
+        test.format(["layer", "block", "dim", "nc1", "nc2", "ncc_acc", "probe_acc", "probe_lr",
+                     "probe_underfit"]),
+        *([note] if (note := underfit_note(test)) else []), "",
         f"Noisy model ({NOISE:.0%} shuffled), training images, memorization ratio:",
         ratios.format(["layer", "block", "nc1_clean", "nc1_noisy", "ratio"]),
         "In words: " + describe_memorization(ratios, summary["memorization_layers"]), "",

@@ -115,7 +115,7 @@ STAGE_SETTINGS = {s.name: s.settings for s in DECLARED if s.name != "train"}
 MEASURING = tuple(s.name for s in DECLARED if s.measured)
 VIEW_STAGES = tuple(s for s in MEASURING if s in STAGE_COLUMNS)
 UNSTEERING = ("data.dir", "data.download", "data.workers", "data.decoder",
-              "probe.eval_batch_size", "model.checkpoint")  # fmt: skip
+              "probe.eval_batch_size", "probe.cache_dir", "model.checkpoint")  # fmt: skip
 
 # What to do about a damaged file, by name.
 REMEDY = {
@@ -773,6 +773,11 @@ def join_layers(tables: Sequence[tuple[str, Table]]) -> Table:
             row.update({k: r.get(k) for k in owned if k in r})
             tag = f"{stage}={r.get('measurement')}"
             row["measurement"] = " ".join(filter(None, [row.get("measurement"), tag]))
+    from nclayers.probing.result import underfit
+
+    for row in index.values():  # derived: a probe below the NCC of the same row underfits
+        if row.get("probe_acc") is not None:
+            row["probe_underfit"] = underfit(row["probe_acc"], row.get("ncc_acc"))
     rows = sorted(index.values(), key=lambda r: (
         order["split"].get(r.get("split") or "", 0), order["view"].get(r.get("view") or "", 0),
         r.get("input") or "", r.get("layer") or 0))  # fmt: skip

@@ -8,9 +8,12 @@ the test split of `cfg.data`, the run's model with its weights, and runs
     probe_heads.pt   the heads (`heads_state`): re-evaluate with `load_heads` +
                      `evaluate_heads`, or use the plain nn.Linear weights under "linear"
     probe_acc.png    probe accuracy against block index
-    measurements/probe-<key>.csv   its `probe_acc` per block (split "test", view
-                     "clean") at these settings, shown in layers.csv joined on block
-    summary.json     a "probe" entry: accuracy per block, mode, epochs, timings
+    measurements/probe-<key>.csv   its `probe_acc` and `probe_lr` (the lr chosen on the
+                     held-out rows) per block (split "test", view "clean") at these settings,
+                     shown in layers.csv joined on block, with `probe_underfit` (probe
+                     accuracy more than 2 points below the analysis' ncc_acc)
+    summary.json     a "probe" entry: accuracy and chosen lr per block, the held-out
+                     scores of every lr, the underfit note, mode, epochs, timings
 
 After every epoch the heads and optimiser go to probe_state.pt; a probe that is
 interrupted continues from its last finished epoch when started again with the same
@@ -32,7 +35,6 @@ import torch
 from torch import nn
 
 from nclayers.config import Config
-from nclayers.data import TextData
 from nclayers.jobs.common import (
     check_causal,
     load_model,
@@ -43,6 +45,7 @@ from nclayers.jobs.common import (
     sample_inputs,
 )
 from nclayers.jobs.folder import (
+    LAYERS,
     MEASURED,
     PROBE,
     PROBE_HEADS,
@@ -55,7 +58,7 @@ from nclayers.jobs.folder import (
     stage_settings,
 )
 from nclayers.models import find_blocks
-from nclayers.probing import heads_state, probe
+from nclayers.probing import ProbeResult, heads_state, probe, underfit, underfit_note
 from nclayers.report.figures import plot_metric
 from nclayers.runtime import barrier, setup_distributed, speed_switches
 from nclayers.table import Table
@@ -72,7 +75,7 @@ def probe_job(
     *,
     progress: bool = True,
     model: nn.Module | None = None,
-) -> Table:
+) -> ProbeResult:
     """Probe every block of the run's model (or `model`) per `cfg.probe` and write the
     files above. Returns the probe table (one row per block with `probe_acc`)."""
     proc, device = setup_distributed(cfg.device)
@@ -88,7 +91,7 @@ def probe_job(
         proc.close()
 
 
-def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Table:
+def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> ProbeResult:
     pc = cfg.probe
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     measure = measure_setup(cfg, train, test)
@@ -101,7 +104,6 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     blocks = find_blocks(model, cfg.model.blocks, pool=measure.pool)
-    augment = pc.augment and not isinstance(train, TextData)  # text has no augmentation
 
     # Resume only a probe of the same weights and settings.
     fingerprint = {"settings": stage_settings("probe", cfg), "weights": weights}
@@ -118,27 +120,32 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Tab
         last = snapshot["history"][-1]["epoch"]  # one row per layer (a shared block's calls apart)
         rows = [r for r in snapshot["history"] if r["epoch"] == last]
         accs = [r["train_acc"] for r in rows]
-        log.info("probe epoch %2d/%d  lr %.3g  train acc per block %.3f..%.3f",
-                 rows[0]["epoch"], pc.epochs, rows[0]["lr"], min(accs), max(accs))  # fmt: skip
+        log.info("probe epoch %2d/%d  train acc per block and lr %.3f..%.3f",
+                 rows[0]["epoch"], pc.epochs, min(accs), max(accs))  # fmt: skip
 
     folder.forget("probe")
+    settings = (
+        pc if pc.cache_dir else pc.model_copy(update={"cache_dir": str(folder.file(PROBE_CACHE))})
+    )
     table = probe(
-        model, train, test, measure.num_classes, blocks,
-        epochs=pc.epochs, lr=pc.lr, momentum=pc.momentum, weight_decay=pc.weight_decay,
-        milestones=tuple(pc.milestones), gamma=pc.gamma, batch_size=pc.batch_size,
-        augment=augment, standardize=pc.standardize, mode=pc.mode,
-        cache_budget_gb=pc.cache_budget_gb, cache_dir=folder.file(PROBE_CACHE),
-        eval_batch_size=pc.eval_batch_size, view="clean", seed=pc.seed, amp=pc.amp,
-        channels_last=channels_last, state=state, on_epoch=checkpoint, progress=progress,
-        run=cfg.run, next_token=measure.next_token,
+        model, train, test, measure.num_classes, blocks, settings, state=state,
+        on_epoch=checkpoint, progress=progress, next_token=measure.next_token,
     )  # fmt: skip
+    for row in table:
+        row["run"] = cfg.run
     rows = number_blocks(model, table, measure.pool, sample_inputs(test, device, channels_last))
     _write(cfg, folder, table, rows, weights, len(train), device)
     return table
 
 
 def _write(
-    cfg: Config, folder: RunFolder, table: Table, rows: list, weights, train_samples, device
+    cfg: Config,
+    folder: RunFolder,
+    table: ProbeResult,
+    rows: list,
+    weights,
+    train_samples,
+    device,
 ) -> None:
     pc = cfg.probe
     summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
@@ -147,17 +154,27 @@ def _write(
     folder.write_table(measurement_file("probe", measurement_key("probe", cfg), "history"), history)
     # the heads: tensors, numbers and strings only (loads with weights_only=True)
     folder.save_torch(PROBE_HEADS, {**heads_state(table), "config": cfg.to_dict()})
-    # n belongs to the analysis rows (its own sample count); the probe fills its column.
+    # n belongs to the analysis rows (its own sample count); the probe fills its columns.
     folder.save_measurement("probe", cfg, [{k: v for k, v in r.items() if k != "n"} for r in rows])
+    # The analysis' NCC accuracy beside the probe's (same split, view and block), and the flag.
+    analyzed = folder.layers() if folder.exists(LAYERS) else Table()
+    ncc = {(r.get("view"), r.get("block")): r.get("ncc_acc") for r in analyzed.where(split="test")}
+    for row in table:
+        row["ncc_acc"] = ncc.get((row.get("view"), row["block"]))
+        row["probe_underfit"] = underfit(row["probe_acc"], row["ncc_acc"])
     folder.draw(PROBE_FIGURE, lambda path: plot_metric(table, "probe_acc", path, group=("run",)))
     entry = {
         "settings": stage_settings("probe", cfg),
         "weights": weights,
         "accuracy": {r["block"]: r["probe_acc"] for r in table},
+        "lr": {r["block"]: r["probe_lr"] for r in table},
+        "underfit": underfit_note(table),
+        "held_out": list(table.selection),
         "mode": table.mode,
         "epochs": pc.epochs,
         "resumed_from_epoch": table.resumed_from,
         "train_samples": train_samples,
+        "val_samples": table.val_samples,
         "test_samples": table[0]["n"],
         "seconds": table.seconds,
         "device": str(device),

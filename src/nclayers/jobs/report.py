@@ -107,7 +107,8 @@ def _run_sections(folder: RunFolder) -> tuple[str, list[Section]]:
     else:
         overview = run_items(folder, config, summary, train)
     notes = readability(config, train) if not subruns else []
-    sections = [Section("Overview", text=" ".join(notes), items=overview)]
+    warnings = fit_warnings(folder, layers)  # issue 24: underfit probes, a wrecked baseline
+    sections = [Section("Overview", text=" ".join([*notes, *warnings]), items=overview)]
     if subruns:
         sections.append(Section("Each run", subsections=[_subrun(RunFolder(p)) for p in subruns]))
     if ratios:
@@ -126,6 +127,24 @@ def _run_sections(folder: RunFolder) -> tuple[str, list[Section]]:
         sections.append(Section("Config (config.yaml)", code=folder.file(CONFIG).read_text(),
                                 collapsed=True))  # fmt: skip
     return f"nclayers run {name}", sections
+
+
+def fit_warnings(folder: RunFolder, layers: Table) -> list[str]:
+    """The probe's underfit note (probe accuracy more than 2 points below NCC) and the
+    prune fine-tune's flag (the unpruned model lost more than 2 points in it)."""
+    from nclayers.probing import underfit_note
+    from nclayers.prune import baseline_note
+
+    out = []
+    for run in dict.fromkeys(r.get("run") for r in layers):
+        note = underfit_note(layers.where(split="test", run=run))
+        if note:
+            out.append(f"run {run}: {note}." if run else f"{note}.")
+    if folder.exists(PRUNE):
+        note = baseline_note(folder.read_table(PRUNE))
+        if note:
+            out.append(note)
+    return out
 
 
 def run_items(folder: RunFolder, config: dict, summary: dict, train: dict) -> dict[str, Any]:

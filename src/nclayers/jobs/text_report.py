@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nclayers.jobs.folder import REPORT, RunFolder
 from nclayers.jobs.prune import PRUNE_PNG
+from nclayers.probing.result import underfit_note
 from nclayers.prune import prune_summary
 from nclayers.report.figures import new_figure, save_figure
 from nclayers.report.html import Figure, Section, render_html
@@ -20,7 +21,7 @@ from nclayers.report.prune_figures import plot_prune
 from nclayers.table import Table, shown_columns
 
 FIGURE = "text_demo.png"
-LAYER_COLUMNS = ["layer", "block", "dim", "n", *shown_columns()]
+LAYER_COLUMNS = ["layer", "block", "dim", "n", *shown_columns(), "probe_underfit"]
 PRUNE_COLUMNS = ["variant", "n_removed", "layers", "blocks", "perplexity", "test_acc",
                  "nc1_last"]  # fmt: skip
 RUN_TITLES = {"lm": "language model (next-token classes, every position)",
@@ -102,15 +103,18 @@ def write_text_report(
 def story(layers: Table, prune, summary: dict, out: Path) -> str:
     """What the demo found, for the terminal: both per-layer tables and the pruning."""
     lm, cls = summary["language_model"], summary["classifier"]
-    cols = ["layer", "block", "nc1", "nc2", "ncc_acc", "probe_acc"]
+    cols = ["layer", "block", "nc1", "nc2", "ncc_acc", "probe_acc", "probe_lr", "probe_underfit"]
+    notes = {
+        k: [n] if (n := underfit_note(split_rows(layers, k))) else [] for k in ("lm", "classifier")
+    }
     prune_cols = [c for c in PRUNE_COLUMNS if c in prune.summary.columns and c != "nc1_last"]
     lines = [
         "", f"Language model, test split, per layer (top-{summary['size']['top_k']} next tokens):",
-        split_rows(layers, "lm").format(cols), "",
+        split_rows(layers, "lm").format(cols), *notes["lm"], "",
         "Removing layers (each passes its input on), held-out perplexity:",
         prune.summary.format(prune_cols), prune_summary(prune.summary), *prune.notes, "",
         "Classifier (planted class words), test split, per layer:",
-        split_rows(layers, "classifier").format(cols), "",
+        split_rows(layers, "classifier").format(cols), *notes["classifier"], "",
         f"language model: test perplexity {lm['test_perplexity']:.2f}, next-token accuracy "
         f"{lm['next_token_accuracy']:.3f}; classifier: test accuracy {cls['test_acc']:.3f}",
         f"Results in {out}/: layers.csv, prune.csv, layer_scores.csv, summary.json, "
