@@ -55,7 +55,7 @@ if [ "${GPU_SH_SMOKE:-0}" = 1 ]; then
   TRAIN_SIZES=(data.train_subset=300 data.test_subset=200 analyze.batch_size=100)
   TRAIN_STEPS=(--images 300 --steps 2 --repeats 1 --workers 1)
   IMAGENET=(--workers 1 --per-class 1 --k1000-per-class 1 --repeats 1 --analyze-passes 1
-            --max-images 20 --batch-size 250)
+            --max-images 20 --batch-size 250 --image-size 64)
   HF=(--sequences 32 --repeats 1 --layers 2 --hidden 64) PROBE=(--samples 256 --epochs 1)
 else
   "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: torch sees no CUDA GPU')" || exit 2

@@ -258,9 +258,11 @@ def paired_ratios(passes: list[Paired], ends: list[dict], images: int) -> dict:
 
 
 def analyze_ratio(
-    root: Path, device, batch: int, workers: int, passes: int, amp, sync, profile: bool
-):
-    ds = load_folder_split(root, "test", workers=workers)
+    root: Path, device, batch: int, workers: int, passes: int, amp, sync, profile: bool,
+    image_size: int = 224,
+):  # fmt: skip
+    ds = load_folder_split(root, "test", workers=workers, image_size=image_size,
+                           resize=image_size * 256 // 224)  # fmt: skip
     torch.manual_seed(0)
     model = build_model("resnet50_in1k", num_classes=1000).to(device).eval()
     if device.type == "cuda":
@@ -357,6 +359,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--analyze-passes", type=int, default=4,
                    help="analyze passes, each batch paired with plain inference")  # fmt: skip
     p.add_argument("--only", choices=["decode", "analyze"], help="measure one part only")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="the analysis' input size (224; less for a smoke run)")  # fmt: skip
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="also the profiled cost of the operators analyze adds (CPU)")  # fmt: skip
@@ -389,7 +393,7 @@ def main() -> None:
             result["analyze_over_inference"] = analyze_ratio(
                 k1000, device, batch, args.workers,
                 args.analyze_passes,
-                not args.no_amp, sync, args.profile)  # fmt: skip
+                not args.no_amp, sync, args.profile, args.image_size)  # fmt: skip
             result["stats_memory_mb"] = stats_memory(device)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
