@@ -172,6 +172,24 @@ def test_an_older_layout_is_refused_in_one_line_and_upgraded(trained, tmp_path, 
     assert main(["probe", str(run), "-q"]) == 0
 
 
+def test_an_older_config_with_one_probe_lr_is_refused_and_upgraded(trained, tmp_path, capsys):
+    """Older nclayers wrote `probe: {lr: 0.1}`; upgrade turns it into the grid of that one
+    lr, which is what measured the folder's probe."""
+    run = copy(trained, tmp_path)
+    folder = RunFolder(run)
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["probe"]["lr"] = 0.05
+    del data["probe"]["lrs"]
+    folder.write("config.yaml", yaml.safe_dump(data, sort_keys=False))  # as nclayers wrote it
+    capsys.readouterr()
+    assert main(["analyze", str(run), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "probe.lrs=[0.05]" in err[0] and "nclayers upgrade" in err[0]
+    assert main(["upgrade", str(run)]) == 0
+    assert RunFolder(run).config().probe.lrs == [0.05]
+    assert main(["analyze", str(run), "-q"]) == 0
+
+
 # ----------------------------------------------------------------------------- sweeps
 def sweep_file(path, root, **spec):
     doc = {"name": path.stem, "root": str(root), "config": {**TINY, "train.epochs": 1},

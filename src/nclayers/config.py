@@ -403,7 +403,8 @@ class ProbeSettings(Section):
         if isinstance(values, Mapping) and "lr" in values:
             raise ValueError(
                 f"probe.lr={values['lr']!r} is now a list of learning rates: set "
-                f"probe.lrs=[{values['lr']}] (one lr, the paper's recipe) or leave the grid"
+                f"probe.lrs=[{values['lr']}] (one lr, the paper's recipe) or leave the grid; "
+                "a run folder of an older nclayers converts with `nclayers upgrade RUN`"
             )
         return values
 

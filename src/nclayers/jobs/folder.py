@@ -708,7 +708,7 @@ class RunFolder:
                 "by nclayers"
             )
         with self.lock():
-            stages, done = self.stages(), []
+            stages, done = self.stages(), self._upgrade_config()
             layers = self.layers() if self.exists(LAYERS) else Table()
             for stage in MEASURING:
                 record = stages.get(stage)
@@ -733,6 +733,21 @@ class RunFolder:
             self.write_json(STAGES, stages)
             self.refresh_layers()
         return done
+
+    def _upgrade_config(self) -> list[str]:
+        """config.yaml of an older nclayers: its single probe learning rate (`probe.lr`)
+        becomes the one-entry grid that measured it (`probe.lrs: [lr]`)."""
+        if not self.exists(CONFIG):
+            return []
+        import yaml
+
+        data = yaml.safe_load(self.read_bytes(CONFIG)) or {}
+        probe = data.get("probe")
+        if not isinstance(probe, dict) or "lr" not in probe:
+            return []
+        probe["lrs"] = [probe.pop("lr")]
+        self.write(CONFIG, yaml.safe_dump(data, sort_keys=False))
+        return ["config.yaml (probe.lr -> probe.lrs)"]
 
 
 def measurement_key(stage: str, cfg: Config) -> str:
