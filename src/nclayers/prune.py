@@ -402,20 +402,9 @@ def prune_experiment(
     chosen = sorted(set(chosen))
     criteria = {k: sorted(set(v)) for k, v in (criteria or {}).items()}
     sample = head(next(iter(test_batches))[0], 2)
-    if [b.name for b in forward_order(model, blocks, sample)] != [b.name for b in blocks]:
-        raise NCLayersError(
-            "blocks: not the layers as the model runs them (forward order, a shared block's "
-            "calls apart), which the layer numbers refer to; pass find_blocks(model, ..., "
-            "sample=...)"
-        )
-    for layers in (chosen, *criteria.values()):
-        check_prunable(model, blocks, layers, sample)
+    no_data = finetune_epochs > 0 and (train_batches is None or train_cfg is None)
+    _check_experiment(model, blocks, [chosen, *criteria.values()], sample, baselines, no_data)
     candidates = prunable_layers(model, blocks, sample)
-    if finetune_epochs and (train_batches is None or train_cfg is None):
-        raise NCLayersError("finetune_epochs > 0 needs train_batches and train_cfg")
-    unknown = set(baselines) - {"last", "random"}
-    if unknown:
-        raise NCLayersError(f"baselines: {sorted(unknown)} unknown; choose from ['last', 'random']")
     if finetune_epochs and finetune_lr is None:
         finetune_lr = final_lr(train_cfg, _steps(train_batches))
     sets = baseline_sets(candidates, len(chosen), seeds if "random" in baselines else ())
@@ -448,6 +437,25 @@ def prune_experiment(
         r["baseline_drop"] = drop
         r["baseline_flag"] = drop > BASELINE_DROP if tuned else None
     return Table(summary), Table(layer_rows)
+
+
+def _check_experiment(model, blocks, layer_sets, sample, baselines, no_finetune_data) -> None:
+    """Refuse, before any work, blocks that are not in forward order (the layer numbers
+    refer to it), layers that cannot be removed, a fine-tune without its data, and
+    unknown baselines."""
+    if [b.name for b in forward_order(model, blocks, sample)] != [b.name for b in blocks]:
+        raise NCLayersError(
+            "blocks: not the layers as the model runs them (forward order, a shared block's "
+            "calls apart), which the layer numbers refer to; pass find_blocks(model, ..., "
+            "sample=...)"
+        )
+    for layers in layer_sets:
+        check_prunable(model, blocks, layers, sample)
+    if no_finetune_data:
+        raise NCLayersError("finetune_epochs > 0 needs train_batches and train_cfg")
+    unknown = set(baselines) - {"last", "random"}
+    if unknown:
+        raise NCLayersError(f"baselines: {sorted(unknown)} unknown; choose from ['last', 'random']")
 
 
 def _steps(batches) -> int | None:

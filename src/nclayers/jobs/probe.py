@@ -45,7 +45,6 @@ from nclayers.jobs.common import (
     sample_inputs,
 )
 from nclayers.jobs.folder import (
-    LAYERS,
     MEASURED,
     PROBE,
     PROBE_HEADS,
@@ -149,6 +148,7 @@ def _write(
 ) -> None:
     pc = cfg.probe
     summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
+    analyzed = folder.layers_at()  # the measurements' view (layers.csv is derived from it)
     history = Table({"run": cfg.run, **r} for r in table.history)
     folder.write_table(PROBE, history)  # the latest probe's; each one's kept beside its rows
     folder.write_table(measurement_file("probe", measurement_key("probe", cfg), "history"), history)
@@ -157,7 +157,6 @@ def _write(
     # n belongs to the analysis rows (its own sample count); the probe fills its columns.
     folder.save_measurement("probe", cfg, [{k: v for k, v in r.items() if k != "n"} for r in rows])
     # The analysis' NCC accuracy beside the probe's (same split, view and block), and the flag.
-    analyzed = folder.layers() if folder.exists(LAYERS) else Table()
     ncc = {(r.get("view"), r.get("block")): r.get("ncc_acc") for r in analyzed.where(split="test")}
     for row in table:
         row["ncc_acc"] = ncc.get((row.get("view"), row["block"]))
