@@ -63,10 +63,12 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
             f"report: {str(path)!r} holds no layers.csv, train_summary.json, config.yaml or "
             "sweep.json; pass a run folder (train/analyze --out) or a sweep's output folder"
         )
+    html = render_html(title, sections, subtitle=f"nclayers report of {path}")
+    if out is None:  # in the folder: through its store, like every file there
+        return RunFolder(path).write(REPORT, html)
     from nclayers.files import atomic_write
 
-    target = Path(out) if out else path / REPORT
-    return atomic_write(target, render_html(title, sections, subtitle=f"nclayers report of {path}"))
+    return atomic_write(Path(out), html)
 
 
 # ----------------------------------------------------------------------------- readability
@@ -479,11 +481,11 @@ def draw_figures(
         if "panels" in fig:
             layout = tuple(Panel(m) for m in fig["panels"])
         stem = fig.get("name") or (name if len(figures) == 1 else f"{name}-{i + 1}")
-        paths += plot_layout(
-            layers, out / stem, layout, rows=fig.get("rows"), curves=fig.get("curves"),
+        paths += RunFolder(out).draw_all(lambda tmp, fig=fig, layout=layout, stem=stem: plot_layout(
+            layers, tmp / stem, layout, rows=fig.get("rows"), curves=fig.get("curves"),
             x=fig.get("x", "block"), memorization=memo, title=fig.get("title") or title,
             notes=notes, mathtext=mathtext,
-        )  # fmt: skip
+        ))  # fmt: skip
     return paths
 
 

@@ -556,14 +556,14 @@ def _ratios(rows: Table) -> Table:
 
 
 def _write_tables(out: Path, tables: dict[str, Table]) -> dict:
-    written = {}
+    from nclayers.jobs.folder import RunFolder
+
+    folder, written = RunFolder(out), {}  # the sweep's folder: the same store as a run's
     for name, table in tables.items():
-        path = out / f"{name}.csv"
         if table or name == "runs":
-            table.to_csv(path)
-            written[name] = str(path)
+            written[name] = str(folder.write_table(f"{name}.csv", table))
         else:
-            path.unlink(missing_ok=True)
+            folder.remove(f"{name}.csv")
     return written
 
 
