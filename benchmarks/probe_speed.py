@@ -115,8 +115,8 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     blocks = find_blocks(model)
     e = args.epochs
-    base = ProbeSettings(epochs=e, milestones=[e // 2], batch_size=128, eval_batch_size=128,
-                         channels_last=channels_last)  # fmt: skip
+    base = ProbeSettings(epochs=e, milestones=[e // 2] if e > 1 else [], batch_size=128,
+                         eval_batch_size=128, channels_last=channels_last)  # fmt: skip
 
     clock = Clock(device)
 
