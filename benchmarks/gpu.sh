@@ -19,7 +19,7 @@
 #   train_compile      `nclayers train`, ResNet18 width 64, batch 128, train.compile=true,
 #                      2 epochs: the second epoch's img/s is the compiled speed
 #   analyze_resnet152  benchmarks/analyze_overhead.py, ResNet152 width 64 (50 blocks)
-#   probe              benchmarks/probe_speed.py (joint probes vs inference, vs separate)
+#   probe              benchmarks/probe_speed.py (the lr grid and one lr vs inference, vs separate)
 #   train_overhead     benchmarks/train_overhead.py (eager step vs plain loop, pipeline)
 #   analyze_run        `nclayers analyze` of the checkpoint train_compile wrote
 # bf16 autocast and channels_last on both sides of every ratio. Every step's log lands
@@ -170,7 +170,8 @@ FIGURES = [
     ("train_compile_img_per_s", "train_compile", ["img_per_s_compiled"], None),
     ("analyze_resnet152_over_inference", "analyze_resnet152", ["analyze_over_inference"], "<= 1.05"),
     ("analyze_resnet152_two_pass_over_analyze", "analyze_resnet152", ["two_pass_over_analyze"], ">= 1.8"),
-    ("probe_joint_over_inference", "probe", ["joint_over_inference"], "<= 1.3"),
+    ("probe_grid_over_inference", "probe", ["grid_over_inference"], "<= 1.10"),
+    ("probe_single_lr_over_inference", "probe", ["single_over_inference"], "<= 1.05"),
     ("probe_separate_over_joint", "probe", ["separate_over_joint"], ">= 6"),
     ("probe_cache_over_inference", "probe", ["cache_over_inference"], "<= 1.5"),
     ("train_step_over_plain", "train_overhead", ["step_over_plain"], "<= 1.05"),
