@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nclayers.config import DataConfig
+from nclayers.config import AnalyzeConfig, DataConfig, load_config
 from nclayers.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,3 +168,64 @@ def test_every_data_key_is_honoured_or_refused_on_digits(key):
         assert len(str(err).splitlines()) == 1
         return
     assert key in WHERE or not _same(changed, _loaded(base)), f"data.{key}={value!r} ignored"
+
+
+# ----------------------------------------------------------------- the analyze keys
+# Each analyze key, a value other than its default, and what it must do to a run's
+# measurement on the CPU: "changes" the rows, or "same" (a GPU speed switch or a batch
+# size: the numbers stay those of the default, to float64 rounding), or "refused".
+ANALYZE_VALUES = {
+    "split": ("train", "changes"), "reference": (None, "changes"),
+    "reference_subset": (30, "changes"), "batch_size": (37, "same"),
+    "classic_nc1": (True, "changes"), "amp": (False, "same"), "channels_last": (False, "same"),
+    "task": ("next_token", "refused"), "top_k": (5, "refused"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from nclayers.jobs import train_job
+    from tinyruns import TINY
+
+    torch.set_num_threads(1)
+    args = [f"{k}={v}" for k, v in TINY.items() if not k.startswith("train.track")]
+    out = tmp_path_factory.mktemp("keys") / "run"
+    train_job(load_config(None, [*args, "train.epochs=1"]), out, progress=False)
+    return out, args
+
+
+def _measured(run, args, tmp_path, extra: list[str]):
+    from nclayers.jobs import RunFolder, analyze_job
+
+    cfg = load_config(None, [*args, *extra, f"model.checkpoint={run / 'checkpoint.pt'}"])
+    out = RunFolder(tmp_path / "-".join(extra or ["default"]).replace("=", "_"))
+    return analyze_job(cfg, out, progress=False)
+
+
+def _numbers(table) -> list:
+    cols = ("split", "block", "n", "nc1", "nc2", "ncc_acc", "nc1_classic")
+    return [tuple(r.get(c) for c in cols) for r in table.table]
+
+
+@pytest.mark.parametrize("key", sorted(AnalyzeConfig.model_fields))
+def test_every_analyze_key_is_honoured_or_refused(key, tiny_run, tmp_path):
+    """Each analyze key changes what is measured, leaves the numbers as they are where it
+    only says how fast (CPU: the GPU switches are off), or is refused in one line."""
+    run, args = tiny_run
+    value, expected = ANALYZE_VALUES[key]
+    setting = f"analyze.{key}={'null' if value is None else value}"
+    if expected == "refused":
+        with pytest.raises(ValueError, match=f"analyze.{key}") as err:
+            _measured(run, args, tmp_path, [setting])
+        assert len(str(err.value).splitlines()) == 1
+        return
+    base = _numbers(_measured(run, args, tmp_path, []))
+    changed = _numbers(_measured(run, args, tmp_path, [setting]))
+    if expected == "changes":
+        assert changed != base, f"{setting} changed nothing"
+    else:
+        assert len(changed) == len(base)
+        for a, b in zip(changed, base, strict=True):
+            assert a[:3] == b[:3]
+            for x, y in zip(a[3:], b[3:], strict=True):
+                assert (x is None and y is None) or x == pytest.approx(y, rel=1e-9), setting

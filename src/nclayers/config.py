@@ -300,6 +300,15 @@ class AnalyzeConfig(Section):
     task: Literal["classify", "next_token"] = "classify"
     top_k: Annotated[int, Field(ge=2)] = 100
 
+    @model_validator(mode="after")
+    def _top_k_needs_next_token(self) -> AnalyzeConfig:
+        if self.task == "classify" and self.top_k != type(self).model_fields["top_k"].default:
+            raise ValueError(
+                f"analyze.top_k={self.top_k} counts next-token classes, which "
+                "analyze.task=classify does not use: unset it, or set analyze.task=next_token"
+            )
+        return self
+
 
 class EqualityConfig(Section):
     _key: ClassVar[str] = "equality"
