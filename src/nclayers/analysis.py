@@ -44,7 +44,7 @@ from nclayers.metrics import (
     LabelViews,
     collapse_metrics,
 )
-from nclayers.models.blocks import find_blocks
+from nclayers.models.blocks import resolve_blocks
 from nclayers.runtime import autocast
 from nclayers.runtime import progress as progress_bar
 from nclayers.table import Table
@@ -117,17 +117,6 @@ def _split_batch(batch, default_view: str) -> tuple[Any, dict[str, torch.Tensor]
         )
     views = dict(y) if isinstance(y, Mapping) else {default_view: y}
     return x, views
-
-
-def _resolve_blocks(model: nn.Module, blocks) -> list[Block]:
-    if isinstance(blocks, str) or (
-        isinstance(blocks, Sequence) and blocks and not isinstance(blocks[0], Block)
-    ):
-        blocks = find_blocks(model, blocks)
-    blocks = list(blocks)
-    if not blocks:
-        raise NCLayersError("blocks: no block to measure; see `nclayers blocks MODEL`")
-    return blocks
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -392,7 +381,7 @@ def analyze(
     `stats`, `accuracy`, `samples`, `seconds`, `split` and `blocks` (forward order; a
     module that runs k times per forward is k layers `NAME#1` ... `NAME#k`).
     """
-    blocks = _resolve_blocks(model, blocks)
+    blocks = resolve_blocks(model, blocks)
     device = _model_device(model)
     if token_classes is None:
         token_classes = getattr(loader, "token_classes", None)

@@ -118,7 +118,10 @@ def _analyze(cfg: Config, folder: RunFolder, model, proc, device, progress: bool
         rows = (row for s in splits for row in tables[s])
         table = Table(
             number_blocks(
-                model, rows, measure.pool, sample_inputs(data[ac.split], device, channels_last)
+                model,
+                rows,
+                measure.pool,
+                lambda: sample_inputs(data[ac.split], device, channels_last),
             )
         )
         entry = {

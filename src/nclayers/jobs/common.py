@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -182,19 +184,25 @@ def sample_inputs(ds: Dataset, device: torch.device, channels_last: bool = False
     return next(iter(make_batches(two, 2, device, channels_last=channels_last, workers=0)))[0]
 
 
-def number_blocks(model: nn.Module, rows, pool: str | None = None, sample=None) -> list[dict]:
+def number_blocks(
+    model: nn.Module, rows, pool: str | None, sample: Callable[[], Any]
+) -> list[dict]:
     """`rows` with `layer` set to each block's position (1-based) among the model's
-    blocks in forward order (`find_blocks(model, "auto", sample=sample)`: one dry forward,
-    a shared module's calls apart), so the same block has the same layer whichever subset
-    (`model.blocks`) a stage measured; where a measured block is not among them, the rows
-    keep the positions the measuring pass gave them (forward order among the measured)."""
+    blocks in forward order, so the same block has the same layer whichever subset
+    (`model.blocks`) a stage measured. Where every block was measured, the measuring pass
+    already numbered them so; otherwise `sample()` (the inputs of a dry forward) orders
+    all of them (`find_blocks(model, "auto", sample=...)`, a shared module's calls apart).
+    A measured block outside them keeps the position the pass gave it."""
     from nclayers.models import find_blocks
 
     rows = list(rows)
     try:
-        every = [b.name for b in find_blocks(model, "auto", pool=pool, sample=sample)]
+        auto = [b.name for b in find_blocks(model, "auto", pool=pool)]
+        if set(auto) <= {str(r.get("block")).split("#")[0] for r in rows}:
+            return rows
+        every = [b.name for b in find_blocks(model, "auto", pool=pool, sample=sample())]
     except NCLayersError:
-        every = []
+        return rows
     if not all(r.get("block") in every for r in rows):
         return rows
     position = {n: i + 1 for i, n in enumerate(every)}

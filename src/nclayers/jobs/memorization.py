@@ -129,7 +129,9 @@ def _measure(
                 progress=progress, run=cfg.run, extra=extra,
             )  # fmt: skip
             layers[:] = result.blocks
-            numbered = number_blocks(model, result, cfg.model.pool, sample_inputs(data, device))
+            numbered = number_blocks(
+                model, result, cfg.model.pool, lambda: sample_inputs(data, device)
+            )
             for row, number in zip(result, numbered, strict=True):
                 row["layer"] = number["layer"]  # the block's position in forward order
             return result

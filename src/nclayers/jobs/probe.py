@@ -132,7 +132,9 @@ def _probe(cfg: Config, folder: RunFolder, model, device, progress: bool) -> Pro
     )  # fmt: skip
     for row in table:
         row["run"] = cfg.run
-    rows = number_blocks(model, table, measure.pool, sample_inputs(test, device, channels_last))
+    rows = number_blocks(
+        model, table, measure.pool, lambda: sample_inputs(test, device, channels_last)
+    )
     _write(cfg, folder, table, rows, weights, len(train), device)
     return table
 

@@ -188,10 +188,10 @@ def find_blocks(
             pattern, call = _call_of(pattern)
             hits = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
             if not hits:
-                sample = ", ".join(list(n for n in modules if n)[:8])
+                known = ", ".join(list(n for n in modules if n)[:8])
                 raise NCLayersError(
                     f"blocks: {pattern!r} matches no module of {type(model).__name__}; "
-                    f"module names look like: {sample}, ..."
+                    f"module names look like: {known}, ..."
                 )
             names += [f"{n}#{call}" if call else n for n in hits if n not in names]
         if any(any(ch in p for ch in "*?[") for p in patterns):
@@ -207,6 +207,19 @@ def find_blocks(
             block_pool = pool
         blocks.append(Block(name, module, block_pool, prefix, call))
     return forward_order(model, blocks, sample) if sample is not None else blocks
+
+
+def resolve_blocks(model: nn.Module, blocks, verb: str = "measure") -> list[Block]:
+    """`blocks` as given to a measuring function: Blocks as they are, or a spec (a string,
+    or a list of module names) for `find_blocks`; refuses an empty list."""
+    if isinstance(blocks, str) or (
+        isinstance(blocks, Sequence) and blocks and not isinstance(blocks[0], Block)
+    ):
+        blocks = find_blocks(model, blocks)
+    blocks = list(blocks)
+    if not blocks:
+        raise NCLayersError(f"blocks: no block to {verb}; see `nclayers blocks MODEL`")
+    return blocks
 
 
 def _call_of(name: str) -> tuple[str, int]:

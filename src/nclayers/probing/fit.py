@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from nclayers.config import ProbeSettings
 from nclayers.data import ArrayDataset, FolderDataset, TextData, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.models.blocks import find_blocks
+from nclayers.models.blocks import resolve_blocks
 from nclayers.probing.features import (
     Backbone,
     FeatureCache,
@@ -87,7 +87,7 @@ def probe(
         head gradients are averaged with one all_reduce per step.
     """
     s = _settings(settings)
-    blocks = _resolve_blocks(model, blocks)
+    blocks = resolve_blocks(model, blocks, "probe")
     rank, world = world_of()
     augment = s.augment and not isinstance(train, TextData)  # text has no augmentation
     mode = _check_settings(s, augment, world, positions=next_token is not None)
@@ -161,17 +161,6 @@ def _stats_split(train: Split, val: Split | None, s: ProbeSettings, next_token):
         return train.subset(held_out(train, s.val_fraction, s.seed, s.view)[1])
     except NCLayersError:  # too few rows to draw from: all of them
         return train
-
-
-def _resolve_blocks(model: nn.Module, blocks) -> list[Block]:
-    if isinstance(blocks, str) or (
-        isinstance(blocks, Sequence) and blocks and not isinstance(blocks[0], Block)
-    ):
-        blocks = find_blocks(model, blocks)
-    blocks = list(blocks)
-    if not blocks:
-        raise NCLayersError("blocks: no block to probe; see `nclayers blocks MODEL`")
-    return blocks
 
 
 def _check_split(ds: Split, name: str, view: str, num_classes: int, next_token=None) -> None:
