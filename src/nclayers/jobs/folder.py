@@ -67,23 +67,25 @@ from nclayers.config import (
 )
 from nclayers.errors import NCLayersError
 from nclayers.files import atomic_open, atomic_write, dumps_json
+from nclayers.jobs.stages import (  # the stages' own files, re-exported with the others
+    CHECKPOINT,
+    MEMORIZATION_LAYERS,
+    PROBE,
+    PROBE_HEADS,
+    PRUNE,
+    PRUNE_LAYERS,
+    SUMMARY,
+    TRAIN_SUMMARY,
+)
 from nclayers.jobs.stages import STAGES as DECLARED
 from nclayers.table import Table, stage_columns
 
 CONFIG = "config.yaml"
-CHECKPOINT = "checkpoint.pt"
-TRAIN_SUMMARY = "train_summary.json"
 TRAIN_LOG = "train.log"
 DYNAMICS = "nc_dynamics.csv"
 LAYERS = "layers.csv"
-SUMMARY = "summary.json"
-PROBE = "probe.csv"
-PROBE_HEADS = "probe_heads.pt"
 PROBE_STATE = "probe_state.pt"
 MEMORIZATION = "memorization.csv"
-MEMORIZATION_LAYERS = "memorization_layers.csv"
-PRUNE = "prune.csv"
-PRUNE_LAYERS = "prune_layers.csv"
 EQUALITY = "equality"  # equality.csv, equality.json, equality.png (+ "-SPLIT" off test)
 REPORT = "report.html"
 STAGES = "stages.json"
@@ -915,6 +917,14 @@ class _HashingWriter:
 
 
 __all__ = [
+    "CHECKPOINT",
+    "MEMORIZATION_LAYERS",
+    "PROBE",
+    "PROBE_HEADS",
+    "PRUNE",
+    "PRUNE_LAYERS",
+    "SUMMARY",
+    "TRAIN_SUMMARY",
     "RunFolder",
     "check_edited_config",
     "equality_stem",

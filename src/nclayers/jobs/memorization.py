@@ -50,6 +50,7 @@ from nclayers.jobs.folder import (
     SUMMARY,
     RunFolder,
 )
+from nclayers.jobs.stages import MEMORIZATION_FIGURE as FIGURE
 from nclayers.memorization import (
     CLEAN_INPUT,
     CORRUPTED_INPUT,
@@ -62,8 +63,6 @@ from nclayers.models import find_blocks
 from nclayers.report.figures import plot_metric
 from nclayers.runtime import barrier, setup_distributed
 from nclayers.table import Table
-
-FIGURE = "memorization.png"
 
 
 @dataclass

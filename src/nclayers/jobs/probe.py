@@ -56,6 +56,7 @@ from nclayers.jobs.folder import (
     measurement_key,
     stage_settings,
 )
+from nclayers.jobs.stages import PROBE_FIGURE
 from nclayers.models import find_blocks
 from nclayers.probing import ProbeResult, heads_state, probe, underfit, underfit_note
 from nclayers.report.figures import plot_metric
@@ -63,7 +64,6 @@ from nclayers.runtime import barrier, setup_distributed, speed_switches
 from nclayers.table import Table
 from nclayers.train import is_convnet
 
-PROBE_FIGURE = "probe_acc.png"
 PROBE_CACHE = "probe_cache"  # memory-mapped features beyond probe.cache_budget_gb
 log = logging.getLogger("nclayers.probe")
 

@@ -37,6 +37,7 @@ from nclayers.errors import NCLayersError
 from nclayers.jobs.common import check_causal, load_model, load_split, measure_setup, run_folder
 from nclayers.jobs.equality import equality_stem
 from nclayers.jobs.folder import LAYERS, PRUNE, PRUNE_LAYERS, STAGES, RunFolder
+from nclayers.jobs.stages import PRUNE_FIGURE as PRUNE_PNG
 from nclayers.layer_scores import choose_layers, layer_scores
 from nclayers.models import find_blocks
 from nclayers.models.hf import is_causal_lm, is_hf_model
@@ -53,7 +54,6 @@ from nclayers.table import Table
 from nclayers.taps import head
 from nclayers.train import train_labels_view
 
-PRUNE_PNG = "prune.png"
 LAYER_SCORES = "layer_scores.csv"
 EVAL_BATCH = 500
 BASELINES = ("last", "random")

@@ -48,26 +48,39 @@ class Stage:
         return getattr(importlib.import_module(module), function)
 
 
+# The files the stages leave in a run folder (`nclayers.jobs.folder` names the others).
+CHECKPOINT = "checkpoint.pt"
+TRAIN_SUMMARY = "train_summary.json"
+SUMMARY = "summary.json"
+PROBE = "probe.csv"
+PROBE_HEADS = "probe_heads.pt"
+PROBE_FIGURE = "probe_acc.png"
+MEMORIZATION_LAYERS = "memorization_layers.csv"
+MEMORIZATION_FIGURE = "memorization.png"
+PRUNE = "prune.csv"
+PRUNE_LAYERS = "prune_layers.csv"
+PRUNE_FIGURE = "prune.png"
+
 MEASURE = ("data", "model", "analyze.task", "analyze.top_k", "run")
 STAGES: tuple[Stage, ...] = (
-    Stage("train", "nclayers.jobs.train:train_job", files=("checkpoint.pt", "train_summary.json"),
+    Stage("train", "nclayers.jobs.train:train_job", files=(CHECKPOINT, TRAIN_SUMMARY),
           weights=False),
     Stage("analyze", "nclayers.jobs.analyze:analyze_job", measured=True, needs=("train",),
           settings=(*MEASURE, "analyze.split", "analyze.reference", "analyze.reference_subset",
-                    "analyze.classic_nc1", "analyze.amp"), files=("summary.json",)),
+                    "analyze.classic_nc1", "analyze.amp"), files=(SUMMARY,)),
     Stage("probe", "nclayers.jobs.probe:probe_job", measured=True, needs=("train",),
-          settings=(*MEASURE, "probe"), figure="probe_acc.png",
-          files=("probe.csv", "probe_heads.pt", "summary.json")),
+          settings=(*MEASURE, "probe"), figure=PROBE_FIGURE,
+          files=(PROBE, PROBE_HEADS, SUMMARY)),
     Stage("memorization", "nclayers.jobs.memorization:memorization_job", measured=True,
           needs=("train",), settings=("data", "model", "analyze.amp", "run"),
-          figure="memorization.png", files=("memorization_layers.csv", "summary.json")),
+          figure=MEMORIZATION_FIGURE, files=(MEMORIZATION_LAYERS, SUMMARY)),
     Stage("equality", "nclayers.jobs.equality:equality_job", needs=("analyze",),
           depends_on=("analyze",), settings=("equality", "run"), weights=False,
           figure="equality.png"),
     Stage("prune", "nclayers.jobs.prune:prune_job", needs=("train",), after=("equality",),
           settings=("data", "model", "prune", "equality", "train", "analyze.task",
-                    "analyze.top_k", "run"), figure="prune.png",
-          files=("prune.csv", "prune_layers.csv")),
+                    "analyze.top_k", "run"), figure=PRUNE_FIGURE,
+          files=(PRUNE, PRUNE_LAYERS)),
 )  # fmt: skip
 BY_NAME = {s.name: s for s in STAGES}
 
