@@ -382,7 +382,7 @@ def _same_numbers(a: list, b: list) -> bool:
     for x, y in zip(a, b, strict=True):
         for u, v in zip(x, y, strict=True):
             if isinstance(u, float) and isinstance(v, float):
-                if not (u == pytest.approx(v, rel=1e-9, abs=1e-12) or u != u and v != v):
+                if not (u == pytest.approx(v, rel=1e-9, abs=1e-12) or (u != u and v != v)):
                     return False
             elif u != v:
                 return False
