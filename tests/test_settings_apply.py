@@ -393,11 +393,13 @@ def _check(expected: str, verb: str, run, base: list[str], setting: str, tmp) ->
     """`verb` on `run` with `base` + `setting` does what `expected` says."""
     if expected == "refused":
         key = setting.split("=", 1)[0]
-        for out in (tmp / "refused", None):  # into a new folder, and in the run's own
+        new = tmp / f"refused{len(list(tmp.iterdir()))}"
+        for out in (new, None):  # into a new folder, and in the run's own
             rc, err = _verb(verb, run, [*base, setting], out)
             assert rc == 2, f"{verb} {setting}: not refused ({err})"
             line = err.strip()
             assert len(line.splitlines()) == 1 and key in line, line
+        assert not (new / "config.yaml").exists()  # not made a run by a refused command
         return
     before = _measure(verb, run, base, tmp)
     after = _measure(verb, run, [*base, setting], tmp)
