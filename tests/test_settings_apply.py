@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from nclayers.config import (
+    NOT_WEIGHTS,
     AnalyzeConfig,
     DataConfig,
     ModelConfig,
@@ -319,7 +320,7 @@ TRAIN_VALUES = {
 SLOW_RESUMES = {"epochs", "batch_size", "schedule", "milestones", "gamma", "warmup_epochs",
                 "warmup_lr", "warmup_steps", "min_lr", "label_smoothing", "augment",
                 "checkpoint_every", "track_nc_every", "track_nc_samples", "channels_last",
-                "compile", "tensorboard", "betas"}  # fmt: skip
+                "compile", "tensorboard", "betas", "amp"}  # fmt: skip
 
 
 def _setting(section: str, key: str, value) -> str:
@@ -461,15 +462,14 @@ def test_every_train_key_is_refused_or_not_read_on_the_measuring_verbs(
     key, verb, tiny_run, measure_dir
 ):
     """A train key that defines the weights is refused naming it (train a new run with
-    it); the others only act while training: accepted, the numbers unchanged."""
-    from nclayers.config import NOT_WEIGHTS
-
+    it); the others only act while training (checkpoints, TensorBoard, NC tracked during
+    training): not read, see the test of the sections a verb does not read."""
     run, _ = tiny_run
-    value, needs, _ = TRAIN_VALUES[key]
-    expected = "same" if f"train.{key}" in NOT_WEIGHTS else "refused"
+    value, _, _ = TRAIN_VALUES[key]
+    if f"train.{key}" in NOT_WEIGHTS:
+        return
     base = ["probe.epochs=1"] if verb == "probe" else []
-    base += [] if expected == "refused" else _settings("train", needs)
-    _check(expected, verb, run, base, _setting("train", key, value), measure_dir)
+    _check("refused", verb, run, base, _setting("train", key, value), measure_dir)
 
 
 @pytest.mark.parametrize(
@@ -477,21 +477,24 @@ def test_every_train_key_is_refused_or_not_read_on_the_measuring_verbs(
     [
         ("probe", PROBE_VALUES, ("analyze", "memorization", "prune")),
         ("prune", PRUNE_VALUES, ("analyze", "probe", "memorization")),
+        ("train", {k: v for k, v in TRAIN_VALUES.items() if f"train.{k}" in NOT_WEIGHTS},
+         MEASURING),
     ],
-)
+)  # fmt: skip
 def test_a_section_a_verb_does_not_read_is_accepted_and_changes_nothing(
     section, values, verbs, tiny_run, measure_dir
 ):
     """probe.* on analyze, prune.* on probe, ...: a run's config file holds every section
     (a sweep runs every stage with one config), so they are accepted; they change neither
-    the numbers nor the measurement's key (the stage stays done)."""
+    the numbers nor the measurement's key (the stage stays done). The same for the train
+    keys that act only while training (train.checkpoint_every, ...) on the measuring verbs."""
     from nclayers.config import load_config as load
     from nclayers.jobs.folder import measurement_key
 
     run, args = tiny_run
     given: dict = {}
     for key, (value, needs, expected) in values.items():
-        if expected != "refused":
+        if expected != "refused" or section == "train":
             given.update({**needs, key: str(measure_dir) if value == "CACHE" else value})
     settings = _settings(section, given)
     for verb in verbs:
