@@ -556,3 +556,17 @@ def test_every_model_key_is_honoured_or_refused_on_resume(key, tiny_run, tmp_pat
     if value == "OTHER":
         value = _other_checkpoint(run, tmp_path)
     _check_resume(expected, run, tmp_path, [], _setting("model", key, value))
+
+
+@pytest.mark.parametrize("key", sorted(DataConfig.model_fields))
+def test_every_data_key_that_defines_the_weights_is_refused_on_analyze(key, tiny_run, measure_dir):
+    """The data keys that define the weights (the training data: noise, subsets, classes,
+    corruption, ...) are refused on a verb that measures the run, naming the key; the
+    others (where the data lie, how they are read, the test subset) are walked on the
+    data they load above."""
+    run, _ = tiny_run
+    if f"data.{key}" in NOT_WEIGHTS:
+        return
+    # (other values than the run's: noise 0.4, train_subset 100)
+    value = {"noise": 0.2, "train_subset": 50}.get(key, DATA_VALUES[key][0])
+    _check("refused", "analyze", run, [], _setting("data", key, value), measure_dir)
