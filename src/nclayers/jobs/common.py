@@ -16,7 +16,7 @@ from torch import nn
 from nclayers.config import Config, canonical_settings, weights_settings
 from nclayers.data import Dataset, TextData, load_dataset, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.jobs.folder import CHECKPOINT, RunFolder
+from nclayers.jobs.folder import CHECKPOINT, CONFIG, RunFolder
 from nclayers.models import build_model, load_weights
 from nclayers.runtime import is_main, seeded
 from nclayers.taps import output_logits, run_model
@@ -227,7 +227,7 @@ def check_measured_settings(source: RunFolder, cfg: Config, verb: str) -> None:
         raise NCLayersError(
             f"{key}={asked[key]!r}: {source.path} was trained with {key}={mine.get(key)!r}, "
             f"and nclayers {verb} measures those weights; drop the setting, or train a new "
-            f"run with it (nclayers train {source.file('config.yaml')} {key}=... --out NEW)"
+            f"run with it (nclayers train {source.file(CONFIG)} {key}=... --out NEW)"
         )
 
 

@@ -169,9 +169,9 @@ def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> 
     if kept:
         key = kept[0]
         raise NCLayersError(
-            f"{key}={theirs[key]!r}: {folder.path} was trained with {key}={mine[key]!r}, "
-            "which its checkpoint continues (the optimiser's state, the random generators); "
-            "drop the setting, or --force to train this config there from scratch"
+            f"{key}={theirs[key]!r}: --resume continues the checkpoint of {folder.path}, "
+            f"trained with {key}={mine[key]!r} (its optimiser's state and random generators "
+            "go on); drop the setting, or --force to train this config there from scratch"
         )
     if state["epoch"] >= cfg.train.epochs and not finish:
         raise NCLayersError(
