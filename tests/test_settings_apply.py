@@ -570,3 +570,17 @@ def test_every_data_key_that_defines_the_weights_is_refused_on_analyze(key, tiny
     # (other values than the run's: noise 0.4, train_subset 100)
     value = {"noise": 0.2, "train_subset": 50}.get(key, DATA_VALUES[key][0])
     _check("refused", "analyze", run, [], _setting("data", key, value), measure_dir)
+
+
+def test_the_sections_training_does_not_read_change_nothing_on_resume(tiny_run, tmp_path):
+    """probe.* and prune.* given to `train RUN --resume`: accepted, the weights as without."""
+    run, _ = tiny_run
+    given = []
+    for section, values in (("probe", PROBE_VALUES), ("prune", PRUNE_VALUES)):
+        given += _settings(section, {k: v for k, (v, _, e) in values.items()
+                                     if e != "refused" and v != "CACHE"})  # fmt: skip
+    rc, err, before = _resumed(run, tmp_path, [])
+    assert rc == 0, err
+    rc, err, after = _resumed(run, tmp_path, given)
+    assert rc == 0, err
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
