@@ -1,6 +1,10 @@
 """Settings apply or refuse: `data.classes` keeps the first N classes on every data source
 (digits, CIFAR, CIFAR-N, CIFAR-10-C, Hugging Face text and images), or is refused in one
-line where it cannot apply; next-token classes refuse a model that is not causal."""
+line where it cannot apply; next-token classes refuse a model that is not causal; every
+key of the data, analyze, model, train, probe and prune sections, given on a verb that
+reads a run (analyze, probe, memorization, prune, train --resume), changes what it
+measures, leaves the numbers as they are, or is refused in one line (the README's
+"Configuration" states the rule)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from nclayers.config import AnalyzeConfig, DataConfig, load_config
+from nclayers.config import (
+    NOT_WEIGHTS,
+    AnalyzeConfig,
+    DataConfig,
+    ModelConfig,
+    ProbeSettings,
+    PruneConfig,
+    TrainConfig,
+    load_config,
+)
 from nclayers.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -188,7 +201,9 @@ def tiny_run(tmp_path_factory):
     from tinyruns import TINY
 
     torch.set_num_threads(1)
-    args = [f"{k}={v}" for k, v in TINY.items() if not k.startswith("train.track")]
+    # Label noise: the memorization verb measures its clean and noisy labels.
+    args = [*(f"{k}={v}" for k, v in TINY.items() if not k.startswith("train.track")),
+            "data.noise=0.4"]  # fmt: skip
     out = tmp_path_factory.mktemp("keys") / "run"
     train_job(load_config(None, [*args, "train.epochs=1"]), out, progress=False)
     return out, args
@@ -229,3 +244,343 @@ def test_every_analyze_key_is_honoured_or_refused(key, tiny_run, tmp_path):
             assert a[:3] == b[:3]
             for x, y in zip(a[3:], b[3:], strict=True):
                 assert (x is None and y is None) or x == pytest.approx(y, rel=1e-9), setting
+
+
+# ------------------------------------------------- every key on every verb that reads a run
+# The verbs that measure a run folder (`nclayers VERB RUN key=value`), what each writes,
+# and the columns of those files that are numbers of the measurement (not timings).
+MEASURING = ("analyze", "probe", "memorization", "prune")
+WRITES = {
+    "analyze": ("layers.csv",), "probe": ("layers.csv", "probe.csv"),
+    "memorization": ("memorization_layers.csv", "memorization.csv"),
+    "prune": ("prune.csv", "prune_layers.csv"),
+}  # fmt: skip
+NOT_NUMBERS = {"measurement", "seconds"}
+# Each key of a section: a value other than its default, the settings it needs to act
+# (with them on both sides of the comparison), and what it must do on the verb(s) that
+# read it: "changes" the numbers, leaves them the "same" (a CPU speed switch, a batch
+# size, where a cache goes), or is "refused" in one line naming the key. A key added to a
+# section without an entry fails its walk.
+PROBE_VALUES = {
+    "epochs": (2, {}, "changes"), "batch_size": (32, {}, "changes"),
+    "lrs": ([0.5], {}, "changes"), "val_fraction": (0.3, {}, "changes"),
+    "momentum": (0.5, {}, "changes"), "weight_decay": (0.05, {}, "changes"),
+    "milestones": ([1], {"epochs": 2}, "changes"),
+    "gamma": (0.5, {"epochs": 2, "milestones": [1]}, "changes"),
+    "augment": (True, {}, "changes"), "standardize": (False, {}, "changes"),
+    "mode": ("stream", {}, "changes"), "cache_budget_gb": (0, {}, "same"),
+    "cache_dir": ("CACHE", {"cache_budget_gb": 0}, "same"),
+    "cache_dtype": ("float32", {}, "changes"), "eval_batch_size": (7, {}, "same"),
+    "view": ("noisy", {}, "refused"), "seed": (1, {}, "changes"),
+    "amp": (False, {}, "same"), "channels_last": (False, {}, "same"),
+}  # fmt: skip
+PRUNE_VALUES = {
+    "blocks": ([2], {}, "changes"), "baselines": (["random"], {}, "changes"),
+    "seeds": ([1], {"baselines": ["random"]}, "changes"),
+    "finetune_epochs": (1, {}, "changes"),
+    "finetune_lr": (0.5, {"finetune_epochs": 1}, "changes"),
+    "reference": ("train", {}, "changes"), "amp": (False, {}, "same"),
+    "criteria": (["random"], {}, "changes"), "n": (2, {}, "refused"),
+    # The layer scores of sequence layers (transformers): not computed on this convnet.
+    "angular_position": ("mean", {}, "same"), "calibration_samples": (30, {}, "same"),
+}  # fmt: skip
+# The model keys on the measuring verbs, and on `train RUN --resume`: the keys that define
+# the weights are refused (measure them in a new run); model.checkpoint and
+# model.untrained choose other weights to measure; pool and blocks say what is measured.
+MODEL_VALUES = {
+    "name": ("resnet34", "refused", "refused"), "width": (8, "refused", "refused"),
+    "checkpoint": ("OTHER", "changes", "refused"), "untrained": (True, "changes", "refused"),
+    "blocks": ("layer1.0,layer4.1", "changes", "same"), "pool": ("flat", "changes", "same"),
+    "options": ({"zero_init_residual": True}, "refused", "refused"),
+    "skip_head": (True, "refused", "refused"), "skip": ("fc.*", "refused", "refused"),
+}  # fmt: skip
+# The train keys on `train RUN --resume` (resumed from epoch 1 to train.epochs=2; the
+# weights compared): the resumed epochs follow the schedule, optimiser settings and data
+# of the keys given; the optimiser's kind and the seed are the run's (refused). On the
+# measuring verbs every train key that defines the weights is refused; the others
+# (checkpoints, TensorBoard, NC tracked during training) are not read there.
+TRAIN_VALUES = {
+    "epochs": (3, {}, "changes"), "batch_size": (20, {}, "changes"),
+    "optimizer": ("adamw", {}, "refused"), "lr": (0.2, {}, "changes"),
+    "momentum": (0.5, {}, "changes"), "betas": ([0.5, 0.9], {}, "same"),
+    "weight_decay": (0.05, {}, "changes"), "schedule": ("cosine", {}, "changes"),
+    "milestones": ([1], {"schedule": "multistep"}, "changes"),
+    "gamma": (0.5, {"schedule": "multistep", "milestones": [1]}, "changes"),
+    "warmup_epochs": (2, {"epochs": 3}, "changes"),
+    "warmup_lr": (0.001, {"epochs": 3, "warmup_epochs": 2}, "changes"),
+    "warmup_steps": (1, {"schedule": "linear"}, "changes"),
+    "min_lr": (0.01, {"schedule": "cosine"}, "changes"),
+    "label_smoothing": (0.2, {}, "changes"), "augment": (True, {}, "changes"),
+    "seed": (1, {}, "refused"), "checkpoint_every": (0, {}, "same"),
+    "track_nc_every": (1, {}, "same"), "track_nc_samples": (20, {"track_nc_every": 1}, "same"),
+    "amp": (False, {}, "same"), "channels_last": (False, {}, "same"),
+    "compile": (True, {}, "same"), "tensorboard": (True, {}, "same"),
+}  # fmt: skip
+# Resuming these is slower than the walk's budget: marked slow (the others run always).
+SLOW_RESUMES = {"epochs", "batch_size", "schedule", "milestones", "gamma", "warmup_epochs",
+                "warmup_lr", "warmup_steps", "min_lr", "label_smoothing", "augment",
+                "checkpoint_every", "track_nc_every", "track_nc_samples", "channels_last",
+                "compile", "tensorboard", "betas", "amp"}  # fmt: skip
+
+
+def _setting(section: str, key: str, value) -> str:
+    import yaml
+
+    if isinstance(value, (list, dict)):
+        text = yaml.safe_dump(value, default_flow_style=True).strip()
+    else:
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else (
+            str(value))  # fmt: skip
+    return f"{section}.{key}={text}"
+
+
+def _settings(section: str, values: dict) -> list[str]:
+    return [_setting(section, k, v) for k, v in values.items()]
+
+
+def _verb(verb: str, run, settings: list[str], out=None) -> tuple[int, str]:
+    """`nclayers VERB RUN settings [--out OUT]`: (exit status, what it printed on stderr)."""
+    import contextlib
+    import io
+
+    from nclayers.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([verb, str(run), *settings, *(["--out", str(out)] if out else []), "-q"])
+    return rc, err.getvalue()
+
+
+def _rows(folder, verb: str) -> list:
+    from nclayers.table import Table
+
+    out = []
+    for name in WRITES[verb]:
+        table = Table.from_csv(folder / name)
+        cols = [c for c in table.columns if c not in NOT_NUMBERS]
+        out += [tuple(r.get(c) for c in cols) for r in table]
+    return out
+
+
+_MEASURED: dict = {}
+
+
+def _measure(verb: str, run, settings: list[str], tmp) -> list:
+    """The numbers `verb` writes measuring `run` with `settings` (into a new folder under
+    `tmp`, reading the run's weights); the same call is measured once."""
+    key = (verb, str(run), tuple(settings))
+    if key not in _MEASURED:
+        out = tmp / f"m{len(_MEASURED)}"
+        rc, err = _verb(verb, run, settings, out)
+        assert rc == 0, err
+        _MEASURED[key] = _rows(out, verb)
+    return _MEASURED[key]
+
+
+def _same_numbers(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        for u, v in zip(x, y, strict=True):
+            if isinstance(u, float) and isinstance(v, float):
+                if not (u == pytest.approx(v, rel=1e-9, abs=1e-12) or (u != u and v != v)):
+                    return False
+            elif u != v:
+                return False
+    return True
+
+
+def _check(expected: str, verb: str, run, base: list[str], setting: str, tmp) -> None:
+    """`verb` on `run` with `base` + `setting` does what `expected` says."""
+    if expected == "refused":
+        key = setting.split("=", 1)[0]
+        new = tmp / f"refused{len(list(tmp.iterdir()))}"
+        for out in (new, None):  # into a new folder, and in the run's own
+            rc, err = _verb(verb, run, [*base, setting], out)
+            assert rc == 2, f"{verb} {setting}: not refused ({err})"
+            line = err.strip()
+            assert len(line.splitlines()) == 1 and key in line, line
+        assert not (new / "config.yaml").exists()  # not made a run by a refused command
+        return
+    before = _measure(verb, run, base, tmp)
+    after = _measure(verb, run, [*base, setting], tmp)
+    if expected == "changes":
+        assert not _same_numbers(after, before), f"{verb}: {setting} changed nothing"
+    else:
+        assert _same_numbers(after, before), f"{verb}: {setting} changed the numbers"
+
+
+@pytest.fixture(scope="module")
+def measure_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("measured")
+
+
+@pytest.mark.parametrize("key", sorted(ProbeSettings.model_fields))
+def test_every_probe_key_is_honoured_or_refused_on_probe(key, tiny_run, measure_dir):
+    run, _ = tiny_run
+    value, needs, expected = PROBE_VALUES[key]
+    if value == "CACHE":
+        value = str(measure_dir / f"cache-{key}")
+    base = _settings("probe", {"epochs": 1, "batch_size": 16, **needs})
+    _check(expected, "probe", run, base, _setting("probe", key, value), measure_dir)
+
+
+@pytest.mark.parametrize("key", sorted(PruneConfig.model_fields))
+def test_every_prune_key_is_honoured_or_refused_on_prune(key, tiny_run, measure_dir):
+    run, _ = tiny_run
+    value, needs, expected = PRUNE_VALUES[key]
+    base = _settings("prune", needs)
+    _check(expected, "prune", run, base, _setting("prune", key, value), measure_dir)
+
+
+def _other_checkpoint(run, tmp):
+    """The run's checkpoint with every weight halved: other weights of the same model."""
+    path = tmp / "other.pt"
+    if not path.exists():
+        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+        model = {k: v / 2 if v.is_floating_point() else v for k, v in state["model"].items()}
+        torch.save({**state, "model": model}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("verb", MEASURING)
+@pytest.mark.parametrize("key", sorted(ModelConfig.model_fields))
+def test_every_model_key_is_honoured_or_refused_on_the_measuring_verbs(
+    key, verb, tiny_run, measure_dir
+):
+    run, _ = tiny_run
+    value, expected, _ = MODEL_VALUES[key]
+    if value == "OTHER":
+        value = _other_checkpoint(run, measure_dir)
+    base = ["probe.epochs=1"] if verb == "probe" else []
+    _check(expected, verb, run, base, _setting("model", key, value), measure_dir)
+
+
+@pytest.mark.parametrize("verb", MEASURING)
+@pytest.mark.parametrize("key", sorted(TrainConfig.model_fields))
+def test_every_train_key_is_refused_or_not_read_on_the_measuring_verbs(
+    key, verb, tiny_run, measure_dir
+):
+    """A train key that defines the weights is refused naming it (train a new run with
+    it); the others only act while training (checkpoints, TensorBoard, NC tracked during
+    training): not read, see the test of the sections a verb does not read."""
+    run, _ = tiny_run
+    value, _, _ = TRAIN_VALUES[key]
+    if f"train.{key}" in NOT_WEIGHTS:
+        return
+    base = ["probe.epochs=1"] if verb == "probe" else []
+    _check("refused", verb, run, base, _setting("train", key, value), measure_dir)
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "verbs"),
+    [
+        ("probe", PROBE_VALUES, ("analyze", "memorization", "prune")),
+        ("prune", PRUNE_VALUES, ("analyze", "probe", "memorization")),
+        ("train", {k: v for k, v in TRAIN_VALUES.items() if f"train.{k}" in NOT_WEIGHTS},
+         MEASURING),
+    ],
+)  # fmt: skip
+def test_a_section_a_verb_does_not_read_is_accepted_and_changes_nothing(
+    section, values, verbs, tiny_run, measure_dir
+):
+    """probe.* on analyze, prune.* on probe, ...: a run's config file holds every section
+    (a sweep runs every stage with one config), so they are accepted; they change neither
+    the numbers nor the measurement's key (the stage stays done). The same for the train
+    keys that act only while training (train.checkpoint_every, ...) on the measuring verbs."""
+    from nclayers.config import load_config as load
+    from nclayers.jobs.folder import measurement_key
+
+    run, args = tiny_run
+    given: dict = {}
+    for key, (value, needs, expected) in values.items():
+        if expected != "refused" or section == "train":
+            given.update({**needs, key: str(measure_dir) if value == "CACHE" else value})
+    settings = _settings(section, given)
+    for verb in verbs:
+        base = ["probe.epochs=1"] if verb == "probe" else []
+        before = _measure(verb, run, base, measure_dir)
+        assert _same_numbers(_measure(verb, run, [*base, *settings], measure_dir), before), verb
+        if verb != "prune":  # prune keeps no measurements
+            cfg = load(None, [*args, *base])
+            assert measurement_key(verb, cfg.updated(settings)) == measurement_key(verb, cfg)
+
+
+def _resumed(run, tmp, settings: list[str]) -> tuple[int, str, dict | None]:
+    """`nclayers train COPY --resume train.epochs=2 settings` on a copy of `run` (trained
+    for 1 epoch): exit status, stderr, the resumed weights."""
+    import shutil
+
+    copy = tmp / f"resume{len(list(tmp.iterdir()))}"
+    shutil.copytree(run, copy)
+    rc, err = _verb("train", copy, ["--resume", "train.epochs=2", *settings])
+    if rc:
+        return rc, err, None
+    return rc, err, torch.load(copy / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+_RESUMED: dict = {}
+
+
+def _check_resume(expected: str, run, tmp, base: list[str], setting: str) -> None:
+    if expected == "refused":
+        rc, err, _ = _resumed(run, tmp, [*base, setting])
+        key = setting.split("=", 1)[0]
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and key in err, err
+        return
+    for settings in (tuple(base), (*base, setting)):
+        if settings not in _RESUMED:
+            rc, err, state = _resumed(run, tmp, list(settings))
+            assert rc == 0, err
+            _RESUMED[settings] = state["model"]
+    a, b = _RESUMED[tuple(base)], _RESUMED[(*base, setting)]
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    assert same == (expected == "same"), f"train --resume {setting}: {expected} expected"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_RESUMES else k
+     for k in sorted(TrainConfig.model_fields)],
+)  # fmt: skip
+def test_every_train_key_is_honoured_or_refused_on_resume(key, tiny_run, tmp_path):
+    run, _ = tiny_run
+    value, needs, expected = TRAIN_VALUES[key]
+    _check_resume(expected, run, tmp_path, _settings("train", needs), _setting("train", key, value))
+
+
+@pytest.mark.parametrize("key", sorted(ModelConfig.model_fields))
+def test_every_model_key_is_honoured_or_refused_on_resume(key, tiny_run, tmp_path):
+    run, _ = tiny_run
+    value, _, expected = MODEL_VALUES[key]
+    if value == "OTHER":
+        value = _other_checkpoint(run, tmp_path)
+    _check_resume(expected, run, tmp_path, [], _setting("model", key, value))
+
+
+@pytest.mark.parametrize("key", sorted(DataConfig.model_fields))
+def test_every_data_key_that_defines_the_weights_is_refused_on_analyze(key, tiny_run, measure_dir):
+    """The data keys that define the weights (the training data: noise, subsets, classes,
+    corruption, ...) are refused on a verb that measures the run, naming the key; the
+    others (where the data lie, how they are read, the test subset) are walked on the
+    data they load above."""
+    run, _ = tiny_run
+    if f"data.{key}" in NOT_WEIGHTS:
+        return
+    # (other values than the run's: noise 0.4, train_subset 100)
+    value = {"noise": 0.2, "train_subset": 50}.get(key, DATA_VALUES[key][0])
+    _check("refused", "analyze", run, [], _setting("data", key, value), measure_dir)
+
+
+def test_the_sections_training_does_not_read_change_nothing_on_resume(tiny_run, tmp_path):
+    """probe.* and prune.* given to `train RUN --resume`: accepted, the weights as without."""
+    run, _ = tiny_run
+    given = []
+    for section, values in (("probe", PROBE_VALUES), ("prune", PRUNE_VALUES)):
+        given += _settings(section, {k: v for k, (v, _, e) in values.items()
+                                     if e != "refused" and v != "CACHE"})  # fmt: skip
+    rc, err, before = _resumed(run, tmp_path, [])
+    assert rc == 0, err
+    rc, err, after = _resumed(run, tmp_path, given)
+    assert rc == 0, err
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])

@@ -21,7 +21,7 @@ def _resolve(args, verb: str):
     reads its weights), a config file, or overrides alone."""
     from nclayers.config import load_config
     from nclayers.errors import NCLayersError
-    from nclayers.jobs.common import run_folder
+    from nclayers.jobs.common import check_measured_settings, run_folder
     from nclayers.jobs.folder import CHECKPOINT
 
     overrides = list(args.overrides)
@@ -41,8 +41,11 @@ def _resolve(args, verb: str):
     if target and Path(target).is_dir():
         source = run_folder(target)
         cfg = source.config(overrides)
+        if verb != "train":  # a verb that measures the run: its weights, as trained
+            check_measured_settings(source, cfg, verb)
         folder = run_folder(args.out or target)
-        if folder.path.resolve() != source.path.resolve() and not cfg.model.checkpoint:
+        other = cfg.model.checkpoint or cfg.model.untrained  # weights chosen on purpose
+        if folder.path.resolve() != source.path.resolve() and not other:
             if source.exists(CHECKPOINT):  # measure the run's weights, write elsewhere
                 cfg = cfg.updated({"model.checkpoint": str(source.file(CHECKPOINT).resolve())})
         return _absolute_paths(cfg), folder

@@ -230,6 +230,11 @@ class ModelConfig(Section):
                 f"{key} applies to the weights of model.checkpoint=FILE, which is not set; "
                 "set it, or remove the skip"
             )
+        if self.untrained and self.checkpoint:
+            raise ValueError(
+                f"model.untrained=true measures the model as built, model.checkpoint="
+                f"{self.checkpoint!r} loads weights into it: unset one of them"
+            )
         return self
 
 

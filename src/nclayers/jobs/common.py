@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nclayers.config import Config
+from nclayers.config import Config, canonical_settings, weights_settings
 from nclayers.data import Dataset, TextData, load_dataset, make_batches
 from nclayers.errors import NCLayersError
-from nclayers.jobs.folder import CHECKPOINT, RunFolder
+from nclayers.jobs.folder import CHECKPOINT, CONFIG, RunFolder
 from nclayers.models import build_model, load_weights
 from nclayers.runtime import is_main, seeded
 from nclayers.taps import output_logits, run_model
@@ -209,6 +209,28 @@ def number_blocks(
     return [{**r, "layer": position[r["block"]]} for r in rows]
 
 
+def check_measured_settings(source: RunFolder, cfg: Config, verb: str) -> None:
+    """Refuse, in one line, a `key=value` given to `nclayers VERB RUN` (`cfg`: the run's
+    config with them) that changes a key defining the run's weights (train.*, model.name,
+    data.noise, ...): VERB measures the weights the run trained, so such a key would be
+    recorded beside weights it did not make. Where the command names other weights
+    (model.checkpoint=FILE, model.untrained=true) the keys describe those and are taken."""
+    saved = source.config()
+    chosen = ("model.checkpoint", "model.untrained")
+    if cfg.model.untrained or cfg.model.checkpoint != saved.model.checkpoint:
+        return
+    mine = canonical_settings(weights_settings(saved))
+    asked = canonical_settings(weights_settings(cfg))
+    changed = [k for k in asked if k not in chosen and asked[k] != mine.get(k)]
+    if changed:
+        key = changed[0]
+        raise NCLayersError(
+            f"{key}={asked[key]!r}: {source.path} was trained with {key}={mine.get(key)!r}, "
+            f"and nclayers {verb} measures those weights; drop the setting, or train a new "
+            f"run with it (nclayers train {source.file(CONFIG)} {key}=... --out NEW)"
+        )
+
+
 def load_model(cfg: Config, folder: RunFolder, num_classes: int) -> nn.Module:
     """The configured model with the weights the run measures: `model.checkpoint`, else
     the folder's checkpoint.pt (checked against what train wrote). Refuses a model with
@@ -262,6 +284,7 @@ __all__ = [
     "build_from_config",
     "check_causal",
     "check_classifier",
+    "check_measured_settings",
     "load_model",
     "load_split",
     "measure_setup",

@@ -123,6 +123,10 @@ def train_job(
         proc.close()
 
 
+# Train keys a resumed run cannot change: its checkpoint holds their state.
+KEPT_ON_RESUME = ("train.optimizer", "train.seed")
+
+
 def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> _Start:
     """Where training starts: a new run, or the folder's checkpoint. Refuses to overwrite
     a run unless asked (force), and to resume one with other data or model settings."""
@@ -160,6 +164,14 @@ def _start(cfg: Config, folder: RunFolder, resume: bool | None, force: bool) -> 
         raise NCLayersError(
             f"{folder.path} holds {what}; --resume to continue it (train.epochs=N to train "
             "longer), or --force to start over"
+        )
+    kept = [k for k in KEPT_ON_RESUME if k in changed]
+    if kept:
+        key = kept[0]
+        raise NCLayersError(
+            f"{key}={theirs[key]!r}: --resume continues the checkpoint of {folder.path}, "
+            f"trained with {key}={mine[key]!r} (its optimiser's state and random generators "
+            "go on); drop the setting, or --force to train this config there from scratch"
         )
     if state["epoch"] >= cfg.train.epochs and not finish:
         raise NCLayersError(
@@ -286,7 +298,12 @@ def _train(cfg, folder, proc, device, start: _Start, stop_after, progress) -> Tr
     history = list(start.history or [])
     if start.state is not None:
         s.model.load_state_dict(start.state["model"])
+        # The saved state (momentum buffers, Adam moments) with this config's settings:
+        # a resumed run honours train.momentum, weight_decay, betas (and the lr schedule).
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in s.optimizer.param_groups]
         s.optimizer.load_state_dict(start.state["optimizer"])
+        for group, given in zip(s.optimizer.param_groups, settings, strict=True):
+            group.update(given)
         states = start.state["rng"]
         set_rng_state(states[proc.rank] if len(states) == proc.world else states[0])
         _trim_dynamics(folder, start.epoch)

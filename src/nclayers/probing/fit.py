@@ -181,7 +181,8 @@ def _check_split(ds: Split, name: str, view: str, num_classes: int, next_token=N
             )
         return
     if view not in ds.labels:
-        raise NCLayersError(f"view={view!r}: the {name} split has labels views {ds.views}")
+        raise NCLayersError(f"view={view!r} (probe.view): the {name} split has labels views "
+                            f"{ds.views}; choose one of them")  # fmt: skip
     y = ds.labels[view]
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise NCLayersError(
