@@ -13,9 +13,10 @@ pytest.importorskip("transformers")
 
 from hf_tiny import tiny_model
 from nclayers import analyze
-from nclayers.data.text import TextBatches, TextData
+from nclayers.data.text import TextBatches, TextData, from_texts
 from nclayers.models import find_blocks
 from nclayers.taps import TokenMask, pool_output
+from test_forward_order import numpy_nc1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,3 +73,62 @@ def test_cls_takes_the_first_real_token_on_either_side():
         pool_output(out, "cls", 0, left), torch.stack([out[0, 2], out[1, 1]])
     )
     torch.testing.assert_close(pool_output(out, "cls"), out[:, 0])  # no mask: token 0
+
+
+def test_cls_takes_the_tokenizers_cls_token_where_it_closes_the_sequence():
+    out = torch.arange(3 * 5 * 2, dtype=torch.float32).view(3, 5, 2)
+    cls = 3
+    # Row 0: XLNet's "w w <sep> <cls>"; row 1: "[CLS] w w" (BERT's), with a later 3 in the
+    # text; row 2 holds no cls token (cut by truncation): its first real token.
+    right = torch.tensor([[7, 8, 2, 3, 0], [3, 9, 3, 0, 0], [7, 8, 9, 0, 0]])
+    left = torch.tensor([[0, 7, 8, 2, 3], [0, 0, 3, 9, 3], [0, 0, 7, 8, 9]])
+    for ids, want in ((right, [3, 0, 0]), (left, [4, 2, 2])):
+        mask = TokenMask((ids != 0).long(), ids, cls)
+        assert mask.cls().tolist() == want
+        torch.testing.assert_close(pool_output(out, "cls", 0, mask), out[[0, 1, 2], want])
+    # Without a cls token (cls_id None) the first real token, as before.
+    assert TokenMask((left != 0).long(), left, None).cls().tolist() == [1, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def xlnet():
+    from hf_tiny import TEXT, xlnet_tokenizer
+
+    tokenizer = xlnet_tokenizer()
+    model = tiny_model("xlnet", "sequence", layers=2, vocab=len(tokenizer))
+    words = TEXT.split()
+    gen = torch.Generator().manual_seed(0)
+    texts = []
+    for i in range(24):  # distinct texts of 1-7 words
+        n = 1 + i % 7
+        texts.append(" ".join(words[j] for j in torch.randint(len(words), (n,), generator=gen)))
+    return model, tokenizer, from_texts(texts, tokenizer, [i % 3 for i in range(24)])
+
+
+def test_xlnet_cls_pools_its_cls_token_on_either_padding_side(xlnet):
+    """XLNet's tokenizer appends `<sep> <cls>`: pool "cls" reads that token (its
+    sequence-first layers turned to batch-first), as a hooked forward of each text alone
+    reads it, whatever the batch size and padding side."""
+    model, tokenizer, data = xlnet
+    assert data.cls_id == tokenizer.cls_token_id == 3
+    blocks = find_blocks(model, pool="cls")
+    feats: list[list[torch.Tensor]] = [[] for _ in blocks]
+    hooks = [b.module.register_forward_hook(
+        lambda m, a, o, i=i: feats[i].append(o[0][-1, 0]))  # T x 1 x D: <cls> is last
+        for i, b in enumerate(blocks)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            for i in range(len(data)):
+                ids = data.sequence(i)
+                assert ids[-1] == data.cls_id
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    labels = data.labels["clean"].numpy()
+    want = [numpy_nc1(torch.stack(f).numpy(), labels, 3) for f in feats]
+    for batch, side in ((1, "right"), (5, "right"), (5, "left"), (64, "left")):
+        table = analyze(model, TextBatches(data, batch, padding_side=side), 3, blocks,
+                        progress=False)  # fmt: skip
+        got = [r["nc1"] for r in table.where(view="clean")]
+        assert got == pytest.approx(want, rel=1e-4), (batch, side)
