@@ -132,3 +132,15 @@ def test_xlnet_cls_pools_its_cls_token_on_either_padding_side(xlnet):
                         progress=False)  # fmt: skip
         got = [r["nc1"] for r in table.where(view="clean")]
         assert got == pytest.approx(want, rel=1e-4), (batch, side)
+
+
+def test_a_sequence_cut_before_its_cls_token_is_named_at_loading(xlnet, caplog):
+    _, tokenizer, _ = xlnet
+    texts = ["the cat sat on the mat", "the dog"]  # 6 words + 2 specials; 2 + 2
+    with caplog.at_level("WARNING", logger="nclayers.data"):
+        data = from_texts(texts, tokenizer, [0, 1], max_length=5)
+    assert "1 of 2 sequences lack the tokenizer's cls token (id 3)" in caplog.text
+    assert data.sequence(0)[-1] != 3 and data.sequence(1)[-1] == 3
+    batch = next(iter(TextBatches(data, 2, padding_side="left")))[0]
+    mask = TokenMask(batch["attention_mask"], batch["input_ids"], data.cls_id)
+    assert mask.cls().tolist() == [0, 4]  # the cut one: its first real token
