@@ -106,16 +106,15 @@ def xlnet():
 
 
 def test_xlnet_cls_pools_its_cls_token_on_either_padding_side(xlnet):
-    """XLNet's tokenizer appends `<sep> <cls>`: pool "cls" reads that token (its
-    sequence-first layers turned to batch-first), as a hooked forward of each text alone
-    reads it, whatever the batch size and padding side."""
+    """XLNet's tokenizer appends `<sep> <cls>`: pool "cls" reads that token, as a hooked
+    forward of each text alone reads it, whatever the batch size and padding side; its
+    layers' hidden states are T x N x D, pooled as N x T x D ("mean" too)."""
     model, tokenizer, data = xlnet
     assert data.cls_id == tokenizer.cls_token_id == 3
-    blocks = find_blocks(model, pool="cls")
-    feats: list[list[torch.Tensor]] = [[] for _ in blocks]
+    states: list[list[torch.Tensor]] = [[], []]  # per layer: each text's T x D
     hooks = [b.module.register_forward_hook(
-        lambda m, a, o, i=i: feats[i].append(o[0][-1, 0]))  # T x 1 x D: <cls> is last
-        for i, b in enumerate(blocks)]  # fmt: skip
+        lambda m, a, o, i=i: states[i].append(o[0][:, 0]))  # T x 1 x D
+        for i, b in enumerate(find_blocks(model))]  # fmt: skip
     try:
         with torch.no_grad():
             for i in range(len(data)):
@@ -126,12 +125,18 @@ def test_xlnet_cls_pools_its_cls_token_on_either_padding_side(xlnet):
         for h in hooks:
             h.remove()
     labels = data.labels["clean"].numpy()
-    want = [numpy_nc1(torch.stack(f).numpy(), labels, 3) for f in feats]
-    for batch, side in ((1, "right"), (5, "right"), (5, "left"), (64, "left")):
-        table = analyze(model, TextBatches(data, batch, padding_side=side), 3, blocks,
-                        progress=False)  # fmt: skip
-        got = [r["nc1"] for r in table.where(view="clean")]
-        assert got == pytest.approx(want, rel=1e-4), (batch, side)
+    by_hand = {
+        "cls": [numpy_nc1(torch.stack([h[-1] for h in s]).numpy(), labels, 3) for s in states],
+        "mean": [numpy_nc1(torch.stack([h.mean(0) for h in s]).numpy(), labels, 3)
+                 for s in states],
+    }  # fmt: skip
+    for pool, want in by_hand.items():
+        blocks = find_blocks(model, pool=pool)
+        for batch, side in ((1, "right"), (5, "right"), (5, "left"), (64, "left")):
+            table = analyze(model, TextBatches(data, batch, padding_side=side), 3, blocks,
+                            progress=False)  # fmt: skip
+            got = [r["nc1"] for r in table.where(view="clean")]
+            assert got == pytest.approx(want, rel=1e-4), (pool, batch, side)
 
 
 def test_a_sequence_cut_before_its_cls_token_is_named_at_loading(xlnet, caplog):
