@@ -4,6 +4,7 @@ right or on the left."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -105,25 +106,32 @@ def xlnet():
     return model, tokenizer, from_texts(texts, tokenizer, [i % 3 for i in range(24)])
 
 
+def xlnet_states(model, sequences: list[list[int]]) -> list[list[torch.Tensor]]:
+    """Per layer, each sequence's hidden states (T x D), by hooks on forwards of one
+    sequence at a time (no padding)."""
+    states: list[list[torch.Tensor]] = [[] for _ in model.transformer.layer]
+    hooks = [layer.register_forward_hook(
+        lambda m, a, o, i=i: states[i].append(o[0][:, 0]))  # T x 1 x D
+        for i, layer in enumerate(model.transformer.layer)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            for ids in sequences:
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return states
+
+
 def test_xlnet_cls_pools_its_cls_token_on_either_padding_side(xlnet):
     """XLNet's tokenizer appends `<sep> <cls>`: pool "cls" reads that token, as a hooked
     forward of each text alone reads it, whatever the batch size and padding side; its
     layers' hidden states are T x N x D, pooled as N x T x D ("mean" too)."""
     model, tokenizer, data = xlnet
     assert data.cls_id == tokenizer.cls_token_id == 3
-    states: list[list[torch.Tensor]] = [[], []]  # per layer: each text's T x D
-    hooks = [b.module.register_forward_hook(
-        lambda m, a, o, i=i: states[i].append(o[0][:, 0]))  # T x 1 x D
-        for i, b in enumerate(find_blocks(model))]  # fmt: skip
-    try:
-        with torch.no_grad():
-            for i in range(len(data)):
-                ids = data.sequence(i)
-                assert ids[-1] == data.cls_id
-                model(input_ids=torch.tensor([ids]))
-    finally:
-        for h in hooks:
-            h.remove()
+    sequences = [data.sequence(i) for i in range(len(data))]
+    assert all(ids[-1] == data.cls_id for ids in sequences)
+    states = xlnet_states(model, sequences)
     labels = data.labels["clean"].numpy()
     by_hand = {
         "cls": [numpy_nc1(torch.stack([h[-1] for h in s]).numpy(), labels, 3) for s in states],
@@ -149,3 +157,43 @@ def test_a_sequence_cut_before_its_cls_token_is_named_at_loading(xlnet, caplog):
     batch = next(iter(TextBatches(data, 2, padding_side="left")))[0]
     mask = TokenMask(batch["attention_mask"], batch["input_ids"], data.cls_id)
     assert mask.cls().tolist() == [0, 4]  # the cut one: its first real token
+
+
+def test_the_command_line_pools_an_xlnet_folders_cls_token(xlnet, tmp_path):
+    """`nclayers analyze model.name=hf:FOLDER data.name=hf:DATA model.pool=cls`: the
+    data's tokenizer (the model folder's) names the cls token, whichever padding side."""
+    import csv
+
+    from transformers import PreTrainedTokenizerFast
+
+    from nclayers.cli import main
+    from nclayers.table import Table
+
+    model, tokenizer, data = xlnet
+    model.save_pretrained(tmp_path / "xlnet")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>", unk_token="<unk>",
+        sep_token="<sep>", cls_token="<cls>",
+    ).save_pretrained(tmp_path / "xlnet")  # fmt: skip
+    texts = [tokenizer.decode(data.sequence(i), skip_special_tokens=True) for i in range(12)]
+    labels = data.labels["clean"][:12].tolist()
+    (tmp_path / "data").mkdir()
+    for split in ("train", "test"):
+        with open(tmp_path / "data" / f"{split}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, ["text", "label"])
+            writer.writeheader()
+            writer.writerows(
+                {"text": t, "label": "abc"[y]} for t, y in zip(texts, labels, strict=True)
+            )
+    sequences = [tokenizer(t)["input_ids"] for t in texts]
+    states = xlnet_states(model, sequences)
+    want = [numpy_nc1(torch.stack([h[-1] for h in s]).numpy(), np.array(labels), 3)
+            for s in states]  # fmt: skip
+    for side, batch in (("right", 1), ("left", 64)):
+        out = tmp_path / side
+        args = [f"model.name=hf:{tmp_path / 'xlnet'}", f"data.name=hf:{tmp_path / 'data'}",
+                "model.pool=cls", f"data.padding_side={side}", f"analyze.batch_size={batch}",
+                "device=cpu", "analyze.reference=null"]  # fmt: skip
+        assert main(["analyze", *args, "--out", str(out), "-q"]) == 0
+        rows = Table.from_csv(out / "layers.csv").where(split="test")
+        assert [r["nc1"] for r in rows] == pytest.approx(want, rel=1e-4), side
