@@ -43,6 +43,14 @@ def tiny_config(family: str, layers: int = 3, vocab: int = VOCAB, num_labels: in
             bos_token_id=0,
             eos_token_id=0,
         ),
+        "xlnet": lambda: T.XLNetConfig(
+            d_model=HIDDEN,
+            n_layer=layers,
+            n_head=HEADS,
+            d_inner=FFN,
+            vocab_size=vocab,
+            num_labels=num_labels,
+        ),
         "llama": lambda: T.LlamaConfig(**decoder),
         "qwen2": lambda: T.Qwen2Config(**decoder),
     }
@@ -80,6 +88,23 @@ def word_tokenizer(text: str = TEXT, fast: bool = True):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def xlnet_tokenizer(text: str = TEXT):
+    """XLNet's fast tokenizer around a word-level vocabulary of `text` (<pad>=0, <unk>=1,
+    <sep>=2, <cls>=3, then words) that, as XLNet's, appends `<sep> <cls>` to a text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import XLNetTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = ["<pad>", "<unk>", "<sep>", "<cls>"]
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A <sep> <cls>", special_tokens=[("<sep>", 2), ("<cls>", 3)]
+    )
+    return XLNetTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                              sep_token="<sep>", cls_token="<cls>")  # fmt: skip
 
 
 def padded(sequences: list[list[int]], side: str = "right", pad: int = 0):

@@ -147,3 +147,40 @@ def test_import_changes_no_environment_and_huge_pages_are_the_users_opt_in():
     if _huge_pages_mode() == "madvise":
         assert faults_default >= 2**26 // 4096
         assert faults_on < faults_default // 4
+
+
+def _logging_state() -> tuple:
+    """What the command line may change in the process: the environment, the "nclayers"
+    and "submitit" loggers, transformers' verbosity and progress bars."""
+    import logging
+
+    hf = sys.modules.get("transformers.utils.logging")
+    ours = logging.getLogger("nclayers")
+    return (
+        dict(os.environ), ours.handlers[:], ours.level, ours.propagate,
+        logging.getLogger("submitit").level,
+        (hf.get_verbosity(), hf.is_progress_bar_enabled()) if hf else None,
+    )  # fmt: skip
+
+
+def test_quiet_lasts_only_as_long_as_its_command(tmp_path, caplog):
+    """-q silences the libraries while its command runs; once `main` returns, the process
+    is as before: the same settings, and a library call after it is heard (label noise,
+    logged at INFO)."""
+    import logging
+
+    from nclayers.config import DataConfig
+    from nclayers.data import load_dataset
+
+    pytest.importorskip("transformers")
+    import transformers.utils.logging  # noqa: F401  (imported before: told directly)
+
+    env, *before = _logging_state()
+    for quiet in (["-q"], []):
+        assert main(["analyze", str(tmp_path / "missing"), *quiet]) == 2
+        env_after, *after = _logging_state()
+        assert {k for k in {*env, *env_after} if env.get(k) != env_after.get(k)} == set()
+        assert after == before
+    with caplog.at_level(logging.INFO):
+        load_dataset(DataConfig(name="digits", noise=0.4, train_subset=100), "train")
+    assert "training labels differ from the true ones" in caplog.text

@@ -27,6 +27,7 @@ from nclayers.data.folderbatches import to_arrays
 from nclayers.data.imagefolder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    decode_bytes,
     device_decodable,
     jpeg_header,
     load_folder_split,
@@ -423,3 +424,36 @@ def test_generation_refuses_a_used_folder_and_bad_sizes(folder, tmp_path):
         make_image_folder(tmp_path / "x", size=4)
     with pytest.raises(ValueError, match="source='cifar10' needs data_dir"):
         make_image_folder(tmp_path / "y", "cifar10")
+
+
+def test_importing_nclayers_installs_no_warnings_filter():
+    """A library leaves its users' warnings alone: importing nclayers (its image decoding
+    and command line too) adds no filter. A fresh interpreter; torch, torchvision and
+    numpy imported first (they install their own)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch, torchvision, torchvision.io, numpy\n"
+        "before = list(warnings.filters)\n"
+        "import nclayers, nclayers.cli, nclayers.env, nclayers.data.imagefolder, "
+        "nclayers.data.folderbatches\n"
+        "added = [f for f in warnings.filters if f not in before]\n"
+        "assert warnings.filters == before, added\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_decoding_says_no_torchvision_deprecation_and_leaves_the_filters():
+    import io
+    import warnings
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(png, "PNG")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")  # every warning, as a user's -W always shows it
+        before = list(warnings.filters)
+        assert decode_bytes(png.getvalue()).shape == (3, 4, 5)
+        assert warnings.filters == before
+    assert not [w for w in said if "decoding and encoding capabilities" in str(w.message)]

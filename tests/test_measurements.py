@@ -9,16 +9,14 @@ import re
 import shutil
 
 import pytest
-import torch
 import yaml
 
 from nclayers.cli import main
-from nclayers.config import load_config
-from nclayers.jobs import RunFolder, analyze_job, probe_job, train_job
+from nclayers.jobs import RunFolder, analyze_job, probe_job
 from nclayers.jobs.folder import LAYERS, MEMORIZATION, STAGES
 from nclayers.jobs.sweep import load_sweep
 from nclayers.table import Table
-from tinyruns import TINY
+from tinyruns import TINY, trained_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,18 +25,12 @@ ARGS = [f"{k}={v}" for k, v in TINY.items() if not k.startswith("train.track")]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("measured") / "run"
-    train_job(load_config(None, [*ARGS, "train.epochs=1"]), out, progress=False)
-    return out
+    return trained_run(tmp_path_factory, "measured", [*ARGS, "train.epochs=1"])
 
 
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("noisy") / "run"
-    train_job(load_config(None, [*ARGS, "train.epochs=1", "data.noise=0.4"]), out, progress=False)
-    return out
+    return trained_run(tmp_path_factory, "noisy", [*ARGS, "train.epochs=1", "data.noise=0.4"])
 
 
 def copy(run, tmp_path):

@@ -27,6 +27,7 @@ from nclayers.prune import (
 )
 from nclayers.report.prune_figures import plot_prune
 from nclayers.table import Table
+from tinyruns import trained_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,17 +229,7 @@ TINY_RUN = [
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from nclayers.config import load_config
-    from nclayers.jobs import analyze_job, train_job
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("prune") / "run"
-    cfg = load_config(None, TINY_RUN)
-    train_job(cfg, out, progress=False)
-    analyze_job(cfg, out, progress=False)
-    torch.set_num_threads(threads)
-    return out
+    return trained_run(tmp_path_factory, "prune", TINY_RUN, analyze=True)
 
 
 def test_prune_verb_on_a_run_folder(tiny_run, tmp_path, capsys):
@@ -338,15 +329,7 @@ ADAMW_RUN = [
 
 @pytest.fixture(scope="module")
 def adamw_run(tmp_path_factory):
-    from nclayers.config import load_config
-    from nclayers.jobs import train_job
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("adamw") / "run"
-    train_job(load_config(None, ADAMW_RUN), out, progress=False)
-    torch.set_num_threads(threads)
-    return out
+    return trained_run(tmp_path_factory, "adamw", ADAMW_RUN)
 
 
 def test_the_default_finetune_keeps_an_adamw_baseline_and_a_wrecking_one_is_flagged(

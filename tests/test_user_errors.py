@@ -198,11 +198,16 @@ def test_an_unknown_slurm_key_lists_slurm_keys(tmp_path, capsys):
 
 def test_quiet_silences_submitit_warnings(tmp_path):
     """-q: submitit's warnings (e.g. "Bypassing sacct error", at every poll of a cluster
-    without accounting) are not printed; without -q they are. Each in its own process,
-    as the command line runs."""
-    code = ("import sys; from nclayers.cli import main; main(sys.argv[1:]); "
-            "from submitit.core import logger; "
-            "logger.warning('Call #1 - Bypassing sacct error')")  # fmt: skip
+    without accounting) are not printed while the command runs; without -q they are.
+    Once it returns, submitit warns again. Each in its own process, as the command line
+    runs; the command (analyze) imports submitit and warns as a sweep's poll would."""
+    code = ("import sys; from nclayers import cli; real = cli.cmd_analyze\n"
+            "def poll(args):\n"
+            "    from submitit.core import logger\n"
+            "    logger.warning('Call #1 - Bypassing sacct error')\n"
+            "    return real(args)\n"
+            "cli.cmd_analyze = poll; cli.main(sys.argv[1:])\n"
+            "from submitit.core import logger; logger.warning('after the command')")  # fmt: skip
     # A fresh command line: not the settings an earlier in-process `main(-q)` left.
     env = {k: v for k, v in os.environ.items() if k != "SUBMITIT_LOG_LEVEL"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
@@ -212,4 +217,5 @@ def test_quiet_silences_submitit_warnings(tmp_path):
         said[bool(quiet)] = subprocess.run(args, env=env, capture_output=True, text=True).stderr
     assert "Bypassing sacct error" in said[False]
     assert "Bypassing sacct error" not in said[True]
+    assert "after the command" in said[True] and "after the command" in said[False]
     assert "run folder" in said[True]  # the error itself is still said

@@ -41,6 +41,26 @@ def write_sweep(path: Path, root: Path, noise: list[float], stages=ALL_STAGES, *
     return path
 
 
+def trained_run(tmp_path_factory, name: str, overrides: list[str], *, analyze: bool = False):
+    """A run folder (`name`/run in a fresh temporary folder) trained from the config
+    `overrides`, and analysed too with `analyze`, on one CPU thread (the thread count
+    restored after): a test module's shared run."""
+    from nclayers.config import load_config
+    from nclayers.jobs import analyze_job, train_job
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp(name) / "run"
+        cfg = load_config(None, overrides)
+        train_job(cfg, out, progress=False)
+        if analyze:
+            analyze_job(cfg, out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def tables_of(folder: Path) -> dict[str, Table]:
     """Every CSV below `folder` (relative name -> table)."""
     return {

@@ -246,7 +246,10 @@ class _Pass:
         return self._lookup
 
 
-def _run(model: nn.Module, loader: Iterable, acc: _Pass, amp: bool, progress: bool, split: str):
+def _run(
+    model: nn.Module, loader: Iterable, acc: _Pass, amp: bool, progress: bool, split: str,
+    cls_id: int | None = None,
+) -> None:  # fmt: skip
     """The pass itself: every batch through the model with the taps on; the first batch
     with the hooks of `traced_forward`, which put the blocks in forward order."""
     default_view = (getattr(loader, "views", None) or ["clean"])[0]
@@ -262,11 +265,13 @@ def _run(model: nn.Module, loader: Iterable, acc: _Pass, amp: bool, progress: bo
                 x = to_device(x, acc.device)
                 if taps is None:
                     with autocast(acc.device, amp):
-                        blocks, pooled, out = traced_forward(model, acc.blocks, x, pool=True)
+                        blocks, pooled, out = traced_forward(
+                            model, acc.blocks, x, pool=True, cls_id=cls_id
+                        )
                     acc.start(blocks)
                     for i, feats in enumerate(pooled):
                         acc.sink(i, feats)
-                    taps = stack.enter_context(Taps(acc.blocks, acc.sink))
+                    taps = stack.enter_context(Taps(acc.blocks, acc.sink, cls_id))
                 else:
                     with autocast(acc.device, amp):
                         out = run_model(model, x, taps)
@@ -360,6 +365,7 @@ def analyze(
     run: str = "",
     extra: Mapping | None = None,
     token_classes: torch.Tensor | None = None,
+    cls_id: int | None = None,
 ) -> AnalysisResult:
     """Measure every block of `model` on one pass over `loader`.
 
@@ -376,6 +382,9 @@ def analyze(
     token_classes: for N x T x V logits, the vocabulary id of each class (default: the
         loader's `token_classes` if it has them); the model is right at a position when
         its top token is that position's class token.
+    cls_id: the tokenizer's cls token, where pool "cls" reads each sequence (default: the
+        loader's `cls_id`, as `TextBatches` of a `TextData` carry it; None: the first
+        real token).
     Returns an `AnalysisResult`: one row per (view, layer) with layer (1-based), block,
     dim, split, view, n, nc1, cdnv_mean, nc2, ncc_acc, and nc1_classic if asked; its
     `stats`, `accuracy`, `samples`, `seconds`, `split` and `blocks` (forward order; a
@@ -385,17 +394,19 @@ def analyze(
     device = _model_device(model)
     if token_classes is None:
         token_classes = getattr(loader, "token_classes", None)
+    if cls_id is None:
+        cls_id = getattr(loader, "cls_id", None)
     if reference is not None and not isinstance(reference, Table):  # a loader
         reference = analyze(
             model, reference, num_classes, blocks, split="train", amp=amp, progress=progress,
-            run=run, token_classes=token_classes,
+            run=run, token_classes=token_classes, cls_id=cls_id,
         )  # fmt: skip
     ref_stats = _reference_stats(reference)
     # Reference means are checked and centred once, before the pass (that reads the device).
     nccs = [BlockNCC(r, device) for r in ref_stats] if ref_stats is not None else None
     acc = _Pass(blocks, num_classes, device, reference, nccs, classic_nc1, token_classes)
     start = time.perf_counter()
-    _run(model, loader, acc, amp, progress, split)
+    _run(model, loader, acc, amp, progress, split, cls_id)
     stats, metrics, fractions, seen = _measure(acc)
     seconds = time.perf_counter() - start
     rows = _rows(acc, stats, metrics, fractions, split=split, run=run, extra=extra)

@@ -187,7 +187,8 @@ class ModelConfig(Section):
     untrained: bool = False
     blocks: str | list[str] = "auto"  # "auto", or module names / glob patterns
     # Pooling of a block's output: nchw | nhwc | tokens | cls | flat; for sequences mean
-    # (over real tokens) | cls | last (the last real token). null: the model's own
+    # (over real tokens) | cls (the tokenizer's cls token, else the first real token) |
+    # last (the last real token). null: the model's own
     # (analyze.task=next_token always takes every position: "token").
     pool: Literal["nchw", "nhwc", "tokens", "cls", "flat", "mean", "last"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # extra constructor keywords

@@ -119,10 +119,13 @@ def _images(n: int = 8, size: int = 48):
 def check_decode(device) -> str:
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
+    from nclayers.data.imagefolder import torchvision_io
+
     images = _images()
-    datas = [encode_jpeg(x, quality=90) for x in images]
-    cpu = decode_jpeg(datas, mode=ImageReadMode.RGB)
-    dev = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    with torchvision_io():
+        datas = [encode_jpeg(x, quality=90) for x in images]
+        cpu = decode_jpeg(datas, mode=ImageReadMode.RGB)
+        dev = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
     diffs = [(a.int() - b.cpu().int()).abs() for a, b in zip(cpu, dev, strict=True)]
     worst = max(int(d.max()) for d in diffs)
     mean = sum(float(d.float().mean()) for d in diffs) / len(diffs)

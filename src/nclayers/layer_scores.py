@@ -99,6 +99,8 @@ class _Scorer:
         """One layer's call (a `CallHooks` hook): its input and output hidden states."""
         x = args[0] if args else kwargs.get("hidden_states")
         y = hidden_state(output)
+        if self.blocks[index].seq_first and isinstance(x, torch.Tensor) and y.ndim == 3:
+            x, y = x.transpose(0, 1), y.transpose(0, 1)  # T x N x D (XLNet) -> N x T x D
         if not isinstance(x, torch.Tensor) or x.shape != y.shape or y.ndim != 3:
             raise NCLayersError(
                 f"block {self.blocks[index].name}: its input and output hidden states "

@@ -9,9 +9,10 @@ tensor, a tuple whose first entry is the hidden state, or a model-output object.
 pools need the batch's attention mask (1 = real token, 0 = padding), which the caller
 hands to the taps per batch (`Taps.set_mask`, or `run_model(model, inputs, taps)` with a
 tokenised batch): "mean" averages the real tokens only, "last" takes the last real token
-whatever the padding side, "cls" the first real token whatever the padding side, and
-"token" keeps every position as a sample (N*T x D; the labels of padded or excluded
-positions are -1).
+whatever the padding side, "cls" the model's own CLS position (see `TokenMask.cls`:
+the tokenizer's cls token where the data name one, `cls_id`, else the first real
+token, whatever the padding side), and "token" keeps every position as a sample (N*T x
+D; the labels of padded or excluded positions are -1).
 
 A module that runs k > 1 times in one forward (a shared or recurrent block, weight tying)
 is k layers: `forward_order` finds the blocks' calls on one dry forward and returns one
@@ -43,12 +44,16 @@ class Block:
     pool: "nchw" averages a N x C x H x W map over H and W; "nhwc" a N x H x W x C map
     (timm's Swin); "tokens" and "mean" average N x T x C tokens after `prefix_tokens`
     class or register tokens, over the real tokens only when the batch has an attention
-    mask; "cls" takes token 0 (the first real token when the batch has an attention mask);
+    mask; "cls" takes token 0 (with a tokenised batch: the position of the tokenizer's
+    cls token, else the first real token; see `TokenMask.cls`);
     "last" the last real token; "token" keeps every position (N*T x C); "flat" keeps an
     N x D output as it is.
 
     call: 0 for a module that runs once per forward; k >= 1 for the k-th call of a module
     that runs `calls` times per forward (then `name` is `path#k`, `path` the module's name).
+
+    seq_first: the module's hidden state is T x N x D (XLNet's layers), turned to N x T x D
+    before pooling.
     """
 
     name: str
@@ -57,6 +62,7 @@ class Block:
     prefix_tokens: int = 0
     call: int = 0
     calls: int = 1
+    seq_first: bool = False
 
     @property
     def path(self) -> str:
@@ -66,17 +72,31 @@ class Block:
 
 class TokenMask:
     """One batch's attention mask (N x T, nonzero = real token) and what the pools derive
-    from it, computed once per batch and shared by every block."""
+    from it, computed once per batch and shared by every block. `input_ids` (N x T) and
+    `cls_id`, the tokenizer's cls token (None: it has none), place the "cls" pool."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    def __init__(
+        self,
+        mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        cls_id: int | None = None,
+    ) -> None:
         if mask.ndim != 2:
             raise NCLayersError(
                 f"attention_mask: expected N x T (one row per sequence), got {tuple(mask.shape)}"
             )
         self.mask = mask
+        self.input_ids = input_ids if cls_id is not None else None
+        self.cls_id = cls_id
+        if self.input_ids is not None and self.input_ids.shape != mask.shape:
+            raise NCLayersError(
+                f"input_ids of shape {tuple(self.input_ids.shape)} do not fit the attention "
+                f"mask of shape {tuple(mask.shape)}; give both for the same batch"
+            )
         self._weights: dict[int, torch.Tensor] = {}
         self._last: torch.Tensor | None = None
         self._first: torch.Tensor | None = None
+        self._cls: torch.Tensor | None = None
 
     def weights(self, prefix: int) -> torch.Tensor:
         """N x 1 x T float32: 1/(real tokens) on the real tokens from `prefix` on, else 0."""
@@ -105,6 +125,38 @@ class TokenMask:
             weights = torch.arange(t, 0, -1, device=self.mask.device)
             self._first = ((self.mask != 0) * weights).argmax(1)
         return self._first
+
+    def cls(self) -> torch.Tensor:
+        """N int64: each row's CLS position, the model's own. Where the batch names the
+        tokenizer's cls token (`cls_id` and `input_ids`) and a row holds it among its
+        real tokens: that token, the first real one where it opens the row (BERT's
+        `[CLS] ... [SEP]`), else the row's last (XLNet's `... <sep> <cls>`); a row
+        without it, or a batch without a cls token, takes its first real token. Left
+        and right padding give the same positions in the row's real tokens."""
+        if self._cls is None:
+            first = self.first()
+            if self.input_ids is None:
+                self._cls = first
+            else:
+                is_cls = (self.input_ids == self.cls_id) & (self.mask != 0)
+                t = self.mask.shape[1]
+                # As in `last`: the largest (position + 1) x [cls] is the last cls token.
+                last_cls = (is_cls * torch.arange(1, t + 1, device=self.mask.device)).argmax(1)
+                opens = is_cls.gather(1, first.unsqueeze(1)).squeeze(1)
+                self._cls = torch.where(opens | ~is_cls.any(1), first, last_cls)
+        return self._cls
+
+
+def token_mask(inputs, cls_id: int | None = None) -> TokenMask | None:
+    """The `TokenMask` of a batch's inputs: a tokenised mapping's attention mask (every
+    token real where it has none but names its `input_ids` and `cls_id` is given), and
+    with `cls_id` its input_ids; None for images or a mapping without either."""
+    if not isinstance(inputs, Mapping):
+        return None
+    mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+    if mask is None and ids is not None and ids.ndim == 2 and cls_id is not None:
+        mask = torch.ones_like(ids)
+    return TokenMask(mask, ids, cls_id) if mask is not None else None
 
 
 def hidden_state(output) -> torch.Tensor:
@@ -135,8 +187,8 @@ def _pool_sequence(
             f"attention_mask of shape {tuple(mask.mask.shape)} does not fit a block output of "
             f"shape {tuple(output.shape)}; pool a block whose output has one row per token"
         )
-    if pool in ("cls", "last"):  # the first / last real token, whatever the padding side
-        at = mask.first() if pool == "cls" else mask.last()
+    if pool in ("cls", "last"):  # the CLS / last real token, whatever the padding side
+        at = mask.cls() if pool == "cls" else mask.last()
         index = at.view(-1, 1, 1).expand(-1, 1, output.shape[2])
         return output.gather(1, index).squeeze(1).to(f32)
     if mask is None:  # "tokens" / "mean" without padding
@@ -145,11 +197,18 @@ def _pool_sequence(
 
 
 def pool_output(
-    output, pool: str, prefix_tokens: int = 0, mask: TokenMask | None = None
+    output,
+    pool: str,
+    prefix_tokens: int = 0,
+    mask: TokenMask | None = None,
+    seq_first: bool = False,
 ) -> torch.Tensor:
     """Reduce one block output to N x D float32 (N*T x D for pool "token") by `pool`;
-    `mask` is the batch's attention mask for the sequence pools."""
+    `mask` is the batch's attention mask for the sequence pools; `seq_first`: a 3-D
+    hidden state is T x N x D."""
     output = hidden_state(output)
+    if seq_first and output.ndim == 3:
+        output = output.transpose(0, 1)
     f32 = torch.float32
     if pool in SEQUENCE_POOLS and output.ndim == 3:
         return _pool_sequence(output, pool, prefix_tokens, mask)
@@ -219,29 +278,35 @@ class Taps:
     ...     logits = run_model(model, inputs, taps)   # a tensor or a tokenised batch
 
     A tokenised batch's attention mask reaches the sequence pools through `set_mask`
-    (which `run_model` calls before every batch); it holds until the next call. Each call
-    of a shared module goes to its own block (`path#1`, `path#2`, ...; see `CallHooks`).
+    (which `run_model` calls before every batch); it holds until the next call. `cls_id`,
+    the tokenizer's cls token (the data's `cls_id`; None: none), places the "cls" pool at
+    that token of each batch's input_ids (`TokenMask.cls`). Each call of a shared module
+    goes to its own block (`path#1`, `path#2`, ...; see `CallHooks`).
     """
 
     def __init__(
         self,
         blocks: Sequence[Block],
         sink: Callable[[int, torch.Tensor], None],
+        cls_id: int | None = None,
     ) -> None:
         self.blocks = list(blocks)
         self.sink = sink
+        self.cls_id = cls_id
         self.mask: TokenMask | None = None
         self._hooks: CallHooks | None = None
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
-        """The attention mask of the batch about to run (None: every token is real)."""
-        self.mask = TokenMask(mask) if mask is not None else None
+    def set_mask(self, mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> None:
+        """The attention mask (None: every token is real) and input_ids of the batch about
+        to run."""
+        self.mask = token_mask({"attention_mask": mask, "input_ids": input_ids}, self.cls_id)
         if self._hooks is not None:
             self._hooks.reset()
 
     def _hook(self, index: int, _args, _kwargs, output) -> None:
         block = self.blocks[index]
-        self.sink(index, pool_output(output, block.pool, block.prefix_tokens, self.mask))
+        feats = pool_output(output, block.pool, block.prefix_tokens, self.mask, block.seq_first)
+        self.sink(index, feats)
 
     def __enter__(self) -> Taps:
         self._hooks = CallHooks(self.blocks, self._hook)
@@ -260,7 +325,7 @@ def run_model(model: nn.Module, inputs, taps: Taps | None = None):
     attention mask to `taps` first."""
     if isinstance(inputs, Mapping):
         if taps is not None:
-            taps.set_mask(inputs.get("attention_mask"))
+            taps.set_mask(inputs.get("attention_mask"), inputs.get("input_ids"))
         return model(**inputs)
     if taps is not None:
         taps.set_mask(None)
@@ -372,17 +437,20 @@ def forward_order(model: nn.Module, blocks: Sequence[Block], sample) -> list[Blo
 
 
 def traced_forward(
-    model: nn.Module, blocks: Sequence[Block], inputs, pool: bool = False
+    model: nn.Module,
+    blocks: Sequence[Block],
+    inputs,
+    pool: bool = False,
+    cls_id: int | None = None,
 ) -> tuple[list[Block], list[torch.Tensor | None], object]:
     """One forward of `inputs` (a tensor or a tokenised mapping) as the caller set it up
     (mode, grad, autocast): (the blocks in forward order, one per call, as
     `forward_order` returns them; with `pool`, each one's pooled output, else None; the
     model's output). A measuring pass runs its first batch through this, so ordering the
-    blocks costs no forward of its own."""
+    blocks costs no forward of its own. `cls_id`: the tokenizer's cls token (see `Taps`)."""
     modules = {id(b.module): b for b in blocks}  # one block per module: its pooling
     wanted = {(id(b.module), b.call) for b in blocks}
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    token_mask = TokenMask(mask) if mask is not None else None
+    mask = token_mask(inputs, cls_id)
     events: list[tuple[int, int, torch.Tensor | None]] = []  # in the order outputs come out
     counts: dict[int, int] = {}
 
@@ -390,7 +458,11 @@ def traced_forward(
         def hook(_module, _args, output):
             n = counts[key] = counts.get(key, 0) + 1
             if (key, 0) in wanted or (key, n) in wanted:
-                feats = pool_output(output, b.pool, b.prefix_tokens, token_mask) if pool else None
+                feats = (
+                    pool_output(output, b.pool, b.prefix_tokens, mask, b.seq_first)
+                    if pool
+                    else None
+                )
                 events.append((key, n, feats))
 
         return hook
@@ -426,12 +498,11 @@ def probe_shapes(
 ) -> list[tuple[tuple[int, ...], int]]:
     """Run one sample batch (a tensor or a tokenised batch) and return, per block, (raw
     output shape, pooled dim)."""
-    mask = sample.get("attention_mask") if isinstance(sample, Mapping) else None
-    token_mask = TokenMask(mask) if mask is not None else None
+    mask = token_mask(sample)
 
     def record(block: Block, _inputs, out):
         raw = hidden_state(out)
-        pooled = pool_output(raw, block.pool, block.prefix_tokens, token_mask)
+        pooled = pool_output(raw, block.pool, block.prefix_tokens, mask, block.seq_first)
         return tuple(raw.shape), int(pooled.shape[1])
 
     return trace_blocks(model, blocks, sample, record)

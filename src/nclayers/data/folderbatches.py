@@ -52,6 +52,7 @@ from nclayers.data.imagefolder import (
     decode_bytes,
     device_decodable,
     read_bytes,
+    torchvision_io,
 )
 from nclayers.data.imagetransforms import CropPlan, apply_plan, eval_plan, sample_rng, train_plan
 from nclayers.errors import NCLayersError
@@ -368,13 +369,15 @@ class FolderBatches:
         datas = [blob[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
         rgb = ImageReadMode.RGB
         try:
-            return list(decode_jpeg(datas, mode=rgb, device=self.device))
+            with torchvision_io():
+                return list(decode_jpeg(datas, mode=rgb, device=self.device))
         except (RuntimeError, TypeError):
             pass  # a bad file in the batch (or a torchvision without batched decoding)
         images: list[torch.Tensor | None] = []
         for data, path in zip(datas, item["blob_files"], strict=True):
             try:
-                images.append(decode_jpeg(data, mode=rgb, device=self.device))
+                with torchvision_io():
+                    images.append(decode_jpeg(data, mode=rgb, device=self.device))
                 continue
             except RuntimeError:
                 pass

@@ -22,9 +22,11 @@ same API as `ArrayDataset` (labels views, `classes`, `index`, `subset`, `with_vi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,12 +40,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_FOLDERS = {"train": "train", "test": "val", "val": "val"}
 DECODERS = ("auto", "torchvision", "pil", "device")
-# torchvision 0.29 warns on every decode that its decoders will move to TorchCodec; they
-# are what nclayers measured fastest and PIL is the fallback (used if they go away).
-warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities of TorchVision",
-    category=DeprecationWarning,
-)  # fmt: skip
+# torchvision 0.29 warns on every decode that its decoders will move to TorchCodec.
+_TORCHVISION_IO_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 _VAL_HINT = (
     "ImageNet's official validation tarball unpacks flat (ILSVRC2012_val_*.JPEG); move "
     "each image into val/<wnid>/ by the ground truth (e.g. with the widely used "
@@ -282,6 +280,21 @@ class BadImage(Exception):
     """A file that no decoder could read; the reason is the message."""
 
 
+@contextlib.contextmanager
+def torchvision_io() -> Iterator[None]:
+    """Around nclayers' own calls of torchvision's decoders and encoders: their
+    deprecation warning (torchvision 0.29, on every call: they move to TorchCodec) is
+    left out. They are what nclayers measured fastest, and PIL is the fallback if they
+    go away. Scoped by `warnings.catch_warnings`, so importing nclayers installs no
+    filter (like any `catch_warnings`, not safe to enter from several threads at once:
+    nclayers decodes in worker processes or on one thread)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=_TORCHVISION_IO_DEPRECATION, category=DeprecationWarning
+        )
+        yield
+
+
 def decode_bytes(data: bytes, decoder: str = "torchvision") -> torch.Tensor:
     """A file's bytes as 3 x H x W uint8 RGB, by its content (JPEG of any colour space,
     PNG, ...). torchvision's decoders first (libjpeg-turbo and libpng, no copies), PIL
@@ -294,7 +307,8 @@ def decode_bytes(data: bytes, decoder: str = "torchvision") -> torch.Tensor:
             return _decode_pil(data)
         try:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            image = decode_image(buf, mode=ImageReadMode.RGB)
+            with torchvision_io():
+                image = decode_image(buf, mode=ImageReadMode.RGB)
             if image.dtype == torch.uint8:  # a 16-bit PNG comes as uint16: PIL below
                 return image
         except (RuntimeError, ValueError):
@@ -397,4 +411,5 @@ __all__ = [
     "load_folder_split",
     "read_image",
     "scan_split",
+    "torchvision_io",
 ]

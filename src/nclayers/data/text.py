@@ -31,6 +31,7 @@ need them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch
 
 from nclayers.errors import NCLayersError
 
+log = logging.getLogger("nclayers.data")
 PREFIX = "hf:"
 # Data-file suffixes and the `datasets` builder that reads them.
 FORMATS = {
@@ -54,8 +56,9 @@ PADDING_SIDES = ("right", "left")
 class TextData:
     """Tokenised sequences of one split: `ids` all token ids one after the other (int64),
     `offsets` the N+1 starts, `labels` view -> N class indices (none for language
-    modelling), `classes` the class names, `pad_id` the tokenizer's padding id and
-    `vocab_size` its vocabulary size (at least the largest id + 1). `window` and
+    modelling), `classes` the class names, `pad_id` the tokenizer's padding id,
+    `vocab_size` its vocabulary size (at least the largest id + 1) and `cls_id` its cls
+    token (None: it has none; pool "cls" reads that token of each sequence). `window` and
     `padding_side` are the defaults of its `TextBatches` (data.window, data.padding_side);
     `meta` what the loading recorded (e.g. label noise)."""
 
@@ -70,6 +73,7 @@ class TextData:
     window: int = 100
     padding_side: str = "right"
     meta: dict = field(default_factory=dict)
+    cls_id: int | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -293,6 +297,15 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
+def cls_id_of(tokenizer) -> int | None:
+    """The tokenizer's cls token id (a transformers tokenizer's `cls_token_id`), or None
+    (it names none, or it is a raw `tokenizers.Tokenizer`, which names no special role)."""
+    if _is_raw(tokenizer):
+        return None
+    cls_id = getattr(tokenizer, "cls_token_id", None)
+    return int(cls_id) if cls_id is not None else None
+
+
 def vocab_size_of(tokenizer) -> int:
     if _is_raw(tokenizer):
         return int(tokenizer.get_vocab_size(with_added_tokens=True))
@@ -353,10 +366,27 @@ def from_texts(
     if labels is not None:
         y, classes = class_labels(list(labels), classes, label_column)
         views = {"clean": y[torch.as_tensor(keep, dtype=torch.int64)]}
+    cls_id = cls_id_of(tokenizer)
+    if cls_id is not None:
+        _warn_without_cls([ids[i] for i in keep], cls_id, max_length)
     return TextData(
         torch.from_numpy(flat), _offsets([len(ids[i]) for i in keep]), views,
         list(classes or []), pad_id_of(tokenizer), vocab_size_of(tokenizer), name, split,
+        cls_id=cls_id,
     )  # fmt: skip
+
+
+def _warn_without_cls(ids: list[list[int]], cls_id: int, max_length: int | None) -> None:
+    """Log, once per split, the sequences that lack the tokenizer's cls token while
+    others hold it (cut at max_length, where the tokenizer appends it, as XLNet's does):
+    pool "cls" reads their first real token instead."""
+    lacking = sum(cls_id not in x for x in ids)
+    if 0 < lacking < len(ids):
+        log.warning(
+            "%d of %d sequences lack the tokenizer's cls token (id %d), e.g. cut at "
+            "data.max_length=%s: model.pool=cls reads their first real token; raise "
+            "data.max_length to keep it", lacking, len(ids), cls_id, max_length,
+        )  # fmt: skip
 
 
 def checked_rows(ds, columns: dict[str, str], source: str, split: str, limit: int | None):
@@ -537,6 +567,7 @@ class TextBatches:
             self.labels = {v: data.labels[v].to(self.device) for v in self.views}
         self.batch_size, self.window, self.padding_side = batch_size, window, padding_side
         self.pad_id = data.pad_id if pad_id is None else int(pad_id)
+        self.cls_id = data.cls_id  # read by the taps: pool "cls" (nclayers.taps.Taps)
         self.train = train
         self.shuffle = train if shuffle is None else shuffle
         self.seed, self.drop_last = seed, drop_last
@@ -637,6 +668,7 @@ __all__ = [
     "checked_rows",
     "class_labels",
     "class_names",
+    "cls_id_of",
     "count_next_tokens",
     "dataset_text",
     "encode",

@@ -205,7 +205,8 @@ def find_blocks(
         block_pool, prefix = _pool_for(model, module)
         if pool is not None:
             block_pool = pool
-        blocks.append(Block(name, module, block_pool, prefix, call))
+        seq_first = hf.is_hf_model(model) and hf.sequence_first(model)
+        blocks.append(Block(name, module, block_pool, prefix, call, seq_first=seq_first))
     return forward_order(model, blocks, sample) if sample is not None else blocks
 
 

@@ -50,6 +50,8 @@ LAYER_LISTS = ("layer", "layers", "h", "block", "blocks")
 # How the class names of transformer layers end (BertLayer, GPT2Block, LlamaDecoderLayer).
 LAYER_CLASS_ENDINGS = ("Layer", "Block")
 # Embedding parameters that prepend tokens to a vision transformer's patch tokens.
+# Families whose layers pass their hidden states as T x N x D (sequence first).
+SEQUENCE_FIRST = ("xlnet",)
 PREFIX_TOKEN_PARAMS = ("cls_token", "distillation_token", "register_tokens")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                  "pytorch_model.bin.index.json")  # fmt: skip
@@ -209,6 +211,11 @@ def prefix_tokens(model: nn.Module) -> int:
     return count
 
 
+def sequence_first(model: nn.Module) -> bool:
+    """Whether the model's layers pass T x N x D hidden states (XLNet's)."""
+    return getattr(getattr(model, "config", None), "model_type", "") in SEQUENCE_FIRST
+
+
 def default_pool(model: nn.Module) -> tuple[str, int]:
     """(pool, prefix tokens) of an HF model's layers: vision -> tokens after the prefix
     tokens; text -> the mean over the real tokens."""
@@ -248,5 +255,6 @@ __all__ = [
     "is_hf_name",
     "layer_names",
     "prefix_tokens",
+    "sequence_first",
     "task_of",
 ]

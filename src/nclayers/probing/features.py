@@ -72,11 +72,13 @@ class Moments:
 class Backbone:
     """The frozen model with taps: `features(x)` -> B x sum(dims) pooled float32."""
 
-    def __init__(self, model: nn.Module, blocks: list[Block], amp: bool) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: list[Block], amp: bool, cls_id: int | None = None
+    ) -> None:
         self.model, self.blocks, self.amp = model, blocks, amp
         self.device = next(model.parameters()).device
         self._out: list[torch.Tensor | None] = [None] * len(blocks)
-        self.taps = Taps(blocks, self._sink)
+        self.taps = Taps(blocks, self._sink, cls_id)  # cls_id: the data's (pool "cls")
 
     def _sink(self, index: int, feats: torch.Tensor) -> None:
         self._out[index] = feats

@@ -237,7 +237,7 @@ class _Fit:
         x = next(iter(sample))[0]
         # The layers: the blocks in forward order, a shared module's calls apart (one head each).
         blocks = forward_order(model, blocks, x)
-        self.backbone = Backbone(model, blocks, s.amp)
+        self.backbone = Backbone(model, blocks, s.amp, getattr(train, "cls_id", None))
         self.dims = [d for _, d in probe_shapes(model, blocks, x)]
         self.heads = ProbeHeads(self.dims, num_classes, len(s.lrs)).to(self.device)
         self.optimizer = GridSGD(self.heads, s.lrs, s.momentum, s.weight_decay)

@@ -43,7 +43,7 @@ def score_heads(
     rank, world = world_of()
     was_training = model.training
     model.eval()
-    backbone = Backbone(model, list(blocks), amp)
+    backbone = Backbone(model, list(blocks), amp, getattr(split, "cls_id", None))
     batches = make_batches(
         split, batch_size, backbone.device, views=[view], shard=(rank, world),
         channels_last=channels_last, next_token=next_token,
