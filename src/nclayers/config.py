@@ -373,16 +373,21 @@ class ProbeSettings(Section):
 
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
-    # One head per lr, all trained on the same forward pass; each block keeps the one with
-    # the best accuracy on the held-out rows. The default spans 100x around the paper's
-    # 0.1; `[0.1]` with `standardize: false` is the paper's recipe (nothing to choose: no
-    # rows are held out).
+    # One head per lr, all trained on the same forward pass; each block keeps the one that
+    # scores best on the held-out rows (`choose_by`). The default spans 100x around the
+    # paper's 0.1; `[0.1]` with `standardize: false` is the paper's recipe (nothing to
+    # choose: no rows are held out).
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] = Field(
         default_factory=lambda: list(DEFAULT_PROBE_LRS)
     )
     # Share of the training split held out (class-balanced, seeded by `seed`) to choose
     # each block's lr; those rows never train a head. Used when `lrs` has several values.
     val_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.1
+    # What "best on the held-out rows" means: "loss", the lowest cross-entropy (ties: the
+    # higher accuracy), or "accuracy", the highest accuracy (ties: the lower loss). The
+    # loss ranks heads that tie on a few dozen rows' accuracy and charges a head that fitted
+    # single training rows (memorised mislabelled images) for its confident mistakes.
+    choose_by: Literal["loss", "accuracy"] = "loss"
     momentum: Unit = 0.9
     # "The same SGD parameters as in pre-training": the recipe's 5e-4 (see train.weight_decay).
     weight_decay: NonNegativeFloat = 5e-4
@@ -472,6 +477,8 @@ def canonical_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(flat)
     if "data.noise" in out and out["data.noise"] in CLEAN_LABELS:
         out["data.noise"] = None
+    if len(out.get("probe.lrs") or ()) > 1 and "probe.choose_by" not in out:
+        out["probe.choose_by"] = "accuracy"  # a grid probed before choose_by chose so
     return out
 
 
