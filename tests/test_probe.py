@@ -375,6 +375,18 @@ def test_choose_ranks_by_held_out_loss_or_accuracy_then_the_smaller_lr():
         choose(acc, loss, lrs, by="f1")
 
 
+def test_a_grid_probed_before_choose_by_is_recorded_as_chosen_by_accuracy():
+    """A probe recorded before `choose_by` existed chose by accuracy: it is not the
+    measurement of today's default (a single lr chose nothing, so it still is)."""
+    from nclayers.config import canonical_settings
+
+    old_grid = canonical_settings({"probe.lrs": [0.01, 0.1], "probe.epochs": 10})
+    assert old_grid == {"probe.lrs": [0.01, 0.1], "probe.epochs": 10, "probe.choose_by": "accuracy"}
+    assert canonical_settings({"probe.lrs": [0.1]}) == {"probe.lrs": [0.1]}
+    now = {"probe.lrs": [0.01, 0.1], "probe.choose_by": "loss"}
+    assert canonical_settings(now) == now
+
+
 def test_each_head_of_the_grid_equals_the_head_trained_alone_at_its_lr(resnet):
     """The grid shares the forward pass, not the optimisation: the head of lr j is the
     head a single-lr probe trains on the same rows."""

@@ -88,10 +88,10 @@ def underfit(probe_acc: float | None, ncc_acc: float | None) -> bool | None:
 
 
 def underfit_note(rows: Sequence[dict]) -> str | None:
-    """One line naming the blocks whose rows are flagged `probe_underfit` (the layers
-    view sets the flag: `nclayers.jobs.folder.join_layers`), with their probe_acc and
-    ncc_acc, or None."""
-    bad = [r for r in rows if r.get("probe_underfit")]
+    """One line naming the blocks whose probe underfits (their probe_acc and ncc_acc),
+    or None. It applies `underfit` to the rows' values (a layers.csv written without the
+    `probe_underfit` column reads the same)."""
+    bad = [r for r in rows if underfit(r.get("probe_acc"), r.get("ncc_acc"))]
     if not bad:
         return None
     where = ", ".join(f"{r['block']} ({r['probe_acc']:.3f} vs NCC {r['ncc_acc']:.3f})" for r in bad)
