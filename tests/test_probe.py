@@ -614,6 +614,13 @@ def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
                             load_dataset(cfg.data, "test"))  # fmt: skip
     assert acc[:, 0].tolist() == pytest.approx(saved["probe_acc"])
 
+    # What the job returns (the CLI prints it) carries the view's NCC accuracy and flag.
+    from nclayers.jobs import probe_job
+
+    again = probe_job(cfg, out, progress=False)
+    shown = {r["block"]: (r["probe_acc"], r["ncc_acc"], r["probe_underfit"]) for r in again}
+    assert shown == {r["block"]: (r["probe_acc"], r["ncc_acc"], r["probe_underfit"]) for r in test}
+
 
 def test_probe_job_resumes_after_an_interruption(tmp_path, monkeypatch):
     from nclayers.config import load_config
