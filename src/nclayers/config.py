@@ -399,6 +399,10 @@ class ProbeSettings(Section):
     # classifiers (folded into nn.Linear), but one lr grid then suits every block, whose
     # features' scales differ by orders of magnitude. false: the paper's raw features.
     standardize: bool = True
+    # "feature": each feature scaled by its own sd; "block": one scale per block (the root
+    # mean variance of its features), each feature still centred: the scale that the lr
+    # grid needs is set, the block's geometry (NCC's) kept.
+    standardize_per: Literal["feature", "block"] = "feature"
     mode: Literal["auto", "stream", "cache"] = "auto"  # auto: cache when augment is false
     cache_budget_gb: NonNegativeFloat = 4.0  # beyond it the cache is a memory-mapped file
     # Where that file goes (null: the run folder's probe_cache/ for `nclayers probe`; from

@@ -287,7 +287,7 @@ class _Fit:
                         self.backbone, self.train if stats is None else stats, s.view,
                         sum(self.dims), s.eval_batch_size, self.channels_last, world,
                         bar))  # fmt: skip
-                    self.heads.set_standardization(mean, var)
+                    self.heads.set_standardization(mean, var, s.standardize_per)
                 for epoch in range(self.start, s.epochs):
                     factor = s.gamma ** sum(epoch >= m for m in s.milestones)
                     self._epoch(source, epoch, factor, world, bar)
