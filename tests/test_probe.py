@@ -131,14 +131,15 @@ def reference_probe(feats: torch.Tensor, y: torch.Tensor, epochs: int, wd: float
     return w, b
 
 
-@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("standardize", [False, "feature", "block"])
 def test_heads_equal_hand_derived_descent(resnet, standardize):
     """Full batch: one step per epoch, so the batch order cannot matter."""
     train, test = images(40), images(16, seed=1)
     blocks = find_blocks(resnet)
+    per = dict(standardize_per=standardize) if standardize else {}
     table = fit(resnet, train, test, K, blocks, augment=False, batch_size=64,
-                  standardize=standardize, weight_decay=5e-3, cache_dtype=torch.float32,
-                  **FAST)  # fmt: skip
+                  standardize=bool(standardize), weight_decay=5e-3, cache_dtype=torch.float32,
+                  **per, **FAST)  # fmt: skip
     assert table.mode == "cache"
     x, y = next(iter(DeviceBatches(train, 40)))
     feats = []
@@ -148,7 +149,10 @@ def test_heads_equal_hand_derived_descent(resnet, standardize):
     for i, (d, f) in enumerate(zip(heads.dims, feats, strict=True)):
         if standardize:  # population statistics of the features of the sampled rows
             g = f[held_out(train, 0.1, 0, "clean")[1]]
-            f = (f - g.mean(0)) / (g.var(0, unbiased=False) + 1e-8).sqrt()
+            var = g.var(0, unbiased=False)
+            if standardize == "block":  # one scale: the mean variance of the block's features
+                var = var.mean().expand_as(var)
+            f = (f - g.mean(0)) / (var + 1e-8).sqrt()
         ref_w, ref_b = reference_probe(f, y, 10, 5e-3)
         assert ref_w.abs().max() > 1e-2  # the heads moved
         torch.testing.assert_close(heads.weight[i, :d, 0].T.double(), ref_w, rtol=1e-4, atol=1e-6)

@@ -402,7 +402,7 @@ class ProbeSettings(Section):
     # "feature": each feature scaled by its own sd; "block": one scale per block (the root
     # mean variance of its features), each feature still centred: the scale that the lr
     # grid needs is set, the block's geometry (NCC's) kept.
-    standardize_per: Literal["feature", "block"] = "feature"
+    standardize_per: Literal["feature", "block"] = "block"
     mode: Literal["auto", "stream", "cache"] = "auto"  # auto: cache when augment is false
     cache_budget_gb: NonNegativeFloat = 4.0  # beyond it the cache is a memory-mapped file
     # Where that file goes (null: the run folder's probe_cache/ for `nclayers probe`; from
