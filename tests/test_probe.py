@@ -379,15 +379,22 @@ def test_choose_ranks_by_held_out_loss_or_accuracy_then_the_smaller_lr():
         choose(acc, loss, lrs, by="f1")
 
 
-def test_a_grid_probed_before_choose_by_is_recorded_as_chosen_by_accuracy():
-    """A probe recorded before `choose_by` existed chose by accuracy: it is not the
-    measurement of today's default (a single lr chose nothing, so it still is)."""
+def test_a_probe_recorded_before_choose_by_and_standardize_per_reads_as_what_it_did():
+    """A probe recorded before `choose_by` existed chose by accuracy, one recorded before
+    `standardize_per` standardised per feature: neither is the measurement of today's
+    defaults (a single lr chose nothing, raw features were not standardised: still are)."""
     from nclayers.config import canonical_settings
 
-    old_grid = canonical_settings({"probe.lrs": [0.01, 0.1], "probe.epochs": 10})
-    assert old_grid == {"probe.lrs": [0.01, 0.1], "probe.epochs": 10, "probe.choose_by": "accuracy"}
-    assert canonical_settings({"probe.lrs": [0.1]}) == {"probe.lrs": [0.1]}
-    now = {"probe.lrs": [0.01, 0.1], "probe.choose_by": "loss"}
+    then = {"probe.lrs": [0.01, 0.1], "probe.standardize": True}
+    assert canonical_settings(then) == {
+        **then,
+        "probe.choose_by": "accuracy",
+        "probe.standardize_per": "feature",
+    }
+    paper = {"probe.lrs": [0.1], "probe.standardize": False}
+    assert canonical_settings(paper) == paper
+    now = {"probe.lrs": [0.01, 0.1], "probe.choose_by": "loss", "probe.standardize": True,
+           "probe.standardize_per": "block"}  # fmt: skip
     assert canonical_settings(now) == now
 
 

@@ -483,6 +483,8 @@ def canonical_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
         out["data.noise"] = None
     if len(out.get("probe.lrs") or ()) > 1 and "probe.choose_by" not in out:
         out["probe.choose_by"] = "accuracy"  # a grid probed before choose_by chose so
+    if out.get("probe.standardize") and "probe.standardize_per" not in out:
+        out["probe.standardize_per"] = "feature"  # standardised so before standardize_per
     return out
 
 
