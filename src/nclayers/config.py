@@ -394,14 +394,15 @@ class ProbeSettings(Section):
     milestones: list[PositiveInt] = Field(default_factory=lambda: [5, 7])
     gamma: PositiveFloat = 0.2
     augment: bool = True  # random crop + flip on the training images (stream mode)
-    # Each feature shifted and scaled by its mean and std (unaugmented, over the held-out
-    # rows, or as many drawn alike with one lr) before the heads: the same linear
+    # Each feature centred and scaled (statistics of the unaugmented features over the
+    # held-out rows, or as many drawn alike with one lr) before the heads: the same linear
     # classifiers (folded into nn.Linear), but one lr grid then suits every block, whose
     # features' scales differ by orders of magnitude. false: the paper's raw features.
     standardize: bool = True
-    # "feature": each feature scaled by its own sd; "block": one scale per block (the root
-    # mean variance of its features), each feature still centred: the scale that the lr
-    # grid needs is set, the block's geometry (NCC's) kept.
+    # The scale: "block", one per block (the root mean variance of its features: the
+    # block's geometry, the one NCC measures in, is kept); "feature", each feature's own
+    # standard deviation. Per feature, the CPU-mini ResNet18's last block fell 0.036 below
+    # NCC; per block it is within 2 points.
     standardize_per: Literal["feature", "block"] = "block"
     mode: Literal["auto", "stream", "cache"] = "auto"  # auto: cache when augment is false
     cache_budget_gb: NonNegativeFloat = 4.0  # beyond it the cache is a memory-mapped file
