@@ -366,6 +366,37 @@ def test_the_held_out_loss_keeps_the_probe_at_ncc_where_memorised_rows_mislead_a
     assert max(below["accuracy"]) > 0.02, below["accuracy"]  # the held-out accuracy's choice
 
 
+def quiet_noise(n: int, seed: int) -> ArrayDataset:
+    """K classes on 4 dimensions (class k: +80 on dimension k, sd 15) beside 60 dimensions
+    of small noise (sd 3) that carry no class, as 1 x 1 uint8 images."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    x = torch.cat([88 + 15 * torch.randn(n, K, generator=gen),
+                   128 + 3 * torch.randn(n, 60, generator=gen)], 1)  # fmt: skip
+    x[torch.arange(n), y] += 80
+    return ArrayDataset(x.round().clamp(0, 255).to(torch.uint8)[:, :, None, None],
+                        {"clean": y}, list("abcd"), (0.5,) * 64, (0.2,) * 64)  # fmt: skip
+
+
+def test_one_scale_per_block_keeps_quiet_noise_quiet_where_per_feature_scaling_amplifies_it():
+    """Scaling each feature by its own sd gives 60 quiet noise dimensions the weight of the
+    4 that carry the class, and 72 training rows then fit the noise (far below NCC, which
+    measures in the block's own geometry); one scale per block keeps the geometry."""
+    model = Pixels()
+    for seed in (0, 1):
+        train, test = quiet_noise(80, seed), quiet_noise(1000, 100 + seed)
+        xtr, ytr = train.images.double().flatten(1), train.labels["clean"]
+        mu = torch.stack([xtr[ytr == k].mean(0) for k in range(K)])
+        xte = test.images.double().flatten(1)
+        ncc = (torch.cdist(xte, mu).argmin(1) == test.labels["clean"]).double().mean().item()
+        assert ncc >= 0.99
+        acc = {}
+        for per in ("feature", "block"):
+            settings = ProbeSettings(augment=False, standardize_per=per, eval_batch_size=1000)
+            acc[per] = probe(model, train, test, K, ["first"], settings)[0]["probe_acc"]
+        assert acc["block"] >= ncc - 0.02 and acc["feature"] < ncc - 0.1, (ncc, acc)
+
+
 def test_choose_ranks_by_held_out_loss_or_accuracy_then_the_smaller_lr():
     from nclayers.probing.holdout import choose
 
