@@ -140,7 +140,8 @@ def main() -> None:
     pairs: dict[str, list[float]] = {k: [] for k in streamed}
     for rep in range(args.repeats):
         for key, kw in streamed.items():
-            t_inf = clock.time(f"inference_E_passes.{key[:4]}.{rep}", lambda: plain(e, True))
+            name = f"inference_E_passes.{key.removesuffix('_over_inference')}.{rep}"
+            t_inf = clock.time(name, lambda: plain(e, True))  # each ratio's own baseline
             pairs[key].append(clock.time(f"{key}.{rep}", lambda kw=kw: run_probe(**kw)) / t_inf)
     t_grid = clock.work["grid_over_inference.0"]
     t_inf_clean = clock.time("inference_1_pass", lambda: plain(1, False))

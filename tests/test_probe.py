@@ -17,8 +17,9 @@ from torch import nn
 import nclayers
 from nclayers.config import ProbeSettings
 from nclayers.data import ArrayDataset, DeviceBatches
+from nclayers.errors import NCLayersError
 from nclayers.models import build_model, find_blocks
-from nclayers.probing import ProbeHeads, evaluate_heads, heads_state, load_heads, probe
+from nclayers.probing import ProbeHeads, heads_state, load_heads, probe, score_heads
 from nclayers.probing.holdout import held_out
 from nclayers.taps import Taps
 from ports import free_port
@@ -109,8 +110,8 @@ def test_separable_features_reach_full_accuracy_on_the_clean_test_labels():
     )
     # Scored on the test split's labels: the same heads on permuted test labels fail.
     wrong = test.with_views({"clean": (y_test + 1) % K})
-    accuracy, n = evaluate_heads(model, table.heads, find_blocks(model, "first,second"), wrong)
-    assert n == 100 and max(accuracy) == 0.0
+    accuracy, _, n = score_heads(model, table.heads, find_blocks(model, "first,second"), wrong)
+    assert n == 100 and accuracy.max() == 0.0
 
 
 def reference_probe(feats: torch.Tensor, y: torch.Tensor, epochs: int, wd: float):
@@ -130,14 +131,15 @@ def reference_probe(feats: torch.Tensor, y: torch.Tensor, epochs: int, wd: float
     return w, b
 
 
-@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("standardize", [False, "feature", "block"])
 def test_heads_equal_hand_derived_descent(resnet, standardize):
     """Full batch: one step per epoch, so the batch order cannot matter."""
     train, test = images(40), images(16, seed=1)
     blocks = find_blocks(resnet)
+    per = dict(standardize_per=standardize) if standardize else {}
     table = fit(resnet, train, test, K, blocks, augment=False, batch_size=64,
-                  standardize=standardize, weight_decay=5e-3, cache_dtype=torch.float32,
-                  **FAST)  # fmt: skip
+                  standardize=bool(standardize), weight_decay=5e-3, cache_dtype=torch.float32,
+                  **per, **FAST)  # fmt: skip
     assert table.mode == "cache"
     x, y = next(iter(DeviceBatches(train, 40)))
     feats = []
@@ -147,7 +149,10 @@ def test_heads_equal_hand_derived_descent(resnet, standardize):
     for i, (d, f) in enumerate(zip(heads.dims, feats, strict=True)):
         if standardize:  # population statistics of the features of the sampled rows
             g = f[held_out(train, 0.1, 0, "clean")[1]]
-            f = (f - g.mean(0)) / (g.var(0, unbiased=False) + 1e-8).sqrt()
+            var = g.var(0, unbiased=False)
+            if standardize == "block":  # one scale: the mean variance of the block's features
+                var = var.mean().expand_as(var)
+            f = (f - g.mean(0)) / (var + 1e-8).sqrt()
         ref_w, ref_b = reference_probe(f, y, 10, 5e-3)
         assert ref_w.abs().max() > 1e-2  # the heads moved
         torch.testing.assert_close(heads.weight[i, :d, 0].T.double(), ref_w, rtol=1e-4, atol=1e-6)
@@ -222,8 +227,8 @@ def test_heads_fold_standardisation_and_reload(resnet):
             torch.testing.assert_close(linear(f), logits[i, :, 0], rtol=1e-4, atol=1e-4)
     saved = heads_state(table)
     reloaded = load_heads(saved)
-    accuracy, n = evaluate_heads(resnet, reloaded, find_blocks(resnet), test, batch_size=7)
-    assert n == 16 and accuracy == pytest.approx(table.column("probe_acc"))
+    accuracy, _, n = score_heads(resnet, reloaded, find_blocks(resnet), test, batch_size=7)
+    assert n == 16 and accuracy[:, 0].tolist() == pytest.approx(table.column("probe_acc"))
     assert saved["probe_acc"] == table.column("probe_acc")
 
 
@@ -315,6 +320,113 @@ def test_the_grid_reaches_ncc_at_both_feature_scales_where_one_lr_fails_at_one()
         default = probe(Scaled(scale), train, test, K, ["block"],
                         ProbeSettings(augment=False, batch_size=32))  # fmt: skip
         assert default[0]["probe_acc"] >= ncc, scale
+
+
+def memorised(n: int, seed: int, moved: float) -> ArrayDataset:
+    """K Gaussian clusters in 16 dimensions (class k: +80 on dimension k, noise sd 15) as
+    1 x 1 uint8 images, labelled by their true class; a share `moved` of the rows sits in
+    another class's cluster, pulled 0.7 of the way toward its own on its own dimension:
+    what a network that memorised shuffled labels does to those training images."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    where = y.clone()
+    rows = (torch.rand(n, generator=gen) < moved).nonzero().flatten()
+    where[rows] = (y[rows] + torch.randint(1, K, (len(rows),), generator=gen)) % K
+    x = 88 + 15 * torch.randn(n, 16, generator=gen)
+    x[torch.arange(n), where] += 80
+    x[rows, y[rows]] += 0.7 * 80
+    return ArrayDataset(x.round().clamp(0, 255).to(torch.uint8)[:, :, None, None],
+                        {"clean": y}, list("abcd"), (0.5,) * 16, (0.2,) * 16)  # fmt: skip
+
+
+def test_the_held_out_loss_keeps_the_probe_at_ncc_where_memorised_rows_mislead_accuracy():
+    """Training rows that sit in another class's cluster (a memorising network's
+    mislabelled images) but carry their true label: a head with a large step size fits
+    them and moves its boundaries into the clusters. Held-out accuracy, counted on 40
+    such rows, moves in steps of a row and prefers that head now and then (more than 2
+    points below NCC on the clean test split); the held-out cross-entropy charges its
+    confident mistakes and keeps, on every draw, a head at NCC's level."""
+    import numpy as np
+
+    test = memorised(1000, seed=100, moved=0.0)
+    model = Pixels()
+    below = {"loss": [], "accuracy": []}
+    for seed in range(6):
+        train = memorised(400, seed, moved=0.4)
+        xtr, ytr = train.images.double().flatten(1).numpy(), train.labels["clean"].numpy()
+        xte, yte = test.images.double().flatten(1).numpy(), test.labels["clean"].numpy()
+        mu = np.stack([xtr[ytr == k].mean(0) for k in range(K)])
+        ncc = float((((xte[:, None] - mu[None]) ** 2).sum(-1).argmin(1) == yte).mean())
+        assert ncc >= 0.99  # class means average the moved rows out
+        for by in below:
+            settings = ProbeSettings(augment=False, choose_by=by, eval_batch_size=1000)
+            result = probe(model, train, test, K, ["first"], settings)
+            below[by].append(ncc - result[0]["probe_acc"])
+    assert max(below["loss"]) <= 0.02, below["loss"]
+    assert max(below["accuracy"]) > 0.02, below["accuracy"]  # the held-out accuracy's choice
+
+
+def quiet_noise(n: int, seed: int) -> ArrayDataset:
+    """K classes on 4 dimensions (class k: +80 on dimension k, sd 15) beside 60 dimensions
+    of small noise (sd 3) that carry no class, as 1 x 1 uint8 images."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    x = torch.cat([88 + 15 * torch.randn(n, K, generator=gen),
+                   128 + 3 * torch.randn(n, 60, generator=gen)], 1)  # fmt: skip
+    x[torch.arange(n), y] += 80
+    return ArrayDataset(x.round().clamp(0, 255).to(torch.uint8)[:, :, None, None],
+                        {"clean": y}, list("abcd"), (0.5,) * 64, (0.2,) * 64)  # fmt: skip
+
+
+def test_one_scale_per_block_keeps_quiet_noise_quiet_where_per_feature_scaling_amplifies_it():
+    """Scaling each feature by its own sd gives 60 quiet noise dimensions the weight of the
+    4 that carry the class, and 72 training rows then fit the noise (far below NCC, which
+    measures in the block's own geometry); one scale per block keeps the geometry."""
+    model = Pixels()
+    for seed in (0, 1):
+        train, test = quiet_noise(80, seed), quiet_noise(1000, 100 + seed)
+        xtr, ytr = train.images.double().flatten(1), train.labels["clean"]
+        mu = torch.stack([xtr[ytr == k].mean(0) for k in range(K)])
+        xte = test.images.double().flatten(1)
+        ncc = (torch.cdist(xte, mu).argmin(1) == test.labels["clean"]).double().mean().item()
+        assert ncc >= 0.99
+        acc = {}
+        for per in ("feature", "block"):
+            settings = ProbeSettings(augment=False, standardize_per=per, eval_batch_size=1000)
+            acc[per] = probe(model, train, test, K, ["first"], settings)[0]["probe_acc"]
+        assert acc["block"] >= ncc - 0.02 and acc["feature"] < ncc - 0.1, (ncc, acc)
+
+
+def test_choose_ranks_by_held_out_loss_or_accuracy_then_the_smaller_lr():
+    from nclayers.probing.holdout import choose
+
+    acc = torch.tensor([[0.60, 0.66, 0.58], [0.9, 0.9, 0.9], [0.7, 0.7, 0.5]])
+    loss = torch.tensor([[1.40, 1.60, 2.70], [0.3, 0.3, 0.3], [float("nan"), 0.9, 0.8]])
+    lrs = [0.01, 0.3, 1.0]
+    assert choose(acc, loss, lrs) == [0, 0, 2]  # lowest loss (NaN: a diverged head, last)
+    assert choose(acc, loss, lrs, by="accuracy") == [1, 0, 1]  # ties: the lower loss
+    assert choose(acc, loss, [1.0, 0.3, 0.01])[1] == 2  # full ties: the smallest lr
+    with pytest.raises(NCLayersError, match="by='f1'"):
+        choose(acc, loss, lrs, by="f1")
+
+
+def test_a_probe_recorded_before_choose_by_and_standardize_per_reads_as_what_it_did():
+    """A probe recorded before `choose_by` existed chose by accuracy, one recorded before
+    `standardize_per` standardised per feature: neither is the measurement of today's
+    defaults (a single lr chose nothing, raw features were not standardised: still are)."""
+    from nclayers.config import canonical_settings
+
+    then = {"probe.lrs": [0.01, 0.1], "probe.standardize": True}
+    assert canonical_settings(then) == {
+        **then,
+        "probe.choose_by": "accuracy",
+        "probe.standardize_per": "feature",
+    }
+    paper = {"probe.lrs": [0.1], "probe.standardize": False}
+    assert canonical_settings(paper) == paper
+    now = {"probe.lrs": [0.01, 0.1], "probe.choose_by": "loss", "probe.standardize": True,
+           "probe.standardize_per": "block"}  # fmt: skip
+    assert canonical_settings(now) == now
 
 
 def test_each_head_of_the_grid_equals_the_head_trained_alone_at_its_lr(resnet):
@@ -540,9 +652,16 @@ def test_cli_probe_fills_probe_acc_into_the_analysis(tmp_path, capsys):
 
     cfg = load_config(None, JOB)
     model = load_model(cfg, RunFolder(out), 10).eval()
-    acc, _ = evaluate_heads(model, load_heads(saved), find_blocks(model),
+    acc, _, _ = score_heads(model, load_heads(saved), find_blocks(model),
                             load_dataset(cfg.data, "test"))  # fmt: skip
-    assert acc == pytest.approx(saved["probe_acc"])
+    assert acc[:, 0].tolist() == pytest.approx(saved["probe_acc"])
+
+    # What the job returns (the CLI prints it) carries the view's NCC accuracy and flag.
+    from nclayers.jobs import probe_job
+
+    again = probe_job(cfg, out, progress=False)
+    shown = {r["block"]: (r["probe_acc"], r["ncc_acc"], r["probe_underfit"]) for r in again}
+    assert shown == {r["block"]: (r["probe_acc"], r["ncc_acc"], r["probe_underfit"]) for r in test}
 
 
 def test_probe_job_resumes_after_an_interruption(tmp_path, monkeypatch):

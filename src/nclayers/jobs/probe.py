@@ -6,7 +6,7 @@ the test split of `cfg.data`, the run's model with its weights, and runs
 
     probe.csv        per epoch and block: lr, training loss and accuracy
     probe_heads.pt   the heads (`heads_state`): re-evaluate with `load_heads` +
-                     `evaluate_heads`, or use the plain nn.Linear weights under "linear"
+                     `score_heads`, or use the plain nn.Linear weights under "linear"
     probe_acc.png    probe accuracy against block index
     measurements/probe-<key>.csv   its `probe_acc` and `probe_lr` (the lr chosen on the
                      held-out rows) per block (split "test", view "clean") at these settings,
@@ -58,7 +58,7 @@ from nclayers.jobs.folder import (
 )
 from nclayers.jobs.stages import PROBE_FIGURE
 from nclayers.models import find_blocks
-from nclayers.probing import ProbeResult, heads_state, probe, underfit, underfit_note
+from nclayers.probing import ProbeResult, heads_state, probe, underfit_note
 from nclayers.report.figures import plot_metric
 from nclayers.runtime import barrier, setup_distributed, speed_switches
 from nclayers.table import Table
@@ -150,7 +150,6 @@ def _write(
 ) -> None:
     pc = cfg.probe
     summary = folder.read_json(SUMMARY)  # read before any write: a damaged one stops here
-    analyzed = folder.layers_at()  # the measurements' view (layers.csv is derived from it)
     history = Table({"run": cfg.run, **r} for r in table.history)
     folder.write_table(PROBE, history)  # the latest probe's; each one's kept beside its rows
     folder.write_table(measurement_file("probe", measurement_key("probe", cfg), "history"), history)
@@ -158,11 +157,14 @@ def _write(
     folder.save_torch(PROBE_HEADS, {**heads_state(table), "config": cfg.to_dict()})
     # n belongs to the analysis rows (its own sample count); the probe fills its columns.
     folder.save_measurement("probe", cfg, [{k: v for k, v in r.items() if k != "n"} for r in rows])
-    # The analysis' NCC accuracy beside the probe's (same split, view and block), and the flag.
-    ncc = {(r.get("view"), r.get("block")): r.get("ncc_acc") for r in analyzed.where(split="test")}
+    # The analysis' NCC accuracy beside the probe's (same split, view and block) and the
+    # underfit flag, as the layers view joins them once this measurement is recorded.
+    record = {"key": measurement_key("probe", cfg), "weights": weights}
+    view = folder.layers_at(stages={**folder.stages(), "probe": record})
+    joined = {(r.get("view"), r.get("block")): r for r in view.where(split="test")}
     for row in table:
-        row["ncc_acc"] = ncc.get((row.get("view"), row["block"]))
-        row["probe_underfit"] = underfit(row["probe_acc"], row["ncc_acc"])
+        found = joined.get((row.get("view"), row["block"]), {})
+        row["ncc_acc"], row["probe_underfit"] = found.get("ncc_acc"), found.get("probe_underfit")
     folder.draw(PROBE_FIGURE, lambda path: plot_metric(table, "probe_acc", path, group=("run",)))
     entry = {
         "settings": stage_settings("probe", cfg),

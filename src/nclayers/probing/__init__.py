@@ -14,7 +14,6 @@ from nclayers.probing.heads import GridSGD, ProbeHeads
 from nclayers.probing.result import (
     UNDERFIT,
     ProbeResult,
-    evaluate_heads,
     heads_state,
     load_heads,
     score_heads,
@@ -23,6 +22,6 @@ from nclayers.probing.result import (
 )
 
 __all__ = [
-    "UNDERFIT", "GridSGD", "ProbeHeads", "ProbeResult", "ProbeSettings", "evaluate_heads",
-    "heads_state", "load_heads", "probe", "score_heads", "underfit", "underfit_note",
+    "UNDERFIT", "GridSGD", "ProbeHeads", "ProbeResult", "ProbeSettings", "heads_state",
+    "load_heads", "probe", "score_heads", "underfit", "underfit_note",
 ]  # fmt: skip

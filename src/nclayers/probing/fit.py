@@ -1,7 +1,8 @@
 """The fit loop: `probe(model, train, test, num_classes, blocks, settings)` trains, on the
 frozen model, one linear head per block and learning rate of `settings.lrs`, all from the
-same forward pass, keeps per block the head whose lr scores best on held-out training rows,
-and reports the chosen heads' accuracy on `test`.
+same forward pass, keeps per block the head whose lr scores best on held-out training rows
+(by default the lowest cross-entropy: `nclayers.probing.holdout` says why), and reports the
+chosen heads' accuracy on `test`.
 
 The model is frozen (eval mode, no gradient, so neither its weights nor its BatchNorm
 statistics change); the taps pool every block's output. Every batch costs one batched
@@ -78,7 +79,8 @@ def probe(
         (`milestones`, `gamma`), momentum, weight decay, batch size, `standardize`, the
         feature source (`mode`, `cache_budget_gb`, `cache_dir`, `cache_dtype`), `amp`.
         With several lrs, `val_fraction` of the training rows (class-balanced, seeded by
-        `settings.seed`) are held out and choose each block's lr; the rest train.
+        `settings.seed`) are held out and choose each block's lr (`choose_by`: the lowest
+        held-out cross-entropy, or the highest accuracy); the rest train.
     state, on_epoch: after every epoch `on_epoch(state)` gets the heads, optimiser and
         history; passed back as `state` it continues exactly (batches seeded by epoch).
     next_token: NextTokenClasses (causal LMs): a position whose next token is one is a
@@ -286,7 +288,7 @@ class _Fit:
                         self.backbone, self.train if stats is None else stats, s.view,
                         sum(self.dims), s.eval_batch_size, self.channels_last, world,
                         bar))  # fmt: skip
-                    self.heads.set_standardization(mean, var)
+                    self.heads.set_standardization(mean, var, s.standardize_per)
                 for epoch in range(self.start, s.epochs):
                     factor = s.gamma ** sum(epoch >= m for m in s.milestones)
                     self._epoch(source, epoch, factor, world, bar)
@@ -323,8 +325,9 @@ class _Fit:
                 })  # fmt: skip
 
     def choose(self, val, progress: bool) -> tuple[list[int], Table]:
-        """Per block the index of the lr whose heads score best on the held-out rows, and
-        every head's held-out scores (none held out with a single lr: index 0)."""
+        """Per block the index of the lr whose heads score best on the held-out rows (by
+        `choose_by`: the lowest loss or the highest accuracy), and every head's held-out
+        scores (none held out with a single lr: index 0)."""
         if val is None:
             return [0] * len(self.dims), Table()
         s = self.s
@@ -332,7 +335,7 @@ class _Fit:
             self.backbone.model, self.heads, self.blocks, val, s.view, s.eval_batch_size,
             s.amp, self.channels_last, progress, self.next_token,
         )  # fmt: skip
-        choice = choose(acc, loss, s.lrs)
+        choice = choose(acc, loss, s.lrs, s.choose_by)
         rows = [
             {"layer": i + 1, "block": name, "probe_lr": lr, "val_acc": float(acc[i, j]),
              "val_loss": float(loss[i, j]), "chosen": j == choice[i]}

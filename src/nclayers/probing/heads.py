@@ -66,9 +66,19 @@ class ProbeHeads(nn.Module):
         bias = self.theta[self._split :].view(h, 1, self.n_lr * k)
         return torch.baddbmm(bias, padded, weight).view(h, n, self.n_lr, k)
 
-    def set_standardization(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+    def set_standardization(
+        self, mean: torch.Tensor, var: torch.Tensor, per: str = "feature"
+    ) -> None:
+        """Shift every feature by its mean; scale it by 1/sd, its own ("feature") or, with
+        `per="block"`, one per block: 1/sqrt of the mean variance of the block's features
+        (the block's scale is set, its geometry kept)."""
+        if per not in ("feature", "block"):
+            raise NCLayersError(f"per={per!r}: standardise per 'feature' or per 'block'")
+        var = var.to(self.scale)
+        if per == "block":
+            var = torch.cat([part.mean().expand(len(part)) for part in var.split(self.dims)])
         self.mean.copy_(mean.to(self.mean))
-        self.scale.copy_(torch.rsqrt(var.to(self.scale) + _EPS))
+        self.scale.copy_(torch.rsqrt(var + _EPS))
 
     def select(self, choice: Sequence[int]) -> ProbeHeads:
         """The heads of one learning rate per block (`choice[i]`: an index into the grid

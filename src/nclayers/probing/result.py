@@ -1,5 +1,5 @@
 """What a probe gives back: `ProbeResult` (one row per block), the heads' scores on a
-split (`score_heads`, `evaluate_heads`), what to save of the heads (`heads_state`,
+split (`score_heads`), what to save of the heads (`heads_state`,
 `load_heads`), and the check that says when a probe underfits (`underfit`)."""
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ def score_heads(
     progress: bool = False,
     next_token=None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Every head's (block x lr) accuracy and mean cross-entropy on `split` (unaugmented;
-    with `next_token` the positions whose next token is a class), and the samples: summed
-    over all torch.distributed ranks (each scores its disjoint shard)."""
+    """Every head's accuracy and mean cross-entropy on `split` (the `view` labels,
+    unaugmented; with `next_token` the positions whose next token is a class), as
+    (H x n_lr accuracy, H x n_lr loss, samples), summed over all torch.distributed ranks
+    (each scores its disjoint shard). Heads of one lr per block (what `probe` returns and
+    `load_heads` gives): `acc[:, 0]` is one accuracy per block."""
     rank, world = world_of()
     was_training = model.training
     model.eval()
@@ -77,29 +79,6 @@ def score_heads(
     return acc, loss, n
 
 
-def evaluate_heads(
-    model: nn.Module,
-    heads: ProbeHeads,
-    blocks: Sequence[Block],
-    test,
-    view: str = "clean",
-    batch_size: int = 500,
-    amp: bool = True,
-    channels_last: bool = False,
-    progress: bool = False,
-    next_token=None,
-) -> tuple[list, int]:
-    """Each head's accuracy on `test` (clean labels by default; with `next_token` the
-    positions whose next token is a class): (accuracies, samples), summed over all
-    torch.distributed ranks. Accuracies: one per block (heads of one lr, as `probe`
-    returns them), or per block a list over the lrs of a grid."""
-    acc, _, n = score_heads(model, heads, blocks, test, view, batch_size, amp, channels_last,
-                            progress, next_token)  # fmt: skip
-    if heads.n_lr == 1:
-        return acc[:, 0].tolist(), n
-    return acc.tolist(), n
-
-
 def underfit(probe_acc: float | None, ncc_acc: float | None) -> bool | None:
     """True where the probe is more than UNDERFIT_MARGIN below NCC on the same split,
     None where either is missing."""
@@ -110,7 +89,8 @@ def underfit(probe_acc: float | None, ncc_acc: float | None) -> bool | None:
 
 def underfit_note(rows: Sequence[dict]) -> str | None:
     """One line naming the blocks whose probe underfits (their probe_acc and ncc_acc),
-    or None."""
+    or None. It applies `underfit` to the rows' values (a layers.csv written without the
+    `probe_underfit` column reads the same)."""
     bad = [r for r in rows if underfit(r.get("probe_acc"), r.get("ncc_acc"))]
     if not bad:
         return None
@@ -176,11 +156,11 @@ def heads_state(result: ProbeResult) -> dict:
 
 
 def load_heads(saved: dict, device: torch.device | str = "cpu") -> ProbeHeads:
-    """`ProbeHeads` from `heads_state(...)`, e.g. to re-evaluate with `evaluate_heads`."""
+    """`ProbeHeads` from `heads_state(...)`, e.g. to re-evaluate with `score_heads`."""
     heads = ProbeHeads(saved["dims"], saved["num_classes"])
     heads.load_state_dict(saved["heads"])
     return heads.to(device)
 
 
-__all__ = ["UNDERFIT", "ProbeResult", "evaluate_heads", "heads_state", "load_heads",
-           "score_heads", "underfit", "underfit_note"]  # fmt: skip
+__all__ = ["UNDERFIT", "ProbeResult", "heads_state", "load_heads", "score_heads", "underfit",
+           "underfit_note"]  # fmt: skip
