@@ -273,6 +273,7 @@ PROBE_VALUES = {
     "cache_dtype": ("float32", {}, "changes"), "eval_batch_size": (7, {}, "same"),
     "view": ("noisy", {}, "refused"), "seed": (1, {}, "changes"),
     "amp": (False, {}, "same"), "channels_last": (False, {}, "same"),
+    "choose_by": ("accuracy", {}, "changes"), "standardize_per": ("feature", {}, "changes"),
 }  # fmt: skip
 PRUNE_VALUES = {
     "blocks": ([2], {}, "changes"), "baselines": (["random"], {}, "changes"),
